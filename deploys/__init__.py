@@ -1,0 +1,1 @@
+"""pyinfra deploys, one concern a file. Installed as flambe_iac.deploys."""

@@ -1,0 +1,30 @@
+"""The one exception family, and the exit code each member maps to.
+
+Every message says what was wrong and what to do about it.
+"""
+
+EXIT_OK = 0
+EXIT_HOST_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class FlambeError(Exception):
+    exit_code = EXIT_HOST_FAILED
+
+
+class InputError(FlambeError):
+    """Bad input, found before anything was sent to any host."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class HostError(FlambeError):
+    """Something failed on, or on the way to, a host."""
+
+    exit_code = EXIT_HOST_FAILED
+
+
+class LabError(FlambeError):
+    """The local lab could not be built or torn down."""
+
+    exit_code = EXIT_HOST_FAILED

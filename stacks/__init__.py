@@ -1,0 +1,1 @@
+"""The Pulumi program (`main: stacks/` in Pulumi.yaml). Installed as flambe_iac.stacks."""
