@@ -1,0 +1,119 @@
+"""A lab brought up through the real `flambe-lab` command, and ways to look at its hosts from outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+FLAMBE_LAB = [sys.executable, "-m", "flambe_iac.lab"]
+
+
+def require_lab_support() -> None:
+    """Lab tests need Linux and root. In CI a missing requirement fails; on a laptop it skips."""
+    problem = None
+    if not sys.platform.startswith("linux"):
+        problem = "lab tests need Linux"
+    elif os.geteuid() != 0:
+        problem = "lab tests need root (CI runs them as root)"
+    if problem and os.environ.get("CI"):
+        pytest.fail(problem)
+    if problem:
+        pytest.skip(problem)
+
+
+def flambe_lab(*arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*FLAMBE_LAB, *arguments], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"flambe-lab {' '.join(arguments)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+@dataclass
+class LabSession:
+    directory: Path
+
+    @classmethod
+    def up(cls, directory: Path, hosts: int, *extra: str) -> LabSession:
+        flambe_lab("up", "--hosts", str(hosts), "--dir", str(directory), *extra)
+        return cls(directory)
+
+    def down(self) -> subprocess.CompletedProcess:
+        return flambe_lab("down", "--dir", str(self.directory))
+
+    @property
+    def state(self) -> dict:
+        return json.loads((self.directory / "lab.json").read_text())
+
+    @property
+    def outputs(self) -> dict:
+        return json.loads((self.directory / "outputs.json").read_text())
+
+    @property
+    def addresses(self) -> list[str]:
+        return [host["address"] for host in self.state["hosts"]]
+
+    @property
+    def hostnames(self) -> list[str]:
+        return [host["hostname"] for host in self.state["hosts"]]
+
+    @property
+    def user(self) -> str:
+        return self.state["user"]
+
+    @property
+    def user_key(self) -> Path:
+        return self.directory / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.directory / "known_hosts"
+
+    def home(self, hostname: str) -> Path:
+        """The login user's home on a host, as seen from this machine."""
+        return self.directory / "hosts" / hostname / "home" / self.user
+
+    def run_in_client(self, *command: str, timeout: float = 60, **options) -> subprocess.CompletedProcess:
+        return subprocess.run([*FLAMBE_LAB, "exec", "--dir", str(self.directory), "--", *command],
+                              capture_output=True, text=True, timeout=timeout, **options)
+
+    def ssh(self, address: str, command: str, key: Path | None = None) -> subprocess.CompletedProcess:
+        """ssh from the client namespace with only one key and strict host keys, ignoring any ssh config."""
+        return self.run_in_client(
+            "ssh", "-F", "/dev/null", "-i", str(key or self.user_key), "-o", "IdentitiesOnly=yes",
+            "-o", "IdentityAgent=none", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "ConnectTimeout=10",
+            f"{self.user}@{address}", command,
+        )
+
+
+def machine_snapshot() -> dict[str, str]:
+    """What the lab must never change on the machine: root-namespace network state and accounts."""
+    commands = {"links": ["ip", "-o", "link"], "addresses": ["ip", "-o", "addr"], "routes": ["ip", "route"]}
+    snapshot = {name: subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+                for name, argv in commands.items()}
+    for path in ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/hostname"):
+        snapshot[path] = Path(path).read_text() if Path(path).exists() else ""
+    snapshot["hostname"] = os.uname().nodename
+    return snapshot
+
+
+def lab_leftovers(lab_id: str) -> list[str]:
+    """Namespaces named for the lab, and processes (zombies included) in them or running its sshd."""
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    left = [line for line in namespaces.splitlines() if f"flambe-{lab_id}-" in line]
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                status = (proc / "status").read_text()
+            except OSError:
+                continue
+            if f"flambe-{lab_id}-" in command or ("Name:\tsshd" in status and "State:\tZ" in status):
+                left.append(f"pid {proc.name}: {command or status.splitlines()[0]}")
+    return left
