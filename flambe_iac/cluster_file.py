@@ -1,0 +1,84 @@
+"""Hosts the user already has, in Flambé's SSHCluster shape:
+
+    name: my-cluster
+    orchestrator_ip: [54.1.2.3, 10.0.0.4]     # [public, private], or one address for both
+    factories_ips: [[54.1.2.4, 10.0.0.5], 10.0.0.6]
+    key: ~/.ssh/id_ed25519
+    username: ubuntu
+
+Flambé's `!SSHCluster` tag is accepted; the file is read with a safe loader.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
+from flambe_iac.errors import InputError
+
+KNOWN_KEYS = {"name", "orchestrator_ip", "factories_ips", "key", "username"}
+
+
+def load_cluster_file(path: Path) -> tuple[Cluster, Path | None]:
+    """The cluster, and the key the file names (or None)."""
+    import yaml
+
+    class SafeLoaderWithFlambeTags(yaml.SafeLoader):
+        pass
+
+    SafeLoaderWithFlambeTags.add_constructor(
+        "!SSHCluster", lambda loader, node: loader.construct_mapping(node, deep=True))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read cluster file {path}: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        document = yaml.load(text, Loader=SafeLoaderWithFlambeTags)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(f"cluster file {path} is not valid YAML{where}") from None
+    return parse_cluster_file(document, str(path))
+
+
+def parse_cluster_file(document: Any, source: str) -> tuple[Cluster, Path | None]:
+    if not isinstance(document, dict):
+        raise InputError(f"{source}: expected a mapping with name, orchestrator_ip, factories_ips, key, username")
+    unknown = sorted(set(document) - KNOWN_KEYS)
+    if unknown:
+        raise InputError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KNOWN_KEYS))})")
+    for required in ("name", "orchestrator_ip", "username"):
+        if document.get(required) in (None, ""):
+            raise InputError(f"{source}: {required!r} is missing")
+    for text_key in ("name", "username", "key"):
+        if document.get(text_key) is not None and not isinstance(document[text_key], str):
+            raise InputError(f"{source}: {text_key!r} must be a string")
+    factories = document.get("factories_ips") or []
+    if not isinstance(factories, list):
+        raise InputError(f"{source}: 'factories_ips' must be a list of addresses or [public, private] pairs")
+    orchestrator = _host(document["orchestrator_ip"], "orchestrator_ip", ORCHESTRATOR, source)
+    cluster = Cluster(
+        name=document["name"],
+        ssh_user=document["username"],
+        region=None,
+        orchestrator=orchestrator,
+        factories=tuple(_host(entry, f"factories_ips[{index}]", FACTORY, source)
+                        for index, entry in enumerate(factories)),
+    )
+    key = document.get("key")
+    return cluster, Path(key).expanduser() if key else None
+
+
+def _host(entry: Any, field: str, role: str, source: str) -> Host:
+    addresses = entry if isinstance(entry, list) else [entry]
+    if not 1 <= len(addresses) <= 2:
+        raise InputError(f"{source}: {field!r} must be an address or a [public, private] pair")
+    for address in addresses:
+        try:
+            ipaddress.ip_address(str(address))
+        except ValueError:
+            raise InputError(f"{source}: {field!r} has {address!r}, which is not an IP address") from None
+    public, private = str(addresses[0]), str(addresses[-1])
+    return Host(id=private, role=role, private_ip=private, public_ip=public)

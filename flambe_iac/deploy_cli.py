@@ -1,0 +1,129 @@
+"""flambe-deploy: hand a cluster its own key pair, the secrets and the resources, over SSH with only your key.
+
+Start-up imports only the standard library; pyinfra, paramiko and gevent load once the inputs are valid
+and a deploy is about to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from flambe_iac.cluster import ADDRESS_KINDS, PUBLIC
+from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, FlambeError
+
+DESCRIPTION = """\
+Push to every host of a cluster, all hosts at once, over SSH with only the key you give:
+  - a key pair made for this cluster alone (~/ray_bootstrap_key.pem), authorized on every member, with every
+    member's host key pinned and an ~/.ssh/config block, so members reach each other with strict host keys;
+  - the secrets ini, byte-identical, as ~/secret.ini (0600, written atomically);
+  - resources, rsynced into ~/resources/NAME/.
+Host keys are always checked: against --known-hosts, against keys pinned by an earlier run, or, only with
+--trust-on-first-use, accepted now and pinned in ~/.flambe/known_hosts/<cluster>. No ssh-agent, no default
+keys, no agent forwarding. Nothing secret is ever printed."""
+
+EPILOG = """\
+where the cluster comes from (exactly one):
+  --outputs outputs.json    `pulumi stack output --json --show-secrets > outputs.json`, or a lab's outputs.json
+  --stack NAME              runs that pulumi command for you (needs the pulumi CLI and its login)
+  --cluster cluster.yaml    hosts you already have, in Flambé's SSHCluster shape:
+                              name: my-cluster
+                              orchestrator_ip: [54.1.2.3, 10.0.0.4]   # [public, private] or one address
+                              factories_ips: [[54.1.2.4, 10.0.0.5]]
+                              key: ~/.ssh/my-key.pem
+                              username: ubuntu
+
+examples:
+  flambe-deploy --stack dev --key ~/.ssh/flambe.pem --secrets secrets.ini --resource data=./data \\
+      --trust-on-first-use
+  flambe-deploy --outputs lab/outputs.json --key lab/id_ed25519 --known-hosts lab/known_hosts \\
+      --secrets secrets.ini --report report.json
+
+exit codes: 0 every host done, 1 some host failed (the others finished), 2 bad input (nothing was sent).
+An encrypted --key is unlocked with $FLAMBE_KEY_PASSPHRASE, or by asking on a terminal."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flambe-deploy", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_argument_group("cluster (exactly one)").add_mutually_exclusive_group(required=True)
+    source.add_argument("--outputs", type=Path, metavar="FILE", help="stack outputs JSON (contract v1)")
+    source.add_argument("--stack", metavar="NAME", help="read the outputs of this Pulumi stack")
+    source.add_argument("--cluster", type=Path, metavar="FILE", help="your own hosts, Flambé SSHCluster YAML")
+    parser.add_argument("--key", type=Path, metavar="PATH",
+                        help="private key the hosts accept (the EC2 key pair's); default: the cluster file's `key`")
+    parser.add_argument("--secrets", type=Path, metavar="FILE", help="secrets ini, to ~/secret.ini on every host")
+    parser.add_argument("--resource", action="append", default=[], metavar="NAME=PATH",
+                        help="rsync PATH to ~/resources/NAME/ on every host (repeatable)")
+    trust = parser.add_mutually_exclusive_group()
+    trust.add_argument("--known-hosts", type=Path, metavar="FILE", help="pinned host keys of the members")
+    trust.add_argument("--trust-on-first-use", action="store_true",
+                       help="accept the keys hosts present now and pin them in ~/.flambe/known_hosts/<cluster>")
+    parser.add_argument("--address", choices=ADDRESS_KINDS, default=PUBLIC,
+                        help="which address to reach the hosts by (default public; private from inside the VPC)")
+    parser.add_argument("--rotate-cluster-key", action="store_true",
+                        help="replace the cluster key everywhere and remove the old one from every authorized_keys")
+    parser.add_argument("--report", type=Path, metavar="FILE", help="write the per-host, per-step report as JSON")
+    parser.add_argument("--connect-timeout", type=int, default=10, metavar="SECONDS",
+                        help="give up on a host that does not answer within this (default 10)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="show pyinfra's progress (-v) and debug detail (-vv); never secret values")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    patch_for_parallel_connections()
+    configure_logging(arguments.verbose)
+    try:
+        return deploy(arguments)
+    except FlambeError as error:
+        print(f"flambe-deploy: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("flambe-deploy: interrupted", file=sys.stderr)
+        return EXIT_HOST_FAILED
+
+
+def patch_for_parallel_connections() -> None:
+    """gevent must patch socket before paramiko imports it, or connections run one after another."""
+    from gevent import monkey
+
+    monkey.patch_all()
+
+
+def configure_logging(verbosity: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    level = {0: logging.CRITICAL + 1, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    for name in ("pyinfra", "paramiko"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level if name == "pyinfra" or verbosity >= 2 else logging.CRITICAL + 1)
+        logger.propagate = False
+
+
+def deploy(arguments: argparse.Namespace) -> int:
+    from flambe_iac.plan import ClusterSource, build_plan
+    from flambe_iac.report import summary
+
+    plan = build_plan(
+        ClusterSource(outputs=arguments.outputs, stack=arguments.stack, cluster_file=arguments.cluster),
+        key=arguments.key, secrets=arguments.secrets, resources=arguments.resource,
+        known_hosts=arguments.known_hosts, trust_on_first_use=arguments.trust_on_first_use,
+        address_kind=arguments.address, rotate_cluster_key=arguments.rotate_cluster_key,
+        connect_timeout=arguments.connect_timeout,
+    )
+    from flambe_iac.driver import run_deploy
+
+    report = run_deploy(plan, sys.stderr)
+    if arguments.report:
+        report.write(arguments.report)
+    print(summary(report))
+    return EXIT_OK if report.ok else EXIT_HOST_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

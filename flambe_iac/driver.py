@@ -1,0 +1,327 @@
+"""Runs a DeployPlan with pyinfra: connect to every host at once, settle the cluster key, push, and report.
+
+The caller must have patched the standard library with gevent (`flambe_iac.deploy_cli` does, first thing);
+without it, connections run one after another.
+"""
+
+from __future__ import annotations
+
+import time
+from io import BytesIO
+from typing import TextIO
+
+import gevent
+from pyinfra.api import BaseStateCallback, Config, Inventory, State
+from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.operations import run_ops
+from pyinfra.context import ctx_host, ctx_state
+
+from flambe_iac import __version__
+from flambe_iac.cluster import Host as Member
+from flambe_iac.deploys.cluster_key import install_cluster_key
+from flambe_iac.deploys.facts import FileBytes
+from flambe_iac.deploys.manifest import write_manifest
+from flambe_iac.deploys.resources import sync_resources
+from flambe_iac.deploys.secrets import push_secrets
+from flambe_iac.host_keys import keys_in, read_known_hosts
+from flambe_iac.keys import ClusterKey, cluster_key_from_private, new_cluster_key, same_public_key
+from flambe_iac.plan import DeployPlan
+from flambe_iac.remote_layout import (
+    CLUSTER_PRIVATE_KEY,
+    CLUSTER_PUBLIC_KEY,
+    RESOURCES_DIR,
+    cluster_key_comment,
+    manifest,
+    members_known_hosts,
+)
+from flambe_iac.report import (
+    CHANGED,
+    CLUSTER_KEY,
+    FAILED,
+    MANIFEST,
+    PENDING,
+    RESOURCES,
+    SECRETS,
+    SKIPPED,
+    UNCHANGED,
+    DeployReport,
+    HostReport,
+    ProgressView,
+)
+from flambe_iac.resources import checksums, local_tree
+from flambe_iac.ssh_options import SshTarget, rsync_command
+
+
+def run_deploy(plan: DeployPlan, stream: TextIO, live: bool | None = None) -> DeployReport:
+    started = time.monotonic()
+    report = DeployReport(plan.cluster.name, [
+        HostReport(member.id, member.role, plan.address(member)) for member in plan.cluster.members
+    ])
+    deployment = Deployment(plan, report, ProgressView(report, stream, live))
+    try:
+        deployment.run()
+    finally:
+        deployment.disconnect()
+        report.seconds = time.monotonic() - started
+    return report
+
+
+class Deployment:
+    """One run: the pyinfra state, the members by pyinfra host, and the report being filled in."""
+
+    def __init__(self, plan: DeployPlan, report: DeployReport, view: ProgressView):
+        self.plan = plan
+        self.report = report
+        self.view = view
+        self.state = make_state(plan)
+        self.members = {self.state.inventory.get_host(member.id): member for member in plan.cluster.members}
+        self.rsync_failures: dict[str, str] = {}
+        self.step_metas: dict = {}  # (pyinfra host, step) -> [OperationMeta]
+
+    def host_report(self, host) -> HostReport:
+        return next(entry for entry in self.report.hosts if entry.host_id == host.name)
+
+    # -- phases
+
+    def run(self) -> None:
+        connected = self.connect_all()
+        if not connected:
+            return
+        key, retired = self.settle_cluster_key(connected)
+        if key is None:
+            return
+        self.report.cluster_key_fingerprint = key.fingerprint
+        self.add_steps([host for host in connected if host not in self.state.failed_hosts], key, retired)
+        self.state.add_callback_handler(StepProgress(self))
+        try:
+            run_ops(self.state)
+        except PyinfraError:
+            pass  # every host failed; the report says why for each
+        self.collect_results()
+
+    def connect_all(self) -> list:
+        def connect(host):
+            started = time.monotonic()
+            entry = self.host_report(host)
+            try:
+                host.connect(show_errors=False, raise_exceptions=True)
+            except Exception as error:  # pyinfra raises ConnectError; anything else is a failure of this host too
+                entry.error = describe_connect_error(str(error), self.plan, entry.address)
+                for step in entry.steps.values():
+                    step.status = SKIPPED
+            entry.connect_seconds = time.monotonic() - started
+            self.view.connected(entry)
+
+        hosts = list(self.members)
+        gevent.joinall([self.state.pool.spawn(connect, host) for host in hosts])
+        connected = [host for host in hosts if host.connected]
+        for host in connected:
+            self.state.activate_host(host)
+        return connected
+
+    def settle_cluster_key(self, hosts: list) -> tuple[ClusterKey | None, list[str]]:
+        """Keep the key the hosts hold (the hosts are the state), or make one; and which keys are retired."""
+        comment = cluster_key_comment(self.plan.cluster.name)
+        public_keys = self.read_on_each(hosts, lambda host: host.get_fact(FileBytes, path=CLUSTER_PUBLIC_KEY))
+        held = {host: data.decode().strip() for host, data in public_keys.items() if data and data.strip()}
+        retired = sorted({line for line in held.values()})
+        if self.plan.rotate_cluster_key or not held:
+            self.report.cluster_key_action = "rotated" if held else "created"
+            return new_cluster_key(comment), retired
+        # The orchestrator's key first, then any factory's.
+        for host in sorted(held, key=lambda host: self.members[host].role != "orchestrator"):
+            key = self.fetch_cluster_key(host, held[host], comment)
+            if key is not None:
+                self.report.cluster_key_action = "kept"
+                return key, [line for line in retired if not same_public_key(line, key.public_line)]
+        self.report.cluster_key_action = "created"
+        return new_cluster_key(comment), retired
+
+    def fetch_cluster_key(self, host, public_line: str, comment: str) -> ClusterKey | None:
+        buffer = BytesIO()
+        try:
+            if not host.get_file(CLUSTER_PRIVATE_KEY, buffer):
+                return None
+            key = cluster_key_from_private(buffer.getvalue(), comment)
+        except Exception:
+            return None  # unreadable or damaged: another host's copy, or a new key, will do
+        return key if same_public_key(key.public_line, public_line) else None
+
+    def read_on_each(self, hosts: list, read) -> dict:
+        """READ(host) on every host at once; a host whose read fails is marked failed and left out."""
+        results = {}
+
+        def read_one(host):
+            try:
+                results[host] = read(host)
+            except Exception as error:
+                self.fail_host(host, f"could not read the host's state: {error}")
+
+        gevent.joinall([self.state.pool.spawn(read_one, host) for host in hosts])
+        return results
+
+    def add_steps(self, hosts: list, key: ClusterKey, retired: list[str]) -> None:
+        plan = self.plan
+        pinned = read_known_hosts(plan.host_keys.known_hosts)
+        member_keys = {member.private_ip: keys_in(pinned, plan.address(member)) for member in plan.cluster.members}
+        known_hosts = members_known_hosts(member_keys)
+        private_addresses = [member.private_ip for member in plan.cluster.members]
+        resource_checksums = {resource.name: checksums(resource) for resource in plan.resources}
+        resource_trees = {resource.name: local_tree(resource) for resource in plan.resources}
+        with ctx_state.use(self.state):
+            for host in hosts:
+                member = self.members[host]
+                with ctx_host.use(host):
+                    self.step_metas[host, CLUSTER_KEY] = install_cluster_key(
+                        plan.cluster.name, plan.cluster.ssh_user, key, known_hosts, private_addresses, retired)
+                    if plan.secrets is not None:
+                        self.step_metas[host, SECRETS] = push_secrets(plan.secrets)
+                    if plan.resources:
+                        self.step_metas[host, RESOURCES] = sync_resources(
+                            self.resource_transfers(member, resource_trees), self.rsync_failures)
+                    self.step_metas[host, MANIFEST] = write_manifest(
+                        self.manifest_for(member, key, resource_checksums))
+
+    def resource_transfers(self, member: Member, trees: dict) -> list:
+        target = SshTarget(
+            address=self.plan.address(member), user=self.plan.cluster.ssh_user, key=self.plan.user_key.path,
+            known_hosts=self.plan.host_keys.known_hosts, connect_timeout=self.plan.connect_timeout,
+        )
+        return [
+            (f"{RESOURCES_DIR}/{resource.name}", trees[resource.name],
+             rsync_command(resource.rsync_source, f"{RESOURCES_DIR}/{resource.name}/", target))
+            for resource in self.plan.resources
+        ]
+
+    def manifest_for(self, member: Member, key: ClusterKey, resource_checksums: dict) -> bytes:
+        members = [{"id": other.id, "role": other.role, "private_ip": other.private_ip}
+                   for other in self.plan.cluster.members]
+        return manifest(self.plan.cluster.name, member.role, member.id, members, key.fingerprint,
+                        resource_checksums, __version__)
+
+    # -- results
+
+    def fail_host(self, host, reason: str) -> None:
+        entry = self.host_report(host)
+        entry.error = entry.error or reason
+        try:
+            self.state.fail_hosts({host})
+        except PyinfraError:
+            pass  # pyinfra raises once no host is left; we report every host anyway
+
+    def step_status(self, host, step: str) -> str:
+        if step not in self.plan_steps():
+            return SKIPPED
+        metas = self.step_metas.get((host, step))
+        if metas is None:
+            return SKIPPED
+        if not all(meta.is_complete() for meta in metas):
+            return FAILED if any(meta.is_complete() and not meta.did_succeed() for meta in metas) else PENDING
+        if not all(meta.did_succeed() for meta in metas):
+            return FAILED
+        return CHANGED if any(meta.did_change() for meta in metas) else UNCHANGED
+
+    def plan_steps(self) -> set[str]:
+        steps = {CLUSTER_KEY, MANIFEST}
+        if self.plan.secrets is not None:
+            steps.add(SECRETS)
+        if self.plan.resources:
+            steps.add(RESOURCES)
+        return steps
+
+    def collect_results(self) -> None:
+        for host in self.members:
+            entry = self.host_report(host)
+            if entry.error and not host.connected:
+                continue
+            for step, result in entry.steps.items():
+                result.status = self.step_status(host, step)
+                if result.status == PENDING:
+                    result.status = SKIPPED if (entry.error or host in self.state.failed_hosts) else PENDING
+            failed_step = next((step for step, result in entry.steps.items() if result.status == FAILED), None)
+            if failed_step and not entry.error:
+                entry.error = self.rsync_failures.get(host.name) or self.step_error(host, failed_step)
+            if host in self.state.failed_hosts and not entry.error:
+                entry.error = "failed (see the log above)"
+
+    def step_error(self, host, step: str) -> str:
+        for meta in self.step_metas.get((host, step), []):
+            if meta.is_complete() and not meta.did_succeed():
+                stderr = " ".join(meta.stderr_lines[-3:]).strip()
+                return f"{step} failed" + (f": {stderr}" if stderr else "")
+        return f"{step} failed"
+
+    def disconnect(self) -> None:
+        for host in self.members:
+            if host.connected:
+                try:
+                    host.disconnect()
+                except Exception:
+                    pass
+
+
+class StepProgress(BaseStateCallback):
+    """Times each step on each host and tells the view as steps finish."""
+
+    def __init__(self, deployment: Deployment):
+        self.deployment = deployment
+        self.started: dict = {}
+
+    def operation_host_start(self, state, host, op_hash):
+        self.started[host, op_hash] = time.monotonic()
+
+    # pyinfra calls these just before it records the operation's result, in the same greenlet and with no
+    # I/O in between; a greenlet spawned here runs after that record is made.
+    def operation_host_success(self, state, host, op_hash, retry_count=0):
+        gevent.spawn(self.finish, host, op_hash, time.monotonic())
+
+    def operation_host_error(self, state, host, op_hash, retry_count=0, max_retries=0):
+        gevent.spawn(self.finish, host, op_hash, time.monotonic())
+
+    def finish(self, host, op_hash, ended: float) -> None:
+        deployment = self.deployment
+        step = next((step for (step_host, step), metas in deployment.step_metas.items()
+                     if step_host is host and any(meta._hash == op_hash for meta in metas)), None)
+        if step is None:
+            return
+        entry = deployment.host_report(host)
+        entry.steps[step].seconds += ended - self.started.pop((host, op_hash), ended)
+        status = deployment.step_status(host, step)
+        if status == PENDING:
+            return
+        entry.steps[step].status = status
+        if status == FAILED:
+            entry.error = deployment.rsync_failures.get(host.name) or deployment.step_error(host, step)
+        deployment.view.step_done(entry, step)
+
+
+def make_state(plan: DeployPlan) -> State:
+    members = plan.cluster.members
+    host_data = {
+        "ssh_hostname": None,
+        "ssh_user": plan.cluster.ssh_user,
+        "ssh_key": str(plan.user_key.path),
+        "ssh_allow_agent": False,
+        "ssh_look_for_keys": False,
+        "ssh_forward_agent": False,
+        "ssh_config_file": "/dev/null",
+        "ssh_known_hosts_file": str(plan.host_keys.known_hosts),
+        "ssh_strict_host_key_checking": plan.host_keys.strict_host_key_checking,
+        "ssh_paramiko_connect_kwargs": {"allow_agent": False, "look_for_keys": False},
+    }
+    if plan.user_key.passphrase:
+        host_data["ssh_key_password"] = plan.user_key.passphrase
+    names = [(member.id, {**host_data, "ssh_hostname": plan.address(member)}) for member in members]
+    config = Config(CONNECT_TIMEOUT=plan.connect_timeout, PARALLEL=max(len(members), 1))
+    return State(Inventory((names, {})), config, check_for_changes=False)
+
+
+def describe_connect_error(message: str, plan: DeployPlan, address: str) -> str:
+    if "host key" in message.lower() and "does not match" in message.lower():
+        return (f"REFUSED: the host key of {address} does not match the key pinned in {plan.host_keys.known_hosts}; "
+                "nothing was sent. If the host was rebuilt, remove its old line from that file and pin the new key")
+    if "No host key for" in message:
+        return f"REFUSED: no pinned host key for {address} in {plan.host_keys.known_hosts}; nothing was sent"
+    if "Authentication" in message:
+        return f"the host refused the key {plan.user_key.path} for user {plan.cluster.ssh_user!r}"
+    return message

@@ -1,0 +1,92 @@
+"""Pinned host keys: which file every connection checks, and what it says about each member.
+
+Sources, in order: `--known-hosts FILE`; else the per-cluster file under ~/.flambe/known_hosts/, written by an
+earlier `--trust-on-first-use` (or from EC2 console output). The user's ~/.ssh/known_hosts is never read or written.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+from flambe_iac.errors import InputError
+
+
+@dataclass(frozen=True)
+class HostKeyPolicy:
+    known_hosts: Path
+    trust_on_first_use: bool
+
+    @property
+    def strict_host_key_checking(self) -> str:
+        return "accept-new" if self.trust_on_first_use else "yes"
+
+
+def cluster_known_hosts_path(cluster_name: str) -> Path:
+    return Path.home() / ".flambe" / "known_hosts" / cluster_name
+
+
+def choose_host_key_policy(cluster_name: str, addresses: list[str], known_hosts: Path | None,
+                           trust_on_first_use: bool) -> HostKeyPolicy:
+    if known_hosts is not None:
+        known_hosts = known_hosts.expanduser()
+        if not known_hosts.is_file():
+            raise InputError(f"--known-hosts {known_hosts}: no such file")
+        require_keys_for(known_hosts, addresses, f"--known-hosts {known_hosts}")
+        return HostKeyPolicy(known_hosts, trust_on_first_use=False)
+    path = cluster_known_hosts_path(cluster_name)
+    if trust_on_first_use:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        return HostKeyPolicy(path, trust_on_first_use=True)
+    if not path.exists():
+        raise InputError(
+            f"no pinned host keys for cluster {cluster_name!r}: give --known-hosts FILE with the hosts' keys, "
+            "or --trust-on-first-use to accept and pin the keys the hosts present now"
+        )
+    require_keys_for(path, addresses, f"the pinned keys in {path}")
+    return HostKeyPolicy(path, trust_on_first_use=False)
+
+
+def require_keys_for(known_hosts: Path, addresses: list[str], source: str) -> None:
+    entries = read_known_hosts(known_hosts)
+    missing = [address for address in addresses if not keys_in(entries, address)]
+    if missing:
+        raise InputError(
+            f"{source} has no host key for {', '.join(missing)}: add them to that file, "
+            "or use --trust-on-first-use to accept and pin the keys these hosts present now"
+        )
+
+
+@dataclass(frozen=True)
+class KnownHostsEntry:
+    patterns: tuple[str, ...]
+    key: str  # "ssh-ed25519 AAAA..."
+
+    def matches(self, address: str) -> bool:
+        return any(_pattern_matches(pattern, address) for pattern in self.patterns)
+
+
+def read_known_hosts(path: Path) -> list[KnownHostsEntry]:
+    entries = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#") or fields[0].startswith("@") or len(fields) < 3:
+            continue
+        entries.append(KnownHostsEntry(tuple(fields[0].split(",")), f"{fields[1]} {fields[2]}"))
+    return entries
+
+
+def keys_in(entries: list[KnownHostsEntry], address: str) -> list[str]:
+    return [entry.key for entry in entries if entry.matches(address)]
+
+
+def _pattern_matches(pattern: str, address: str) -> bool:
+    if pattern.startswith("|1|"):
+        salt, digest = pattern[3:].split("|", 1)
+        expected = hmac.new(base64.b64decode(salt), address.encode(), hashlib.sha1).digest()
+        return hmac.compare_digest(base64.b64encode(expected).decode(), digest)
+    return pattern in (address, f"[{address}]:22")

@@ -1,0 +1,129 @@
+"""The user's key (checked, never copied anywhere) and the cluster's own key pair (made in memory).
+
+paramiko and cryptography are imported inside the functions that need them, to keep start-up fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import getpass
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from flambe_iac.errors import InputError
+
+PASSPHRASE_VARIABLE = "FLAMBE_KEY_PASSPHRASE"
+OPENSSH_MAGIC = b"openssh-key-v1\0"
+
+
+@dataclass(frozen=True)
+class UserKey:
+    path: Path
+    passphrase: str | None = None
+
+    def __repr__(self) -> str:  # the passphrase must never reach a log
+        return f"UserKey({str(self.path)!r}, passphrase={'set' if self.passphrase else 'none'})"
+
+
+@dataclass(frozen=True)
+class ClusterKey:
+    private_openssh: bytes
+    public_line: str  # "ssh-ed25519 AAAA... flambe-cluster:NAME"
+
+    @property
+    def fingerprint(self) -> str:
+        return public_key_fingerprint(self.public_line)
+
+    def __repr__(self) -> str:
+        return f"ClusterKey({self.fingerprint})"
+
+
+def load_user_key(path: Path) -> UserKey:
+    """Check the key file and, if it is encrypted, find its passphrase; raise InputError otherwise."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"cannot read SSH key {path}: {error.strerror}; give the private key with --key") from None
+    if b"PRIVATE KEY-----" not in text:
+        hint = " (that is a public key: give the private key, without .pub)" if path.suffix == ".pub" else ""
+        raise InputError(f"{path} is not an SSH private key{hint}")
+    if not is_encrypted(text):
+        return UserKey(path)
+    passphrase = os.environ.get(PASSPHRASE_VARIABLE) or ask_passphrase(path)
+    if not passphrase:
+        raise InputError(
+            f"SSH key {path} is protected by a passphrase and there is no way to unlock it here: "
+            f"set {PASSPHRASE_VARIABLE}, or run on a terminal to be asked (flambe-deploy never uses an ssh-agent)"
+        )
+    check_passphrase(path, passphrase)
+    return UserKey(path, passphrase)
+
+
+def is_encrypted(key_text: bytes) -> bool:
+    if b"ENCRYPTED" in key_text:  # PEM: "Proc-Type: 4,ENCRYPTED" or "BEGIN ENCRYPTED PRIVATE KEY"
+        return True
+    if b"BEGIN OPENSSH PRIVATE KEY" not in key_text:
+        return False
+    body = b"".join(line for line in key_text.splitlines() if line and not line.startswith(b"-----"))
+    try:
+        blob = base64.b64decode(body)
+    except binascii.Error:
+        return False
+    if not blob.startswith(OPENSSH_MAGIC):
+        return False
+    cipher_length = int.from_bytes(blob[len(OPENSSH_MAGIC):len(OPENSSH_MAGIC) + 4], "big")
+    cipher = blob[len(OPENSSH_MAGIC) + 4:len(OPENSSH_MAGIC) + 4 + cipher_length]
+    return cipher != b"none"
+
+
+def ask_passphrase(path: Path) -> str | None:
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return None
+    return getpass.getpass(f"Passphrase for {path}: ") or None
+
+
+def check_passphrase(path: Path, passphrase: str) -> None:
+    import paramiko
+
+    try:
+        paramiko.PKey.from_path(path, passphrase=passphrase.encode())
+    except Exception:
+        raise InputError(f"the passphrase does not unlock SSH key {path} (from {PASSPHRASE_VARIABLE} or the prompt)") from None
+
+
+def new_cluster_key(comment: str) -> ClusterKey:
+    """A fresh ed25519 key pair, made in memory: the private key only ever lands on the cluster's hosts."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private_key = Ed25519PrivateKey.generate()
+    private_openssh = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = private_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return ClusterKey(private_openssh, f"{public.decode()} {comment}")
+
+
+def cluster_key_from_private(private_openssh: bytes, comment: str) -> ClusterKey:
+    """The key pair a host already holds, its public half derived again from the private key."""
+    from cryptography.hazmat.primitives import serialization
+
+    private_key = serialization.load_ssh_private_key(private_openssh, password=None)
+    public = private_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return ClusterKey(private_openssh, f"{public.decode()} {comment}")
+
+
+def public_key_fingerprint(public_line: str) -> str:
+    """OpenSSH's SHA256 fingerprint of a public key line."""
+    blob = base64.b64decode(public_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def same_public_key(line_a: str, line_b: str) -> bool:
+    """Whether two public key lines hold the same key, whatever their comments."""
+    return line_a.split()[:2] == line_b.split()[:2]

@@ -1,0 +1,91 @@
+"""Resources: `NAME=PATH` pairs, checked locally, and the listing and checksums that say what a host should hold."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from flambe_iac.errors import InputError
+
+RESOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+# One entry of a tree: ("f", path, size, mtime) for a file, ("d", path) for a directory, ("l", path, target).
+TreeEntry = tuple
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str
+    path: Path
+
+    @property
+    def rsync_source(self) -> str:
+        """A directory's contents, or a single file, to go into ~/resources/NAME/."""
+        return f"{self.path}/" if self.path.is_dir() else str(self.path)
+
+
+def parse_resources(pairs: list[str]) -> list[Resource]:
+    resources: dict[str, Resource] = {}
+    for pair in pairs:
+        name, separator, path_text = pair.partition("=")
+        if not separator or not name or not path_text:
+            raise InputError(f"--resource {pair!r}: write it as NAME=PATH, for example --resource data=./data")
+        resource = Resource(check_resource_name(name), Path(path_text).expanduser().resolve())
+        if name in resources:
+            raise InputError(f"--resource: the name {name!r} is given twice; each resource needs its own name")
+        if not resource.path.exists():
+            raise InputError(f"--resource {name}={path_text}: no such file or directory")
+        if not os.access(resource.path, os.R_OK):
+            raise InputError(f"--resource {name}={path_text}: not readable")
+        resources[name] = resource
+    return list(resources.values())
+
+
+def check_resource_name(name: str) -> str:
+    if "/" in name or ".." in name or not RESOURCE_NAME.fullmatch(name):
+        raise InputError(
+            f"resource name {name!r} is not allowed: use letters, digits, '_', '-' and '.', "
+            "without '/' or '..' (it becomes the directory ~/resources/NAME)"
+        )
+    return name
+
+
+def local_tree(resource: Resource) -> set[TreeEntry]:
+    """What ~/resources/NAME/ holds once rsync -a has copied the resource (mtimes to the second)."""
+    if resource.path.is_file():
+        stat = resource.path.stat()
+        return {("f", resource.path.name, stat.st_size, int(stat.st_mtime))}
+    entries: set[TreeEntry] = set()
+    for directory, subdirectories, files in os.walk(resource.path):
+        for name in subdirectories + files:
+            full = Path(directory, name)
+            relative = str(full.relative_to(resource.path))
+            if full.is_symlink():
+                entries.add(("l", relative, os.readlink(full)))
+            elif full.is_dir():
+                entries.add(("d", relative))
+            else:
+                stat = full.stat()
+                entries.add(("f", relative, stat.st_size, int(stat.st_mtime)))
+    return entries
+
+
+def checksums(resource: Resource) -> dict[str, str]:
+    """sha256 of every file, by path inside the resource: recorded in ~/.flambe/cluster.json."""
+    files = [resource.path] if resource.path.is_file() else sorted(
+        Path(directory, name) for directory, _, names in os.walk(resource.path) for name in names
+        if not Path(directory, name).is_symlink()
+    )
+    base = resource.path.parent if resource.path.is_file() else resource.path
+    return {str(path.relative_to(base)): _sha256(path) for path in files}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

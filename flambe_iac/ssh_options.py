@@ -1,0 +1,54 @@
+"""The one set of OpenSSH client options for every process we start that speaks SSH (rsync's ssh included).
+
+Exactly the given key (IdentitiesOnly, no agent, no forwarding), no user ssh config, and host keys checked
+against the pinned file only.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    address: str
+    user: str
+    key: Path
+    known_hosts: Path
+    connect_timeout: int = 10
+    batch_mode: bool = True  # off only when an askpass helper must supply the key's passphrase
+
+
+def ssh_options(target: SshTarget) -> list[str]:
+    options = [
+        "-F", "/dev/null",
+        "-i", str(target.key),
+        "-o", "IdentitiesOnly=yes",
+        "-o", "IdentityAgent=none",
+        "-o", "ForwardAgent=no",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={target.known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", f"ConnectTimeout={target.connect_timeout}",
+    ]
+    if target.batch_mode:
+        options += ["-o", "BatchMode=yes"]
+    return options
+
+
+def rsync_command(source: str, destination: str, target: SshTarget, delete: bool = True) -> list[str]:
+    """rsync with delta transfer into DESTINATION (relative to the remote home), over our ssh options.
+
+    --protect-args keeps the remote path away from the remote shell; the remote side first makes
+    DESTINATION's parent, since rsync makes only the last directory of a path.
+    """
+    remote_shell = shlex.join(["ssh", *ssh_options(target)])
+    parent = posixpath.dirname(destination.rstrip("/")) or "."
+    command = ["rsync", "--archive", "--protect-args", "--rsh", remote_shell,
+               "--rsync-path", f"mkdir -p {shlex.quote(parent)} && rsync"]
+    if delete:
+        command.append("--delete")
+    return [*command, "--", source, f"{target.user}@{target.address}:{destination}"]
