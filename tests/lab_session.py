@@ -82,6 +82,29 @@ class LabSession:
         return subprocess.run([*FLAMBE_LAB, "exec", "--dir", str(self.directory), "--", *command],
                               capture_output=True, text=True, timeout=timeout, **options)
 
+    def deploy(self, *arguments: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        """flambe-deploy, run from the client namespace as a user would run it."""
+        return self.run_in_client(sys.executable, "-m", "flambe_iac.deploy_cli", *arguments, timeout=timeout,
+                                  env=env, stdin=subprocess.DEVNULL)
+
+    def lab_arguments(self, outputs: Path | None = None) -> list[str]:
+        """The arguments that point flambe-deploy at this lab with its user key and pinned host keys."""
+        return ["--outputs", str(outputs or self.directory / "outputs.json"), "--key", str(self.user_key),
+                "--known-hosts", str(self.known_hosts)]
+
+    def outputs_with(self, path: Path, host_count: int) -> Path:
+        """An outputs file for only the first HOST_COUNT hosts of the lab (a smaller cluster)."""
+        document = self.outputs
+        document["factories"] = document["factories"][: host_count - 1]
+        path.write_text(json.dumps(document))
+        return path
+
+    def sshd_pid(self, hostname: str) -> int:
+        return next(host["pid"] for host in self.state["hosts"] if host["hostname"] == hostname)
+
+    def sshd_log(self, hostname: str) -> str:
+        return (self.directory / "hosts" / hostname / "sshd.log").read_text()
+
     def ssh(self, address: str, command: str, key: Path | None = None) -> subprocess.CompletedProcess:
         """ssh from the client namespace with only one key and strict host keys, ignoring any ssh config."""
         return self.run_in_client(
