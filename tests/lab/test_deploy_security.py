@@ -1,0 +1,207 @@
+"""Each security invariant of flambe-deploy, attacked on real hosts."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from conftest import CANARY
+
+pytestmark = pytest.mark.lab
+
+
+def home_env(deploy_inputs):
+    """A HOME of the test's own, so nothing reads or writes the real user's ~/.ssh or ~/.flambe."""
+    home = deploy_inputs["home"]
+    home.mkdir(exist_ok=True)
+    return {**os.environ, "HOME": str(home)}
+
+
+def new_key(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
+
+
+def every_file_under(directory: Path):
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            yield path
+
+
+class PoisonedAgent:
+    """An ssh-agent in the client namespace, holding a key every host accepts."""
+
+    def __init__(self, lab, key: Path, socket: Path):
+        self.socket = socket
+        self.process = subprocess.Popen(
+            ["ip", "netns", "exec", lab.state and f"flambe-{lab.state['lab_id']}-client",
+             "ssh-agent", "-D", "-a", str(socket)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        subprocess.run(["ssh-add", str(key)], env={**os.environ, "SSH_AUTH_SOCK": str(socket)},
+                       check=True, capture_output=True)
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=10)
+
+
+def test_a_poisoned_agent_is_never_used(fresh_lab, deploy_inputs, tmp_path):
+    """The agent holds the authorized user key; --key is a stranger. Only --key may be tried: it must fail."""
+    agent = PoisonedAgent(fresh_lab, fresh_lab.user_key, tmp_path / "agent.sock")
+    try:
+        env = {**home_env(deploy_inputs), "SSH_AUTH_SOCK": str(agent.socket)}
+        check = fresh_lab.run_in_client("ssh-add", "-l", env=env)
+        assert "flambe-lab user key" in check.stdout  # the agent really offers the good key
+        stranger = new_key(tmp_path / "stranger")
+        result = fresh_lab.deploy("--outputs", str(fresh_lab.directory / "outputs.json"), "--key", str(stranger),
+                                  "--known-hosts", str(fresh_lab.known_hosts),
+                                  "--resource", f"data={deploy_inputs['resource']}", env=env)
+    finally:
+        agent.stop()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "refused the key" in result.stdout
+    for name in fresh_lab.hostnames:
+        assert not (fresh_lab.home(name) / "ray_bootstrap_key.pem").exists()
+        assert not (fresh_lab.home(name) / "resources").exists()
+
+
+def test_the_agent_is_not_forwarded(fresh_lab, deploy_inputs, tmp_path):
+    """With an agent running locally, no remote session of the deploy sees SSH_AUTH_SOCK."""
+    agent = PoisonedAgent(fresh_lab, fresh_lab.user_key, tmp_path / "agent.sock")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    try:
+        env = {**home_env(deploy_inputs), "SSH_AUTH_SOCK": str(agent.socket)}
+        # An rc file runs in every session sshd opens for the user, pyinfra's and rsync's alike.
+        for name in fresh_lab.hostnames:
+            rc = fresh_lab.home(name) / ".ssh" / "rc"
+            rc.write_text('echo "agent=${SSH_AUTH_SOCK:-none}" >> ~/.ssh/sessions\n')
+        result = fresh_lab.deploy(*fresh_lab.lab_arguments(), "--resource", f"data={deploy_inputs['resource']}",
+                                  env=env)
+    finally:
+        agent.stop()
+    assert result.returncode == 0, result.stderr
+    for name in fresh_lab.hostnames:
+        sessions = (fresh_lab.home(name) / ".ssh" / "sessions").read_text().splitlines()
+        assert len(sessions) >= 2  # pyinfra's connection and rsync's
+        assert set(sessions) == {"agent=none"}
+
+
+def test_no_byte_of_the_user_private_key_reaches_a_host(fresh_lab, deploy_inputs):
+    result = fresh_lab.deploy(*fresh_lab.lab_arguments(), "--secrets", str(deploy_inputs["secrets"]),
+                              "--resource", f"data={deploy_inputs['resource']}", env=home_env(deploy_inputs))
+    assert result.returncode == 0, result.stderr
+    private = fresh_lab.user_key.read_bytes()
+    body = b"".join(line for line in private.splitlines() if not line.startswith(b"-----"))
+    seed = serialization.load_ssh_private_key(private, password=None).private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    secret_forms = [private, body, base64.b64decode(body), seed, base64.b64encode(seed), seed.hex().encode()]
+    scanned = 0
+    for name in fresh_lab.hostnames:
+        for path in every_file_under(fresh_lab.directory / "hosts" / name):
+            data = path.read_bytes()
+            scanned += 1
+            assert not any(form in data for form in secret_forms), path
+    assert scanned > 10
+
+
+def test_a_host_whose_key_changed_is_refused_and_receives_nothing(fresh_lab, deploy_inputs, tmp_path):
+    lines = fresh_lab.known_hosts.read_text().splitlines()
+    impostor = new_key(tmp_path / "impostor")
+    swapped_address = fresh_lab.addresses[1]
+    lines[1] = f"{swapped_address} {' '.join(Path(str(impostor) + '.pub').read_text().split()[:2])}"
+    swapped = tmp_path / "known_hosts"
+    swapped.write_text("\n".join(lines) + "\n")
+    report_path = tmp_path / "report.json"
+    result = fresh_lab.deploy("--outputs", str(fresh_lab.directory / "outputs.json"), "--key", str(fresh_lab.user_key),
+                              "--known-hosts", str(swapped), "--secrets", str(deploy_inputs["secrets"]),
+                              "--resource", f"data={deploy_inputs['resource']}", "--report", str(report_path),
+                              env=home_env(deploy_inputs))
+    assert result.returncode == 1
+    report = json.loads(report_path.read_text())
+    refused = next(host for host in report["hosts"] if host["address"] == swapped_address)
+    assert "REFUSED" in refused["error"] and "does not match" in refused["error"]
+    assert f"{swapped_address}" in result.stdout and "REFUSED" in result.stdout
+    victim = fresh_lab.home("factory-1")
+    assert sorted(path.name for path in victim.iterdir()) == [".ssh"]
+    for name in ("orchestrator", "factory-2"):
+        assert (fresh_lab.home(name) / "secret.ini").exists()
+
+
+def test_without_pinned_keys_the_deploy_stops_before_connecting(fresh_lab, deploy_inputs):
+    logs_before = {name: fresh_lab.sshd_log(name) for name in fresh_lab.hostnames}
+    result = fresh_lab.deploy("--outputs", str(fresh_lab.directory / "outputs.json"), "--key",
+                              str(fresh_lab.user_key), env=home_env(deploy_inputs))
+    assert result.returncode == 2
+    assert "--known-hosts" in result.stderr and "--trust-on-first-use" in result.stderr
+    assert {name: fresh_lab.sshd_log(name) for name in fresh_lab.hostnames} == logs_before
+
+
+def test_trust_on_first_use_pins_into_a_per_cluster_file_only(fresh_lab, deploy_inputs):
+    env = home_env(deploy_inputs)
+    home = Path(env["HOME"])
+    arguments = ["--outputs", str(fresh_lab.directory / "outputs.json"), "--key", str(fresh_lab.user_key)]
+    result = fresh_lab.deploy(*arguments, "--trust-on-first-use", env=env)
+    assert result.returncode == 0, result.stderr
+    cluster_name = fresh_lab.outputs["cluster_name"]
+    pinned = home / ".flambe" / "known_hosts" / cluster_name
+    pinned_keys = {tuple(line.split()[:3]) for line in pinned.read_text().splitlines()}
+    assert pinned_keys == {tuple(line.split()[:3]) for line in fresh_lab.known_hosts.read_text().splitlines()}
+    assert not (home / ".ssh" / "known_hosts").exists()
+    again = fresh_lab.deploy(*arguments, env=env)  # now strict, against the pinned file
+    assert again.returncode == 0, again.stderr
+    # A pinned key that no longer matches is refused even without --known-hosts.
+    pinned.write_text(pinned.read_text().replace(pinned.read_text().split()[2], "AAAAC3NzaC1lZDI1NTE5AAAAIBDeadBeef"
+                                                 "DeadBeefDeadBeefDeadBeefDeadBeefDeadBeefDeadB", 1))
+    refused = fresh_lab.deploy(*arguments, env=env)
+    assert refused.returncode == 1
+    assert "REFUSED" in refused.stdout
+
+
+@pytest.mark.parametrize("verbosity", [[], ["-v"], ["-vv"]])
+def test_the_canary_secret_never_appears_in_output_report_or_process_lists(fresh_lab, deploy_inputs, tmp_path,
+                                                                          verbosity):
+    seen_in_process_lists = []
+    stop = threading.Event()
+
+    def watch_every_process_on_the_machine():
+        # The lab hosts share this machine's process table, so this sees remote command lines too.
+        while not stop.is_set():
+            for proc in Path("/proc").iterdir():
+                try:
+                    command = (proc / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if CANARY.encode() in command:
+                    seen_in_process_lists.append(command)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch_every_process_on_the_machine)
+    watcher.start()
+    report_path = tmp_path / "report.json"
+    try:
+        result = fresh_lab.deploy(*fresh_lab.lab_arguments(), "--secrets", str(deploy_inputs["secrets"]),
+                                  "--resource", f"data={deploy_inputs['resource']}", "--report", str(report_path),
+                                  *verbosity, env=home_env(deploy_inputs))
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.returncode == 0, result.stderr
+    if verbosity:
+        assert len(result.stderr) > 200  # the verbose log really was written
+    for text in (result.stdout, result.stderr, report_path.read_text()):
+        assert CANARY not in text
+        assert "AKIAEXAMPLE" not in text
+    assert seen_in_process_lists == []
+    for name in fresh_lab.hostnames:
+        assert CANARY not in fresh_lab.sshd_log(name)
+        assert (fresh_lab.home(name) / "secret.ini").read_text().count(CANARY) == 1
