@@ -18,6 +18,7 @@ from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, opera
 from flambe_iac.deploys.facts import FileBytes, FileState, TreeListing
 from flambe_iac.remote_layout import STAGING_DIR
 from flambe_iac.secrets_file import HiddenBytes
+from flambe_iac.ssh_options import RsyncJob
 
 
 @operation()
@@ -49,15 +50,16 @@ def _staged_upload(path: str, content: HiddenBytes, mode: str):
 
 
 @operation()
-def synced_tree(destination: str, expected: set, rsync_argv: list[str], failures: dict):
-    """Make DESTINATION hold exactly EXPECTED (see TreeListing) by running RSYNC_ARGV locally, if it does not."""
+def synced_tree(destination: str, expected: set, rsync: RsyncJob, failures: dict):
+    """Make DESTINATION hold exactly EXPECTED (see TreeListing) by running RSYNC locally, if it does not."""
     if host.get_fact(TreeListing, path=destination) == expected:
         return
-    yield FunctionCommand(_run_rsync, (rsync_argv, failures), {})
+    yield FunctionCommand(_run_rsync, (rsync, failures), {})
 
 
-def _run_rsync(state, host, rsync_argv, failures) -> bool:
-    result = subprocess.run(rsync_argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+def _run_rsync(state, host, rsync: RsyncJob, failures: dict) -> bool:
+    result = subprocess.run(rsync.argv, env=rsync.environment, stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True)
     if result.returncode != 0:
         failures[host.name] = f"rsync failed ({result.returncode}): {result.stderr.strip()[-500:]}"
         return False

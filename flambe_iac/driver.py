@@ -6,8 +6,10 @@ without it, connections run one after another.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from io import BytesIO
+from pathlib import Path
 from typing import TextIO
 
 import gevent
@@ -49,7 +51,7 @@ from flambe_iac.report import (
     ProgressView,
 )
 from flambe_iac.resources import checksums, local_tree
-from flambe_iac.ssh_options import SshTarget, rsync_command
+from flambe_iac.ssh_options import ASKPASS_SCRIPT, RsyncJob, SshTarget, askpass_environment, rsync_command
 
 
 def run_deploy(plan: DeployPlan, stream: TextIO, live: bool | None = None) -> DeployReport:
@@ -61,7 +63,7 @@ def run_deploy(plan: DeployPlan, stream: TextIO, live: bool | None = None) -> De
     try:
         deployment.run()
     finally:
-        deployment.disconnect()
+        deployment.close()
         report.seconds = time.monotonic() - started
     return report
 
@@ -77,6 +79,7 @@ class Deployment:
         self.members = {self.state.inventory.get_host(member.id): member for member in plan.cluster.members}
         self.rsync_failures: dict[str, str] = {}
         self.step_metas: dict = {}  # (pyinfra host, step) -> [OperationMeta]
+        self.private_directory: tempfile.TemporaryDirectory | None = None
 
     def host_report(self, host) -> HostReport:
         return next(entry for entry in self.report.hosts if entry.host_id == host.name)
@@ -183,15 +186,27 @@ class Deployment:
                         self.manifest_for(member, key, resource_checksums))
 
     def resource_transfers(self, member: Member, trees: dict) -> list:
+        passphrase = self.plan.user_key.passphrase
         target = SshTarget(
             address=self.plan.address(member), user=self.plan.cluster.ssh_user, key=self.plan.user_key.path,
             known_hosts=self.plan.host_keys.known_hosts, connect_timeout=self.plan.connect_timeout,
+            batch_mode=passphrase is None,
         )
+        environment = askpass_environment(self.askpass_helper(), passphrase) if passphrase else None
         return [
             (f"{RESOURCES_DIR}/{resource.name}", trees[resource.name],
-             rsync_command(resource.rsync_source, f"{RESOURCES_DIR}/{resource.name}/", target))
+             RsyncJob(rsync_command(resource.rsync_source, f"{RESOURCES_DIR}/{resource.name}/", target), environment))
             for resource in self.plan.resources
         ]
+
+    def askpass_helper(self) -> Path:
+        if self.private_directory is None:
+            self.private_directory = tempfile.TemporaryDirectory(prefix="flambe-deploy-")
+        helper = Path(self.private_directory.name) / "askpass"
+        if not helper.exists():
+            helper.write_text(ASKPASS_SCRIPT)
+            helper.chmod(0o700)
+        return helper
 
     def manifest_for(self, member: Member, key: ClusterKey, resource_checksums: dict) -> bytes:
         members = [{"id": other.id, "role": other.role, "private_ip": other.private_ip}
@@ -251,7 +266,10 @@ class Deployment:
                 return f"{step} failed" + (f": {stderr}" if stderr else "")
         return f"{step} failed"
 
-    def disconnect(self) -> None:
+    def close(self) -> None:
+        """Remove the askpass helper's directory, and disconnect from every host."""
+        if self.private_directory is not None:
+            self.private_directory.cleanup()
         for host in self.members:
             if host.connected:
                 try:
@@ -307,7 +325,11 @@ def make_state(plan: DeployPlan) -> State:
         "ssh_config_file": "/dev/null",
         "ssh_known_hosts_file": str(plan.host_keys.known_hosts),
         "ssh_strict_host_key_checking": plan.host_keys.strict_host_key_checking,
-        "ssh_paramiko_connect_kwargs": {"allow_agent": False, "look_for_keys": False},
+        "ssh_paramiko_connect_kwargs": {
+            "allow_agent": False, "look_for_keys": False,
+            # A host that accepts TCP but never speaks SSH must not hold the deploy longer than a dead one.
+            "banner_timeout": plan.connect_timeout, "auth_timeout": plan.connect_timeout,
+        },
     }
     if plan.user_key.passphrase:
         host_data["ssh_key_password"] = plan.user_key.passphrase

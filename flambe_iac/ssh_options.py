@@ -6,9 +6,10 @@ against the pinned file only.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -37,6 +38,22 @@ def ssh_options(target: SshTarget) -> list[str]:
     if target.batch_mode:
         options += ["-o", "BatchMode=yes"]
     return options
+
+
+@dataclass(frozen=True)
+class RsyncJob:
+    argv: list[str]
+    environment: dict[str, str] | None = field(default=None, repr=False)  # may carry the key's passphrase
+
+
+ASKPASS_SCRIPT = '#!/bin/sh\nprintf "%s\\n" "$FLAMBE_KEY_PASSPHRASE"\n'
+
+
+def askpass_environment(helper: Path, passphrase: str) -> dict[str, str]:
+    """What lets ssh unlock an encrypted key without a terminal or an agent: the passphrase stays in the
+    environment of our own ssh process, never on a command line or on disk."""
+    return {**os.environ, "SSH_ASKPASS": str(helper), "SSH_ASKPASS_REQUIRE": "force",
+            "FLAMBE_KEY_PASSPHRASE": passphrase}
 
 
 def rsync_command(source: str, destination: str, target: SshTarget, delete: bool = True) -> list[str]:
