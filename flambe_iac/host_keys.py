@@ -85,8 +85,12 @@ def keys_in(entries: list[KnownHostsEntry], address: str) -> list[str]:
 
 
 def _pattern_matches(pattern: str, address: str) -> bool:
-    if pattern.startswith("|1|"):
-        salt, digest = pattern[3:].split("|", 1)
-        expected = hmac.new(base64.b64decode(salt), address.encode(), hashlib.sha1).digest()
-        return hmac.compare_digest(base64.b64encode(expected).decode(), digest)
-    return pattern in (address, f"[{address}]:22")
+    names = (address, f"[{address}]:22")
+    if not pattern.startswith("|1|"):
+        return pattern in names
+    salt, digest = pattern[3:].split("|", 1)
+    return any(
+        hmac.compare_digest(
+            base64.b64encode(hmac.new(base64.b64decode(salt), name.encode(), hashlib.sha1).digest()).decode(), digest)
+        for name in names
+    )

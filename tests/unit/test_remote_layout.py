@@ -1,0 +1,67 @@
+from flambe_iac.remote_layout import (
+    members_known_hosts,
+    ssh_config_block,
+    updated_authorized_keys,
+    updated_ssh_config,
+)
+
+NEW = "ssh-ed25519 AAAANEW flambe-cluster:c1"
+OLD = "ssh-ed25519 AAAAOLD flambe-cluster:c1"
+USER = b"ssh-rsa AAAAUSER me@laptop\n"
+
+
+def test_adds_the_cluster_key_after_the_user_lines():
+    assert updated_authorized_keys(USER, NEW, "c1") == USER + NEW.encode() + b"\n"
+
+
+def test_adding_twice_changes_nothing():
+    once = updated_authorized_keys(USER, NEW, "c1")
+    assert updated_authorized_keys(once, NEW, "c1") == once
+
+
+def test_replaces_an_old_key_of_the_same_cluster_only():
+    other_cluster = b"ssh-ed25519 AAAAOTHER flambe-cluster:c2\n"
+    current = USER + OLD.encode() + b"\n" + other_cluster
+    assert updated_authorized_keys(current, NEW, "c1") == USER + other_cluster + NEW.encode() + b"\n"
+
+
+def test_removes_a_retired_key_even_without_our_comment():
+    current = USER + b"ssh-ed25519 AAAAOLD renamed-by-hand\n"
+    assert updated_authorized_keys(current, NEW, "c1", retired_keys=[OLD]) == USER + NEW.encode() + b"\n"
+
+
+def test_keeps_other_lines_byte_identical_even_without_a_final_newline():
+    current = b"# comment\r\n" + b"ssh-rsa AAAAUSER me@laptop"
+    assert updated_authorized_keys(current, NEW, "c1") == current + b"\n" + NEW.encode() + b"\n"
+
+
+def test_starts_an_empty_file():
+    assert updated_authorized_keys(b"", NEW, "c1") == NEW.encode() + b"\n"
+
+
+def test_ssh_config_block_comes_first_and_ends_with_host_star():
+    block = ssh_config_block("c1", "ubuntu", ["10.0.0.1", "10.0.0.2"])
+    config = updated_ssh_config(b"ServerAliveInterval 30\n", block, "c1").decode()
+    assert config.startswith("# BEGIN flambe cluster c1")
+    assert "Host 10.0.0.1 10.0.0.2\n" in config
+    assert "StrictHostKeyChecking yes" in config and "IdentitiesOnly yes" in config
+    assert config.endswith("Host *\n# END flambe cluster c1\nServerAliveInterval 30\n")
+
+
+def test_ssh_config_block_is_replaced_not_repeated():
+    first = updated_ssh_config(b"Host x\n  User y\n", ssh_config_block("c1", "ubuntu", ["10.0.0.1"]), "c1")
+    second = updated_ssh_config(first, ssh_config_block("c1", "ubuntu", ["10.0.0.1", "10.0.0.9"]), "c1")
+    assert second.count(b"# BEGIN flambe cluster c1") == 1
+    assert b"10.0.0.9" in second
+    assert second.endswith(b"Host x\n  User y\n")
+
+
+def test_other_clusters_blocks_are_kept():
+    other = updated_ssh_config(b"", ssh_config_block("c2", "ubuntu", ["10.1.0.1"]), "c2")
+    both = updated_ssh_config(other, ssh_config_block("c1", "ubuntu", ["10.0.0.1"]), "c1")
+    assert b"# BEGIN flambe cluster c2" in both and b"# BEGIN flambe cluster c1" in both
+
+
+def test_members_known_hosts_lists_every_key_by_private_address():
+    text = members_known_hosts({"10.0.0.1": ["ssh-ed25519 AAAA1"], "10.0.0.2": ["ssh-ed25519 AAAA2", "ssh-rsa B"]})
+    assert text == b"10.0.0.1 ssh-ed25519 AAAA1\n10.0.0.2 ssh-ed25519 AAAA2\n10.0.0.2 ssh-rsa B\n"
