@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from pyinfra.api import deploy
 
-from flambe_iac.secrets_file import HiddenBytes
-
-from flambe_iac.deploys.operations import edited_file, staged_file
+from flambe_iac.deploys.facts import HostSnapshot
+from flambe_iac.deploys.operations import staged_files
 from flambe_iac.keys import ClusterKey
 from flambe_iac.remote_layout import (
     AUTHORIZED_KEYS,
@@ -20,24 +17,24 @@ from flambe_iac.remote_layout import (
     updated_authorized_keys,
     updated_ssh_config,
 )
+from flambe_iac.secrets_file import HiddenBytes
+
+# Files whose current contents the cluster key step edits rather than replaces.
+EDITED_FILES = (AUTHORIZED_KEYS, SSH_CONFIG)
 
 
 @deploy("cluster key")
 def install_cluster_key(cluster_name: str, ssh_user: str, key: ClusterKey, members_known_hosts: bytes,
-                        private_addresses: list[str], retired_keys: list[str]) -> list:
-    block = ssh_config_block(cluster_name, ssh_user, private_addresses)
-    return [
-        staged_file(name="cluster private key", path=CLUSTER_PRIVATE_KEY,
-                    content=HiddenBytes(key.private_openssh),
-                    mode="600"),
-        staged_file(name="cluster public key", path=CLUSTER_PUBLIC_KEY,
-                    content=HiddenBytes(key.public_line.encode() + b"\n"), mode="644"),
-        edited_file(name="authorized cluster key", path=AUTHORIZED_KEYS, mode="600",
-                    edit=partial(updated_authorized_keys, public_line=key.public_line,
-                                 cluster_name=cluster_name, retired_keys=retired_keys)),
-        staged_file(name="members' host keys", path=MEMBERS_KNOWN_HOSTS,
-                    content=HiddenBytes(members_known_hosts),
-                    mode="644"),
-        edited_file(name="ssh config block", path=SSH_CONFIG, mode="600",
-                    edit=partial(updated_ssh_config, block=block, cluster_name=cluster_name)),
+                        private_addresses: list[str], retired_keys: list[str], snapshot: HostSnapshot) -> list:
+    authorized_keys = updated_authorized_keys(snapshot.contents.get(AUTHORIZED_KEYS) or b"", key.public_line,
+                                              cluster_name, retired_keys)
+    ssh_config = updated_ssh_config(snapshot.contents.get(SSH_CONFIG) or b"",
+                                    ssh_config_block(cluster_name, ssh_user, private_addresses), cluster_name)
+    files = [
+        (CLUSTER_PRIVATE_KEY, HiddenBytes(key.private_openssh), "600"),
+        (CLUSTER_PUBLIC_KEY, HiddenBytes(key.public_line.encode() + b"\n"), "644"),
+        (AUTHORIZED_KEYS, HiddenBytes(authorized_keys), "600"),
+        (MEMBERS_KNOWN_HOSTS, HiddenBytes(members_known_hosts), "644"),
+        (SSH_CONFIG, HiddenBytes(ssh_config), "600"),
     ]
+    return [staged_files(name="cluster key files", files=files, snapshot=snapshot)]

@@ -1,5 +1,6 @@
-"""Operations the deploys share: a file written atomically with its final mode, and a tree kept in sync by rsync.
+"""Operations the deploys share: files written atomically with their final modes, and trees kept by rsync.
 
+Both decide from the HostSnapshot read once before any step, so an unchanged host costs no extra round trip.
 Every operation is called with an explicit `name=`: pyinfra would otherwise name it after its arguments,
 and an argument may be a secret.
 """
@@ -12,47 +13,39 @@ import shlex
 import subprocess
 from io import BytesIO
 
-from pyinfra import host
 from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
 
-from flambe_iac.deploys.facts import FileBytes, FileState, TreeListing
+from flambe_iac.deploys.facts import HostSnapshot
 from flambe_iac.remote_layout import STAGING_DIR
 from flambe_iac.secrets_file import HiddenBytes
 from flambe_iac.ssh_options import RsyncJob
 
 
 @operation()
-def staged_file(path: str, content: HiddenBytes, mode: str):
-    """Write PATH with CONTENT and MODE, or leave it if it already matches."""
-    yield from _staged_upload(path, content, mode)
+def staged_files(files: list[tuple[str, HiddenBytes, str]], snapshot: HostSnapshot):
+    """Write each (PATH, CONTENT, MODE) that differs from the snapshot.
 
-
-@operation()
-def edited_file(path: str, edit, mode: str):
-    """Rewrite PATH as EDIT(current bytes) with MODE, if that changes anything. For files that hold no secret."""
-    current = host.get_fact(FileBytes, path=path)
-    yield from _staged_upload(path, HiddenBytes(edit(current or b"")), mode)
-
-
-def _staged_upload(path: str, content: HiddenBytes, mode: str):
-    """The upload lands in the 0700 staging directory, takes its mode there, then is renamed over PATH:
-    readers see the old file or the new one, never a partial one, and never a moment of wider mode."""
-    wanted = (mode, hashlib.sha256(content.data).hexdigest())
-    if host.get_fact(FileState, path=path) == wanted:
+    Uploads land in the 0700 staging directory, take their modes there, then are renamed over their paths:
+    readers see the old file or the new one, never a partial one, and never a moment of wider mode.
+    """
+    changed = [(path, content, mode) for path, content, mode in files
+               if not snapshot.matches(path, mode, hashlib.sha256(content.data).hexdigest())]
+    if not changed:
         return
-    staging = shlex.quote(STAGING_DIR)
-    parent = posixpath.dirname(path)
-    make_parent = f" && mkdir -p -m 700 {shlex.quote(parent)}" if parent else ""
-    yield StringCommand(f"mkdir -p -m 700 {staging} && chmod 700 {staging}{make_parent}")
-    upload = posixpath.join(STAGING_DIR, posixpath.basename(path) + ".upload")
-    yield FileUploadCommand(BytesIO(content.data), upload)
-    yield StringCommand(f"chmod {mode} {shlex.quote(upload)} && mv -f {shlex.quote(upload)} {shlex.quote(path)}")
+    # The snapshot's read made the staging directory; the files' own directories may still be missing.
+    parents = sorted({posixpath.dirname(path) for path, _, _ in changed} - {""})
+    moves = [f"mkdir -p -m 700 {shlex.quote(parent)}" for parent in parents]
+    for path, content, mode in changed:
+        upload = posixpath.join(STAGING_DIR, path.replace("/", "%") + ".upload")
+        yield FileUploadCommand(BytesIO(content.data), upload)
+        moves.append(f"chmod {mode} {shlex.quote(upload)} && mv -f {shlex.quote(upload)} {shlex.quote(path)}")
+    yield StringCommand(" && ".join(moves))
 
 
 @operation()
-def synced_tree(destination: str, expected: set, rsync: RsyncJob, failures: dict):
-    """Make DESTINATION hold exactly EXPECTED (see TreeListing) by running RSYNC locally, if it does not."""
-    if host.get_fact(TreeListing, path=destination) == expected:
+def synced_tree(destination: str, expected: set, rsync: RsyncJob, failures: dict, snapshot: HostSnapshot):
+    """Make DESTINATION hold exactly EXPECTED (see resources.local_tree) by running RSYNC locally, if it does not."""
+    if snapshot.trees.get(destination) == expected:
         return
     yield FunctionCommand(_run_rsync, (rsync, failures), {})
 

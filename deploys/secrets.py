@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pyinfra.api import deploy
 
-from flambe_iac.secrets_file import HiddenBytes
-
-from flambe_iac.deploys.operations import staged_file
+from flambe_iac.deploys.facts import HostSnapshot
+from flambe_iac.deploys.operations import staged_files
 from flambe_iac.remote_layout import SECRETS
+from flambe_iac.secrets_file import HiddenBytes
 
 
 @deploy("secrets")
-def push_secrets(content: HiddenBytes) -> list:
-    return [staged_file(name="secrets file", path=SECRETS, content=content, mode="600")]
+def push_secrets(content: HiddenBytes, snapshot: HostSnapshot) -> list:
+    return [staged_files(name="secrets file", files=[(SECRETS, content, "600")], snapshot=snapshot)]

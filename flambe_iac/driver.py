@@ -21,7 +21,8 @@ from pyinfra.context import ctx_host, ctx_state
 from flambe_iac import __version__
 from flambe_iac.cluster import Host as Member
 from flambe_iac.deploys.cluster_key import install_cluster_key
-from flambe_iac.deploys.facts import FileBytes
+from flambe_iac.deploys.cluster_key import EDITED_FILES
+from flambe_iac.deploys.facts import HostState
 from flambe_iac.deploys.manifest import write_manifest
 from flambe_iac.deploys.resources import sync_resources
 from flambe_iac.deploys.secrets import push_secrets
@@ -31,7 +32,10 @@ from flambe_iac.plan import DeployPlan
 from flambe_iac.remote_layout import (
     CLUSTER_PRIVATE_KEY,
     CLUSTER_PUBLIC_KEY,
+    MANIFEST as MANIFEST_FILE,
+    MEMBERS_KNOWN_HOSTS,
     RESOURCES_DIR,
+    SECRETS as SECRETS_FILE,
     cluster_key_comment,
     manifest,
     members_known_hosts,
@@ -80,6 +84,7 @@ class Deployment:
         self.rsync_failures: dict[str, str] = {}
         self.step_metas: dict = {}  # (pyinfra host, step) -> [OperationMeta]
         self.private_directory: tempfile.TemporaryDirectory | None = None
+        self.snapshots: dict = {}  # pyinfra host -> HostSnapshot
 
     def host_report(self, host) -> HostReport:
         return next(entry for entry in self.report.hosts if entry.host_id == host.name)
@@ -90,11 +95,12 @@ class Deployment:
         connected = self.connect_all()
         if not connected:
             return
+        self.read_snapshots(connected)
         key, retired = self.settle_cluster_key(connected)
         if key is None:
             return
         self.report.cluster_key_fingerprint = key.fingerprint
-        self.add_steps([host for host in connected if host not in self.state.failed_hosts], key, retired)
+        self.add_steps([host for host in connected if host in self.snapshots], key, retired)
         self.state.add_callback_handler(StepProgress(self))
         try:
             run_ops(self.state)
@@ -122,12 +128,22 @@ class Deployment:
             self.state.activate_host(host)
         return connected
 
+    def read_snapshots(self, hosts: list) -> None:
+        """One round trip per host, all hosts at once: the state every step compares against."""
+        files = [CLUSTER_PRIVATE_KEY, CLUSTER_PUBLIC_KEY, *EDITED_FILES, MEMBERS_KNOWN_HOSTS, SECRETS_FILE,
+                 MANIFEST_FILE]
+        contents = [CLUSTER_PUBLIC_KEY, *EDITED_FILES]
+        trees = [f"{RESOURCES_DIR}/{resource.name}" for resource in self.plan.resources]
+        self.snapshots = self.read_on_each(
+            hosts, lambda host: host.get_fact(HostState, files=files, contents=contents, trees=trees))
+
     def settle_cluster_key(self, hosts: list) -> tuple[ClusterKey | None, list[str]]:
         """Keep the key the hosts hold (the hosts are the state), or make one; and which keys are retired."""
         comment = cluster_key_comment(self.plan.cluster.name)
-        public_keys = self.read_on_each(hosts, lambda host: host.get_fact(FileBytes, path=CLUSTER_PUBLIC_KEY))
-        held = {host: data.decode().strip() for host, data in public_keys.items() if data and data.strip()}
-        retired = sorted({line for line in held.values()})
+        held = {host: snapshot.contents[CLUSTER_PUBLIC_KEY].decode().strip()
+                for host, snapshot in self.snapshots.items()
+                if host in hosts and (snapshot.contents.get(CLUSTER_PUBLIC_KEY) or b"").strip()}
+        retired = sorted(set(held.values()))
         if self.plan.rotate_cluster_key or not held:
             self.report.cluster_key_action = "rotated" if held else "created"
             return new_cluster_key(comment), retired
@@ -174,16 +190,18 @@ class Deployment:
         with ctx_state.use(self.state):
             for host in hosts:
                 member = self.members[host]
+                snapshot = self.snapshots[host]
                 with ctx_host.use(host):
                     self.step_metas[host, CLUSTER_KEY] = install_cluster_key(
-                        plan.cluster.name, plan.cluster.ssh_user, key, known_hosts, private_addresses, retired)
+                        plan.cluster.name, plan.cluster.ssh_user, key, known_hosts, private_addresses, retired,
+                        snapshot)
                     if plan.secrets is not None:
-                        self.step_metas[host, SECRETS] = push_secrets(plan.secrets)
+                        self.step_metas[host, SECRETS] = push_secrets(plan.secrets, snapshot)
                     if plan.resources:
                         self.step_metas[host, RESOURCES] = sync_resources(
-                            self.resource_transfers(member, resource_trees), self.rsync_failures)
+                            self.resource_transfers(member, resource_trees), self.rsync_failures, snapshot)
                     self.step_metas[host, MANIFEST] = write_manifest(
-                        self.manifest_for(member, key, resource_checksums))
+                        self.manifest_for(member, key, resource_checksums), snapshot)
 
     def resource_transfers(self, member: Member, trees: dict) -> list:
         passphrase = self.plan.user_key.passphrase
