@@ -22,15 +22,26 @@ from flambe_iac import lab
 SIZES = (1, 4, 16, 32)
 
 
-def run_measured(argv: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak resident memory (KiB) of one command, its children included."""
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far: the lab's sshds run on the same cores."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def run_measured(argv: list[str]) -> tuple[float, int, float, float]:
+    """Wall seconds, peak resident memory (KiB) and CPU seconds of one command with its children (the client
+    side: flambe-deploy, rsync, ssh), and how busy the whole machine was meanwhile."""
+    busy_before, total_before = machine_cpu_ticks()
     started = time.perf_counter()
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"command failed: {' '.join(argv)}\n{process.stderr.read().decode()}")
-    return elapsed, usage.ru_maxrss
+    busy_after, total_after = machine_cpu_ticks()
+    busy = (busy_after - busy_before) / max(total_after - total_before, 1)
+    return elapsed, usage.ru_maxrss, usage.ru_utime + usage.ru_stime, busy
 
 
 def reset_hosts(lab_dir: Path, state: lab.LabState) -> None:
@@ -47,46 +58,60 @@ def reset_hosts(lab_dir: Path, state: lab.LabState) -> None:
         (home / ".ssh" / "authorized_keys").write_text(user_key)
 
 
-def make_inputs(directory: Path) -> tuple[Path, Path]:
+def make_inputs(directory: Path, resource_kib: int) -> tuple[Path, Path]:
+    """A secrets file, and a resource of 20 files of random bytes (incompressible, so rsync moves them all)."""
     secrets = directory / "secrets.ini"
     secrets.write_text("[aws]\nsecret = bench\n")
     resource = directory / "data"
     resource.mkdir()
     for index in range(20):
-        (resource / f"part-{index:02}.bin").write_bytes(os.urandom(256 * 1024))
+        (resource / f"part-{index:02}.bin").write_bytes(os.urandom(resource_kib * 1024 // 20))
     return secrets, resource
+
+
+def measure_sizes(lab_dir: Path, state: lab.LabState, outputs: dict, secrets: Path, resource: Path, repeats: int,
+                  work: Path) -> None:
+    results = {}
+    for size in SIZES:
+        trimmed = work / f"outputs-{size}.json"
+        trimmed.write_text(json.dumps({**outputs, "factories": outputs["factories"][: size - 1]}))
+        command = ["ip", "netns", "exec", state.client_netns, sys.executable, "-m", "flambe_iac.deploy_cli",
+                   "--outputs", str(trimmed), "--key", str(lab_dir / lab.USER_KEY_FILE),
+                   "--known-hosts", str(lab_dir / lab.KNOWN_HOSTS_FILE), "--secrets", str(secrets),
+                   "--resource", f"data={resource}"]
+        first, rerun, memory, client_cpu, busy = [], [], [], [], []
+        for _ in range(repeats):
+            reset_hosts(lab_dir, state)
+            seconds, peak, cpu_seconds, machine_busy = run_measured(command)
+            first.append(seconds)
+            memory.append(peak)
+            client_cpu.append(cpu_seconds)
+            busy.append(machine_busy)
+            rerun.append(run_measured(command)[0])
+        results[size] = (statistics.median(first), statistics.median(rerun))
+        print(f"  {size:>2} hosts: first run {results[size][0]:.2f} s, re-run {results[size][1]:.2f} s "
+              f"({results[size][1] / results[size][0]:.0%} of first), peak memory {max(memory) / 1024:.0f} MiB, "
+              f"client CPU {statistics.median(client_cpu):.2f} s, machine CPU busy {statistics.median(busy):.0%}")
+    print(f"  32 hosts / 1 host, first run: {results[32][0] / results[1][0]:.2f}x")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--resource-kib", type=int, nargs="+", default=[64, 5120],
+                        help="resource sizes to measure, in KiB (default: 64 and 5120)")
     arguments = parser.parse_args()
     lab.check_can_run_lab()
     work = Path(tempfile.mkdtemp(prefix="flambe-bench-"))
     lab_dir = work / "lab"
     state = lab.up(lab_dir, max(SIZES))
     try:
-        secrets, resource = make_inputs(work)
         outputs = json.loads((lab_dir / lab.OUTPUTS_FILE).read_text())
-        results = {}
-        for size in SIZES:
-            trimmed = work / f"outputs-{size}.json"
-            trimmed.write_text(json.dumps({**outputs, "factories": outputs["factories"][: size - 1]}))
-            command = ["ip", "netns", "exec", state.client_netns, sys.executable, "-m", "flambe_iac.deploy_cli",
-                       "--outputs", str(trimmed), "--key", str(lab_dir / lab.USER_KEY_FILE),
-                       "--known-hosts", str(lab_dir / lab.KNOWN_HOSTS_FILE), "--secrets", str(secrets),
-                       "--resource", f"data={resource}"]
-            first, rerun, memory = [], [], []
-            for _ in range(arguments.repeats):
-                reset_hosts(lab_dir, state)
-                seconds, peak = run_measured(command)
-                first.append(seconds)
-                memory.append(peak)
-                rerun.append(run_measured(command)[0])
-            results[size] = (statistics.median(first), statistics.median(rerun), max(memory))
-            print(f"{size:>2} hosts: first run {results[size][0]:.2f} s, re-run {results[size][1]:.2f} s "
-                  f"({results[size][1] / results[size][0]:.0%} of first), peak memory {results[size][2] / 1024:.0f} MiB")
-        print(f"32 hosts / 1 host, first run: {results[32][0] / results[1][0]:.2f}x")
+        for resource_kib in arguments.resource_kib:
+            print(f"resource of {resource_kib} KiB, secrets, cluster key; medians of {arguments.repeats} runs:")
+            inputs = work / f"inputs-{resource_kib}"
+            inputs.mkdir()
+            measure_sizes(lab_dir, state, outputs, *make_inputs(inputs, resource_kib), arguments.repeats, work)
         help_times = [run_measured([sys.executable, "-m", "flambe_iac.deploy_cli", "--help"])[0] for _ in range(20)]
         print(f"flambe-deploy --help: median {statistics.median(help_times):.3f} s (20 runs)")
     finally:
