@@ -180,3 +180,36 @@ def test_user_ssh_config_is_kept_and_the_block_is_not_duplicated(fresh_lab, depl
     assert text.endswith("ServerAliveInterval 30\n\nHost example\n    User someone\n")
     result = fresh_lab.ssh(fresh_lab.addresses[0], f"ssh -o BatchMode=yes {fresh_lab.addresses[1]} hostname")
     assert result.stdout.strip() == "factory-1", result.stderr
+
+
+def test_own_hosts_from_a_flambe_cluster_file(fresh_lab, deploy_inputs, tmp_path):
+    cluster_file = tmp_path / "cluster.yaml"
+    addresses = fresh_lab.addresses
+    cluster_file.write_text(
+        "!SSHCluster\nname: my-own-hosts\n"
+        f"orchestrator_ip: [{addresses[0]}, {addresses[0]}]\n"
+        f"factories_ips: [{addresses[1]}, [{addresses[2]}, {addresses[2]}]]\n"
+        f"key: {fresh_lab.user_key}\nusername: {fresh_lab.user}\n")
+    result = fresh_lab.deploy("--cluster", str(cluster_file), "--known-hosts", str(fresh_lab.known_hosts),
+                              "--secrets", str(deploy_inputs["secrets"]))
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in fresh_lab.hostnames:
+        manifest = json.loads((fresh_lab.home(name) / ".flambe" / "cluster.json").read_text())
+        assert manifest["cluster_name"] == "my-own-hosts"
+        assert (fresh_lab.home(name) / ".ssh" / "authorized_keys").read_text().count("flambe-cluster:my-own-hosts") == 1
+
+
+def test_stack_outputs_through_the_pulumi_cli(fresh_lab, deploy_inputs, tmp_path):
+    """--stack runs `pulumi stack output --json --show-secrets`; a stub pulumi on PATH answers with the lab."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "pulumi"
+    stub.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/pulumi-arguments\ncat {fresh_lab.directory}/outputs.json\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = fresh_lab.deploy("--stack", "dev", "--key", str(fresh_lab.user_key), "--known-hosts",
+                              str(fresh_lab.known_hosts), "--secrets", str(deploy_inputs["secrets"]), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "pulumi-arguments").read_text().split() == [
+        "stack", "output", "--json", "--show-secrets", "--stack", "dev"]
+    assert (fresh_lab.home("factory-2") / "secret.ini").read_bytes() == CANARY_SECRETS
