@@ -1,0 +1,172 @@
+"""Running the Pulumi program without an engine: Pulumi's own mocks, recording every resource and answering
+invokes, either from fixed values or from moto's EC2 (so EC2's own validation runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Callable
+
+import pulumi
+from pulumi.runtime import Mocks, MockCallArgs, MockResourceArgs
+
+INSTANCE = "aws:ec2/instance:Instance"
+ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"
+
+BASE_CONFIG = {
+    "name": "exp1",
+    "creator": "alice",
+    "keyName": "alice-key",
+    "subnetId": "subnet-0aaa",
+    "securityGroupIds": '["sg-0aaa", "sg-0bbb"]',
+    "factoryCount": "2",
+}
+
+
+def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks) -> dict:
+    """Run PROGRAM under MOCKS with CONFIG (keys without the `flambe:` prefix); return its resolved exports.
+
+    A fresh event loop and fresh runtime options each time: the runtime keeps state between programs.
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        pulumi.runtime.settings.reset_options(project="flambe", stack="test")
+        pulumi.runtime.set_mocks(mocks, project="flambe", stack="test", preview=False)
+        pulumi.runtime.set_all_config({f"flambe:{key}": value for key, value in config.items()})
+        exports: dict = {}
+
+        @pulumi.runtime.test
+        def body():
+            return pulumi.Output.from_input(program()).apply(exports.update)
+
+        body()
+        return exports
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+class RecordingMocks(Mocks):
+    """Records every resource; instances get addresses; invokes answer from a small fake network."""
+
+    def __init__(self, region: str = "eu-west-3", subnets: dict | None = None, groups: dict | None = None,
+                 public_ips: bool = True):
+        self.region = region
+        self.subnets = subnets or {"subnet-0aaa": "vpc-0aaa"}
+        self.groups = groups or {"sg-0aaa": "vpc-0aaa", "sg-0bbb": "vpc-0aaa"}
+        self.public_ips = public_ips
+        self.resources: list[MockResourceArgs] = []
+        self.calls: list[MockCallArgs] = []
+
+    def of_type(self, typ: str) -> list[MockResourceArgs]:
+        return [resource for resource in self.resources if resource.typ == typ]
+
+    def new_resource(self, args: MockResourceArgs):
+        self.resources.append(args)
+        state = dict(args.inputs)
+        if args.typ == INSTANCE:
+            number = len(self.of_type(INSTANCE))
+            state.update(privateIp=f"10.0.1.{10 + number}", publicIp=f"3.0.0.{number}" if self.public_ips else "",
+                         publicDns=f"ec2-3-0-0-{number}.compute.amazonaws.com" if self.public_ips else "")
+            return f"i-{number:017x}", state
+        return f"{args.name}-id", state
+
+    def call(self, args: MockCallArgs):
+        self.calls.append(args)
+        if args.token == "aws:index/getRegion:getRegion":
+            return {"name": self.region, "region": self.region, "id": self.region, "endpoint": "", "description": ""}
+        if args.token == "aws:ec2/getAmi:getAmi":
+            return {"id": "ami-0newest", "imageId": "ami-0newest", "name": "ubuntu-noble-24.04-newest"}
+        if args.token == "aws:ec2/getSubnet:getSubnet":
+            if args.args["id"] not in self.subnets:
+                raise Exception(f"no matching EC2 Subnet found ({args.args['id']})")
+            return {"id": args.args["id"], "vpcId": self.subnets[args.args["id"]]}
+        if args.token == "aws:ec2/getSecurityGroup:getSecurityGroup":
+            if args.args["id"] not in self.groups:
+                raise Exception(f"no matching EC2 Security Group found ({args.args['id']})")
+            return {"id": args.args["id"], "vpcId": self.groups[args.args["id"]]}
+        raise NotImplementedError(args.token)
+
+
+class MotoMocks(Mocks):
+    """Resources and invokes answered by moto's EC2 and CloudWatch: instances go through run_instances, so a
+    bad AMI, subnet, security group, key pair or instance type fails as EC2 would fail it."""
+
+    def __init__(self, region: str = "us-east-1"):
+        import boto3
+
+        self.region = region
+        self.ec2 = boto3.client("ec2", region_name=region)
+        self.cloudwatch = boto3.client("cloudwatch", region_name=region)
+        self.resources: list[MockResourceArgs] = []
+
+    def new_resource(self, args: MockResourceArgs):
+        self.resources.append(args)
+        if args.typ == INSTANCE:
+            return self.run_instance(args.inputs)
+        if args.typ == ALARM:
+            return self.put_alarm(args.name, args.inputs)
+        raise NotImplementedError(f"the program declared a {args.typ}, which these mocks do not expect")
+
+    def run_instance(self, inputs: dict):
+        root = inputs.get("rootBlockDevice", {})
+        tags = [{"Key": key, "Value": value} for key, value in inputs.get("tags", {}).items()]
+        request = {
+            "ImageId": inputs["ami"], "InstanceType": inputs["instanceType"], "MinCount": 1, "MaxCount": 1,
+            "KeyName": inputs["keyName"], "SubnetId": inputs["subnetId"],
+            "SecurityGroupIds": inputs["vpcSecurityGroupIds"],
+            "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {
+                "VolumeSize": int(root["volumeSize"]), "VolumeType": root["volumeType"]}}],
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
+                                  {"ResourceType": "volume", "Tags": tags}],
+        }
+        if inputs.get("iamInstanceProfile"):
+            request["IamInstanceProfile"] = {"Name": inputs["iamInstanceProfile"]}
+        if inputs.get("tenancy"):
+            request["Placement"] = {"Tenancy": inputs["tenancy"]}
+        (instance,) = self.ec2.run_instances(**request)["Instances"]
+        return instance["InstanceId"], {
+            **inputs, "privateIp": instance["PrivateIpAddress"], "publicIp": instance.get("PublicIpAddress", ""),
+            "publicDns": instance.get("PublicDnsName", ""),
+        }
+
+    def put_alarm(self, name: str, inputs: dict):
+        self.cloudwatch.put_metric_alarm(
+            AlarmName=name, Namespace=inputs["namespace"], MetricName=inputs["metricName"],
+            Statistic=inputs["statistic"], Period=int(inputs["period"]),
+            EvaluationPeriods=int(inputs["evaluationPeriods"]), Threshold=float(inputs["threshold"]),
+            ComparisonOperator=inputs["comparisonOperator"], AlarmActions=inputs["alarmActions"],
+            Dimensions=[{"Name": key, "Value": value} for key, value in inputs["dimensions"].items()],
+        )
+        return name, inputs
+
+    def call(self, args: MockCallArgs):
+        arguments = args.args
+        if args.token == "aws:index/getRegion:getRegion":
+            return {"name": self.region, "region": self.region, "id": self.region, "endpoint": "", "description": ""}
+        if args.token == "aws:ec2/getAmi:getAmi":
+            filters = [{"Name": item["name"], "Values": item["values"]} for item in arguments.get("filters", [])]
+            images = self.ec2.describe_images(Owners=arguments["owners"], Filters=filters)["Images"]
+            if not images:
+                raise Exception("Your query returned no results. Please change your search criteria and try again.")
+            newest = max(images, key=lambda image: image.get("CreationDate", ""))
+            return {"id": newest["ImageId"], "imageId": newest["ImageId"], "name": newest["Name"]}
+        if args.token == "aws:ec2/getSubnet:getSubnet":
+            (subnet,) = self.ec2.describe_subnets(SubnetIds=[arguments["id"]])["Subnets"]
+            return {"id": subnet["SubnetId"], "vpcId": subnet["VpcId"], "cidrBlock": subnet["CidrBlock"]}
+        if args.token == "aws:ec2/getSecurityGroup:getSecurityGroup":
+            (group,) = self.ec2.describe_security_groups(GroupIds=[arguments["id"]])["SecurityGroups"]
+            return {"id": group["GroupId"], "vpcId": group["VpcId"], "name": group["GroupName"]}
+        raise NotImplementedError(args.token)
+
+
+def moto_network(ec2, cidr: str = "10.0.0.0/16", subnet_cidr: str = "10.0.1.0/24") -> dict[str, str]:
+    """A VPC with a subnet, a security group and a key pair, as a user would already have them."""
+    vpc = ec2.create_vpc(CidrBlock=cidr)["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=subnet_cidr)["Subnet"]["SubnetId"]
+    group = ec2.create_security_group(GroupName="flambe-users-own", Description="the user's", VpcId=vpc)["GroupId"]
+    ec2.create_key_pair(KeyName="alice-key")
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]
+    return {"vpc": vpc, "subnetId": subnet, "securityGroupIds": json.dumps([group]), "keyName": "alice-key",
+            "amiName": image["Name"], "amiOwners": json.dumps([image["OwnerId"]]), "image": image["ImageId"]}

@@ -1,0 +1,90 @@
+"""The Pulumi program against moto's EC2: what EC2 would refuse, the program's deploy refuses too."""
+
+import json
+
+import boto3
+import moto
+import pytest
+from moto import mock_aws
+
+from flambe_iac.outputs import parse_outputs
+from flambe_iac.stacks.cluster import declare_cluster
+from flambe_iac.stacks.cluster_config import load_config
+from pulumi_harness import ALARM, INSTANCE, MotoMocks, moto_network, run_program
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    """moto's EC2 with its optional validations on (AMI, key pair, instance type), and fake credentials."""
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(variable, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setattr(moto.settings, "ENABLE_AMI_VALIDATION", True)
+    monkeypatch.setattr(moto.settings, "ENABLE_KEYPAIR_VALIDATION", True)
+    monkeypatch.setattr(moto.settings, "EC2_ENABLE_INSTANCE_TYPE_VALIDATION", True)
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        yield ec2, moto_network(ec2)
+
+
+def config_for(network, **overrides):
+    config = {"name": "exp1", "creator": "alice", "factoryCount": "2", "orchestratorType": "m5.large",
+              "factoryType": "m5.large", **{key: network[key] for key in
+                                            ("subnetId", "securityGroupIds", "keyName", "amiName", "amiOwners")}}
+    return {**config, **overrides}
+
+
+def deploy(config):
+    mocks = MotoMocks()
+    return run_program(lambda: declare_cluster(load_config()), config, mocks), mocks
+
+
+def test_instances_are_launched_by_ec2_with_our_inputs(aws):
+    ec2, network = aws
+    firewalls_before = (ec2.describe_security_groups()["SecurityGroups"], ec2.describe_network_acls()["NetworkAcls"],
+                        ec2.describe_route_tables()["RouteTables"], ec2.describe_key_pairs()["KeyPairs"])
+    exports, mocks = deploy(config_for(network, orchestratorIdleHours="2", factoriesIdleHours="1"))
+    reservations = ec2.describe_instances()["Reservations"]
+    launched = [instance for reservation in reservations for instance in reservation["Instances"]]
+    assert len(launched) == 3
+    for instance in launched:
+        assert instance["SubnetId"] == network["subnetId"]
+        assert [group["GroupId"] for group in instance["SecurityGroups"]] == json.loads(network["securityGroupIds"])
+        assert instance["KeyName"] == "alice-key"
+        assert instance["ImageId"] == network["image"]
+        tags = {tag["Key"]: tag["Value"] for tag in instance["Tags"]}
+        assert tags["Purpose"] == "flambe" and tags["Cluster-Name"] == "exp1"
+    cluster = parse_outputs(exports)
+    assert sorted(host.id for host in cluster.members) == sorted(instance["InstanceId"] for instance in launched)
+    assert {host.private_ip for host in cluster.members} == {instance["PrivateIpAddress"] for instance in launched}
+    alarms = boto3.client("cloudwatch", region_name="us-east-1").describe_alarms()["MetricAlarms"]
+    assert {alarm["AlarmActions"][0] for alarm in alarms} == {"arn:aws:automate:us-east-1:ec2:terminate"}
+    assert len(alarms) == 3
+    assert {resource.typ for resource in mocks.resources} == {INSTANCE, ALARM}
+    firewalls_after = (ec2.describe_security_groups()["SecurityGroups"], ec2.describe_network_acls()["NetworkAcls"],
+                       ec2.describe_route_tables()["RouteTables"], ec2.describe_key_pairs()["KeyPairs"])
+    assert firewalls_after == firewalls_before
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"ami": "ami-00000000bad"}, "InvalidAMIID"),
+    ({"subnetId": "subnet-00000bad"}, "InvalidSubnetID"),
+    ({"securityGroupIds": '["sg-00000bad"]'}, "InvalidGroup"),
+    ({"keyName": "nobody-key"}, "InvalidKeyPair"),
+    ({"factoryType": "m5.enormous"}, "InvalidInstanceType"),
+    ({"amiName": "no-such-image-*"}, "returned no results"),
+])
+def test_what_ec2_refuses_fails_the_program(aws, overrides, expected):
+    ec2, network = aws
+    with pytest.raises(Exception, match=expected):
+        deploy(config_for(network, **overrides))
+
+
+def test_a_security_group_of_another_vpc_fails(aws):
+    ec2, network = aws
+    other_vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    stranger = ec2.create_security_group(GroupName="elsewhere", Description="x", VpcId=other_vpc)["GroupId"]
+    groups = json.dumps([*json.loads(network["securityGroupIds"]), stranger])
+    with pytest.raises(Exception, match=f"{stranger}, which is in {other_vpc}"):
+        deploy(config_for(network, securityGroupIds=groups))
+    assert ec2.describe_instances()["Reservations"] == []

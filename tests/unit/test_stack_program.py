@@ -1,0 +1,196 @@
+"""The Pulumi program under Pulumi's mocks: instances, tags, idle alarms, exports, and config errors."""
+
+import json
+import os
+import runpy
+from pathlib import Path
+
+import pulumi
+import pytest
+
+from flambe_iac.outputs import parse_outputs
+from flambe_iac.stacks.cluster import declare_cluster
+from flambe_iac.stacks.cluster_config import load_config
+from pulumi_harness import ALARM, BASE_CONFIG, INSTANCE, RecordingMocks, run_program
+
+STACKS_DIR = Path(__file__).resolve().parents[2] / "stacks"
+
+
+def run_cluster(mocks=None, **overrides):
+    mocks = mocks or RecordingMocks()
+    config = {**BASE_CONFIG, **{key: value for key, value in overrides.items() if value is not None}}
+    exports = run_program(lambda: declare_cluster(load_config()), config, mocks)
+    return exports, mocks
+
+
+def instances(mocks):
+    return {resource.name: resource.inputs for resource in mocks.of_type(INSTANCE)}
+
+
+def test_one_orchestrator_and_n_factories_in_the_users_network():
+    _, mocks = run_cluster(orchestratorType="c5.xlarge", factoryType="p3.2xlarge", factoryCount="3")
+    declared = instances(mocks)
+    assert sorted(declared) == ["exp1_factory_0", "exp1_factory_1", "exp1_factory_2", "exp1_orchestrator"]
+    assert declared["exp1_orchestrator"]["instanceType"] == "c5.xlarge"
+    assert declared["exp1_factory_2"]["instanceType"] == "p3.2xlarge"
+    for inputs in declared.values():
+        assert inputs["subnetId"] == "subnet-0aaa"
+        assert inputs["vpcSecurityGroupIds"] == ["sg-0aaa", "sg-0bbb"]
+        assert "securityGroups" not in inputs
+        assert inputs["keyName"] == "alice-key"
+        assert inputs["ami"] == "ami-0newest"
+        assert inputs["associatePublicIpAddress"] is True
+        assert inputs["rootBlockDevice"]["volumeSize"] == 100
+        assert inputs["rootBlockDevice"]["volumeType"] == "gp3"
+        assert "tenancy" not in inputs and "instanceMarketOptions" not in inputs
+
+
+def test_nothing_but_instances_and_alarms_is_declared():
+    """No security group, rule, NACL, route or key pair: only what we allow-list may be registered."""
+    _, mocks = run_cluster(orchestratorIdleHours="4", factoriesIdleHours="2")
+    types = {resource.typ for resource in mocks.resources}
+    assert types == {INSTANCE, ALARM}
+    forbidden = ("securityGroup", "SecurityGroup", "networkAcl", "route", "Route", "keyPair", "KeyPair",
+                 "vpc/", "internetGateway", "natGateway")
+    assert not [typ for typ in types if any(word in typ for word in forbidden)]
+
+
+def test_the_default_ami_is_the_newest_ubuntu_lts_from_canonical():
+    _, mocks = run_cluster()
+    (ami_call,) = [call for call in mocks.calls if call.token == "aws:ec2/getAmi:getAmi"]
+    assert ami_call.args["owners"] == ["099720109477"]
+    assert ami_call.args["mostRecent"] is True
+    names = [item["values"] for item in ami_call.args["filters"] if item["name"] == "name"]
+    assert names == [["ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"]]
+
+
+def test_a_given_ami_skips_the_lookup():
+    _, mocks = run_cluster(ami="ami-0pinned")
+    assert {inputs["ami"] for inputs in instances(mocks).values()} == {"ami-0pinned"}
+    assert not [call for call in mocks.calls if call.token == "aws:ec2/getAmi:getAmi"]
+
+
+def test_ami_changes_are_ignored_so_instances_are_not_replaced(monkeypatch):
+    seen = []
+    real_instance = pulumi.CustomResource.__init__
+
+    def record(self, t, name, props=None, opts=None, *args, **kwargs):
+        if t == INSTANCE:
+            seen.append(opts.ignore_changes)
+        return real_instance(self, t, name, props, opts, *args, **kwargs)
+
+    monkeypatch.setattr(pulumi.CustomResource, "__init__", record)
+    run_cluster()
+    assert seen and all(value == ["ami"] for value in seen)
+
+
+def test_tags_on_instances_and_root_volumes_with_reserved_ones_ours():
+    _, mocks = run_cluster(tags='{"team": "nlp", "cost-center": "42"}')
+    declared = instances(mocks)
+    orchestrator_tags = declared["exp1_orchestrator"]["tags"]
+    assert orchestrator_tags == {"team": "nlp", "cost-center": "42", "creator": "alice", "Purpose": "flambe",
+                                 "Cluster-Name": "exp1", "Role": "orchestrator", "Name": "exp1_orchestrator"}
+    assert declared["exp1_orchestrator"]["rootBlockDevice"]["tags"] == orchestrator_tags
+    factory_tags = declared["exp1_factory_1"]["tags"]
+    assert factory_tags["Role"] == "factory" and factory_tags["Name"] == "exp1_factory_1"
+
+
+def test_options_spot_dedicated_profile_and_private_addresses():
+    _, mocks = run_cluster(spot="0.4", dedicated="true", iamInstanceProfile="flambe-s3-read",
+                           associatePublicIp="false", volumeSize="250", volumeType="io2", username="ec2-user")
+    declared = instances(mocks)
+    orchestrator, factory = declared["exp1_orchestrator"], declared["exp1_factory_0"]
+    assert "instanceMarketOptions" not in orchestrator  # the orchestrator must not be reclaimed
+    assert factory["instanceMarketOptions"]["marketType"] == "spot"
+    assert factory["instanceMarketOptions"]["spotOptions"]["maxPrice"] == "0.4"
+    for inputs in declared.values():
+        assert inputs["tenancy"] == "dedicated"
+        assert inputs["iamInstanceProfile"] == "flambe-s3-read"
+        assert inputs["associatePublicIpAddress"] is False
+        assert inputs["rootBlockDevice"]["volumeSize"] == 250
+
+
+def test_idle_alarms_terminate_in_the_providers_real_region():
+    _, mocks = run_cluster(RecordingMocks(region="ap-southeast-2"), orchestratorIdleHours="3",
+                           factoriesIdleHours="1.5")
+    alarms = {resource.name: resource.inputs for resource in mocks.of_type(ALARM)}
+    assert sorted(alarms) == ["exp1_factory_0_idle", "exp1_factory_1_idle", "exp1_orchestrator_idle"]
+    orchestrator = alarms["exp1_orchestrator_idle"]
+    assert orchestrator["alarmActions"] == ["arn:aws:automate:ap-southeast-2:ec2:terminate"]
+    assert orchestrator["metricName"] == "CPUUtilization" and orchestrator["namespace"] == "AWS/EC2"
+    assert orchestrator["comparisonOperator"] == "LessThanThreshold"
+    assert orchestrator["period"] * orchestrator["evaluationPeriods"] == 3 * 3600
+    assert alarms["exp1_factory_1_idle"]["period"] * alarms["exp1_factory_1_idle"]["evaluationPeriods"] == 1.5 * 3600
+    assert orchestrator["dimensions"] == {"InstanceId": "i-00000000000000001"}
+
+
+def test_no_alarms_without_idle_hours():
+    _, mocks = run_cluster()
+    assert mocks.of_type(ALARM) == []
+
+
+def test_exports_are_contract_v1_and_the_driver_parses_them():
+    exports, _ = run_cluster(factoryCount="2")
+    cluster = parse_outputs(json.loads(json.dumps(exports)))
+    assert cluster.name == "exp1" and cluster.ssh_user == "ubuntu" and cluster.region == "eu-west-3"
+    assert cluster.orchestrator.id == "i-00000000000000001"
+    assert [host.private_ip for host in cluster.members] == ["10.0.1.11", "10.0.1.12", "10.0.1.13"]
+    assert set(exports) == {"flambe_outputs_version", "cluster_name", "ssh_user", "region", "orchestrator",
+                            "factories"}
+
+
+def test_instances_without_public_addresses_export_null():
+    exports, _ = run_cluster(RecordingMocks(public_ips=False), associatePublicIp="false")
+    cluster = parse_outputs(exports)
+    assert cluster.orchestrator.public_ip is None and cluster.orchestrator.public_dns is None
+
+
+def test_zero_factories_is_a_cluster_of_one():
+    exports, mocks = run_cluster(factoryCount="0")
+    assert exports["factories"] == [] and list(instances(mocks)) == ["exp1_orchestrator"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"keyName": None}, "flambe:keyName is required"),
+    ({"subnetId": None}, "flambe:subnetId is required"),
+    ({"securityGroupIds": None}, "flambe:securityGroupIds is required"),
+    ({"name": None}, "flambe:name is required"),
+    ({"creator": None}, "flambe:creator is required"),
+    ({"factoryCount": "-1"}, "flambe:factoryCount is '-1': give a whole number >= 0"),
+    ({"factoryCount": "two"}, "flambe:factoryCount is 'two'"),
+    ({"tags": '{"Name": "mine"}'}, "flambe:tags sets Name, which flambe-iac sets itself"),
+    ({"tags": '{"Role": "x", "creator": "y"}'}, "flambe:tags sets Role, creator"),
+    ({"orchestratorIdleHours": "1", "factoriesIdleHours": "2"}, "flambe:orchestratorIdleHours (1) is shorter"),
+    ({"orchestratorIdleHours": "1"}, "flambe:factoriesIdleHours is not"),
+    ({"securityGroupIds": "[1, 2]"}, "flambe:securityGroupIds must be a non-empty list of strings"),
+    ({"volumeType": "ssd"}, "flambe:volumeType is 'ssd'"),
+    ({"spot": "cheap"}, "flambe:spot is 'cheap'"),
+    ({"dedicated": "yes"}, "flambe:dedicated is 'yes': give true or false"),
+])
+def test_config_errors_name_the_key_and_how_to_set_it(overrides, expected):
+    config = {**BASE_CONFIG, **overrides}
+    config = {key: value for key, value in config.items() if value is not None}
+    with pytest.raises(Exception) as caught:
+        run_program(lambda: declare_cluster(load_config()), config, RecordingMocks())
+    assert expected in str(caught.value)
+    if "required" in expected:
+        assert "pulumi config set" in str(caught.value)
+
+
+def test_a_security_group_of_another_vpc_is_refused_before_any_instance():
+    mocks = RecordingMocks(groups={"sg-0aaa": "vpc-0aaa", "sg-0bbb": "vpc-0other"})
+    with pytest.raises(Exception, match="sg-0bbb, which is in vpc-0other"):
+        run_program(lambda: declare_cluster(load_config()), BASE_CONFIG, mocks)
+    assert mocks.of_type(INSTANCE) == []
+
+
+def test_main_runs_as_the_engine_runs_it(monkeypatch):
+    """`main: stacks/`: the engine runs the directory's __main__.py with runpy, from inside stacks/."""
+    exported = {}
+    monkeypatch.setattr(pulumi, "export", lambda key, value: exported.__setitem__(key, value))
+    monkeypatch.chdir(STACKS_DIR)
+    mocks = RecordingMocks()
+    resolved = run_program(lambda: (runpy.run_path(os.getcwd(), run_name="__main__"), exported)[1], BASE_CONFIG,
+                           mocks)
+    assert parse_outputs(resolved).name == "exp1"
+    assert len(mocks.of_type(INSTANCE)) == 3
