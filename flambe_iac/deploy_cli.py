@@ -48,6 +48,8 @@ An encrypted --key is unlocked with $FLAMBE_KEY_PASSPHRASE, or by asking on a te
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flambe-deploy", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runnable_file", nargs="?", type=Path, metavar="runnable.yaml",
+                        help="a runnable file: its resources and extensions are pushed too (see flambe-run --help)")
     source = parser.add_argument_group("cluster (exactly one)").add_mutually_exclusive_group(required=True)
     source.add_argument("--outputs", type=Path, metavar="FILE", help="stack outputs JSON (contract v1)")
     source.add_argument("--stack", metavar="NAME", help="read the outputs of this Pulumi stack")
@@ -65,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which address to reach the hosts by (default public; private from inside the VPC)")
     parser.add_argument("--rotate-cluster-key", action="store_true",
                         help="replace the cluster key everywhere and remove the old one from every authorized_keys")
+    runnable = parser.add_argument_group("with a runnable file")
+    runnable.add_argument("-i", "--install-extensions", action="store_true",
+                          help="pip install the extensions here and, with pip --user, on every host")
+    runnable.add_argument("--run", action="store_true",
+                          help="start the runnable on the orchestrator, detached; it logs to ~/.flambe/run.log")
+    runnable.add_argument("--force", action="store_true", help="with --run: stop a runnable still running first")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the per-host, per-step report as JSON")
     parser.add_argument("--connect-timeout", type=int, default=10, metavar="SECONDS",
                         help="give up on a host that does not answer within this (default 10)")
@@ -106,23 +114,57 @@ def configure_logging(verbosity: int) -> None:
 
 
 def deploy(arguments: argparse.Namespace) -> int:
-    from flambe_iac.plan import ClusterSource, build_plan
+    from flambe_iac.plan import DeployRequest, build_plan
     from flambe_iac.report import summary
 
-    plan = build_plan(
-        ClusterSource(outputs=arguments.outputs, stack=arguments.stack, cluster_file=arguments.cluster),
-        key=arguments.key, secrets=arguments.secrets, resources=arguments.resource,
-        known_hosts=arguments.known_hosts, trust_on_first_use=arguments.trust_on_first_use,
-        address_kind=arguments.address, rotate_cluster_key=arguments.rotate_cluster_key,
-        connect_timeout=arguments.connect_timeout,
-    )
+    plan = build_plan(DeployRequest(
+        outputs=arguments.outputs, stack=arguments.stack, cluster_file=arguments.cluster, key=arguments.key,
+        secrets=arguments.secrets, resources=arguments.resource, known_hosts=arguments.known_hosts,
+        trust_on_first_use=arguments.trust_on_first_use, address_kind=arguments.address,
+        rotate_cluster_key=arguments.rotate_cluster_key, connect_timeout=arguments.connect_timeout,
+        runnable_file=arguments.runnable_file, install_extensions=arguments.install_extensions,
+        run=arguments.run, force=arguments.force,
+    ))
+    if plan.install_extensions:
+        install_locally(plan)
     from flambe_iac.driver import run_deploy
 
     report = run_deploy(plan, sys.stderr)
     if arguments.report:
         report.write(arguments.report)
     print(summary(report))
+    if plan.run and report.ok:
+        print(follow_log_hint(plan))
     return EXIT_OK if report.ok else EXIT_HOST_FAILED
+
+
+def install_locally(plan) -> None:
+    """-i: the extensions into this Python too, so the runnable also runs here (flambe-run)."""
+    import subprocess
+
+    from flambe_iac.errors import InputError
+
+    targets = [str(tree.path) for tree in plan.extension_trees]
+    targets += [checkout.location.requirement for checkout in plan.extensions if checkout.location.requirement]
+    if not targets:
+        return
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                             *targets], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise InputError(f"-i: pip could not install the extensions here: {detail}")
+
+
+def follow_log_hint(plan) -> str:
+    import shlex
+
+    from flambe_iac.remote_layout import RUN_LOG
+    from flambe_iac.ssh_options import SshTarget, ssh_options
+
+    target = SshTarget(plan.address(plan.cluster.orchestrator), plan.cluster.ssh_user, plan.user_key.path,
+                       plan.host_keys.known_hosts)
+    command = shlex.join(["ssh", *ssh_options(target), f"{target.user}@{target.address}", f"tail -f {RUN_LOG}"])
+    return f"the runnable started on the orchestrator; follow its log with:\n  {command}"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ without it, connections run one after another.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from io import BytesIO
@@ -19,12 +20,14 @@ from pyinfra.api.operations import run_ops
 from pyinfra.context import ctx_host, ctx_state
 
 from flambe_iac import __version__
-from flambe_iac.cluster import Host as Member
+from flambe_iac.cluster import ORCHESTRATOR, Host as Member
 from flambe_iac.deploys.cluster_key import install_cluster_key
 from flambe_iac.deploys.cluster_key import EDITED_FILES
 from flambe_iac.deploys.facts import HostState
 from flambe_iac.deploys.manifest import write_manifest
+from flambe_iac.deploys.extensions import install_extensions, push_extensions
 from flambe_iac.deploys.resources import sync_resources
+from flambe_iac.deploys.runnable import launch_runnable
 from flambe_iac.deploys.secrets import push_secrets
 from flambe_iac.host_keys import keys_in, read_known_hosts
 from flambe_iac.keys import ClusterKey, cluster_key_from_private, new_cluster_key, same_public_key
@@ -35,6 +38,7 @@ from flambe_iac.remote_layout import (
     MANIFEST as MANIFEST_FILE,
     MEMBERS_KNOWN_HOSTS,
     RESOURCES_DIR,
+    RUNNER_LIBRARY,
     SECRETS as SECRETS_FILE,
     cluster_key_comment,
     manifest,
@@ -43,10 +47,13 @@ from flambe_iac.remote_layout import (
 from flambe_iac.report import (
     CHANGED,
     CLUSTER_KEY,
+    EXTENSIONS,
     FAILED,
+    INSTALL,
     MANIFEST,
     PENDING,
     RESOURCES,
+    RUN,
     SECRETS,
     SKIPPED,
     UNCHANGED,
@@ -54,7 +61,8 @@ from flambe_iac.report import (
     HostReport,
     ProgressView,
 )
-from flambe_iac.resources import checksums, local_tree
+from flambe_iac.extensions import redact_url
+from flambe_iac.resources import Resource, checksums, local_tree
 from flambe_iac.ssh_options import ASKPASS_SCRIPT, RsyncJob, SshTarget, askpass_environment, rsync_command
 
 
@@ -100,6 +108,7 @@ class Deployment:
         if key is None:
             return
         self.report.cluster_key_fingerprint = key.fingerprint
+        self.report.extensions = extension_sources(self.plan)
         self.add_steps([host for host in connected if host in self.snapshots], key, retired)
         self.state.add_callback_handler(StepProgress(self))
         try:
@@ -133,7 +142,7 @@ class Deployment:
         files = [CLUSTER_PRIVATE_KEY, CLUSTER_PUBLIC_KEY, *EDITED_FILES, MEMBERS_KNOWN_HOSTS, SECRETS_FILE,
                  MANIFEST_FILE]
         contents = [CLUSTER_PUBLIC_KEY, *EDITED_FILES]
-        trees = [f"{RESOURCES_DIR}/{resource.name}" for resource in self.plan.resources]
+        trees = [tree.remote_directory for tree in self.all_trees]
         self.snapshots = self.read_on_each(
             hosts, lambda host: host.get_fact(HostState, files=files, contents=contents, trees=trees))
 
@@ -179,6 +188,14 @@ class Deployment:
         gevent.joinall([self.state.pool.spawn(read_one, host) for host in hosts])
         return results
 
+    @property
+    def all_trees(self) -> list[Resource]:
+        """Every directory tree this deploy keeps in sync: resources, extensions, and the runner's flambe_iac."""
+        trees = [*self.plan.resources, *self.plan.extension_trees]
+        if self.plan.run:
+            trees.append(runner_library())
+        return trees
+
     def add_steps(self, hosts: list, key: ClusterKey, retired: list[str]) -> None:
         plan = self.plan
         pinned = read_known_hosts(plan.host_keys.known_hosts)
@@ -186,11 +203,13 @@ class Deployment:
         known_hosts = members_known_hosts(member_keys)
         private_addresses = [member.private_ip for member in plan.cluster.members]
         resource_checksums = {resource.name: checksums(resource) for resource in plan.resources}
-        resource_trees = {resource.name: local_tree(resource) for resource in plan.resources}
+        expected_trees = {tree.remote_directory: local_tree(tree) for tree in self.all_trees}
         with ctx_state.use(self.state):
             for host in hosts:
                 member = self.members[host]
                 snapshot = self.snapshots[host]
+                transfers = {tree.remote_directory: self.transfer(member, tree, expected_trees)
+                             for tree in self.all_trees}
                 with ctx_host.use(host):
                     self.step_metas[host, CLUSTER_KEY] = install_cluster_key(
                         plan.cluster.name, plan.cluster.ssh_user, key, known_hosts, private_addresses, retired,
@@ -199,11 +218,23 @@ class Deployment:
                         self.step_metas[host, SECRETS] = push_secrets(plan.secrets, snapshot)
                     if plan.resources:
                         self.step_metas[host, RESOURCES] = sync_resources(
-                            self.resource_transfers(member, resource_trees), self.rsync_failures, snapshot)
+                            [transfers[tree.remote_directory] for tree in plan.resources], self.rsync_failures,
+                            snapshot)
+                    if plan.extension_trees:
+                        self.step_metas[host, EXTENSIONS] = push_extensions(
+                            [transfers[tree.remote_directory] for tree in plan.extension_trees],
+                            self.rsync_failures, snapshot)
+                    if plan.install_extensions:
+                        self.step_metas[host, INSTALL] = install_extensions(pip_targets(plan))
                     self.step_metas[host, MANIFEST] = write_manifest(
                         self.manifest_for(member, key, resource_checksums), snapshot)
+                    if plan.run and member.role == ORCHESTRATOR:
+                        self.step_metas[host, RUN] = launch_runnable(
+                            transfers[runner_library().remote_directory], run_plan(plan), plan.force,
+                            self.rsync_failures, snapshot)
 
-    def resource_transfers(self, member: Member, trees: dict) -> list:
+    def transfer(self, member: Member, tree: Resource, expected_trees: dict) -> tuple[str, set, RsyncJob]:
+        """(remote directory, what it should hold, the rsync that makes it so) for one tree on one member."""
         passphrase = self.plan.user_key.passphrase
         target = SshTarget(
             address=self.plan.address(member), user=self.plan.cluster.ssh_user, key=self.plan.user_key.path,
@@ -211,11 +242,8 @@ class Deployment:
             batch_mode=passphrase is None,
         )
         environment = askpass_environment(self.askpass_helper(), passphrase) if passphrase else None
-        return [
-            (f"{RESOURCES_DIR}/{resource.name}", trees[resource.name],
-             RsyncJob(rsync_command(resource.rsync_source, f"{RESOURCES_DIR}/{resource.name}/", target), environment))
-            for resource in self.plan.resources
-        ]
+        argv = rsync_command(tree.rsync_source, f"{tree.remote_directory}/", target, excludes=tree.excludes)
+        return tree.remote_directory, expected_trees[tree.remote_directory], RsyncJob(argv, environment)
 
     def askpass_helper(self) -> Path:
         if self.private_directory is None:
@@ -230,7 +258,7 @@ class Deployment:
         members = [{"id": other.id, "role": other.role, "private_ip": other.private_ip}
                    for other in self.plan.cluster.members]
         return manifest(self.plan.cluster.name, member.role, member.id, members, key.fingerprint,
-                        resource_checksums, __version__)
+                        resource_checksums, __version__, extension_sources(self.plan))
 
     # -- results
 
@@ -256,10 +284,11 @@ class Deployment:
 
     def plan_steps(self) -> set[str]:
         steps = {CLUSTER_KEY, MANIFEST}
-        if self.plan.secrets is not None:
-            steps.add(SECRETS)
-        if self.plan.resources:
-            steps.add(RESOURCES)
+        for step, wanted in ((SECRETS, self.plan.secrets is not None), (RESOURCES, bool(self.plan.resources)),
+                             (EXTENSIONS, bool(self.plan.extension_trees)), (INSTALL, self.plan.install_extensions),
+                             (RUN, self.plan.run)):
+            if wanted:
+                steps.add(step)
         return steps
 
     def collect_results(self) -> None:
@@ -329,6 +358,37 @@ class StepProgress(BaseStateCallback):
         if status == FAILED:
             entry.error = deployment.rsync_failures.get(host.name) or deployment.step_error(host, step)
         deployment.view.step_done(entry, step)
+
+
+def runner_library() -> Resource:
+    """This machine's flambe_iac package, for the runner on the orchestrator: the same version, always."""
+    import flambe_iac
+
+    return Resource("flambe_iac", Path(flambe_iac.__file__).parent, parent=RUNNER_LIBRARY, excludes=("__pycache__",))
+
+
+def pip_targets(plan: DeployPlan) -> list[str]:
+    return [f"./{tree.remote_directory}" for tree in plan.extension_trees] + [
+        checkout.location.requirement for checkout in plan.extensions if checkout.location.requirement]
+
+
+def run_plan(plan: DeployPlan) -> bytes:
+    """~/.flambe/run.json: what the runner runs, with paths relative to the home directory. No secret in it."""
+    document = {
+        "runnable": plan.runnable.runnable,
+        "args": plan.runnable.args,
+        "resources": {name: f"{RESOURCES_DIR}/{name}" for name in plan.runnable.resources},
+        "secrets": SECRETS_FILE,
+        "import_paths": [RUNNER_LIBRARY] + [tree.remote_directory for tree in plan.extension_trees],
+        "flambe_iac_version": __version__,
+    }
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+
+def extension_sources(plan: DeployPlan) -> dict[str, dict]:
+    """Where each extension came from and, for git, the exact commit: for the report and the manifest."""
+    return {checkout.location.name: {"kind": checkout.location.kind, "location": redact_url(checkout.location.text),
+                                     "commit": checkout.commit} for checkout in plan.extensions}
 
 
 def make_state(plan: DeployPlan) -> State:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flambe_iac.cluster import ADDRESS_KINDS, PRIVATE, PUBLIC, Cluster, Host
@@ -12,14 +12,28 @@ from flambe_iac.keys import UserKey, load_user_key
 from flambe_iac.resources import Resource, parse_resources
 from flambe_iac.secrets_file import HiddenBytes, read_secrets_file
 
+EXTENSION_CACHE = Path("~/.flambe/cache/extensions")
+
 
 @dataclass(frozen=True)
-class ClusterSource:
-    """Exactly one of the three ways to name the cluster."""
+class DeployRequest:
+    """What the user asked for, as given on the command line."""
 
     outputs: Path | None = None
     stack: str | None = None
     cluster_file: Path | None = None
+    key: Path | None = None
+    secrets: Path | None = None
+    resources: list[str] = field(default_factory=list)
+    known_hosts: Path | None = None
+    trust_on_first_use: bool = False
+    address_kind: str = PUBLIC
+    rotate_cluster_key: bool = False
+    connect_timeout: int = 10
+    runnable_file: Path | None = None
+    install_extensions: bool = False
+    run: bool = False
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -32,44 +46,75 @@ class DeployPlan:
     resources: list[Resource]
     rotate_cluster_key: bool = False
     connect_timeout: int = 10
+    runnable: object | None = None  # a runnable_file.RunnableFile
+    extensions: list = field(default_factory=list)  # extensions.Checkout, in the runnable file's order
+    install_extensions: bool = False
+    run: bool = False
+    force: bool = False
 
     def address(self, host: Host) -> str:
         return host.address(self.address_kind)
 
+    @property
+    def extension_trees(self) -> list[Resource]:
+        """The extensions that have files, as trees for ~/extensions/NAME/, without .git."""
+        return [Resource(checkout.location.name, checkout.directory, parent="extensions", excludes=(".git",))
+                for checkout in self.extensions if checkout.directory is not None]
 
-def load_cluster(source: ClusterSource) -> tuple[Cluster, Path | None]:
+
+def load_cluster(request: DeployRequest) -> tuple[Cluster, Path | None]:
     """The cluster, and the key its source names (only a cluster file names one)."""
-    if source.outputs is not None:
+    if request.outputs is not None:
         from flambe_iac.outputs import load_outputs
 
-        return load_outputs(source.outputs), None
-    if source.stack is not None:
+        return load_outputs(request.outputs), None
+    if request.stack is not None:
         from flambe_iac.stack import load_stack
 
-        return load_stack(source.stack), None
+        return load_stack(request.stack), None
     from flambe_iac.cluster_file import load_cluster_file
 
-    return load_cluster_file(source.cluster_file)
+    return load_cluster_file(request.cluster_file)
 
 
-def build_plan(source: ClusterSource, key: Path | None, secrets: Path | None, resources: list[str],
-               known_hosts: Path | None, trust_on_first_use: bool, address_kind: str = PUBLIC,
-               rotate_cluster_key: bool = False, connect_timeout: int = 10) -> DeployPlan:
-    cluster, key_from_source = load_cluster(source)
-    key = key or key_from_source
+def build_plan(request: DeployRequest) -> DeployPlan:
+    if (request.install_extensions or request.run) and request.runnable_file is None:
+        raise InputError("-i and --run need a runnable file: flambe-deploy runnable.yaml --outputs ... --run")
+    cluster, key_from_source = load_cluster(request)
+    key = request.key or key_from_source
     if key is None:
         raise InputError("no SSH key: give the private key of the cluster's key pair with --key PATH")
-    addresses = connect_addresses(cluster, address_kind)
+    addresses = connect_addresses(cluster, request.address_kind)
+    runnable, extensions, runnable_resources = load_runnable(request.runnable_file)
     return DeployPlan(
         cluster=cluster,
-        address_kind=address_kind,
+        address_kind=request.address_kind,
         user_key=load_user_key(key),
-        host_keys=choose_host_key_policy(cluster.name, addresses, known_hosts, trust_on_first_use),
-        secrets=HiddenBytes(read_secrets_file(secrets)) if secrets else None,
-        resources=parse_resources(resources),
-        rotate_cluster_key=rotate_cluster_key,
-        connect_timeout=connect_timeout,
+        host_keys=choose_host_key_policy(cluster.name, addresses, request.known_hosts, request.trust_on_first_use),
+        secrets=HiddenBytes(read_secrets_file(request.secrets)) if request.secrets else None,
+        resources=parse_resources([*request.resources, *runnable_resources]),
+        rotate_cluster_key=request.rotate_cluster_key,
+        connect_timeout=request.connect_timeout,
+        runnable=runnable,
+        extensions=extensions,
+        install_extensions=request.install_extensions,
+        run=request.run,
+        force=request.force,
     )
+
+
+def load_runnable(path: Path | None) -> tuple[object | None, list, list[str]]:
+    """The runnable file, its extensions fetched locally with the user's git, and its resources as NAME=PATH."""
+    if path is None:
+        return None, [], []
+    from flambe_iac.extensions import checkout
+    from flambe_iac.runnable_file import check_runnable_class, import_paths, load_runnable_file
+
+    runnable = load_runnable_file(path)
+    cache = EXTENSION_CACHE.expanduser()
+    extensions = [checkout(location, cache) for location in runnable.extensions.values()]
+    check_runnable_class(runnable.runnable, import_paths(extensions))
+    return runnable, extensions, [f"{name}={resource}" for name, resource in runnable.resources.items()]
 
 
 def connect_addresses(cluster: Cluster, address_kind: str) -> list[str]:

@@ -16,6 +16,11 @@ RESOURCES_DIR = "resources"
 STATE_DIR = ".flambe"
 STAGING_DIR = ".flambe/staging"  # 0700: uploads land here, then are renamed into place
 MANIFEST = ".flambe/cluster.json"
+EXTENSIONS_DIR = "extensions"
+RUNNER_LIBRARY = ".flambe/lib"  # this flambe_iac, for the runner on the orchestrator
+RUN_PLAN = ".flambe/run.json"
+RUN_LOG = ".flambe/run.log"
+RUN_PID = ".flambe/run.pid"
 
 
 def cluster_key_comment(cluster_name: str) -> str:
@@ -94,7 +99,7 @@ def updated_ssh_config(current: bytes, block: str, cluster_name: str) -> bytes:
 
 
 def manifest(cluster_name: str, role: str, host_id: str, members: list[dict], key_fingerprint: str,
-             resources: dict[str, dict[str, str]], version: str) -> bytes:
+             resources: dict[str, dict[str, str]], version: str, extensions: dict[str, dict]) -> bytes:
     """~/.flambe/cluster.json: what this host is part of. It never holds a secret."""
     document = {
         "cluster_name": cluster_name,
@@ -103,6 +108,7 @@ def manifest(cluster_name: str, role: str, host_id: str, members: list[dict], ke
         "members": members,
         "cluster_key_fingerprint": key_fingerprint,
         "resources": resources,
+        "extensions": extensions,
         "flambe_iac_version": version,
     }
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()

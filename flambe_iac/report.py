@@ -15,8 +15,11 @@ from typing import TextIO
 CLUSTER_KEY = "cluster key"
 SECRETS = "secrets"
 RESOURCES = "resources"
+EXTENSIONS = "extensions"
+INSTALL = "install"
 MANIFEST = "manifest"
-STEPS = (CLUSTER_KEY, SECRETS, RESOURCES, MANIFEST)
+RUN = "run"
+STEPS = (CLUSTER_KEY, SECRETS, RESOURCES, EXTENSIONS, INSTALL, MANIFEST, RUN)
 
 CHANGED, UNCHANGED, FAILED, SKIPPED, PENDING = "changed", "unchanged", "failed", "skipped", "pending"
 
@@ -48,6 +51,7 @@ class DeployReport:
     hosts: list[HostReport]
     cluster_key_fingerprint: str | None = None
     cluster_key_action: str | None = None  # "kept", "created" or "rotated"
+    extensions: dict[str, dict] = field(default_factory=dict)  # name -> kind, location, exact git commit
     seconds: float = 0.0
 
     @property

@@ -18,13 +18,21 @@ TreeEntry = tuple
 
 @dataclass(frozen=True)
 class Resource:
+    """A local file or directory kept identical in a directory of every host's home (PARENT/NAME/)."""
+
     name: str
     path: Path
+    parent: str = "resources"
+    excludes: tuple[str, ...] = ()  # names left out at any depth, e.g. ".git"
 
     @property
     def rsync_source(self) -> str:
-        """A directory's contents, or a single file, to go into ~/resources/NAME/."""
+        """A directory's contents, or a single file, to go into ~/PARENT/NAME/."""
         return f"{self.path}/" if self.path.is_dir() else str(self.path)
+
+    @property
+    def remote_directory(self) -> str:
+        return f"{self.parent}/{self.name}"
 
 
 def parse_resources(pairs: list[str]) -> list[Resource]:
@@ -59,8 +67,8 @@ def local_tree(resource: Resource) -> set[TreeEntry]:
         stat = resource.path.stat()
         return {("f", resource.path.name, stat.st_size, int(stat.st_mtime))}
     entries: set[TreeEntry] = set()
-    for directory, subdirectories, files in os.walk(resource.path):
-        for name in subdirectories + files:
+    for directory, subdirectories, files in _walk(resource):
+        for name in subdirectories + [name for name in files if name not in resource.excludes]:
             full = Path(directory, name)
             relative = str(full.relative_to(resource.path))
             if full.is_symlink():
@@ -76,11 +84,17 @@ def local_tree(resource: Resource) -> set[TreeEntry]:
 def checksums(resource: Resource) -> dict[str, str]:
     """sha256 of every file, by path inside the resource: recorded in ~/.flambe/cluster.json."""
     files = [resource.path] if resource.path.is_file() else sorted(
-        Path(directory, name) for directory, _, names in os.walk(resource.path) for name in names
-        if not Path(directory, name).is_symlink()
+        Path(directory, name) for directory, _, names in _walk(resource) for name in names
+        if name not in resource.excludes and not Path(directory, name).is_symlink()
     )
     base = resource.path.parent if resource.path.is_file() else resource.path
     return {str(path.relative_to(base)): _sha256(path) for path in files}
+
+
+def _walk(resource: Resource):
+    for directory, subdirectories, files in os.walk(resource.path):
+        subdirectories[:] = [name for name in subdirectories if name not in resource.excludes]
+        yield directory, subdirectories, files
 
 
 def _sha256(path: Path) -> str:

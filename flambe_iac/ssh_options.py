@@ -56,7 +56,8 @@ def askpass_environment(helper: Path, passphrase: str) -> dict[str, str]:
             "FLAMBE_KEY_PASSPHRASE": passphrase}
 
 
-def rsync_command(source: str, destination: str, target: SshTarget, delete: bool = True) -> list[str]:
+def rsync_command(source: str, destination: str, target: SshTarget, delete: bool = True,
+                  excludes: tuple[str, ...] = ()) -> list[str]:
     """rsync with delta transfer into DESTINATION (relative to the remote home), over our ssh options.
 
     --protect-args keeps the remote path away from the remote shell; the remote side first makes
@@ -68,4 +69,5 @@ def rsync_command(source: str, destination: str, target: SshTarget, delete: bool
                "--rsync-path", f"mkdir -p {shlex.quote(parent)} && rsync"]
     if delete:
         command.append("--delete")
+    command += [f"--exclude={name}" for name in excludes]
     return [*command, "--", source, f"{target.user}@{target.address}:{destination}"]

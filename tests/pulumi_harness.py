@@ -66,7 +66,8 @@ class RecordingMocks(Mocks):
         self.resources.append(args)
         state = dict(args.inputs)
         if args.typ == INSTANCE:
-            number = len(self.of_type(INSTANCE))
+            # By name, not by arrival: the runtime registers resources concurrently, in no fixed order.
+            number = 1 if args.name.endswith("_orchestrator") else 2 + int(args.name.rsplit("_", 1)[1])
             state.update(privateIp=f"10.0.1.{10 + number}", publicIp=f"3.0.0.{number}" if self.public_ips else "",
                          publicDns=f"ec2-3-0-0-{number}.compute.amazonaws.com" if self.public_ips else "")
             return f"i-{number:017x}", state

@@ -1,0 +1,94 @@
+"""The Runnable a user subclasses, and the one way it is run, locally (`flambe-run`) or on the orchestrator.
+
+    from flambe_iac import Runnable
+
+    class Train(Runnable):
+        def __init__(self, epochs: int = 1):
+            self.epochs = epochs
+
+        def run(self):
+            token = self.config["wandb"]["api_key"]      # from the secrets ini
+            data = self.resources["data"]                 # a pathlib.Path
+            ...
+
+Only the standard library here: the orchestrator runs this module with its own python3.
+"""
+
+from __future__ import annotations
+
+import configparser
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class Runnable:
+    """Subclass it and implement run(). Before run() is called:
+
+    - `self.config`: a configparser.ConfigParser read from the secrets ini (no interpolation, so `%` is a `%`;
+      [DEFAULT] values are inherited by every section, as configparser does);
+    - `self.resources`: {name: Path} of the runnable's resources, where they are on this machine.
+    """
+
+    config: configparser.ConfigParser
+    resources: dict[str, Path]
+
+    def run(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+
+
+class RunnableError(Exception):
+    """The runnable could not be found or made; the message says which and why."""
+
+
+def secrets_config(path: Path | None) -> configparser.ConfigParser:
+    config = configparser.ConfigParser(interpolation=None)
+    if path is not None:
+        with open(path, encoding="utf-8") as stream:
+            config.read_file(stream, source=str(path))
+    return config
+
+
+def load_runnable_class(spec: str) -> type[Runnable]:
+    """`package.module:ClassName` → the class, which must subclass Runnable."""
+    module_name, _, class_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise RunnableError(f"runnable {spec!r}: cannot import {module_name!r} ({error})") from None
+    runnable_class = getattr(module, class_name, None)
+    if not isinstance(runnable_class, type) or not issubclass(runnable_class, Runnable):
+        raise RunnableError(f"runnable {spec!r}: {module_name} has no Runnable subclass named {class_name!r}")
+    return runnable_class
+
+
+def run_runnable(spec: str, args: dict[str, Any], config: configparser.ConfigParser,
+                 resources: dict[str, Path]) -> None:
+    runnable_class = load_runnable_class(spec)
+    try:
+        runnable = runnable_class(**args)
+    except TypeError as error:
+        raise RunnableError(f"runnable {spec!r}: its args do not fit {runnable_class.__name__}: {error}") from None
+    runnable.config = config
+    runnable.resources = resources
+    runnable.run()
+
+
+def run_from_plan(plan_path: Path) -> None:
+    """On the orchestrator: the plan flambe-deploy --run wrote, with paths relative to the home directory."""
+    plan = json.loads(plan_path.read_text())
+    home = Path.home()
+    for directory in reversed(plan["import_paths"]):
+        sys.path.insert(0, str(home / directory))
+    secrets = home / plan["secrets"]
+    print(f"flambe-iac {plan['flambe_iac_version']}: running {plan['runnable']} (pid {os.getpid()})", flush=True)
+    run_runnable(plan["runnable"], plan["args"], secrets_config(secrets if secrets.exists() else None),
+                 {name: home / path for name, path in plan["resources"].items()})
+    print("runnable finished", flush=True)
+
+
+if __name__ == "__main__":
+    run_from_plan(Path(sys.argv[1]))
