@@ -30,7 +30,7 @@ def detached_run(force: bool):
     running = (f'[ -f {RUN_PID} ] && pid=$(cat {RUN_PID}) && kill -0 "$pid" 2>/dev/null '
                f'&& grep -q flambe_iac.runnable "/proc/$pid/cmdline" 2>/dev/null')
     if force:
-        on_running = 'kill -TERM -- "-$pid" 2>/dev/null; sleep 1; kill -KILL -- "-$pid" 2>/dev/null; true'
+        on_running = 'kill -TERM "-$pid" 2>/dev/null; sleep 1; kill -KILL "-$pid" 2>/dev/null; true'
     else:
         on_running = ('echo "a runnable is already running on the orchestrator (pid $pid): wait for it, '
                       'or pass --force to stop it and start this one" >&2; exit 3')

@@ -151,7 +151,8 @@ def install_locally(plan) -> None:
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                              *targets], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
-        detail = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+        lines = result.stderr.strip().splitlines() or ["no error output"]
+        detail = next((line.strip() for line in reversed(lines) if line.strip().lower().startswith("error")), lines[-1])
         raise InputError(f"-i: pip could not install the extensions here: {detail}")
 
 

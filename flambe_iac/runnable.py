@@ -91,4 +91,7 @@ def run_from_plan(plan_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_from_plan(Path(sys.argv[1]))
+    # Through the package, not this __main__ copy: the user's classes subclass flambe_iac.runnable.Runnable.
+    from flambe_iac.runnable import run_from_plan as run_from_plan_in_package
+
+    run_from_plan_in_package(Path(sys.argv[1]))
