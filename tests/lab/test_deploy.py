@@ -92,7 +92,10 @@ def test_a_second_run_changes_nothing_and_keeps_the_key(fresh_lab, deploy_inputs
     report = json.loads(report_path.read_text())
     assert report["cluster_key_action"] == "kept"
     for host in report["hosts"]:
-        assert {step["status"] for step in host["steps"].values()} == {"unchanged"}, host
+        requested = {name: step["status"] for name, step in host["steps"].items()
+                     if name in ("cluster key", "secrets", "resources", "manifest")}
+        assert requested == dict.fromkeys(requested, "unchanged") and len(requested) == 4, host
+        assert {step["status"] for step in host["steps"].values()} == {"unchanged", "skipped"}
     assert fingerprints(fresh_lab) == before
     assert snapshot == {name: (fresh_lab.home(name) / "ray_bootstrap_key.pem").stat().st_mtime_ns
                         for name in fresh_lab.hostnames}
