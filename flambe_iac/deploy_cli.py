@@ -41,6 +41,8 @@ examples:
   flambe-deploy --outputs lab/outputs.json --key lab/id_ed25519 --known-hosts lab/known_hosts \\
       --secrets secrets.ini --report report.json
 
+  flambe-deploy check --stack dev --from 203.0.113.7/32      # read-only preflight of the network (see check -h)
+
 exit codes: 0 every host done, 1 some host failed (the others finished), 2 bad input (nothing was sent).
 An encrypted --key is unlocked with $FLAMBE_KEY_PASSPHRASE, or by asking on a terminal."""
 
@@ -82,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        from flambe_iac.check_cli import main as check_main
+
+        return check_main(argv[1:])
     arguments = build_parser().parse_args(argv)
     patch_for_parallel_connections()
     configure_logging(arguments.verbose)

@@ -15,12 +15,16 @@ def stack_outputs_command(stack: str) -> list[str]:
     return ["pulumi", "stack", "output", "--json", "--show-secrets", "--stack", stack]
 
 
-def load_stack(stack: str) -> Cluster:
+def require_pulumi() -> None:
     if shutil.which("pulumi") is None:
         raise InputError(
             "--stack needs the pulumi CLI, which is not on PATH: install it (https://www.pulumi.com/docs/install/), "
             "or pass the outputs as a file with --outputs outputs.json"
         )
+
+
+def load_stack(stack: str) -> Cluster:
+    require_pulumi()
     try:
         result = subprocess.run(stack_outputs_command(stack), capture_output=True, text=True, timeout=300,
                                 stdin=subprocess.DEVNULL)
