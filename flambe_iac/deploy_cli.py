@@ -20,8 +20,9 @@ Push to every host of a cluster, all hosts at once, over SSH with only the key y
     member's host key pinned and an ~/.ssh/config block, so members reach each other with strict host keys;
   - the secrets ini, byte-identical, as ~/secret.ini (0600, written atomically);
   - resources, rsynced into ~/resources/NAME/.
-Host keys are always checked: against --known-hosts, against keys pinned by an earlier run, or, only with
---trust-on-first-use, accepted now and pinned in ~/.flambe/known_hosts/<cluster>. No ssh-agent, no default
+Host keys are always checked: against --known-hosts, against keys pinned by an earlier run, for EC2 instances
+against the keys their console output shows, or, only with --trust-on-first-use, accepted now and pinned in
+~/.flambe/known_hosts/<cluster>. No ssh-agent, no default
 keys, no agent forwarding. Nothing secret is ever printed."""
 
 EPILOG = """\
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("--known-hosts", type=Path, metavar="FILE", help="pinned host keys of the members")
     trust.add_argument("--trust-on-first-use", action="store_true",
                        help="accept the keys hosts present now and pin them in ~/.flambe/known_hosts/<cluster>")
+    parser.add_argument("--host-key-timeout", type=float, default=300, metavar="SECONDS",
+                       help="EC2 clusters without --known-hosts: how long to wait for each instance's console output "
+                            "to show its host keys (default 300)")
     parser.add_argument("--address", choices=ADDRESS_KINDS, default=PUBLIC,
                         help="which address to reach the hosts by (default public; private from inside the VPC)")
     parser.add_argument("--rotate-cluster-key", action="store_true",
@@ -130,7 +134,7 @@ def deploy(arguments: argparse.Namespace) -> int:
         trust_on_first_use=arguments.trust_on_first_use, address_kind=arguments.address,
         rotate_cluster_key=arguments.rotate_cluster_key, connect_timeout=arguments.connect_timeout,
         runnable_file=arguments.runnable_file, install_extensions=arguments.install_extensions,
-        run=arguments.run, force=arguments.force,
+        run=arguments.run, force=arguments.force, host_key_timeout=arguments.host_key_timeout,
     ))
     if plan.install_extensions:
         install_locally(plan)

@@ -29,8 +29,17 @@ def cluster_known_hosts_path(cluster_name: str) -> Path:
     return Path.home() / ".flambe" / "known_hosts" / cluster_name
 
 
+@dataclass(frozen=True)
+class ConsoleSource:
+    """EC2 instances whose console output can vouch for their host keys: [(instance id, address)]."""
+
+    region: str
+    members: list[tuple[str, str]]
+    timeout: float
+
+
 def choose_host_key_policy(cluster_name: str, addresses: list[str], known_hosts: Path | None,
-                           trust_on_first_use: bool) -> HostKeyPolicy:
+                           trust_on_first_use: bool, console: ConsoleSource | None = None) -> HostKeyPolicy:
     if known_hosts is not None:
         known_hosts = known_hosts.expanduser()
         if not known_hosts.is_file():
@@ -39,9 +48,10 @@ def choose_host_key_policy(cluster_name: str, addresses: list[str], known_hosts:
         return HostKeyPolicy(known_hosts, trust_on_first_use=False)
     path = cluster_known_hosts_path(cluster_name)
     if trust_on_first_use:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.touch(mode=0o600, exist_ok=True)
+        create_private_file(path)
         return HostKeyPolicy(path, trust_on_first_use=True)
+    if console is not None:
+        pin_from_console(path, console)
     if not path.exists():
         raise InputError(
             f"no pinned host keys for cluster {cluster_name!r}: give --known-hosts FILE with the hosts' keys, "
@@ -49,6 +59,32 @@ def choose_host_key_policy(cluster_name: str, addresses: list[str], known_hosts:
         )
     require_keys_for(path, addresses, f"the pinned keys in {path}")
     return HostKeyPolicy(path, trust_on_first_use=False)
+
+
+def pin_from_console(path: Path, console: ConsoleSource) -> None:
+    """Pin, in the per-cluster file, the console-output keys of members it has no key for yet."""
+    from flambe_iac.console_host_keys import console_keys_by_address
+
+    entries = read_known_hosts(path) if path.exists() else []
+    missing = [(instance_id, address) for instance_id, address in console.members if not keys_in(entries, address)]
+    if not missing:
+        return
+    found = console_keys_by_address(console.region, missing, console.timeout)
+    absent = [instance_id for instance_id, address in missing if address not in found]
+    if absent:
+        raise InputError(
+            f"no host keys in the EC2 console output of {', '.join(absent)} within {console.timeout:g} s "
+            "(cloud-init prints them a minute or two after boot): wait and retry, raise --host-key-timeout, "
+            "or pass --known-hosts FILE or --trust-on-first-use"
+        )
+    create_private_file(path)
+    with open(path, "a") as pinned:
+        pinned.writelines(f"{address} {key}\n" for address, keys in found.items() for key in keys)
+
+
+def create_private_file(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
 
 
 def require_keys_for(known_hosts: Path, addresses: list[str], source: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flambe_iac.cluster import ADDRESS_KINDS, PRIVATE, PUBLIC, Cluster, Host
 from flambe_iac.errors import InputError
-from flambe_iac.host_keys import HostKeyPolicy, choose_host_key_policy
+from flambe_iac.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
 from flambe_iac.keys import UserKey, load_user_key
 from flambe_iac.resources import Resource, parse_resources
 from flambe_iac.secrets_file import HiddenBytes, read_secrets_file
@@ -34,6 +34,7 @@ class DeployRequest:
     install_extensions: bool = False
     run: bool = False
     force: bool = False
+    host_key_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ def build_plan(request: DeployRequest) -> DeployPlan:
         cluster=cluster,
         address_kind=request.address_kind,
         user_key=load_user_key(key),
-        host_keys=choose_host_key_policy(cluster.name, addresses, request.known_hosts, request.trust_on_first_use),
+        host_keys=choose_host_key_policy(cluster.name, addresses, request.known_hosts, request.trust_on_first_use,
+                                         console_source(cluster, request)),
         secrets=HiddenBytes(read_secrets_file(request.secrets)) if request.secrets else None,
         resources=parse_resources([*request.resources, *runnable_resources]),
         rotate_cluster_key=request.rotate_cluster_key,
@@ -101,6 +103,15 @@ def build_plan(request: DeployRequest) -> DeployPlan:
         run=request.run,
         force=request.force,
     )
+
+
+def console_source(cluster: Cluster, request: DeployRequest) -> ConsoleSource | None:
+    """For a cluster of EC2 instances from a Pulumi stack: their console output can vouch for their host keys."""
+    on_ec2 = cluster.region not in (None, "lab") and all(host.id.startswith("i-") for host in cluster.members)
+    if request.cluster_file is not None or not on_ec2:
+        return None
+    members = [(host.id, host.address(request.address_kind)) for host in cluster.members]
+    return ConsoleSource(cluster.region, members, request.host_key_timeout)
 
 
 def load_runnable(path: Path | None) -> tuple[object | None, list, list[str]]:
