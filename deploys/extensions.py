@@ -7,18 +7,14 @@ import shlex
 from pyinfra.api import StringCommand, deploy, operation
 
 from flambe_iac.deploys.facts import HostSnapshot
-from flambe_iac.deploys.operations import synced_tree
+from flambe_iac.deploys.operations import synced_trees
 from flambe_iac.ssh_options import RsyncJob
 
 
 @deploy("extensions")
 def push_extensions(transfers: list[tuple[str, set, RsyncJob]], failures: dict, snapshot: HostSnapshot) -> list:
     """TRANSFERS: (remote directory, expected tree, rsync job) for each extension that has files."""
-    return [
-        synced_tree(name=f"extension {destination}", destination=destination, expected=expected,
-                    rsync=rsync, failures=failures, snapshot=snapshot)
-        for destination, expected, rsync in transfers
-    ]
+    return synced_trees(transfers, failures, snapshot)
 
 
 @deploy("install")

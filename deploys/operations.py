@@ -50,6 +50,13 @@ def synced_tree(destination: str, expected: set, rsync: RsyncJob, failures: dict
     yield FunctionCommand(_run_rsync, (rsync, failures), {})
 
 
+def synced_trees(transfers: list[tuple[str, set, RsyncJob]], failures: dict, snapshot: HostSnapshot) -> list:
+    """synced_tree for each (remote directory, expected tree, rsync job)."""
+    return [synced_tree(name=f"sync {destination}", destination=destination, expected=expected, rsync=rsync,
+                        failures=failures, snapshot=snapshot)
+            for destination, expected, rsync in transfers]
+
+
 def _run_rsync(state, host, rsync: RsyncJob, failures: dict) -> bool:
     result = subprocess.run(rsync.argv, env=rsync.environment, stdin=subprocess.DEVNULL, capture_output=True,
                             text=True)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, FlambeError, InputError
+from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, InputError, exit_code_of
 
 PUBLIC_ADDRESS_URL = "https://checkip.amazonaws.com"
 
@@ -40,11 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     arguments = build_parser().parse_args(argv)
-    try:
-        return run_check(arguments)
-    except FlambeError as error:
-        print(f"flambe-deploy check: {error}", file=sys.stderr)
-        return error.exit_code
+    return exit_code_of("flambe-deploy check", lambda: run_check(arguments))
 
 
 def run_check(arguments: argparse.Namespace) -> int:

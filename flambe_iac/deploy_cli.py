@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from flambe_iac.cluster import ADDRESS_KINDS, PUBLIC
-from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, FlambeError
+from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, exit_code_of
 
 DESCRIPTION = """\
 Push to every host of a cluster, all hosts at once, over SSH with only the key you give:
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     patch_for_parallel_connections()
     configure_logging(arguments.verbose)
     try:
-        return deploy(arguments)
-    except FlambeError as error:
-        print(f"flambe-deploy: {error}", file=sys.stderr)
-        return error.exit_code
+        return exit_code_of("flambe-deploy", lambda: deploy(arguments))
     except KeyboardInterrupt:
         print("flambe-deploy: interrupted", file=sys.stderr)
         return EXIT_HOST_FAILED

@@ -3,6 +3,9 @@
 Every message says what was wrong and what to do about it.
 """
 
+import sys
+from typing import Callable
+
 EXIT_OK = 0
 EXIT_HOST_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -28,3 +31,13 @@ class LabError(FlambeError):
     """The local lab could not be built or torn down."""
 
     exit_code = EXIT_HOST_FAILED
+
+
+def exit_code_of(program: str, action: Callable[[], int]) -> int:
+    """Run a command's ACTION; a FlambeError becomes one line on stderr and its exit code. The one place that
+    maps the family to exit codes, for every command."""
+    try:
+        return action()
+    except FlambeError as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        return error.exit_code

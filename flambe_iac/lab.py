@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
-from flambe_iac.errors import EXIT_OK, FlambeError, InputError, LabError
+from flambe_iac.errors import EXIT_OK, InputError, LabError, exit_code_of
 from flambe_iac.outputs import outputs_document
 
 NETNS_PREFIX = "flambe-"
@@ -550,11 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    try:
-        return run_command(arguments)
-    except FlambeError as error:
-        print(f"flambe-lab: {error}", file=sys.stderr)
-        return error.exit_code
+    return exit_code_of("flambe-lab", lambda: run_command(arguments))
 
 
 def run_command(arguments: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from flambe_iac.errors import EXIT_BAD_INPUT, EXIT_OK, FlambeError, InputError
+from flambe_iac.errors import EXIT_BAD_INPUT, EXIT_OK, InputError, exit_code_of
 
 DEFAULT_SECRETS = Path("~/.flambe/secrets.ini")
 
@@ -34,11 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    try:
-        return run(arguments)
-    except FlambeError as error:
-        print(f"flambe-run: {error}", file=sys.stderr)
-        return error.exit_code
+    return exit_code_of("flambe-run", lambda: run(arguments))
 
 
 def run(arguments: argparse.Namespace) -> int:

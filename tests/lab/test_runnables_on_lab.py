@@ -3,7 +3,6 @@ over HTTP), pushed without .git, installed with -i, and the runnable started on 
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CANARY, CANARY_SECRETS
+from conftest import CANARY
 from runnable_fixtures import bare_clone, make_repository, runnable_yaml
 
 pytestmark = pytest.mark.lab
