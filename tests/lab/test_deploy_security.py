@@ -205,3 +205,33 @@ def test_the_canary_secret_never_appears_in_output_report_or_process_lists(fresh
     for name in fresh_lab.hostnames:
         assert CANARY not in fresh_lab.sshd_log(name)
         assert (fresh_lab.home(name) / "secret.ini").read_text().count(CANARY) == 1
+
+
+def test_rsyncs_ssh_checks_host_keys_and_uses_only_the_given_key(fresh_lab, deploy_inputs, tmp_path):
+    """rsync's own ssh, exactly as flambe-deploy builds it, against a real sshd: a swapped host key and a stranger
+    key with a poisoned agent are both refused; the right key and pins get through."""
+    from flambe_iac.ssh_options import SshTarget, rsync_command
+
+    address = fresh_lab.addresses[0]
+    swapped = tmp_path / "swapped_known_hosts"
+    other_key = (fresh_lab.directory / "hosts" / "factory-1" / "etc" / "ssh_host_ed25519_key.pub").read_text()
+    swapped.write_text(f"{address} {' '.join(other_key.split()[:2])}\n")
+    stranger = new_key(tmp_path / "stranger")
+    source = f"{deploy_inputs['resource']}/"
+
+    def rsync(key, known_hosts, env=None):
+        target = SshTarget(address, fresh_lab.user, key, known_hosts)
+        return fresh_lab.run_in_client(*rsync_command(source, "resources/probe/", target), env=env)
+
+    refused = rsync(fresh_lab.user_key, swapped)
+    assert refused.returncode != 0 and "Host key verification failed" in refused.stderr
+    agent = PoisonedAgent(fresh_lab, fresh_lab.user_key, tmp_path / "agent.sock")
+    try:
+        with_agent = rsync(stranger, fresh_lab.known_hosts, env={**os.environ, "SSH_AUTH_SOCK": str(agent.socket)})
+    finally:
+        agent.stop()
+    assert with_agent.returncode != 0 and "Permission denied" in with_agent.stderr
+    assert not (fresh_lab.home("orchestrator") / "resources" / "probe").exists()
+    accepted = rsync(fresh_lab.user_key, fresh_lab.known_hosts)
+    assert accepted.returncode == 0, accepted.stderr
+    assert (fresh_lab.home("orchestrator") / "resources" / "probe" / "train.csv").exists()
