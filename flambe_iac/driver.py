@@ -105,8 +105,6 @@ class Deployment:
             return
         self.read_snapshots(connected)
         key, retired = self.settle_cluster_key(connected)
-        if key is None:
-            return
         self.report.cluster_key_fingerprint = key.fingerprint
         self.report.extensions = extension_sources(self.plan)
         self.add_steps([host for host in connected if host in self.snapshots], key, retired)
@@ -146,7 +144,7 @@ class Deployment:
         self.snapshots = self.read_on_each(
             hosts, lambda host: host.get_fact(HostState, files=files, contents=contents, trees=trees))
 
-    def settle_cluster_key(self, hosts: list) -> tuple[ClusterKey | None, list[str]]:
+    def settle_cluster_key(self, hosts: list) -> tuple[ClusterKey, list[str]]:
         """Keep the key the hosts hold (the hosts are the state), or make one; and which keys are retired."""
         comment = cluster_key_comment(self.plan.cluster.name)
         held = {host: snapshot.contents[CLUSTER_PUBLIC_KEY].decode().strip()
@@ -271,25 +269,14 @@ class Deployment:
             pass  # pyinfra raises once no host is left; we report every host anyway
 
     def step_status(self, host, step: str) -> str:
-        if step not in self.plan_steps():
-            return SKIPPED
         metas = self.step_metas.get((host, step))
         if metas is None:
-            return SKIPPED
+            return SKIPPED  # not asked for, or not for this host (--run is the orchestrator's)
         if not all(meta.is_complete() for meta in metas):
             return FAILED if any(meta.is_complete() and not meta.did_succeed() for meta in metas) else PENDING
         if not all(meta.did_succeed() for meta in metas):
             return FAILED
         return CHANGED if any(meta.did_change() for meta in metas) else UNCHANGED
-
-    def plan_steps(self) -> set[str]:
-        steps = {CLUSTER_KEY, MANIFEST}
-        for step, wanted in ((SECRETS, self.plan.secrets is not None), (RESOURCES, bool(self.plan.resources)),
-                             (EXTENSIONS, bool(self.plan.extension_trees)), (INSTALL, self.plan.install_extensions),
-                             (RUN, self.plan.run)):
-            if wanted:
-                steps.add(step)
-        return steps
 
     def collect_results(self) -> None:
         for host in self.members:
@@ -297,14 +284,13 @@ class Deployment:
             if entry.error and not host.connected:
                 continue
             for step, result in entry.steps.items():
-                result.status = self.step_status(host, step)
-                if result.status == PENDING:
-                    result.status = SKIPPED if (entry.error or host in self.state.failed_hosts) else PENDING
+                status = self.step_status(host, step)
+                result.status = SKIPPED if status == PENDING else status  # never reached: an earlier step failed
             failed_step = next((step for step, result in entry.steps.items() if result.status == FAILED), None)
             if failed_step and not entry.error:
                 entry.error = self.rsync_failures.get(host.name) or self.step_error(host, failed_step)
             if host in self.state.failed_hosts and not entry.error:
-                entry.error = "failed (see the log above)"
+                entry.error = "pyinfra stopped this host (run with -v to see its log)"
 
     def step_error(self, host, step: str) -> str:
         for meta in self.step_metas.get((host, step), []):
