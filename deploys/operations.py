@@ -8,11 +8,12 @@ and an argument may be a secret.
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import shlex
-import subprocess
 from io import BytesIO
 
+from gevent.fileobject import FileObjectPosix
 from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
 
 from flambe_iac.deploys.facts import HostSnapshot
@@ -58,9 +59,30 @@ def synced_trees(transfers: list[tuple[str, set, RsyncJob]], failures: dict, sna
 
 
 def _run_rsync(state, host, rsync: RsyncJob, failures: dict) -> bool:
-    result = subprocess.run(rsync.argv, env=rsync.environment, stdin=subprocess.DEVNULL, capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        failures[host.name] = f"rsync failed ({result.returncode}): {result.stderr.strip()[-500:]}"
+    returncode, stderr = spawn_and_wait(rsync.argv, rsync.environment)
+    if returncode != 0:
+        failures[host.name] = f"rsync failed ({returncode}): {stderr.strip()[-500:]}"
         return False
     return True
+
+
+def spawn_and_wait(argv: list[str], environment: dict | None) -> tuple[int, str]:
+    """Run ARGV and return (exit code, stderr), letting other hosts go on meanwhile.
+
+    posix_spawn, not gevent's subprocess: that one forks this whole process for every child, which cost ~20 ms per
+    host on a busy machine. gevent's os.waitpid and file objects wait cooperatively.
+    """
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.posix_spawnp(argv[0], argv, os.environ if environment is None else environment, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_DUP2, write_end, 2),
+            (os.POSIX_SPAWN_CLOSE, read_end),
+        ])
+    finally:
+        os.close(write_end)
+    with FileObjectPosix(read_end, "rb") as errors:
+        stderr = errors.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), stderr.decode(errors="replace")
