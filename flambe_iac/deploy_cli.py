@@ -19,11 +19,12 @@ Push to every host of a cluster, all hosts at once, over SSH with only the key y
   - a key pair made for this cluster alone (~/ray_bootstrap_key.pem), authorized on every member, with every
     member's host key pinned and an ~/.ssh/config block, so members reach each other with strict host keys;
   - the secrets ini, byte-identical, as ~/secret.ini (0600, written atomically);
-  - resources, rsynced into ~/resources/NAME/.
+  - resources, rsynced into ~/resources/NAME/; with a runnable file, its extensions too, and --run starts it.
 Host keys are always checked: against --known-hosts, against keys pinned by an earlier run, for EC2 instances
 against the keys their console output shows, or, only with --trust-on-first-use, accepted now and pinned in
-~/.flambe/known_hosts/<cluster>. No ssh-agent, no default
-keys, no agent forwarding. Nothing secret is ever printed."""
+~/.flambe/known_hosts/<cluster>. No ssh-agent, no default keys, no agent forwarding. Nothing secret is printed.
+
+Before the first deploy to AWS, `flambe-deploy check --help` shows a read-only preflight of the network."""
 
 EPILOG = """\
 where the cluster comes from (exactly one):
