@@ -91,20 +91,15 @@ def masked_outputs(lab, directory: Path) -> Path:
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_gets_one_message_exit_2_and_nothing_is_sent(lab, tmp_path, case):
     make_arguments, expected = BAD_INPUTS[case]
-    overrides = make_arguments(lab, tmp_path)
-    arguments = dict(zip(lab.lab_arguments()[::2], lab.lab_arguments()[1::2]))
-    extra = []
-    for option, value in zip(overrides[::2], overrides[1::2]):
-        if option in ("--outputs", "--key") or (option == "--cluster"):
-            arguments.pop("--outputs" if option == "--cluster" else option, None)
-            arguments[option] = value
-        else:
-            extra += [option, value]
-    if "--cluster" in arguments:
-        arguments.pop("--outputs", None)
+    changes = make_arguments(lab, tmp_path)
+    replaced = {"--key", "--outputs"} & set(changes[::2])
+    if "--cluster" in changes:
+        replaced.add("--outputs")  # a cluster file instead of the lab's outputs
+    base = lab.lab_arguments()
+    kept = [item for option, value in zip(base[::2], base[1::2]) if option not in replaced for item in (option, value)]
     before = snapshot_hosts(lab)
     env = {key: value for key, value in os.environ.items() if key != "FLAMBE_KEY_PASSPHRASE"}
-    result = lab.deploy(*[item for pair in arguments.items() for item in pair], *extra, env=env)
+    result = lab.deploy(*kept, *changes, env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     assert expected in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("flambe-deploy: ")
