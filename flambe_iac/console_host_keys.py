@@ -8,12 +8,12 @@ match one of them, or the output is not trusted.
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from flambe_iac.keys import public_key_fingerprint
 
 KEYS_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"
 KEYS_END = "-----END SSH HOST KEY KEYS-----"
@@ -48,10 +48,9 @@ def _last_block(output: str, begin: str, end: str) -> str | None:
 
 def _fingerprint(key: str) -> str:
     try:
-        blob = base64.b64decode(key.split()[1], validate=True)
-    except binascii.Error:
+        return public_key_fingerprint(key)
+    except (binascii.Error, ValueError):
         return ""  # garbled: matches no printed fingerprint
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def fetch_console_host_keys(ec2, instance_ids: list[str], timeout: float,

@@ -153,8 +153,7 @@ def install_locally(plan) -> None:
 
     from flambe_iac.errors import InputError
 
-    targets = [str(tree.path) for tree in plan.extension_trees]
-    targets += [checkout.location.requirement for checkout in plan.extensions if checkout.location.requirement]
+    targets = [str(tree.path) for tree in plan.extension_trees] + plan.extension_requirements
     if not targets:
         return
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",

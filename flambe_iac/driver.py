@@ -354,8 +354,7 @@ def runner_library() -> Resource:
 
 
 def pip_targets(plan: DeployPlan) -> list[str]:
-    return [f"./{tree.remote_directory}" for tree in plan.extension_trees] + [
-        checkout.location.requirement for checkout in plan.extensions if checkout.location.requirement]
+    return [f"./{tree.remote_directory}" for tree in plan.extension_trees] + plan.extension_requirements
 
 
 def run_plan(plan: DeployPlan) -> bytes:

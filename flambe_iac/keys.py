@@ -120,7 +120,7 @@ def cluster_key_from_private(private_openssh: bytes, comment: str) -> ClusterKey
 
 def public_key_fingerprint(public_line: str) -> str:
     """OpenSSH's SHA256 fingerprint of a public key line."""
-    blob = base64.b64decode(public_line.split()[1])
+    blob = base64.b64decode(public_line.split()[1], validate=True)
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 

@@ -57,6 +57,11 @@ class DeployPlan:
         return host.address(self.address_kind)
 
     @property
+    def extension_requirements(self) -> list[str]:
+        """The extensions that are PyPI requirements: nothing to push, only to install."""
+        return [checkout.location.requirement for checkout in self.extensions if checkout.location.requirement]
+
+    @property
     def extension_trees(self) -> list[Resource]:
         """The extensions that have files, as trees for ~/extensions/NAME/, without .git."""
         return [Resource(checkout.location.name, checkout.directory, parent="extensions", excludes=(".git",))
