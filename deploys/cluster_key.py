@@ -1,40 +1,46 @@
-"""The cluster's own key pair, and everything host-to-host SSH needs: authorized key, pinned member keys, config."""
+"""The cluster's own key pair, and everything host-to-host SSH needs: authorized key, pinned member keys, config,
+and the list of retired keys that keeps a replaced key out for good."""
 
 from __future__ import annotations
 
-from pyinfra.api import deploy
-
-from flambe_iac.deploys.facts import HostSnapshot
+from flambe_iac.cluster_key import retired_list, updated_authorized_keys
+from flambe_iac.connection import ssh_config_block, updated_ssh_config
 from flambe_iac.deploys.operations import staged_files
-from flambe_iac.keys import ClusterKey
+from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.remote_layout import (
     AUTHORIZED_KEYS,
     CLUSTER_PRIVATE_KEY,
     CLUSTER_PUBLIC_KEY,
     MEMBERS_KNOWN_HOSTS,
+    RETIRED_KEYS,
     SSH_CONFIG,
-    ssh_config_block,
-    updated_authorized_keys,
-    updated_ssh_config,
 )
 from flambe_iac.secrets_file import HiddenBytes
 
-# Files whose current contents the cluster key step edits rather than replaces.
-EDITED_FILES = (AUTHORIZED_KEYS, SSH_CONFIG)
+READS = SnapshotRequest(
+    files=(CLUSTER_PRIVATE_KEY, CLUSTER_PUBLIC_KEY, AUTHORIZED_KEYS, MEMBERS_KNOWN_HOSTS, SSH_CONFIG, RETIRED_KEYS),
+    contents=(CLUSTER_PUBLIC_KEY, AUTHORIZED_KEYS, SSH_CONFIG, RETIRED_KEYS),
+    links=(AUTHORIZED_KEYS,),
+    tools=("tar",),
+)
 
 
-@deploy("cluster key")
-def install_cluster_key(cluster_name: str, ssh_user: str, key: ClusterKey, members_known_hosts: bytes,
-                        private_addresses: list[str], retired_keys: list[str], snapshot: HostSnapshot) -> list:
+def install_cluster_key(context, member, snapshot: HostSnapshot) -> list:
+    plan, key = context.plan, context.key
     authorized_keys = updated_authorized_keys(snapshot.contents.get(AUTHORIZED_KEYS) or b"", key.public_line,
-                                              cluster_name, retired_keys)
+                                              plan.cluster.name, context.retired)
     ssh_config = updated_ssh_config(snapshot.contents.get(SSH_CONFIG) or b"",
-                                    ssh_config_block(cluster_name, ssh_user, private_addresses), cluster_name)
+                                    ssh_config_block(plan.cluster.name, plan.cluster.ssh_user,
+                                                     context.private_addresses),
+                                    plan.cluster.name)
     files = [
         (CLUSTER_PRIVATE_KEY, HiddenBytes(key.private_openssh), "600"),
         (CLUSTER_PUBLIC_KEY, HiddenBytes(key.public_line.encode() + b"\n"), "644"),
+        # The retired list lands before authorized_keys: a run cut short between the two still keeps the old key out.
+        (RETIRED_KEYS, HiddenBytes(retired_list(context.retired)), "644"),
         (AUTHORIZED_KEYS, HiddenBytes(authorized_keys), "600"),
-        (MEMBERS_KNOWN_HOSTS, HiddenBytes(members_known_hosts), "644"),
+        (MEMBERS_KNOWN_HOSTS, HiddenBytes(context.members_known_hosts), "644"),
         (SSH_CONFIG, HiddenBytes(ssh_config), "600"),
     ]
-    return [staged_files(name="cluster key files", files=files, snapshot=snapshot)]
+    return [staged_files(name="cluster key files", files=files, snapshot=snapshot, staging=context.staging,
+                         causes=context.causes)]

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import shlex
 
-from pyinfra.api import StringCommand, deploy, operation
+from pyinfra.api import StringCommand, operation
 
-from flambe_iac.deploys.facts import HostSnapshot
 from flambe_iac.deploys.operations import synced_trees
-from flambe_iac.ssh_options import RsyncJob
+from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 
 
-@deploy("extensions")
-def push_extensions(transfers: list[tuple[str, set, RsyncJob]], failures: dict, snapshot: HostSnapshot) -> list:
-    """TRANSFERS: (remote directory, expected tree, rsync job) for each extension that has files."""
-    return synced_trees(transfers, failures, snapshot)
+def reads(context) -> SnapshotRequest:
+    return SnapshotRequest(trees=tuple(tree.remote_directory for tree in context.plan.extension_trees),
+                           tools=("rsync",))
 
 
-@deploy("install")
-def install_extensions(targets: list[str]) -> list:
+def push_extensions(context, member, snapshot: HostSnapshot) -> list:
+    return synced_trees(context.transfers(member, context.plan.extension_trees), context.causes, snapshot)
+
+
+def install_extensions(context, member, snapshot: HostSnapshot) -> list:
+    plan = context.plan
+    targets = [f"./{tree.remote_directory}" for tree in plan.extension_trees] + plan.extension_requirements
     return [pip_install_user(name="pip install --user", targets=targets)]
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pyinfra.api import deploy
-
-from flambe_iac.deploys.facts import HostSnapshot
 from flambe_iac.deploys.operations import staged_files
+from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.remote_layout import MANIFEST
 from flambe_iac.secrets_file import HiddenBytes
 
+READS = SnapshotRequest(files=(MANIFEST,), tools=("tar",))
 
-@deploy("manifest")
-def write_manifest(content: bytes, snapshot: HostSnapshot) -> list:
-    return [staged_files(name="cluster manifest", files=[(MANIFEST, HiddenBytes(content), "644")],
-                         snapshot=snapshot)]
+
+def write_manifest(context, member, snapshot: HostSnapshot) -> list:
+    return [staged_files(name="cluster manifest", files=[(MANIFEST, HiddenBytes(context.manifest_for(member)), "644")],
+                         snapshot=snapshot, staging=context.staging, causes=context.causes)]

@@ -2,75 +2,152 @@
 
 Both decide from the HostSnapshot read once before any step, so an unchanged host costs no extra round trip.
 Every operation is called with an explicit `name=`: pyinfra would otherwise name it after its arguments,
-and an argument may be a secret.
+and an argument may be a secret. A failure records its cause in words in CAUSES[host name], for the report.
+
+Why not pyinfra's `files.put` and `files.rsync`: `files.put` uploads over SFTP (hosts without an SFTP subsystem
+get nothing) and chmods only after the upload; `files.rsync` passes no IdentitiesOnly and no ConnectTimeout.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import posixpath
 import shlex
-from io import BytesIO
+import signal
+import tarfile
 
 from gevent.fileobject import FileObjectPosix
-from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
+from pyinfra.api import FunctionCommand, operation
 
-from flambe_iac.deploys.facts import HostSnapshot
-from flambe_iac.remote_layout import STAGING_DIR
+from flambe_iac.connection import RemoteCommandError, RsyncJob, run_remote
+from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.secrets_file import HiddenBytes
-from flambe_iac.ssh_options import RsyncJob
+
+UPLOAD_TIMEOUT = 600.0
 
 
 @operation()
-def staged_files(files: list[tuple[str, HiddenBytes, str]], snapshot: HostSnapshot):
-    """Write each (PATH, CONTENT, MODE) that differs from the snapshot.
+def staged_files(files: list[tuple[str, HiddenBytes, str]], snapshot: HostSnapshot, staging: str, causes: dict):
+    """Write each (PATH, CONTENT, MODE) that differs from the snapshot, in one round trip.
 
-    Uploads land in the 0700 staging directory, take their modes there, then are renamed over their paths:
-    readers see the old file or the new one, never a partial one, and never a moment of wider mode.
+    The contents travel as a tar stream on the exec channel's stdin (no SFTP, nothing on a command line) into
+    this run's 0700 staging directory, take their modes there, then are renamed over their paths: readers see
+    the old file or the new one, never a partial one, and never a moment of wider mode. A symlinked PATH stays a
+    symlink: its target is replaced, through a rename in the target's own directory.
     """
     changed = [(path, content, mode) for path, content, mode in files
                if not snapshot.matches(path, mode, hashlib.sha256(content.data).hexdigest())]
-    if not changed:
-        return
-    # The snapshot's read made the staging directory; the files' own directories may still be missing.
-    parents = sorted({posixpath.dirname(path) for path, _, _ in changed} - {""})
-    moves = [f"mkdir -p -m 700 {shlex.quote(parent)}" for parent in parents]
-    for path, content, mode in changed:
-        upload = posixpath.join(STAGING_DIR, path.replace("/", "%") + ".upload")
-        yield FileUploadCommand(BytesIO(content.data), upload)
-        moves.append(f"chmod {mode} {shlex.quote(upload)} && mv -f {shlex.quote(upload)} {shlex.quote(path)}")
-    yield StringCommand(" && ".join(moves))
+    if changed:
+        yield FunctionCommand(_upload_and_install, (changed, snapshot, staging, causes), {})
+
+
+def _upload_and_install(state, host, files: list, snapshot: HostSnapshot, staging: str, causes: dict) -> bool:
+    try:
+        command = install_command(files, snapshot, staging)
+    except UnwritableLink as error:
+        causes[host.name] = str(error)
+        return False
+    try:
+        result = run_remote(host, command, stdin=tar_stream(files), timeout=UPLOAD_TIMEOUT)
+    except RemoteCommandError as error:
+        causes[host.name] = f"upload failed: {error}"
+        return False
+    if result.exit_code != 0:
+        causes[host.name] = f"writing {', '.join(path for path, _, _ in files)} failed: {result.reason}"
+        return False
+    return True
+
+
+class UnwritableLink(Exception):
+    pass
+
+
+def tar_stream(files: list[tuple[str, HiddenBytes, str]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for index, (_, content, _) in enumerate(files):
+            entry = tarfile.TarInfo(f"{index}.upload")
+            entry.size, entry.mode = len(content.data), 0o600
+            archive.addfile(entry, io.BytesIO(content.data))
+    return buffer.getvalue()
+
+
+def install_command(files: list[tuple[str, HiddenBytes, str]], snapshot: HostSnapshot, staging: str) -> str:
+    """Unpack the tar stream into STAGING, then put each file in place with its mode, by a rename."""
+    quoted_staging = shlex.quote(staging)
+    steps = ["umask 077", f"tar -x -m -f - -C {quoted_staging} --no-same-owner --no-same-permissions"]
+    parents = sorted({posixpath.dirname(path) for path, _, _ in files if path not in snapshot.links} - {""})
+    steps += [f"mkdir -p {shlex.quote(parent)}" for parent in parents]
+    for index, (path, _, mode) in enumerate(files):
+        upload = shlex.quote(f"{staging}/{index}.upload")
+        if path in snapshot.links:
+            target, writable = snapshot.links[path]
+            if not writable:
+                raise UnwritableLink(f"{path} is a symlink to {target}, not writable")
+            temporary = f".{posixpath.basename(target)}.flambe-{posixpath.basename(staging)}"
+            beside = shlex.quote(posixpath.join(posixpath.dirname(target), temporary))
+            steps.append(f"cp {upload} {beside} && chmod {mode} {beside} && mv -f {beside} {shlex.quote(target)}")
+        else:
+            steps.append(f"chmod {mode} {upload} && mv -f {upload} {shlex.quote(path)}")
+    # On any failure the uploads are removed: nothing half-done stays behind, and no final path was touched
+    # by the file that failed.
+    return " && ".join(steps) + f" || {{ status=$?; rm -f {quoted_staging}/*.upload; exit $status; }}"
 
 
 @operation()
-def synced_tree(destination: str, expected: set, rsync: RsyncJob, failures: dict, snapshot: HostSnapshot):
+def synced_tree(destination: str, expected: set, rsync: RsyncJob, causes: dict, snapshot: HostSnapshot):
     """Make DESTINATION hold exactly EXPECTED (see resources.local_tree) by running RSYNC locally, if it does not."""
     if snapshot.trees.get(destination) == expected:
         return
-    yield FunctionCommand(_run_rsync, (rsync, failures), {})
+    yield FunctionCommand(_run_rsync, (rsync, causes), {})
 
 
-def synced_trees(transfers: list[tuple[str, set, RsyncJob]], failures: dict, snapshot: HostSnapshot) -> list:
+def synced_trees(transfers: list[tuple[str, set, RsyncJob]], causes: dict, snapshot: HostSnapshot) -> list:
     """synced_tree for each (remote directory, expected tree, rsync job)."""
     return [synced_tree(name=f"sync {destination}", destination=destination, expected=expected, rsync=rsync,
-                        failures=failures, snapshot=snapshot)
+                        causes=causes, snapshot=snapshot)
             for destination, expected, rsync in transfers]
 
 
-def _run_rsync(state, host, rsync: RsyncJob, failures: dict) -> bool:
+# rsync's exit codes that mean the connection, not the data, failed: worth one more try.
+RSYNC_CONNECTION_LOST = {12, 30, 35, 255}
+RSYNC_EXIT_MEANINGS = {
+    3: "a destination path could not be used", 5: "the remote rsync could not start", 10: "socket I/O error",
+    11: "file I/O error on the host (is its disk full?)", 12: "the connection dropped mid-transfer",
+    23: "some files could not be transferred", 30: "the host stopped answering", 35: "the host stopped answering",
+    127: "rsync is not installed on the host: install rsync", 255: "ssh failed",
+}
+
+
+def _run_rsync(state, host, rsync: RsyncJob, causes: dict) -> bool:
     returncode, stderr = spawn_and_wait(rsync.argv, rsync.environment)
+    if returncode in RSYNC_CONNECTION_LOST:
+        returncode, stderr = spawn_and_wait(rsync.argv, rsync.environment)
     if returncode != 0:
-        failures[host.name] = f"rsync failed ({returncode}): {stderr.strip()[-500:]}"
+        causes[host.name] = describe_rsync_failure(returncode, stderr)
         return False
     return True
+
+
+def describe_rsync_failure(returncode: int, stderr: str) -> str:
+    meaning = RSYNC_EXIT_MEANINGS.get(returncode, "see rsync's exit codes")
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("rsync error:")]
+    detail = "; ".join(lines[-2:])[-400:]
+    retried = " (after one retry)" if returncode in RSYNC_CONNECTION_LOST else ""
+    return f"rsync failed{retried} with exit code {returncode}, {meaning}" + (f": {detail}" if detail else "")
+
+
+RUNNING_CHILDREN: set[int] = set()  # rsync processes under way, so an interrupt can stop them
 
 
 def spawn_and_wait(argv: list[str], environment: dict | None) -> tuple[int, str]:
     """Run ARGV and return (exit code, stderr), letting other hosts go on meanwhile.
 
     posix_spawn, not gevent's subprocess: that one forks this whole process for every child, which cost ~20 ms per
-    host on a busy machine. gevent's os.waitpid and file objects wait cooperatively.
+    host on a busy machine. gevent's os.waitpid and file objects wait cooperatively. Each child leads a process
+    group of its own, so stopping it stops its ssh too.
     """
     read_end, write_end = os.pipe()
     try:
@@ -79,10 +156,23 @@ def spawn_and_wait(argv: list[str], environment: dict | None) -> tuple[int, str]
             (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
             (os.POSIX_SPAWN_DUP2, write_end, 2),
             (os.POSIX_SPAWN_CLOSE, read_end),
-        ])
+        ], setpgroup=0)
     finally:
         os.close(write_end)
-    with FileObjectPosix(read_end, "rb") as errors:
-        stderr = errors.read()
-    _, status = os.waitpid(pid, 0)
+    RUNNING_CHILDREN.add(pid)
+    try:
+        with FileObjectPosix(read_end, "rb") as errors:
+            stderr = errors.read()
+        _, status = os.waitpid(pid, 0)
+    finally:
+        RUNNING_CHILDREN.discard(pid)
     return os.waitstatus_to_exitcode(status), stderr.decode(errors="replace")
+
+
+def stop_children() -> None:
+    """Stop every rsync under way, and its ssh, before the process exits."""
+    for pid in list(RUNNING_CHILDREN):
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass

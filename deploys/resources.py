@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pyinfra.api import deploy
-
-from flambe_iac.deploys.facts import HostSnapshot
 from flambe_iac.deploys.operations import synced_trees
-from flambe_iac.ssh_options import RsyncJob
+from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 
 
-@deploy("resources")
-def sync_resources(transfers: list[tuple[str, set, RsyncJob]], failures: dict, snapshot: HostSnapshot) -> list:
-    """TRANSFERS: (remote directory, expected tree, rsync job) for each resource."""
-    return synced_trees(transfers, failures, snapshot)
+def reads(context) -> SnapshotRequest:
+    return SnapshotRequest(trees=tuple(tree.remote_directory for tree in context.plan.resources), tools=("rsync",))
+
+
+def sync_resources(context, member, snapshot: HostSnapshot) -> list:
+    return synced_trees(context.transfers(member, context.plan.resources), context.causes, snapshot)

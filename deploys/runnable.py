@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-from pyinfra.api import StringCommand, deploy, operation
+from pyinfra.api import StringCommand, operation
 
-from flambe_iac.deploys.facts import HostSnapshot
 from flambe_iac.deploys.operations import staged_files, synced_tree
+from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.remote_layout import RUN_LOG, RUN_PID, RUN_PLAN, RUNNER_LIBRARY
 from flambe_iac.secrets_file import HiddenBytes
-from flambe_iac.ssh_options import RsyncJob
 
 
-@deploy("run")
-def launch_runnable(library: tuple[str, set, RsyncJob], run_plan: bytes, force: bool, failures: dict,
-                    snapshot: HostSnapshot) -> list:
-    destination, expected, rsync = library
+def reads(context) -> SnapshotRequest:
+    return SnapshotRequest(files=(RUN_PLAN,), trees=(context.runner_library.remote_directory,),
+                           tools=("rsync", "tar"))
+
+
+def launch_runnable(context, member, snapshot: HostSnapshot) -> list:
+    [(destination, expected, rsync)] = context.transfers(member, [context.runner_library])
     return [
         synced_tree(name="flambe_iac for the runner", destination=destination, expected=expected, rsync=rsync,
-                    failures=failures, snapshot=snapshot),
-        staged_files(name="run plan", files=[(RUN_PLAN, HiddenBytes(run_plan), "644")], snapshot=snapshot),
-        detached_run(name="start the runnable", force=force),
+                    causes=context.causes, snapshot=snapshot),
+        staged_files(name="run plan", files=[(RUN_PLAN, HiddenBytes(context.run_plan), "644")], snapshot=snapshot,
+                     staging=context.staging, causes=context.causes),
+        detached_run(name="start the runnable", force=context.plan.force),
     ]
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pyinfra.api import deploy
-
-from flambe_iac.deploys.facts import HostSnapshot
 from flambe_iac.deploys.operations import staged_files
+from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.remote_layout import SECRETS
-from flambe_iac.secrets_file import HiddenBytes
+
+READS = SnapshotRequest(files=(SECRETS,), tools=("tar",))  # its mode and digest only: never its contents
 
 
-@deploy("secrets")
-def push_secrets(content: HiddenBytes, snapshot: HostSnapshot) -> list:
-    return [staged_files(name="secrets file", files=[(SECRETS, content, "600")], snapshot=snapshot)]
+def push_secrets(context, member, snapshot: HostSnapshot) -> list:
+    return [staged_files(name="secrets file", files=[(SECRETS, context.plan.secrets, "600")], snapshot=snapshot,
+                         staging=context.staging, causes=context.causes)]

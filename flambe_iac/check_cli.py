@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,6 +43,7 @@ def main(argv: list[str]) -> int:
 
 
 def run_check(arguments: argparse.Namespace) -> int:
+    from flambe_iac.aws import ec2_client
     from flambe_iac.aws_preflight import FAIL, check_network
 
     deploy_cidr = parse_cidr(arguments.from_cidr) if arguments.from_cidr else None
@@ -94,17 +94,9 @@ def source_from_config(path: Path) -> dict:
 
 
 def source_from_stack(stack: str) -> dict:
-    from flambe_iac.stack import require_pulumi
+    from flambe_iac.pulumi_cli import stack_config
 
-    require_pulumi()
-    result = subprocess.run(["pulumi", "config", "--json", "--stack", stack], capture_output=True, text=True,
-                            stdin=subprocess.DEVNULL, timeout=300)
-    if result.returncode != 0:
-        detail = (result.stderr.strip().splitlines() or ["no error output"])[-1]
-        raise InputError(f"`pulumi config --json --stack {stack}` failed: {detail}")
-    raw = json.loads(result.stdout)
-    values = {key: entry.get("objectValue", entry.get("value")) for key, entry in raw.items()}
-    return config_values(values, f"stack {stack!r}")
+    return config_values(stack_config(stack), f"stack {stack!r}")
 
 
 def config_values(config: dict, source: str) -> dict:
@@ -127,22 +119,11 @@ def config_values(config: dict, source: str) -> dict:
             "key_name": value("flambe:keyName")}
 
 
-def ec2_client(region: str | None):
-    import boto3
-    from botocore.exceptions import NoRegionError
-
-    try:
-        return boto3.client("ec2", region_name=region)
-    except NoRegionError:
-        raise InputError("no AWS region: pass --region, set aws:region in the stack, or AWS_DEFAULT_REGION") from None
-
-
 def read_network(ec2, source: dict):
-    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
-
+    from flambe_iac.aws import aws_errors
     from flambe_iac.aws_preflight import Network
 
-    try:
+    with aws_errors("reading the network (ec2:Describe*)"):
         if "instance_ids" in source:
             source = {**source, **instances_network(ec2, source["instance_ids"])}
         network = Network(region=ec2.meta.region_name, subnet_id=source["subnet_id"],
@@ -158,14 +139,6 @@ def read_network(ec2, source: dict):
         if network.subnet is not None:
             network.network_acl = subnet_network_acl(ec2, network.subnet)
         return network
-    except (NoCredentialsError, PartialCredentialsError):
-        raise InputError("no AWS credentials: configure them as for the aws CLI (aws configure, aws sso login, "
-                         "AWS_PROFILE, or an instance role); flambe-iac never asks for keys") from None
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "")
-        if code in ("AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "ExpiredToken"):
-            raise InputError(f"AWS refused the credentials ({code}): refresh them, or grant ec2:Describe*") from None
-        raise
 
 
 def describe_one(call, key: str, **arguments):

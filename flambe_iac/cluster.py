@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flambe_iac.names import check_address, check_cluster_name, check_host_id, check_ssh_user
+
 ORCHESTRATOR = "orchestrator"
 FACTORY = "factory"
 
@@ -19,6 +21,12 @@ class Host:
     private_ip: str
     public_ip: str | None = None
     public_dns: str | None = None
+
+    def __post_init__(self):
+        check_host_id(self.id, "host id")
+        check_address(self.private_ip, f"private address of {self.id}")
+        if self.public_ip is not None:
+            check_address(self.public_ip, f"public address of {self.id}")
 
     def address(self, kind: str) -> str | None:
         """The address to reach this host by: `public` or `private`."""
@@ -36,6 +44,11 @@ class Cluster:
     region: str | None
     orchestrator: Host
     factories: tuple[Host, ...]
+
+    def __post_init__(self):
+        """Every name that reaches a host passes the allow-lists here, whatever the cluster's source."""
+        check_cluster_name(self.name)
+        check_ssh_user(self.ssh_user)
 
     @property
     def members(self) -> tuple[Host, ...]:

@@ -59,14 +59,12 @@ def parse_cluster_file(document: Any, source: str) -> tuple[Cluster, Path | None
     if not isinstance(factories, list):
         raise InputError(f"{source}: 'factories_ips' must be a list of addresses or [public, private] pairs")
     orchestrator = _host(document["orchestrator_ip"], "orchestrator_ip", ORCHESTRATOR, source)
-    cluster = Cluster(
-        name=document["name"],
-        ssh_user=document["username"],
-        region=None,
-        orchestrator=orchestrator,
-        factories=tuple(_host(entry, f"factories_ips[{index}]", FACTORY, source)
-                        for index, entry in enumerate(factories)),
-    )
+    hosts = tuple(_host(entry, f"factories_ips[{index}]", FACTORY, source) for index, entry in enumerate(factories))
+    try:
+        cluster = Cluster(name=document["name"], ssh_user=document["username"], region=None,
+                          orchestrator=orchestrator, factories=hosts)
+    except InputError as error:
+        raise InputError(f"{source}: {error}") from None
     key = document.get("key")
     return cluster, Path(key).expanduser() if key else None
 

@@ -87,18 +87,10 @@ def console_output(ec2, instance_id: str) -> str:
 
 def console_keys_by_address(region: str, members: list[tuple[str, str]], timeout: float) -> dict[str, list[str]]:
     """{address: keys} for MEMBERS [(instance id, address)], read with boto3's default credentials."""
-    import boto3
-    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+    from flambe_iac.aws import aws_errors, ec2_client
 
-    from flambe_iac.errors import InputError
-
-    ec2 = boto3.client("ec2", region_name=region)
-    try:
+    ec2 = ec2_client(region)
+    with aws_errors("reading host keys from EC2 console output (ec2:GetConsoleOutput)",
+                    "or pass --known-hosts FILE, or --trust-on-first-use"):
         found = fetch_console_host_keys(ec2, [instance_id for instance_id, _ in members], timeout)
-    except (NoCredentialsError, PartialCredentialsError):
-        raise InputError("reading host keys from EC2 console output needs AWS credentials (as for the aws CLI); "
-                         "or pass --known-hosts FILE, or --trust-on-first-use") from None
-    except ClientError as error:
-        raise InputError(f"EC2 refused GetConsoleOutput ({error.response.get('Error', {}).get('Code')}): pass "
-                         "--known-hosts FILE, or --trust-on-first-use") from None
     return {address: found[instance_id] for instance_id, address in members if instance_id in found}

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from flambe_iac.cluster import ADDRESS_KINDS, PUBLIC
-from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, exit_code_of
+from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError, exit_code_of
 
 DESCRIPTION = """\
 Push to every host of a cluster, all hosts at once, over SSH with only the key you give:
@@ -38,14 +38,16 @@ where the cluster comes from (exactly one):
                               username: ubuntu
 
 examples:
-  flambe-deploy --stack dev --key ~/.ssh/flambe.pem --secrets secrets.ini --resource data=./data \\
-      --trust-on-first-use
+  # EC2 instances from a stack: host keys are pinned from each instance's console output
+  flambe-deploy --stack dev --key ~/.ssh/flambe.pem --secrets secrets.ini --resource data=./data
+  # hosts whose keys you already hold
   flambe-deploy --outputs lab/outputs.json --key lab/id_ed25519 --known-hosts lab/known_hosts \\
       --secrets secrets.ini --report report.json
 
   flambe-deploy check --stack dev --from 203.0.113.7/32      # read-only preflight of the network (see check -h)
 
-exit codes: 0 every host done, 1 some host failed (the others finished), 2 bad input (nothing was sent).
+exit codes: 0 every host done, 1 some host failed (the others finished), 2 bad input (nothing was sent),
+130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM; the report says which step each host reached.
 An encrypted --key is unlocked with $FLAMBE_KEY_PASSPHRASE, or by asking on a terminal."""
 
 
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("--known-hosts", type=Path, metavar="FILE", help="pinned host keys of the members")
     trust.add_argument("--trust-on-first-use", action="store_true",
                        help="accept the keys hosts present now and pin them in ~/.flambe/known_hosts/<cluster>")
-    parser.add_argument("--host-key-timeout", type=float, default=300, metavar="SECONDS",
+    parser.add_argument("--host-key-timeout", type=non_negative_number, default=300, metavar="SECONDS",
                        help="EC2 clusters without --known-hosts: how long to wait for each instance's console output "
                             "to show its host keys (default 300)")
     parser.add_argument("--address", choices=ADDRESS_KINDS, default=PUBLIC,
@@ -81,11 +83,35 @@ def build_parser() -> argparse.ArgumentParser:
                           help="start the runnable on the orchestrator, detached; it logs to ~/.flambe/run.log")
     runnable.add_argument("--force", action="store_true", help="with --run: stop a runnable still running first")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the per-host, per-step report as JSON")
-    parser.add_argument("--connect-timeout", type=int, default=10, metavar="SECONDS",
-                        help="give up on a host that does not answer within this (default 10)")
+    parser.add_argument("--connect-timeout", type=positive_int, default=10, metavar="SECONDS",
+                        help="give up on one connection attempt that gets no answer within this (default 10)")
+    parser.add_argument("--wait", type=non_negative_number, metavar="SECONDS",
+                        help="keep retrying hosts that refuse connections or time out (instances still booting), "
+                             "with backoff, for up to this long (default 300 with --stack or --outputs, 0 with "
+                             "--cluster)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="show pyinfra's progress (-v) and debug detail (-vv); never secret values")
     return parser
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds, at least 1, not {text!r}")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, not {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(arguments.verbose)
     try:
         return exit_code_of("flambe-deploy", lambda: deploy(arguments))
-    except KeyboardInterrupt:
-        print("flambe-deploy: interrupted", file=sys.stderr)
-        return EXIT_HOST_FAILED
+    except KeyboardInterrupt:  # before any host was contacted; once the deploy runs, the driver takes signals
+        print("flambe-deploy: interrupted before anything was sent", file=sys.stderr)
+        return EXIT_INTERRUPTED["SIGINT"]
 
 
 def patch_for_parallel_connections() -> None:
@@ -126,16 +152,22 @@ def deploy(arguments: argparse.Namespace) -> int:
     from flambe_iac.plan import DeployRequest, build_plan
     from flambe_iac.report import summary
 
-    plan = build_plan(DeployRequest(
-        outputs=arguments.outputs, stack=arguments.stack, cluster_file=arguments.cluster, key=arguments.key,
-        secrets=arguments.secrets, resources=arguments.resource, known_hosts=arguments.known_hosts,
-        trust_on_first_use=arguments.trust_on_first_use, address_kind=arguments.address,
-        rotate_cluster_key=arguments.rotate_cluster_key, connect_timeout=arguments.connect_timeout,
-        runnable_file=arguments.runnable_file, install_extensions=arguments.install_extensions,
-        run=arguments.run, force=arguments.force, host_key_timeout=arguments.host_key_timeout,
-    ))
-    if plan.install_extensions:
-        install_locally(plan)
+    wait = arguments.wait if arguments.wait is not None else (0.0 if arguments.cluster else 300.0)
+    try:
+        plan = build_plan(DeployRequest(
+            outputs=arguments.outputs, stack=arguments.stack, cluster_file=arguments.cluster, key=arguments.key,
+            secrets=arguments.secrets, resources=arguments.resource, known_hosts=arguments.known_hosts,
+            trust_on_first_use=arguments.trust_on_first_use, address_kind=arguments.address,
+            rotate_cluster_key=arguments.rotate_cluster_key, connect_timeout=arguments.connect_timeout,
+            runnable_file=arguments.runnable_file, install_extensions=arguments.install_extensions,
+            run=arguments.run, force=arguments.force, host_key_timeout=arguments.host_key_timeout, wait=wait,
+        ))
+        if plan.install_extensions:
+            install_locally(plan)
+    except InputError as error:
+        if arguments.report:
+            write_input_error_report(arguments.report, str(error))
+        raise
     from flambe_iac.driver import run_deploy
 
     report = run_deploy(plan, sys.stderr)
@@ -144,7 +176,19 @@ def deploy(arguments: argparse.Namespace) -> int:
     print(summary(report))
     if plan.run and report.ok:
         print(follow_log_hint(plan))
+    if report.interrupted:
+        return EXIT_INTERRUPTED[report.interrupted]
     return EXIT_OK if report.ok else EXIT_HOST_FAILED
+
+
+def write_input_error_report(path: Path, message: str) -> None:
+    """Even bad input leaves a report, so a pipeline that reads it never reads an old one."""
+    import json
+
+    document = {"ok": False, "input_error": message, "hosts": []}
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    partial.replace(path)
 
 
 def install_locally(plan) -> None:
@@ -168,7 +212,7 @@ def follow_log_hint(plan) -> str:
     import shlex
 
     from flambe_iac.remote_layout import RUN_LOG
-    from flambe_iac.ssh_options import SshTarget, ssh_options
+    from flambe_iac.connection import SshTarget, ssh_options
 
     target = SshTarget(plan.address(plan.cluster.orchestrator), plan.cluster.ssh_user, plan.user_key.path,
                        plan.host_keys.known_hosts)

@@ -21,11 +21,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from flambe_iac.errors import InputError
+from flambe_iac.names import check_tree_name
 
 LOCAL, GIT, PYPI = "local", "git", "pypi"
 SCP_LIKE = re.compile(r"^(?P<user>[A-Za-z0-9._-]+@)?(?P<host>[A-Za-z0-9.-]+):(?P<path>[^/][^:]*)$")
 REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?\s*((==|>=|<=|~=|!=|<|>)\s*[A-Za-z0-9.*+!_-]+\s*,?\s*)*$")
-EXTENSION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 GIT_TIMEOUT = 300
 
 
@@ -58,8 +58,7 @@ def redact_url(text: str) -> str:
 def parse_location(name: str, text: str, base: Path) -> ExtensionLocation:
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"extension {name!r}: its location must be a path, a git URL or a PyPI requirement")
-    if not EXTENSION_NAME.fullmatch(name) or ".." in name:
-        raise InputError(f"extension name {name!r} is not allowed: use letters, digits, '_', '-' and '.'")
+    check_tree_name(name, "extension")
     text = text.strip()
     if _looks_like_git(text):
         return _git_location(name, text)

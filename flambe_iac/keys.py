@@ -1,6 +1,6 @@
-"""The user's key (checked, never copied anywhere) and the cluster's own key pair (made in memory).
+"""The user's key: checked before anything connects, never copied anywhere; and OpenSSH fingerprints.
 
-paramiko and cryptography are imported inside the functions that need them, to keep start-up fast.
+paramiko is imported inside the functions that need them, to keep start-up fast.
 """
 
 from __future__ import annotations
@@ -29,19 +29,6 @@ class UserKey:
         return f"UserKey({str(self.path)!r}, passphrase={'set' if self.passphrase else 'none'})"
 
 
-@dataclass(frozen=True)
-class ClusterKey:
-    private_openssh: bytes
-    public_line: str  # "ssh-ed25519 AAAA... flambe-cluster:NAME"
-
-    @property
-    def fingerprint(self) -> str:
-        return public_key_fingerprint(self.public_line)
-
-    def __repr__(self) -> str:
-        return f"ClusterKey({self.fingerprint})"
-
-
 def load_user_key(path: Path) -> UserKey:
     """Check the key file and, if it is encrypted, find its passphrase; raise InputError otherwise."""
     path = Path(path).expanduser()
@@ -53,6 +40,7 @@ def load_user_key(path: Path) -> UserKey:
         hint = " (that is a public key: give the private key, without .pub)" if path.suffix == ".pub" else ""
         raise InputError(f"{path} is not an SSH private key{hint}")
     if not is_encrypted(text):
+        check_key_body(path, None)
         return UserKey(path)
     passphrase = os.environ.get(PASSPHRASE_VARIABLE) or ask_passphrase(path)
     if not passphrase:
@@ -60,7 +48,7 @@ def load_user_key(path: Path) -> UserKey:
             f"SSH key {path} is protected by a passphrase and there is no way to unlock it here: "
             f"set {PASSPHRASE_VARIABLE}, or run on a terminal to be asked (flambe-deploy never uses an ssh-agent)"
         )
-    check_passphrase(path, passphrase)
+    check_key_body(path, passphrase)
     return UserKey(path, passphrase)
 
 
@@ -87,43 +75,22 @@ def ask_passphrase(path: Path) -> str | None:
     return getpass.getpass(f"Passphrase for {path}: ") or None
 
 
-def check_passphrase(path: Path, passphrase: str) -> None:
+def check_key_body(path: Path, passphrase: str | None) -> None:
+    """Load the key as ssh would, so a damaged file or a wrong passphrase is bad input, found before connecting."""
     import paramiko
 
     try:
-        paramiko.PKey.from_path(path, passphrase=passphrase.encode())
-    except Exception:
-        raise InputError(f"the passphrase does not unlock SSH key {path} (from {PASSPHRASE_VARIABLE} or the prompt)") from None
-
-
-def new_cluster_key(comment: str) -> ClusterKey:
-    """A fresh ed25519 key pair, made in memory: the private key only ever lands on the cluster's hosts."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    private_key = Ed25519PrivateKey.generate()
-    private_openssh = private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    public = private_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return ClusterKey(private_openssh, f"{public.decode()} {comment}")
-
-
-def cluster_key_from_private(private_openssh: bytes, comment: str) -> ClusterKey:
-    """The key pair a host already holds, its public half derived again from the private key."""
-    from cryptography.hazmat.primitives import serialization
-
-    private_key = serialization.load_ssh_private_key(private_openssh, password=None)
-    public = private_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return ClusterKey(private_openssh, f"{public.decode()} {comment}")
+        paramiko.PKey.from_path(path, passphrase=passphrase.encode() if passphrase else None)
+    except paramiko.PasswordRequiredException:
+        raise InputError(f"SSH key {path} is protected by a passphrase: set {PASSPHRASE_VARIABLE}") from None
+    except Exception:  # paramiko raises SSHException, ValueError or its own errors for a body it cannot read
+        if passphrase:
+            raise InputError(f"the passphrase does not unlock SSH key {path} "
+                             f"(from {PASSPHRASE_VARIABLE} or the prompt)") from None
+        raise InputError(f"SSH key {path} is damaged: its body is not a private key ssh can read") from None
 
 
 def public_key_fingerprint(public_line: str) -> str:
     """OpenSSH's SHA256 fingerprint of a public key line."""
     blob = base64.b64decode(public_line.split()[1], validate=True)
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-
-
-def same_public_key(line_a: str, line_b: str) -> bool:
-    """Whether two public key lines hold the same key, whatever their comments."""
-    return line_a.split()[:2] == line_b.split()[:2]

@@ -49,6 +49,16 @@ USER_KEY_FILE = "id_ed25519"
 KNOWN_HOSTS_FILE = "known_hosts"
 
 
+# Faults a host can be made with, so tests meet hosts unlike the lab's defaults: KIND or KIND=VALUE.
+FAULTS = {
+    "no-sftp": "its sshd has no SFTP subsystem",
+    "small-home": "its home is a tmpfs of VALUE bytes (e.g. 256k)",
+    "late-sshd": "its sshd starts VALUE seconds after `up` returns",
+    "no-rsync": "rsync is missing on the host",
+    "max-sessions": "its sshd allows VALUE sessions per connection",
+}
+
+
 @dataclass
 class LabHost:
     hostname: str
@@ -56,6 +66,7 @@ class LabHost:
     address: str
     netns: str
     pid: int | None = None
+    faults: dict[str, str] | None = None  # fault kind -> value ("" for none)
 
     @property
     def index(self) -> int:
@@ -124,7 +135,7 @@ def lab_cluster(state: LabState) -> Cluster:
 
 
 def up(lab_dir: Path, host_count: int, user: str = DEFAULT_USER, subnet: str = DEFAULT_SUBNET,
-       addresses: list[str] | None = None) -> LabState:
+       addresses: list[str] | None = None, faults: list[str] = ()) -> LabState:
     """Build the lab; on any failure tear down what was made and raise."""
     check_can_run_lab()
     lab_dir = lab_dir.resolve()
@@ -132,6 +143,7 @@ def up(lab_dir: Path, host_count: int, user: str = DEFAULT_USER, subnet: str = D
     if existing is not None and existing.status != "down":
         raise InputError(f"a lab is already up in {lab_dir}: run `flambe-lab down --dir {lab_dir}` first")
     state = plan_lab(host_count, user, subnet, addresses)
+    apply_faults(state, faults)
     lab_dir.mkdir(parents=True, exist_ok=True)
     state.save(lab_dir)
     try:
@@ -172,6 +184,24 @@ def plan_lab(host_count: int, user: str, subnet: str, addresses: list[str] | Non
     ]
     return LabState(lab_id=lab_id, user=user, uid=free_uid(), prefix_length=network.prefixlen,
                     client_address=client_address, hosts=hosts)
+
+
+def apply_faults(state: LabState, faults: list[str]) -> None:
+    """Each fault is INDEX:KIND or INDEX:KIND=VALUE, INDEX counting hosts from 0 (the orchestrator)."""
+    for text in faults:
+        index_text, _, fault = text.partition(":")
+        kind, _, value = fault.partition("=")
+        if not index_text.isdigit() or int(index_text) >= len(state.hosts) or kind not in FAULTS:
+            raise InputError(f"--fault {text!r}: write INDEX:KIND[=VALUE] with a host index below "
+                             f"{len(state.hosts)} and KIND one of {', '.join(FAULTS)}")
+        if kind in ("small-home", "late-sshd", "max-sessions") and not re.fullmatch(r"[0-9]+[kKmM]?", value):
+            raise InputError(f"--fault {text!r}: {kind} needs a value: {FAULTS[kind]}")
+        host = state.hosts[int(index_text)]
+        host.faults = {**(host.faults or {}), kind: value}
+
+
+def has_fault(host: LabHost, kind: str) -> bool:
+    return kind in (host.faults or {})
 
 
 def _parse_network(subnet: str) -> ipaddress.IPv4Network:
@@ -305,6 +335,19 @@ def prepare_host_files(lab_dir: Path, state: LabState, host: LabHost, user_publi
     write_accounts(etc, state)
     (etc / "sshd_config").write_text(sshd_config(host))
     (directory / "boot.sh").write_text(boot_script(directory, host))
+    if has_fault(host, "small-home"):
+        mount_small_home(directory / "home", host.faults["small-home"])
+
+
+def mount_small_home(home: Path, size: str) -> None:
+    """A tmpfs of SIZE over the host's home, holding what the home held: a disk that fills up."""
+    holding = home.with_name("home.prepared")
+    home.rename(holding)
+    home.mkdir(mode=0o755)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "flambe-lab-home", str(home)],
+                   check=True, capture_output=True)
+    subprocess.run(["cp", "-a", f"{holding}/.", str(home)], check=True, capture_output=True)
+    shutil.rmtree(holding)
 
 
 def write_accounts(etc: Path, state: LabState) -> None:
@@ -331,7 +374,8 @@ def sshd_config(host: LabHost) -> str:
         "UsePAM no",
         "StrictModes yes",
         "PrintMotd no",
-        "Subsystem sftp internal-sftp",
+        *([] if has_fault(host, "no-sftp") else ["Subsystem sftp internal-sftp"]),
+        *([f"MaxSessions {host.faults['max-sessions']}"] if has_fault(host, "max-sessions") else []),
         "",
     ])
 
@@ -347,12 +391,15 @@ def boot_script(directory: Path, host: LabHost) -> str:
         f"hostname {host.hostname}",
         "mount -t tmpfs -o mode=0755 lab-run /run",
         f"mkdir -m 0755 /run/sshd {IN_HOST_DIR}",
-        f"mount --bind {directory} {IN_HOST_DIR}",
-        f"mount --bind {IN_HOST_DIR}/home /home",
+        f"mount --rbind {directory} {IN_HOST_DIR}",
+        f"mount --rbind {IN_HOST_DIR}/home /home",
         f"mount --bind {IN_HOST_DIR}/tmp /tmp",
         f"mount --bind {IN_HOST_DIR}/etc/passwd /etc/passwd",
         f"mount --bind {IN_HOST_DIR}/etc/group /etc/group",
         f"mount --bind {IN_HOST_DIR}/etc/shadow /etc/shadow",
+        *(["for tool in $(which -a rsync); do mount --bind /dev/null \"$tool\"; done"]
+          if has_fault(host, "no-rsync") else []),
+        *([f"sleep {host.faults['late-sshd']}"] if has_fault(host, "late-sshd") else []),
         f"exec /usr/sbin/sshd -D -e -f {IN_HOST_DIR}/etc/sshd_config",
         "",
     ])
@@ -374,7 +421,7 @@ def start_sshd(lab_dir: Path, host: LabHost) -> int:
 
 def wait_for_sshd(lab_dir: Path, state: LabState) -> None:
     """sshd writes its pid file once it listens; a host whose sshd exited fails the lab with its log."""
-    waiting = list(state.hosts)
+    waiting = [host for host in state.hosts if not has_fault(host, "late-sshd")]
     deadline = time.monotonic() + SSHD_START_TIMEOUT
     while waiting:
         for host in list(waiting):
@@ -415,6 +462,9 @@ def down(lab_dir: Path) -> list[str]:
     for host in state.hosts:
         host.pid = None
         (host_dir(lab_dir, host) / "sshd.pid").unlink(missing_ok=True)
+        home = host_dir(lab_dir, host) / "home"
+        if os.path.ismount(home):
+            subprocess.run(["umount", str(home)], check=True, capture_output=True)
     state.status = "down"
     state.save(lab_dir)
     return namespaces
@@ -538,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"private IPv4 range of the lab network (default {DEFAULT_SUBNET})")
     up_parser.add_argument("--addresses", type=lambda text: text.split(","), metavar="IP,IP,...",
                            help="exact host addresses inside --subnet, orchestrator first (default: the next free)")
+    up_parser.add_argument("--fault", action="append", default=[], metavar="INDEX:KIND[=VALUE]",
+                           help="make host INDEX (0 is the orchestrator) unlike the others; KIND is one of: "
+                                + "; ".join(f"{kind} ({text})" for kind, text in FAULTS.items()))
     for name, text in (("down", "stop every sshd and remove every namespace and link of the lab (idempotent)"),
                        ("show", "list the hosts, their addresses and whether their sshd runs")):
         commands.add_parser(name, help=text, description=text).add_argument("--dir", type=Path, required=True)
@@ -556,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(arguments: argparse.Namespace) -> int:
     if arguments.command == "up":
         started = time.monotonic()
-        state = up(arguments.dir, arguments.hosts, arguments.user, arguments.subnet, arguments.addresses)
+        state = up(arguments.dir, arguments.hosts, arguments.user, arguments.subnet, arguments.addresses,
+                   arguments.fault)
         print(describe(arguments.dir.resolve(), state))
         print(f"lab up: {len(state.hosts)} hosts in {time.monotonic() - started:.2f} s")
     elif arguments.command == "down":

@@ -15,6 +15,7 @@ from typing import Any
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.errors import InputError
+from flambe_iac.names import check_host_id
 
 VERSION_KEY = "flambe_outputs_version"
 VERSION = 1
@@ -51,15 +52,27 @@ def parse_outputs(document: Any, source: str = "stack outputs") -> Cluster:
     reader.check_version(document)
     orchestrator = reader.host(document.get("orchestrator"), "orchestrator", ORCHESTRATOR)
     factories = reader.sequence(document.get("factories"), "factories")
-    return Cluster(
-        name=reader.text(document.get("cluster_name"), "cluster_name"),
-        ssh_user=reader.text(document.get("ssh_user"), "ssh_user"),
-        region=reader.optional_text(document.get("region"), "region"),
-        orchestrator=orchestrator,
-        factories=tuple(
-            reader.host(entry, f"factories[{index}]", FACTORY) for index, entry in enumerate(factories)
-        ),
-    )
+    name = reader.text(document.get("cluster_name"), "cluster_name")
+    ssh_user = reader.text(document.get("ssh_user"), "ssh_user")
+    region = reader.optional_text(document.get("region"), "region")
+    hosts = tuple(reader.host(entry, f"factories[{index}]", FACTORY) for index, entry in enumerate(factories))
+    try:
+        return Cluster(name=name, ssh_user=ssh_user, region=region, orchestrator=orchestrator, factories=hosts)
+    except InputError as error:
+        raise InputError(f"{source}: {error}") from None
+
+
+def contract_document(cluster_name: Any, ssh_user: Any, region: Any, orchestrator: Any, factories: list) -> dict:
+    """The contract v1 document, key by key: the one builder, for `stacks/` (whose values are Pulumi outputs)
+    and for the lab (plain values)."""
+    return {
+        VERSION_KEY: VERSION,
+        "cluster_name": cluster_name,
+        "ssh_user": ssh_user,
+        "region": region,
+        "orchestrator": orchestrator,
+        "factories": factories,
+    }
 
 
 def outputs_document(cluster: Cluster) -> dict[str, Any]:
@@ -68,14 +81,8 @@ def outputs_document(cluster: Cluster) -> dict[str, Any]:
     def host_entry(host: Host) -> dict[str, Any]:
         return {key: getattr(host, key) for key in HOST_KEYS}
 
-    return {
-        VERSION_KEY: VERSION,
-        "cluster_name": cluster.name,
-        "ssh_user": cluster.ssh_user,
-        "region": cluster.region,
-        "orchestrator": host_entry(cluster.orchestrator),
-        "factories": [host_entry(host) for host in cluster.factories],
-    }
+    return contract_document(cluster.name, cluster.ssh_user, cluster.region, host_entry(cluster.orchestrator),
+                             [host_entry(host) for host in cluster.factories])
 
 
 def _masked_paths(value: Any, path: str = "") -> list[str]:
@@ -146,8 +153,13 @@ class _Reader:
     def host(self, value: Any, field: str, role: str) -> Host:
         entry = self.mapping(value, field)
         public_ip = entry.get("public_ip")
+        host_id = self.text(entry.get("id"), f"{field}.id")
+        try:
+            check_host_id(host_id, "")
+        except InputError:
+            raise self.fail(f"{field}.id", f"is {host_id!r}: use letters, digits, '_', '.', ':' and '-'") from None
         return Host(
-            id=self.text(entry.get("id"), f"{field}.id"),
+            id=host_id,
             role=role,
             private_ip=self.address(entry.get("private_ip"), f"{field}.private_ip"),
             public_ip=None if public_ip is None else self.address(public_ip, f"{field}.public_ip"),

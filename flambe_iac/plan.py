@@ -35,6 +35,7 @@ class DeployRequest:
     run: bool = False
     force: bool = False
     host_key_timeout: float = 300.0
+    wait: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class DeployPlan:
     install_extensions: bool = False
     run: bool = False
     force: bool = False
+    wait: float = 0.0  # how long to keep retrying hosts whose sshd is not answering yet
 
     def address(self, host: Host) -> str:
         return host.address(self.address_kind)
@@ -75,7 +77,7 @@ def load_cluster(request: DeployRequest) -> tuple[Cluster, Path | None]:
 
         return load_outputs(request.outputs), None
     if request.stack is not None:
-        from flambe_iac.stack import load_stack
+        from flambe_iac.pulumi_cli import load_stack
 
         return load_stack(request.stack), None
     from flambe_iac.cluster_file import load_cluster_file
@@ -107,6 +109,7 @@ def build_plan(request: DeployRequest) -> DeployPlan:
         install_extensions=request.install_extensions,
         run=request.run,
         force=request.force,
+        wait=request.wait,
     )
 
 

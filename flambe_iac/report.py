@@ -1,4 +1,8 @@
-"""What a deploy did, host by host and step by step: shown while it runs, and written as JSON.
+"""Outcomes: what a deploy did, host by host and step by step; shown while it runs, and written as JSON.
+
+One table of outcomes decides everything the user and CI see: `ok`, the summary line and the exit code.
+Every step asked of a host ends `changed`, `unchanged` or `failed` with a cause in words; `skipped` means only
+"not asked of this host". A step still `pending` when the run ends is failed, never read as done.
 
 It holds statuses, durations, addresses and the cluster key's fingerprint; never a secret value.
 """
@@ -6,28 +10,22 @@ It holds statuses, durations, addresses and the cluster key's fingerprint; never
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-CLUSTER_KEY = "cluster key"
-SECRETS = "secrets"
-RESOURCES = "resources"
-EXTENSIONS = "extensions"
-INSTALL = "install"
-MANIFEST = "manifest"
-RUN = "run"
-STEPS = (CLUSTER_KEY, SECRETS, RESOURCES, EXTENSIONS, INSTALL, MANIFEST, RUN)
-
 CHANGED, UNCHANGED, FAILED, SKIPPED, PENDING = "changed", "unchanged", "failed", "skipped", "pending"
+DONE = (CHANGED, UNCHANGED)
 
 
 @dataclass
 class StepResult:
-    status: str = PENDING
+    status: str = SKIPPED
     seconds: float = 0.0
+    cause: str | None = None
 
 
 @dataclass
@@ -35,28 +33,53 @@ class HostReport:
     host_id: str
     role: str
     address: str
-    steps: dict[str, StepResult] = field(default_factory=lambda: {step: StepResult() for step in STEPS})
+    steps: dict[str, StepResult] = field(default_factory=dict)  # every step of the table, in its order
     connect_seconds: float = 0.0
-    error: str | None = None  # why the host failed: a connection refused, a step's error
+    error: str | None = None  # the host's first failure, in words
+
+    def ask(self, step: str) -> None:
+        self.steps[step].status = PENDING
+
+    def finish(self, step: str, status: str, cause: str | None = None) -> None:
+        self.steps[step].status = status
+        self.steps[step].cause = cause
+        if status == FAILED:
+            self.error = self.error or f"{step}: {cause}"
+
+    def fail(self, cause: str) -> None:
+        """The host cannot go on: every step it was asked and has not finished fails with CAUSE."""
+        self.error = self.error or cause
+        for result in self.steps.values():
+            if result.status == PENDING:
+                result.status, result.cause = FAILED, f"not done: {cause}"
 
     @property
     def ok(self) -> bool:
-        return self.error is None and all(step.status in (CHANGED, UNCHANGED, SKIPPED)
-                                          for step in self.steps.values())
+        return self.error is None and all(step.status in (*DONE, SKIPPED) for step in self.steps.values())
 
 
 @dataclass
 class DeployReport:
     cluster_name: str
     hosts: list[HostReport]
+    run_id: str = ""
     cluster_key_fingerprint: str | None = None
     cluster_key_action: str | None = None  # "kept", "created" or "rotated"
     extensions: dict[str, dict] = field(default_factory=dict)  # name -> kind, location, exact git commit
+    notes: list[str] = field(default_factory=list)
+    interrupted: str | None = None  # "SIGINT" or "SIGTERM" when the run was stopped
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return all(host.ok for host in self.hosts)
+        return self.interrupted is None and all(host.ok for host in self.hosts)
+
+    def close(self) -> None:
+        """End of the run: whatever is still pending was not done."""
+        reason = f"the deploy was interrupted ({self.interrupted})" if self.interrupted else "the run ended before it"
+        for host in self.hosts:
+            if any(result.status == PENDING for result in host.steps.values()):
+                host.fail(reason)
 
     def to_json(self) -> str:
         document = asdict(self)
@@ -64,7 +87,11 @@ class DeployReport:
         return json.dumps(document, indent=2) + "\n"
 
     def write(self, path: Path) -> None:
-        Path(path).write_text(self.to_json())
+        """Atomically: a reader (CI) never sees half a report."""
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_text(self.to_json())
+        partial.replace(path)
 
 
 LABELS = {CHANGED: "changed", UNCHANGED: "unchanged", FAILED: "FAILED", SKIPPED: "-", PENDING: "..."}
@@ -86,6 +113,12 @@ class ProgressView:
         elif host.error:
             print(f"{host.host_id} ({host.address}): not connected: {host.error}", file=self.stream, flush=True)
 
+    def note(self, host: HostReport, text: str) -> None:
+        if self.live:
+            self.redraw()
+        else:
+            print(f"{host.host_id} ({host.address}): {text}", file=self.stream, flush=True)
+
     def step_done(self, host: HostReport, step: str) -> None:
         if self.live:
             self.redraw()
@@ -94,14 +127,21 @@ class ProgressView:
         if result.status == SKIPPED:
             return
         line = f"{host.host_id} ({host.address}): {step} {LABELS[result.status]} ({result.seconds:.2f} s)"
-        if result.status == FAILED and host.error:
-            line += f": {host.error}"
+        if result.status == FAILED and result.cause:
+            line += f": {result.cause}"
         print(line, file=self.stream, flush=True)
 
+    def columns(self) -> list[str]:
+        """The steps some host was asked: a column of dashes helps nobody."""
+        names = list(self.report.hosts[0].steps) if self.report.hosts else []
+        return [name for name in names
+                if any(host.steps[name].status != SKIPPED for host in self.report.hosts)]
+
     def redraw(self) -> None:
-        lines = [f"{'host':<24} {'address':<16} " + " ".join(f"{step:<11}" for step in STEPS)]
+        columns = self.columns()
+        lines = [f"{'host':<24} {'address':<16} " + " ".join(f"{step:<11}" for step in columns)]
         for host in self.report.hosts:
-            cells = " ".join(f"{LABELS[host.steps[step].status]:<11}" for step in STEPS)
+            cells = " ".join(f"{LABELS[host.steps[step].status]:<11}" for step in columns)
             lines.append(f"{host.host_id[:24]:<24} {host.address:<16} {cells}")
         lines.append(f"{time.monotonic() - self.started:.1f} s")
         if self.drawn_lines:
@@ -115,8 +155,11 @@ def summary(report: DeployReport) -> str:
     failed = [host for host in report.hosts if not host.ok]
     lines = [f"cluster {report.cluster_name}: {len(report.hosts) - len(failed)} of {len(report.hosts)} hosts done "
              f"in {report.seconds:.2f} s"]
+    if report.interrupted:
+        lines[0] += f" (INTERRUPTED by {report.interrupted})"
     if report.cluster_key_fingerprint:
         lines.append(f"cluster key {report.cluster_key_fingerprint} ({report.cluster_key_action})")
+    lines += [f"note: {note}" for note in report.notes]
     for host in report.hosts:
         changed = [step for step, result in host.steps.items() if result.status == CHANGED]
         if not host.ok:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from flambe_iac.errors import InputError
+from flambe_iac.names import check_tree_name
 
-RESOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 # One entry of a tree: ("f", path, size, mtime) for a file, ("d", path) for a directory, ("l", path, target).
+# `local_tree` lists a tree here; REMOTE_TREE_LISTING, run inside a directory on a host, lists it in the lines
+# `parse_tree_line` reads. The two must agree, entry for entry.
 TreeEntry = tuple
+
+REMOTE_TREE_LISTING = (r"find . -mindepth 1 \( -type f -printf 'f\t%P\t%s\t%T@\n' \) -o \( -type d -printf 'd\t%P\n' \) "
+                       r"-o \( -type l -printf 'l\t%P\t%l\n' \)")
 
 
 @dataclass(frozen=True)
@@ -48,17 +53,26 @@ def parse_resources(pairs: list[str]) -> list[Resource]:
             raise InputError(f"--resource {name}={path_text}: no such file or directory")
         if not os.access(resource.path, os.R_OK):
             raise InputError(f"--resource {name}={path_text}: not readable")
+        refuse_special_files(resource, f"--resource {name}={path_text}")
         resources[name] = resource
     return list(resources.values())
 
 
 def check_resource_name(name: str) -> str:
-    if "/" in name or ".." in name or not RESOURCE_NAME.fullmatch(name):
-        raise InputError(
-            f"resource name {name!r} is not allowed: use letters, digits, '_', '-' and '.', "
-            "without '/' or '..' (it becomes the directory ~/resources/NAME)"
-        )
-    return name
+    return check_tree_name(name, "resource")
+
+
+def refuse_special_files(tree: Resource, what: str) -> None:
+    """Only files, directories and symlinks travel: a FIFO would hang the checksums, a device or a socket has no
+    meaning on another host. Found here, before anything connects."""
+    paths = [tree.path] if not tree.path.is_dir() else (
+        Path(directory, name) for directory, subdirectories, files in _walk(tree) for name in subdirectories + files)
+    for path in paths:
+        mode = path.lstat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "not a regular file")
+            raise InputError(f"{what}: {path} is {kind}; a resource holds only files, directories and symlinks")
 
 
 def local_tree(resource: Resource) -> set[TreeEntry]:
@@ -79,6 +93,17 @@ def local_tree(resource: Resource) -> set[TreeEntry]:
                 stat = full.stat()
                 entries.add(("f", relative, stat.st_size, int(stat.st_mtime)))
     return entries
+
+
+def parse_tree_line(line: str) -> TreeEntry | None:
+    fields = line.split("\t")
+    if fields[0] == "f" and len(fields) == 4:
+        return ("f", fields[1], int(fields[2]), int(fields[3].split(".")[0]))
+    if fields[0] == "d" and len(fields) == 2:
+        return ("d", fields[1])
+    if fields[0] == "l" and len(fields) == 3:
+        return ("l", fields[1], fields[2])
+    return None
 
 
 def checksums(resource: Resource) -> dict[str, str]:

@@ -45,7 +45,10 @@ class RunnableError(Exception):
 
 
 def secrets_config(path: Path | None) -> configparser.ConfigParser:
-    config = configparser.ConfigParser(interpolation=None)
+    """The secrets ini as the runnable sees it, read by the same parser that checked it before the deploy."""
+    from flambe_iac.secrets_file import secrets_parser
+
+    config = secrets_parser()
     if path is not None:
         with open(path, encoding="utf-8") as stream:
             config.read_file(stream, source=str(path))

@@ -9,7 +9,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from flambe_iac.outputs import HOST_KEYS, VERSION, VERSION_KEY
+from flambe_iac.outputs import HOST_KEYS, contract_document
 from flambe_iac.stacks.cluster_config import ClusterConfig, StackConfigError
 
 ORCHESTRATOR, FACTORY = "orchestrator", "factory"
@@ -31,14 +31,8 @@ def declare_cluster(config: ClusterConfig) -> dict[str, Any]:
     if config.factories_idle_hours is not None:
         for index, factory in enumerate(factories):
             idle_alarm(config, factory, FACTORY, f"{config.name}_factory_{index}", config.factories_idle_hours, region)
-    return {
-        VERSION_KEY: VERSION,
-        "cluster_name": config.name,
-        "ssh_user": config.username,
-        "region": region,
-        "orchestrator": host_entry(orchestrator),
-        "factories": [host_entry(factory) for factory in factories],
-    }
+    return contract_document(config.name, config.username, region, host_entry(orchestrator),
+                             [host_entry(factory) for factory in factories])
 
 
 def check_network(config: ClusterConfig) -> None:

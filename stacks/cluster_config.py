@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import pulumi
+
+from flambe_iac.errors import InputError
+from flambe_iac.names import CLUSTER_NAME_RULE, check_cluster_name, check_ssh_user
 
 NAMESPACE = "flambe"
 CANONICAL = "099720109477"
@@ -66,7 +68,7 @@ def load_config(config: pulumi.Config | None = None) -> ClusterConfig:
         ami=reader.optional("ami"),
         ami_name=reader.optional("amiName") or DEFAULT_AMI_NAME,
         ami_owners=reader.optional_string_list("amiOwners") or [CANONICAL],
-        username=reader.optional("username") or ClusterConfig.username,
+        username=reader.username("username"),
         volume_size=reader.integer("volumeSize", ClusterConfig.volume_size, minimum=8),
         volume_type=reader.choice("volumeType", VOLUME_TYPES, ClusterConfig.volume_type),
         tags=reader.tags("tags"),
@@ -118,9 +120,17 @@ class _Reader:
 
     def name(self, key: str) -> str:
         value = self.required(key, "the cluster's name, used in instance names and tags")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
-            raise self.fail(key, f"is {value!r}", "use letters, digits, '_', '-' and '.' (up to 63)")
-        return value
+        try:
+            return check_cluster_name(value)
+        except InputError:
+            raise self.fail(key, f"is {value!r}", f"use {CLUSTER_NAME_RULE}") from None
+
+    def username(self, key: str) -> str:
+        value = self.optional(key) or ClusterConfig.username
+        try:
+            return check_ssh_user(value)
+        except InputError as error:
+            raise self.fail(key, f"is {value!r}", str(error)) from None
 
     def _object(self, key: str) -> Any:
         try:

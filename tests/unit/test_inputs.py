@@ -11,19 +11,13 @@ import pytest
 from flambe_iac.cluster_file import load_cluster_file
 from flambe_iac.errors import InputError
 from flambe_iac.host_keys import choose_host_key_policy, keys_in, read_known_hosts
-from flambe_iac.keys import (
-    PASSPHRASE_VARIABLE,
-    cluster_key_from_private,
-    is_encrypted,
-    load_user_key,
-    new_cluster_key,
-    public_key_fingerprint,
-)
+from flambe_iac.cluster_key import cluster_key_from_private, new_cluster_key
+from flambe_iac.keys import PASSPHRASE_VARIABLE, is_encrypted, load_user_key, public_key_fingerprint
 from flambe_iac.plan import connect_addresses
 from flambe_iac.resources import checksums, local_tree, parse_resources
 from flambe_iac.secrets_file import HiddenBytes, read_secrets_file, secrets_parser
-from flambe_iac.ssh_options import SshTarget, rsync_command, ssh_options
-from flambe_iac.stack import load_stack
+from flambe_iac.connection import SshTarget, rsync_command, ssh_options
+from flambe_iac.pulumi_cli import load_stack
 
 SECRET = "s3cr3t-value-%-with-percent"
 

@@ -1,9 +1,8 @@
-from flambe_iac.remote_layout import (
-    members_known_hosts,
-    ssh_config_block,
-    updated_authorized_keys,
-    updated_ssh_config,
-)
+import pytest
+
+from flambe_iac.cluster_key import new_cluster_key, updated_authorized_keys
+from flambe_iac.connection import ssh_config_block, updated_ssh_config
+from flambe_iac.remote_layout import manifest, members_known_hosts
 
 NEW = "ssh-ed25519 AAAANEW flambe-cluster:c1"
 OLD = "ssh-ed25519 AAAAOLD flambe-cluster:c1"
@@ -25,9 +24,26 @@ def test_replaces_an_old_key_of_the_same_cluster_only():
     assert updated_authorized_keys(current, NEW, "c1") == USER + other_cluster + NEW.encode() + b"\n"
 
 
-def test_removes_a_retired_key_even_without_our_comment():
-    current = USER + b"ssh-ed25519 AAAAOLD renamed-by-hand\n"
-    assert updated_authorized_keys(current, NEW, "c1", retired_keys=[OLD]) == USER + NEW.encode() + b"\n"
+def test_removes_a_retired_key_even_without_our_comment_or_behind_options():
+    old = new_cluster_key("flambe-cluster:c1")
+    key_only = " ".join(old.public_line.split()[:2]).encode()
+    current = USER + key_only + b" renamed-by-hand\n" + b'from="10.0.0.0/8" ' + key_only + b"\n"
+    assert updated_authorized_keys(current, NEW, "c1", {old.fingerprint}) == USER + NEW.encode() + b"\n"
+
+
+@pytest.mark.parametrize("hostile", ["c1\nssh-ed25519 AAAAEVIL attacker", "c1\rx", "c1\0"])
+def test_writers_refuse_a_line_break_as_a_second_defence(hostile):
+    with pytest.raises(ValueError, match="line break"):
+        updated_authorized_keys(USER, NEW, hostile)
+    with pytest.raises(ValueError, match="line break"):
+        ssh_config_block(hostile, "ubuntu", ["10.0.0.1"])
+    with pytest.raises(ValueError, match="line break"):
+        manifest(hostile, "factory", "i-1", [], "SHA256:x", {}, "0", {})
+
+
+def test_the_members_ssh_config_never_forwards_the_agent():
+    block = ssh_config_block("c1", "ubuntu", ["10.0.0.1"])
+    assert "ForwardAgent no" in block and "IdentityAgent none" in block and "ForwardAgent yes" not in block
 
 
 def test_keeps_other_lines_byte_identical_even_without_a_final_newline():

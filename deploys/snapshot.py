@@ -1,0 +1,123 @@
+"""The host's state, read in one round trip per host before anything is written: what every step compares against.
+
+Each step of the table says what it reads (`SnapshotRequest`); the driver merges them and reads once per host.
+The read also makes this run's private staging directory. It ends with a marker: a read cut short (the
+connection dropped, the shell died) is a failure of the host, never an empty host.
+Paths are relative to the SSH user's home. Contents are read only for files that hold no secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import shlex
+from dataclasses import dataclass, field
+
+from flambe_iac.connection import RemoteCommandError, run_remote
+from flambe_iac.resources import REMOTE_TREE_LISTING, parse_tree_line
+from flambe_iac.remote_layout import run_staging_dir
+
+END = "@end-of-snapshot"
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    files: tuple[str, ...] = ()  # mode and sha256 of each
+    contents: tuple[str, ...] = ()  # bytes of each (never a secret)
+    trees: tuple[str, ...] = ()  # listing of each directory
+    links: tuple[str, ...] = ()  # where each points, if it is a symlink, and whether it can be rewritten
+    tools: tuple[str, ...] = ()  # commands that must exist on the host
+
+    def __or__(self, other: SnapshotRequest) -> SnapshotRequest:
+        def merged(name):
+            return tuple(dict.fromkeys((*getattr(self, name), *getattr(other, name))))
+        return SnapshotRequest(*(merged(name) for name in ("files", "contents", "trees", "links", "tools")))
+
+
+@dataclass
+class HostSnapshot:
+    files: dict[str, tuple[str, str]] = field(default_factory=dict)  # regular files: path -> (octal mode, sha256)
+    contents: dict[str, bytes] = field(default_factory=dict)  # path -> bytes; absent if the file is
+    trees: dict[str, set] = field(default_factory=dict)  # path -> entries as resources.local_tree; absent if missing
+    links: dict[str, tuple[str, bool]] = field(default_factory=dict)  # symlink -> (resolved target, writable)
+    missing_tools: set[str] = field(default_factory=set)
+
+    def matches(self, path: str, mode: str, sha256: str) -> bool:
+        return self.files.get(path) == (mode, sha256)
+
+
+class SnapshotError(Exception):
+    pass
+
+
+def snapshot_command(request: SnapshotRequest, run_id: str) -> str:
+    staging = shlex.quote(run_staging_dir(run_id))
+    parts = ["umask 077", f"mkdir -p {staging} && chmod 700 .flambe/staging {staging}"]
+    if request.files:
+        quoted = " ".join(shlex.quote(path) for path in request.files)
+        parts.append(f"stat -L -c '@file %f %a %n' -- {quoted} 2>/dev/null")
+        parts.append(f"sha256sum -- {quoted} 2>/dev/null | sed 's/^/@sha /'")
+    for path in request.contents:
+        quoted = shlex.quote(path)
+        parts.append(f"if [ -f {quoted} ]; then printf '@read %s\\n' {quoted}; base64 < {quoted}; fi")
+    for path in request.links:
+        quoted = shlex.quote(path)
+        parts.append(
+            f'if [ -L {quoted} ]; then t=$(readlink -f {quoted}); w=0; d=$(dirname "$t"); '
+            f'if [ -w "$d" ] && {{ [ -w "$t" ] || [ ! -e "$t" ]; }}; then w=1; fi; '
+            f"printf '@link %s %s %s\\n' \"$w\" {quoted} \"$t\"; fi"
+        )
+    for path in request.trees:
+        quoted = shlex.quote(path)
+        parts.append(f"if [ -d {quoted} ]; then printf '@tree %s\\n' {quoted}; (cd {quoted} && {REMOTE_TREE_LISTING}); fi")
+    for tool in request.tools:
+        parts.append(f"command -v {shlex.quote(tool)} >/dev/null 2>&1 || printf '@missing %s\\n' {shlex.quote(tool)}")
+    parts.append(f"echo {END}")
+    return "; ".join(parts)
+
+
+def read_snapshot(host, request: SnapshotRequest, run_id: str, timeout: float) -> HostSnapshot:
+    try:
+        result = run_remote(host, snapshot_command(request, run_id), timeout=timeout)
+    except RemoteCommandError as error:
+        raise SnapshotError(f"could not read the host's state: {error}") from None
+    lines = result.stdout.decode(errors="surrogateescape").splitlines()
+    if not lines or lines[-1] != END:
+        raise SnapshotError(f"could not read the host's state: the read was cut short ({result.reason})")
+    if result.exit_code != 0:
+        raise SnapshotError(f"could not read the host's state: {result.reason}")
+    return parse_snapshot(lines[:-1])
+
+
+def parse_snapshot(output: list[str]) -> HostSnapshot:
+    snapshot = HostSnapshot()
+    modes, digests = {}, {}
+    section, path, lines = None, None, []
+
+    def close_section():
+        if section == "@read":
+            snapshot.contents[path] = base64.b64decode("".join(lines))
+        elif section == "@tree":
+            snapshot.trees[path] = {entry for entry in map(parse_tree_line, lines) if entry}
+
+    for line in output:
+        if not line.startswith("@"):
+            lines.append(line)
+            continue
+        close_section()
+        marker, _, rest = line.partition(" ")
+        section, path, lines = marker, rest, []
+        if marker == "@file":
+            raw_mode, mode, name = rest.split(" ", 2)
+            if int(raw_mode, 16) & 0o170000 == 0o100000:  # a regular file, not a directory
+                modes[name] = mode.zfill(3)
+        elif marker == "@sha":
+            digest, name = rest.split("  ", 1)
+            digests[name] = digest
+        elif marker == "@link":
+            writable, name, target = rest.split(" ", 2)
+            snapshot.links[name] = (target, writable == "1")
+        elif marker == "@missing":
+            snapshot.missing_tools.add(rest)
+    close_section()
+    snapshot.files = {name: (mode, digests[name]) for name, mode in modes.items() if name in digests}
+    return snapshot

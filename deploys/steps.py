@@ -1,0 +1,142 @@
+"""The step table: the only place a step is declared.
+
+Each entry gives the step's name (as reports show it), what it reads from the one-round-trip host snapshot,
+when it applies (to the plan and to each member), and its deploy (a function that adds pyinfra operations for
+one host and returns their metas). The driver, the snapshot reader, the progress view and the report all read
+this table. To add a step: write its deploy in a file of its own under deploys/, then add one entry below.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+from flambe_iac import __version__
+from flambe_iac.cluster import ORCHESTRATOR, Host as Member
+from flambe_iac.cluster_key import ClusterKey
+from flambe_iac.connection import SshPolicy
+from flambe_iac.deploys import cluster_key, extensions, manifest, resources, runnable, secrets
+from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.extensions import redact_url
+from flambe_iac.host_keys import keys_in, read_known_hosts
+from flambe_iac.plan import DeployPlan
+from flambe_iac.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, manifest as manifest_content
+from flambe_iac.remote_layout import members_known_hosts
+from flambe_iac.resources import Resource, checksums, local_tree
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    reads: Callable[[StepContext], SnapshotRequest]
+    applies: Callable[[DeployPlan, Member], bool]
+    deploy: Callable[[StepContext, Member, HostSnapshot], list]
+
+
+def always(plan: DeployPlan, member: Member) -> bool:
+    return True
+
+
+STEPS: tuple[Step, ...] = (
+    Step("cluster key", lambda context: cluster_key.READS, always, cluster_key.install_cluster_key),
+    Step("secrets", lambda context: secrets.READS, lambda plan, member: plan.secrets is not None,
+         secrets.push_secrets),
+    Step("resources", resources.reads, lambda plan, member: bool(plan.resources), resources.sync_resources),
+    Step("extensions", extensions.reads, lambda plan, member: bool(plan.extension_trees),
+         extensions.push_extensions),
+    Step("install", lambda context: SnapshotRequest(), lambda plan, member: plan.install_extensions,
+         extensions.install_extensions),
+    Step("manifest", lambda context: manifest.READS, always, manifest.write_manifest),
+    Step("run", runnable.reads, lambda plan, member: plan.run and member.role == ORCHESTRATOR,
+         runnable.launch_runnable),
+)
+STEP_NAMES = tuple(step.name for step in STEPS)
+
+
+def asked_steps(plan: DeployPlan, member: Member) -> list[Step]:
+    return [step for step in STEPS if step.applies(plan, member)]
+
+
+def snapshot_request(context: StepContext) -> SnapshotRequest:
+    """Everything any asked step reads, merged into the one read per host."""
+    request = SnapshotRequest()
+    for step in STEPS:
+        if any(step.applies(context.plan, member) for member in context.plan.cluster.members):
+            request = request | step.reads(context)
+    return request
+
+
+@dataclass
+class StepContext:
+    """What every step of one run shares: the plan, the cluster key, this run's staging, and the causes of
+    failures (host name -> words) that operations record for the report."""
+
+    plan: DeployPlan
+    policy: SshPolicy
+    staging: str
+    key: ClusterKey | None = None
+    retired: set[str] = field(default_factory=set)
+    causes: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def private_addresses(self) -> list[str]:
+        return [member.private_ip for member in self.plan.cluster.members]
+
+    @cached_property
+    def members_known_hosts(self) -> bytes:
+        pinned = read_known_hosts(self.plan.host_keys.known_hosts)
+        return members_known_hosts({member.private_ip: keys_in(pinned, self.plan.address(member))
+                                    for member in self.plan.cluster.members})
+
+    @cached_property
+    def runner_library(self) -> Resource:
+        """This machine's flambe_iac package, for the runner on the orchestrator: the same version, always."""
+        import flambe_iac
+
+        return Resource("flambe_iac", Path(flambe_iac.__file__).parent, parent=RUNNER_LIBRARY,
+                        excludes=("__pycache__",))
+
+    @cached_property
+    def expected_trees(self) -> dict[str, set]:
+        trees = [*self.plan.resources, *self.plan.extension_trees] + ([self.runner_library] if self.plan.run else [])
+        return {tree.remote_directory: local_tree(tree) for tree in trees}
+
+    def transfers(self, member: Member, trees: list[Resource]) -> list:
+        """(remote directory, what it should hold, the rsync that makes it so) for each tree on one member."""
+        address = self.plan.address(member)
+        return [(tree.remote_directory, self.expected_trees[tree.remote_directory],
+                 self.policy.rsync_job(tree.rsync_source, f"{tree.remote_directory}/", address, tree.excludes))
+                for tree in trees]
+
+    @cached_property
+    def resource_checksums(self) -> dict[str, dict[str, str]]:
+        return {resource.name: checksums(resource) for resource in self.plan.resources}
+
+    def manifest_for(self, member: Member) -> bytes:
+        members = [{"id": other.id, "role": other.role, "private_ip": other.private_ip}
+                   for other in self.plan.cluster.members]
+        return manifest_content(self.plan.cluster.name, member.role, member.id, members, self.key.fingerprint,
+                                self.resource_checksums, __version__, extension_sources(self.plan))
+
+    @cached_property
+    def run_plan(self) -> bytes:
+        """~/.flambe/run.json: what the runner runs, with paths relative to the home directory. No secret in it."""
+        plan = self.plan
+        document = {
+            "runnable": plan.runnable.runnable,
+            "args": plan.runnable.args,
+            "resources": {name: f"{RESOURCES_DIR}/{name}" for name in plan.runnable.resources},
+            "secrets": SECRETS,
+            "import_paths": [RUNNER_LIBRARY] + [tree.remote_directory for tree in plan.extension_trees],
+            "flambe_iac_version": __version__,
+        }
+        return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+
+def extension_sources(plan: DeployPlan) -> dict[str, dict]:
+    """Where each extension came from and, for git, the exact commit: for the report and the manifest."""
+    return {checkout.location.name: {"kind": checkout.location.kind, "location": redact_url(checkout.location.text),
+                                     "commit": checkout.commit} for checkout in plan.extensions}

@@ -1,0 +1,205 @@
+"""The cluster's own key pair: made, kept, rotated, retired; and the authorized_keys edits that go with it.
+
+The hosts are the state. Each holds the key pair (~/ray_bootstrap_key.pem and .pub) and the list of keys the
+cluster has retired (~/.flambe/retired_cluster_keys, fingerprints). A key that any member has retired is never
+chosen again, so no re-run, from any machine, can bring back a key a rotation replaced (invariant 10).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flambe_iac.keys import public_key_fingerprint
+from flambe_iac.names import refuse_line_breaks
+
+KEPT, CREATED, ROTATED = "kept", "created", "rotated"
+
+
+@dataclass(frozen=True)
+class ClusterKey:
+    private_openssh: bytes
+    public_line: str  # "ssh-ed25519 AAAA... flambe-cluster:NAME"
+
+    @property
+    def fingerprint(self) -> str:
+        return public_key_fingerprint(self.public_line)
+
+    def __repr__(self) -> str:
+        return f"ClusterKey({self.fingerprint})"
+
+
+def cluster_key_comment(cluster_name: str) -> str:
+    """The comment on the cluster's public key: it names the cluster, and marks lines we may remove."""
+    return f"flambe-cluster:{cluster_name}"
+
+
+def new_cluster_key(comment: str) -> ClusterKey:
+    """A fresh ed25519 key pair, made in memory: the private key only ever lands on the cluster's hosts."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private_key = Ed25519PrivateKey.generate()
+    private_openssh = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = private_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return ClusterKey(private_openssh, f"{public.decode()} {comment}")
+
+
+def cluster_key_from_private(private_openssh: bytes, comment: str) -> ClusterKey:
+    """The key pair a host already holds, its public half derived again from the private key."""
+    from cryptography.hazmat.primitives import serialization
+
+    private_key = serialization.load_ssh_private_key(private_openssh, password=None)
+    public = private_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return ClusterKey(private_openssh, f"{public.decode()} {comment}")
+
+
+def same_public_key(line_a: str, line_b: str) -> bool:
+    """Whether two public key lines hold the same key, whatever their comments."""
+    return line_a.split()[:2] == line_b.split()[:2]
+
+
+def fingerprint_or_none(public_line: str) -> str | None:
+    try:
+        return public_key_fingerprint(public_line)
+    except (IndexError, ValueError):
+        return None
+
+
+# -- which key the cluster has
+
+
+@dataclass(frozen=True)
+class HeldKey:
+    """What one member says about the cluster key: the public key it holds (if any), and what it has retired."""
+
+    host: object  # the caller's handle for the member (a pyinfra host)
+    is_orchestrator: bool
+    public_line: str | None
+    retired: frozenset[str] = frozenset()
+
+
+@dataclass
+class KeyDecision:
+    action: str  # KEPT, CREATED or ROTATED
+    keep: str | None  # the fingerprint to keep (KEPT), fetched from one of `sources`
+    sources: list = field(default_factory=list)  # members holding `keep`, the orchestrator first
+    retired: set[str] = field(default_factory=set)  # every fingerprint the cluster has retired, after this run
+    note: str | None = None  # something the user should know, e.g. a split the run repairs
+
+
+def decide_cluster_key(held: list[HeldKey], rotate: bool) -> KeyDecision:
+    """Keep the one key the members hold that no member has retired; make one if there is none; rotate on request.
+
+    More than one unretired key (two deploys raced on a fresh cluster before the lock existed) keeps the
+    orchestrator's, else the one most members hold, and retires the others.
+    """
+    retired = set().union(*(member.retired for member in held)) if held else set()
+    holders: dict[str, list[HeldKey]] = {}
+    for member in sorted(held, key=lambda member: not member.is_orchestrator):
+        fingerprint = fingerprint_or_none(member.public_line or "")
+        if fingerprint:
+            holders.setdefault(fingerprint, []).append(member)
+    eligible = {fingerprint: members for fingerprint, members in holders.items() if fingerprint not in retired}
+    if rotate:
+        return KeyDecision(ROTATED if holders else CREATED, None, [], retired | set(holders))
+    if not eligible:
+        note = "every key the members hold was retired earlier; a new key replaces it" if holders else None
+        return KeyDecision(CREATED, None, [], retired | set(holders), note)
+    keep = max(eligible, key=lambda fingerprint: (eligible[fingerprint][0].is_orchestrator,
+                                                  len(eligible[fingerprint])))
+    others = set(holders) - {keep}
+    note = None
+    if len(eligible) > 1:
+        note = f"the members held {len(eligible)} different cluster keys; kept {keep} and retired the others"
+    return KeyDecision(KEPT, keep, [member.host for member in eligible[keep]], retired | others, note)
+
+
+# -- authorized_keys
+
+
+def key_fields(line: bytes) -> tuple[str, str] | None:
+    """(type, base64) of the key on an authorized_keys line, options or not."""
+    fields = line.strip().split()
+    for index, value in enumerate(fields[:-1]):
+        if value.startswith((b"ssh-", b"ecdsa-", b"sk-")) and fields[index + 1].startswith(b"AAAA"):
+            return value.decode(errors="replace"), fields[index + 1].decode(errors="replace")
+    return None
+
+
+def updated_authorized_keys(current: bytes, public_line: str, cluster_name: str,
+                            retired_fingerprints: set[str] | frozenset[str] = frozenset()) -> bytes:
+    """authorized_keys with exactly one key of this cluster, the given one; every other line byte-identical.
+
+    Lines of this cluster (by comment) with another key, and lines holding a retired cluster key, are old
+    cluster keys and are removed.
+    """
+    comment = cluster_key_comment(cluster_name)
+    refuse_line_breaks("authorized_keys", public_line, comment)
+    wanted = public_line.strip().encode()
+    kept, has_wanted = [], False
+    for line in current.splitlines(keepends=True):
+        fields = key_fields(line)
+        fingerprint = fingerprint_or_none(" ".join(fields)) if fields else None
+        ours = line.strip().split()[-1:] == [comment.encode()] or fingerprint in retired_fingerprints
+        if ours:
+            if line.strip() == wanted and not has_wanted:
+                kept.append(line)
+                has_wanted = True
+            continue
+        kept.append(line)
+    if not has_wanted:
+        if kept and not kept[-1].endswith(b"\n"):
+            kept[-1] += b"\n"
+        kept.append(wanted + b"\n")
+    return b"".join(kept)
+
+
+def retired_list(fingerprints: set[str]) -> bytes:
+    """~/.flambe/retired_cluster_keys: one fingerprint a line, sorted, so every host's copy is identical."""
+    for fingerprint in fingerprints:
+        refuse_line_breaks("retired cluster keys", fingerprint)
+    return "".join(f"{fingerprint}\n" for fingerprint in sorted(fingerprints)).encode()
+
+
+def parse_retired_list(content: bytes | None) -> frozenset[str]:
+    lines = (content or b"").decode(errors="replace").split()
+    return frozenset(line for line in lines if line.startswith("SHA256:"))
+
+
+# -- one deploy at a time
+
+
+LOCKED, BUSY, NO_LOCK = "LOCKED", "BUSY", "NO-LOCK"
+LOCK_IDLE_SECONDS = 30  # the lock frees itself this long after its holder's heartbeat stops
+
+
+def deploy_lock_command(lock_path: str) -> str:
+    """Hold an flock on LOCK_PATH for as long as a heartbeat line arrives every few seconds; record who holds it.
+
+    Prints LOCKED (then holds), BUSY and the holder's line, or NO-LOCK where the host has no flock or bash.
+    """
+    import shlex
+
+    owner = shlex.quote(f"{lock_path}.owner")
+    script = (
+        f"umask 077; mkdir -p {shlex.quote(lock_path.rsplit('/', 1)[0])}; exec 9>>{shlex.quote(lock_path)}; "
+        f"if flock -n 9; then IFS= read -r holder; printf '%s\\n' \"$holder\" > {owner}; echo {LOCKED}; "
+        f"while IFS= read -r -t {LOCK_IDLE_SECONDS} _; do :; done; rm -f {owner}; "
+        f"else echo {BUSY}; cat {owner} 2>/dev/null; fi"
+    )
+    return (f"if command -v bash >/dev/null 2>&1 && command -v flock >/dev/null 2>&1; "
+            f"then exec bash -c {shlex.quote(script)}; else echo {NO_LOCK}; fi")
+
+
+def lock_holder_line() -> bytes:
+    """Who is deploying, from where and since when: what a second deploy is told."""
+    import datetime
+    import getpass
+    import os
+    import socket
+
+    since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    holder = f"{getpass.getuser()}@{socket.gethostname()} (pid {os.getpid()}) since {since}"
+    return holder.replace("\n", " ").encode() + b"\n"

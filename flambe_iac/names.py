@@ -1,0 +1,69 @@
+"""The one validation of every name that reaches a host, a command line or a path (security invariant 9).
+
+Strict allow-lists, applied before anything connects: the cluster name, the SSH user, resource and extension
+names, addresses and host ids. The stack, the outputs file, the cluster file and the lab all use these.
+Writers of authorized_keys, the ssh config and the manifest also call `refuse_line_breaks`, as a second defence.
+
+Standard library only: `stacks/` imports this too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from flambe_iac.errors import InputError
+
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+SSH_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+TREE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # resources and extensions: ~/resources/NAME/
+HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")  # an EC2 instance id, the lab's ids, an address
+
+CLUSTER_NAME_RULE = "letters, digits, '_', '-' and '.', starting with a letter or digit, at most 63"
+
+
+def check_cluster_name(name: object, where: str = "cluster name") -> str:
+    if not isinstance(name, str) or not CLUSTER_NAME.fullmatch(name) or ".." in name:
+        raise InputError(f"{where} {_shown(name)} is not allowed: use {CLUSTER_NAME_RULE}, without '..'")
+    return name
+
+
+def check_ssh_user(user: object, where: str = "ssh user") -> str:
+    if not isinstance(user, str) or not SSH_USER.fullmatch(user):
+        raise InputError(f"{where} {_shown(user)} is not a login name: use lowercase letters, digits, '_' and '-', "
+                         "starting with a letter or '_', at most 32")
+    return user
+
+
+def check_tree_name(name: object, what: str) -> str:
+    """A resource's or an extension's name: it becomes a directory under the home."""
+    if not isinstance(name, str) or not TREE_NAME.fullmatch(name) or ".." in name:
+        raise InputError(f"{what} name {_shown(name)} is not allowed: use letters, digits, '_', '-' and '.', "
+                         f"without '/' or '..' (it becomes the directory ~/{what}s/NAME)")
+    return name
+
+
+def check_address(address: object, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address if isinstance(address, str) else ""))
+    except ValueError:
+        raise InputError(f"{where} must be an IP address, not {_shown(address)}") from None
+
+
+def check_host_id(host_id: object, where: str) -> str:
+    if not isinstance(host_id, str) or not HOST_ID.fullmatch(host_id):
+        raise InputError(f"{where} {_shown(host_id)} is not allowed: use letters, digits, '_', '.', ':' and '-'")
+    return host_id
+
+
+def refuse_line_breaks(what: str, *values: str) -> None:
+    """The second defence: a value about to be written into a line-based file must be one line."""
+    for value in values:
+        if any(character in str(value) for character in "\r\n\0"):
+            raise ValueError(f"refusing to write {what}: a value holds a line break")
+
+
+def _shown(value: object) -> str:
+    """A rejected value as it may be shown: quoted, so a newline or a space is visible, and cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,125 @@
+"""Honest outcomes without root or hosts: whatever one host's operations do (raise anything, fail without a word),
+that host fails with a cause, the others finish, and `ok` agrees with the table of outcomes."""
+
+import io
+
+import pytest
+from pyinfra.api.command import StringCommand
+from pyinfra.connectors.util import CommandOutput
+
+from flambe_iac import driver
+from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
+from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.host_keys import HostKeyPolicy
+from flambe_iac.keys import UserKey
+from flambe_iac.plan import DeployPlan
+from flambe_iac.report import CHANGED, FAILED, SKIPPED, summary
+from flambe_iac.secrets_file import HiddenBytes
+
+
+def plan_for(tmp_path, factories=2) -> DeployPlan:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    members = [Host(f"h{index}", ORCHESTRATOR if index == 0 else FACTORY, f"10.0.0.{index + 1}", f"10.0.0.{index + 1}")
+               for index in range(factories + 1)]
+    cluster = Cluster("c1", "ubuntu", "lab", members[0], tuple(members[1:]))
+    return DeployPlan(cluster=cluster, address_kind="private", user_key=UserKey(tmp_path / "key"),
+                      host_keys=HostKeyPolicy(known_hosts, False), secrets=HiddenBytes(b"[a]\nk = v\n"),
+                      resources=[])
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Hosts that 'connect' and show an empty home, without any network."""
+    monkeypatch.setattr(driver.Deployment, "connect", lambda self, host: host)
+    monkeypatch.setattr(driver.Deployment, "take_lock", lambda self, host: True)
+    monkeypatch.setattr(driver.Deployment, "read_state", lambda self, host, request: HostSnapshot())
+
+
+def operations_that(behaviour):
+    """A stand-in for pyinfra's run_host_op: BEHAVIOUR(host name, call number) raises, returns False, or None
+    for an operation that ran and changed something."""
+    calls = {}
+
+    def run_host_op(state, host, op_hash):
+        calls[host.name] = calls.get(host.name, 0) + 1
+        result = behaviour(host.name, calls[host.name])
+        if result is False:
+            return False
+        meta = state.get_op_data_for_host(host, op_hash).operation_meta
+        meta.set_complete(True, [StringCommand("true")], CommandOutput([]))
+        return True
+
+    return run_host_op
+
+
+@pytest.mark.parametrize("error", [EOFError(), RuntimeError("boom"), OSError(28, "No space left on device"),
+                                   KeyError("x")])
+def test_an_exception_on_one_host_fails_that_host_only_with_its_cause(tmp_path, offline, monkeypatch, error):
+    def behaviour(host, call):
+        if host == "h1" and call == 2:  # its second operation: the secrets, after the cluster key
+            raise error
+    monkeypatch.setattr(driver, "run_host_op", operations_that(behaviour))
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False)
+
+    failed = report.hosts[1]
+    assert failed.steps["cluster key"].status == CHANGED
+    assert failed.steps["secrets"].status == FAILED and failed.steps["secrets"].cause
+    assert failed.steps["manifest"].status == FAILED  # asked, never reached: failed, not skipped
+    assert failed.steps["manifest"].cause == "not done: secrets failed"
+    assert failed.steps["resources"].status == SKIPPED  # never asked
+    for other in (report.hosts[0], report.hosts[2]):
+        assert {other.steps[name].status for name in ("cluster key", "secrets", "manifest")} == {CHANGED}
+        assert other.ok
+    assert not report.ok
+    assert "2 of 3 hosts done" in summary(report)
+    if isinstance(error, EOFError):
+        assert "connection to the host dropped" in failed.error
+
+
+def test_an_operation_that_fails_without_a_word_still_gets_a_cause(tmp_path, offline, monkeypatch):
+    monkeypatch.setattr(driver, "run_host_op", operations_that(lambda host, call: False if host == "h0" else None))
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False)
+    orchestrator = report.hosts[0]
+    assert orchestrator.steps["cluster key"].status == FAILED
+    assert orchestrator.steps["cluster key"].cause  # never empty
+    assert all(step.status != SKIPPED for name, step in orchestrator.steps.items()
+               if name in ("cluster key", "secrets", "manifest"))
+    assert [entry.ok for entry in report.hosts] == [False, True, True]
+
+
+def test_every_host_failing_is_a_failed_run_not_an_empty_success(tmp_path, offline, monkeypatch):
+    def behaviour(host, call):
+        raise ConnectionResetError("reset")
+    monkeypatch.setattr(driver, "run_host_op", operations_that(behaviour))
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False)
+    assert not report.ok
+    assert all(entry.error for entry in report.hosts)
+    assert "0 of 3 hosts done" in summary(report)
+
+
+def test_an_internal_error_before_the_steps_fails_every_asked_step(tmp_path, offline, monkeypatch):
+    def broken(self, snapshots):
+        raise RuntimeError("settling broke")
+    monkeypatch.setattr(driver.Deployment, "settle_cluster_key", broken)
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False)
+    assert not report.ok
+    assert any("internal error" in note for note in report.notes)
+    assert {entry.steps["secrets"].status for entry in report.hosts} == {FAILED}
+
+
+def test_a_host_that_does_not_connect_fails_its_asked_steps(tmp_path, monkeypatch):
+    def connect(self, host):
+        if host.name == "h2":
+            self.entries[host].fail("no route to host")
+            return None
+        return host
+    monkeypatch.setattr(driver.Deployment, "connect", connect)
+    monkeypatch.setattr(driver.Deployment, "take_lock", lambda self, host: True)
+    monkeypatch.setattr(driver.Deployment, "read_state", lambda self, host, request: HostSnapshot())
+    monkeypatch.setattr(driver, "run_host_op", operations_that(lambda host, call: None))
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False)
+    down = report.hosts[2]
+    assert down.error == "no route to host"
+    assert down.steps["secrets"].status == FAILED and down.steps["resources"].status == SKIPPED
+    assert [entry.ok for entry in report.hosts] == [True, True, False]
