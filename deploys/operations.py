@@ -101,7 +101,7 @@ def synced_tree(destination: str, expected: set, rsync: RsyncJob, causes: dict, 
     """Make DESTINATION hold exactly EXPECTED (see resources.local_tree) by running RSYNC locally, if it does not."""
     if snapshot.trees.get(destination) == expected:
         return
-    yield FunctionCommand(_run_rsync, (rsync, causes), {})
+    yield FunctionCommand(_run_rsync, (rsync, causes, destination, expected), {})
 
 
 def synced_trees(transfers: list[tuple[str, set, RsyncJob]], causes: dict, snapshot: HostSnapshot) -> list:
@@ -121,19 +121,35 @@ RSYNC_EXIT_MEANINGS = {
 }
 
 
-def _run_rsync(state, host, rsync: RsyncJob, causes: dict) -> bool:
+def _run_rsync(state, host, rsync: RsyncJob, causes: dict, destination: str, expected: set) -> bool:
     returncode, stderr = spawn_and_wait(rsync.argv, rsync.environment)
     if returncode in RSYNC_CONNECTION_LOST:
         returncode, stderr = spawn_and_wait(rsync.argv, rsync.environment)
     if returncode != 0:
-        causes[host.name] = describe_rsync_failure(returncode, stderr)
+        causes[host.name] = (no_space_left(host, destination, expected) if returncode == 11 else None) \
+            or describe_rsync_failure(returncode, stderr)
         return False
     return True
 
 
+def no_space_left(host, destination: str, expected: set) -> str | None:
+    """When rsync's own message was lost with its connection: does the tree fit on the host's disk at all?"""
+    needed = sum(entry[2] for entry in expected if entry[0] == "f")
+    try:
+        result = run_remote(host, f"df -Pk {shlex.quote(posixpath.dirname(destination) or '.')} | tail -n 1",
+                            timeout=30)
+        free = int(result.stdout.split()[3]) * 1024
+    except (RemoteCommandError, IndexError, ValueError):
+        return None
+    if free >= needed:
+        return None
+    return (f"No space left on device: ~/{destination} needs {needed / 1e6:.1f} MB and its disk on the host has "
+            f"{free / 1e6:.1f} MB free")
+
+
 def describe_rsync_failure(returncode: int, stderr: str) -> str:
     meaning = RSYNC_EXIT_MEANINGS.get(returncode, "see rsync's exit codes")
-    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("rsync error:")]
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     detail = "; ".join(lines[-2:])[-400:]
     retried = " (after one retry)" if returncode in RSYNC_CONNECTION_LOST else ""
     return f"rsync failed{retried} with exit code {returncode}, {meaning}" + (f": {detail}" if detail else "")

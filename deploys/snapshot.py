@@ -70,7 +70,9 @@ def snapshot_command(request: SnapshotRequest, run_id: str) -> str:
         quoted = shlex.quote(path)
         parts.append(f"if [ -d {quoted} ]; then printf '@tree %s\\n' {quoted}; (cd {quoted} && {REMOTE_TREE_LISTING}); fi")
     for tool in request.tools:
-        parts.append(f"command -v {shlex.quote(tool)} >/dev/null 2>&1 || printf '@missing %s\\n' {shlex.quote(tool)}")
+        # bash's `command -v` also names a file it cannot run: check that it is a runnable file.
+        parts.append(f"{{ p=$(command -v {shlex.quote(tool)}) && [ -f \"$p\" ] && [ -x \"$p\" ]; }} "
+                     f"|| printf '@missing %s\\n' {shlex.quote(tool)}")
     parts.append(f"echo {END}")
     return "; ".join(parts)
 

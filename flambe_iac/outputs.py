@@ -157,7 +157,7 @@ class _Reader:
         try:
             check_host_id(host_id, "")
         except InputError:
-            raise self.fail(f"{field}.id", f"is {host_id!r}: use letters, digits, '_', '.', ':' and '-'") from None
+            raise self.fail(f"{field}.id", f"is {host_id!r}, which is not allowed: use letters, digits, '_', '.', ':' and '-'") from None
         return Host(
             id=host_id,
             role=role,

@@ -99,6 +99,26 @@ class LabSession:
         path.write_text(json.dumps(document))
         return path
 
+    def manifest(self, hostname: str) -> dict:
+        """~/.flambe/cluster.json on a host."""
+        return json.loads((self.home(hostname) / ".flambe" / "cluster.json").read_text())
+
+    def snapshot_hosts(self) -> dict:
+        """Every file in every home, with its bytes, and every sshd log: any connection would change one.
+        Equal before and after means nothing was sent."""
+        files = {}
+        for name in self.hostnames:
+            for path in sorted((self.directory / "hosts" / name / "home").rglob("*")):
+                files[str(path)] = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+            files[f"{name} sshd.log"] = self.sshd_log(name)
+        return files
+
+    def sshd_pids(self, hostname: str) -> list[int]:
+        """Every process of a host: its sshd and the sessions it runs."""
+        netns = next(host["netns"] for host in self.state["hosts"] if host["hostname"] == hostname)
+        listing = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout
+        return [int(pid) for pid in listing.split()]
+
     def sshd_pid(self, hostname: str) -> int:
         return next(host["pid"] for host in self.state["hosts"] if host["hostname"] == hostname)
 
@@ -113,6 +133,12 @@ class LabSession:
             "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "ConnectTimeout=10",
             f"{self.user}@{address}", command,
         )
+
+
+def home_environment(home: Path, **extra: str) -> dict[str, str]:
+    """The environment with a HOME of the test's own, so nothing reads or writes the real ~/.ssh or ~/.flambe."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "HOME": str(home), **extra}
 
 
 def machine_snapshot() -> dict[str, str]:
