@@ -159,7 +159,8 @@ def describe_connect_error(message: str, policy: SshPolicy, address: str) -> str
     lowered = message.lower()
     if "host key" in lowered and "does not match" in lowered:
         return (f"REFUSED: the host key of {address} does not match the key pinned in {policy.known_hosts}; "
-                "nothing was sent. If the host was rebuilt, remove its old line from that file and pin the new key")
+                "nothing was sent. If you know the host was rebuilt, forget the old pin with "
+                f"`ssh-keygen -R {address} -f {policy.known_hosts}` and pin the new key")
     if "No host key for" in message:
         return f"REFUSED: no pinned host key for {address} in {policy.known_hosts}; nothing was sent"
     if "authentication" in lowered:

@@ -62,9 +62,15 @@ def choose_host_key_policy(cluster_name: str, addresses: list[str], known_hosts:
 
 
 def pin_from_console(path: Path, console: ConsoleSource) -> None:
-    """Pin, in the per-cluster file, the console-output keys of members it has no key for yet."""
+    """Pin, in the per-cluster file, the console-output keys of members it has no key for yet.
+
+    Pins are kept per instance: each line carries its instance id as its comment. A pin for a member's address
+    made for another instance (the address was reused after a `pulumi destroy` and `up`) is dropped, and the new
+    instance is pinned afresh from its own console output.
+    """
     from flambe_iac.console_host_keys import console_keys_by_address
 
+    forget_other_instances(path, console.members)
     entries = read_known_hosts(path) if path.exists() else []
     missing = [(instance_id, address) for instance_id, address in console.members if not keys_in(entries, address)]
     if not missing:
@@ -77,9 +83,27 @@ def pin_from_console(path: Path, console: ConsoleSource) -> None:
             "(cloud-init prints them a minute or two after boot): wait and retry, raise --host-key-timeout, "
             "or pass --known-hosts FILE or --trust-on-first-use"
         )
+    ids = dict((address, instance_id) for instance_id, address in missing)
     create_private_file(path)
     with open(path, "a") as pinned:
-        pinned.writelines(f"{address} {key}\n" for address, keys in found.items() for key in keys)
+        pinned.writelines(f"{address} {key} {ids[address]}\n" for address, keys in found.items() for key in keys)
+
+
+def forget_other_instances(path: Path, members: list[tuple[str, str]]) -> None:
+    """Drop the pins of MEMBERS' addresses that were made for another instance id than the member's."""
+    if not path.exists():
+        return
+    by_address = {address: instance_id for instance_id, address in members}
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        fields = line.split()
+        address = fields[0] if fields else ""
+        if len(fields) >= 4 and address in by_address and fields[3] != by_address[address]:
+            continue  # pinned for an instance that no longer holds this address
+        kept.append(line)
+    if kept != lines:
+        path.write_text("".join(kept))
 
 
 def create_private_file(path: Path) -> None:

@@ -19,6 +19,8 @@ from moto.ec2.responses.general import General
 from moto.ec2.utils import Base64EncodedString
 from moto.server import ThreadedMotoServer
 
+from flambe_iac.outputs import contract_document
+
 
 def serve(port: int, addresses: list[str], console_dir: Path, outputs: Path) -> None:
     def console_output_from_directory(self):
@@ -42,8 +44,7 @@ def serve(port: int, addresses: list[str], console_dir: Path, outputs: Path) -> 
                                         PrivateIpAddress=address)["Instances"]
         hosts.append({"id": instance["InstanceId"], "public_ip": None, "private_ip": instance["PrivateIpAddress"],
                       "public_dns": None})
-    outputs.write_text(json.dumps({"flambe_outputs_version": 1, "cluster_name": "console-keys", "ssh_user": "ubuntu",
-                                   "region": "us-east-1", "orchestrator": hosts[0], "factories": hosts[1:]}))
+    outputs.write_text(json.dumps(contract_document("console-keys", "ubuntu", "us-east-1", hosts[0], hosts[1:])))
     print("ready", flush=True)
     while True:
         time.sleep(3600)

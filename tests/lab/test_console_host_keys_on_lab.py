@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,66 @@ def test_no_keys_in_the_console_before_the_deadline_is_bad_input(ec2_lab):
     assert "no host keys in the EC2 console output" in result.stderr
     assert "--known-hosts" in result.stderr and "--trust-on-first-use" in result.stderr
     assert {name: lab.sshd_log(name) for name in lab.hostnames} == before
+
+
+def test_a_new_instance_at_a_reused_address_is_pinned_afresh_from_its_console(ec2_lab, tmp_path):
+    """`pulumi destroy` and `up`: factory-1's address now belongs to a new instance with a new host key."""
+    lab, console, outputs, environment = ec2_lab
+    for address, hostname in zip(ADDRESSES, lab.hostnames):
+        (console / f"{address}.txt").write_text(cloud_init_console(host_public_key(lab, hostname)))
+    arguments = ["--outputs", str(outputs), "--address", "private", "--key", str(lab.user_key),
+                 "--host-key-timeout", "20"]
+    assert lab.deploy(*arguments, env=environment).returncode == 0
+
+    document = json.loads(outputs.read_text())
+    old_id = document["factories"][0]["id"]
+    replace = (  # run where moto's server is: inside the lab's client namespace
+        "import boto3\n"
+        "ec2 = boto3.client('ec2')\n"
+        f"old = ec2.describe_instances(InstanceIds=['{old_id}'])['Reservations'][0]['Instances'][0]\n"
+        "new = ec2.run_instances(ImageId=old['ImageId'], MinCount=1, MaxCount=1,\n"
+        "                        SubnetId=old['SubnetId'])['Instances'][0]\n"
+        "print(new['InstanceId'], new['PrivateIpAddress'])\n")
+    created = lab.run_in_client(sys.executable, "-c", replace, env=environment)
+    new_id, moto_address = created.stdout.split()
+    assert new_id.startswith("i-") and new_id != old_id, created.stderr
+    document["factories"][0]["id"] = new_id  # the new instance, at the old instance's address
+    outputs.write_text(json.dumps(document))
+    rebuild_host_key(lab, "factory-1")
+    # moto_cloud.py serves an instance's console by the address moto gave it
+    (console / f"{moto_address}.txt").write_text(cloud_init_console(host_public_key(lab, "factory-1")))
+
+    result = lab.deploy(*arguments, env=environment)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pinned = (Path(environment["HOME"]) / ".flambe" / "known_hosts" / "console-keys").read_text()
+    assert old_id not in pinned and new_id in pinned
+    assert host_public_key(lab, "factory-1").split()[1] in pinned
+
+
+def rebuild_host_key(lab, hostname):
+    """A new host key for the host, and its sshd reloaded (SIGHUP re-executes sshd with the new key)."""
+    key = lab.directory / "hosts" / hostname / "etc" / "ssh_host_ed25519_key"
+    key.unlink()
+    key.with_suffix(".pub").unlink()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    os.kill(lab.sshd_pid(hostname), signal.SIGHUP)
+    time.sleep(0.5)
+
+
+def test_a_changed_host_key_without_instance_ids_names_the_command_that_forgets_the_pin(lab_for_tofu, tmp_path):
+    lab = lab_for_tofu
+    rebuild_host_key(lab, "factory-1")
+    result = lab.deploy(*lab.lab_arguments(), "--report", str(tmp_path / "report.json"))
+    assert result.returncode == 1
+    refused = json.loads((tmp_path / "report.json").read_text())["hosts"][1]["error"]
+    assert f"ssh-keygen -R {lab.addresses[1]} -f {lab.known_hosts}" in refused
+
+
+@pytest.fixture
+def lab_for_tofu(tmp_path):
+    require_lab_support()
+    lab = LabSession.up(tmp_path / "plainlab", 2)
+    try:
+        yield lab
+    finally:
+        lab.down()
