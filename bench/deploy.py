@@ -1,7 +1,11 @@
 """flambe-deploy on lab hosts: wall time and peak memory for 1, 4, 16 and 32 hosts, first runs and re-runs,
 and how fast `flambe-deploy --help` starts. Prints medians and ratios from this one run.
 
-Run as root: .venv/bin/python bench/deploy.py [--repeats 3]
+Run as root: .venv/bin/python bench/deploy.py [--repeats 3] [--baseline DIR]
+
+With --baseline DIR (a directory holding another flambe_iac package, for example an earlier commit's
+`flambe_iac/` with its `deploys/` copied in as `flambe_iac/deploys/`), each case is measured with both, in turns, and
+the ratio current/baseline is printed.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ def machine_cpu_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def run_measured(argv: list[str]) -> tuple[float, int, float, float]:
+def run_measured(argv: list[str], environment: dict | None = None) -> tuple[float, int, float, float]:
     """Wall seconds, peak resident memory (KiB) and CPU seconds of one command with its children (the client
     side: flambe-deploy, rsync, ssh), and how busy the whole machine was meanwhile."""
     busy_before, total_before = machine_cpu_ticks()
     started = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment)
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
@@ -70,7 +74,7 @@ def make_inputs(directory: Path, resource_kib: int) -> tuple[Path, Path]:
 
 
 def measure_sizes(lab_dir: Path, state: lab.LabState, outputs: dict, secrets: Path, resource: Path, repeats: int,
-                  work: Path) -> None:
+                  work: Path, baseline: Path | None) -> None:
     results = {}
     for size in SIZES:
         trimmed = work / f"outputs-{size}.json"
@@ -80,6 +84,7 @@ def measure_sizes(lab_dir: Path, state: lab.LabState, outputs: dict, secrets: Pa
                    "--known-hosts", str(lab_dir / lab.KNOWN_HOSTS_FILE), "--secrets", str(secrets),
                    "--resource", f"data={resource}"]
         first, rerun, memory, client_cpu, busy = [], [], [], [], []
+        old_first, old_rerun = [], []
         for _ in range(repeats):
             reset_hosts(lab_dir, state)
             seconds, peak, cpu_seconds, machine_busy = run_measured(command)
@@ -88,10 +93,19 @@ def measure_sizes(lab_dir: Path, state: lab.LabState, outputs: dict, secrets: Pa
             client_cpu.append(cpu_seconds)
             busy.append(machine_busy)
             rerun.append(run_measured(command)[0])
+            if baseline is not None:
+                old = {**os.environ, "PYTHONPATH": str(baseline)}
+                reset_hosts(lab_dir, state)
+                old_first.append(run_measured(command, old)[0])
+                old_rerun.append(run_measured(command, old)[0])
         results[size] = (statistics.median(first), statistics.median(rerun))
         print(f"  {size:>2} hosts: first run {results[size][0]:.2f} s, re-run {results[size][1]:.2f} s "
               f"({results[size][1] / results[size][0]:.0%} of first), peak memory {max(memory) / 1024:.0f} MiB, "
               f"client CPU {statistics.median(client_cpu):.2f} s, machine CPU busy {statistics.median(busy):.0%}")
+        if baseline is not None:
+            print(f"      baseline: first run {statistics.median(old_first):.2f} s, re-run "
+                  f"{statistics.median(old_rerun):.2f} s; current/baseline {results[size][0] / statistics.median(old_first):.2f}x "
+                  f"and {results[size][1] / statistics.median(old_rerun):.2f}x")
     print(f"  32 hosts / 1 host, first run: {results[32][0] / results[1][0]:.2f}x")
 
 
@@ -100,6 +114,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resource-kib", type=int, nargs="+", default=[64, 5120],
                         help="resource sizes to measure, in KiB (default: 64 and 5120)")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also measure the flambe_iac package in DIR, in turns with this one")
     arguments = parser.parse_args()
     lab.check_can_run_lab()
     work = Path(tempfile.mkdtemp(prefix="flambe-bench-"))
@@ -111,7 +127,8 @@ def main() -> int:
             print(f"resource of {resource_kib} KiB, secrets, cluster key; medians of {arguments.repeats} runs:")
             inputs = work / f"inputs-{resource_kib}"
             inputs.mkdir()
-            measure_sizes(lab_dir, state, outputs, *make_inputs(inputs, resource_kib), arguments.repeats, work)
+            measure_sizes(lab_dir, state, outputs, *make_inputs(inputs, resource_kib), arguments.repeats, work,
+                          arguments.baseline)
         help_times = [run_measured([sys.executable, "-m", "flambe_iac.deploy_cli", "--help"])[0] for _ in range(20)]
         print(f"flambe-deploy --help: median {statistics.median(help_times):.3f} s (20 runs)")
     finally:

@@ -34,7 +34,7 @@ def aws_errors(doing: str, otherwise: str = ""):
     try:
         yield
     except (NoCredentialsError, PartialCredentialsError):
-        raise InputError(f"{doing} needs AWS credentials: configure them as for the aws CLI (aws configure, "
+        raise InputError(f"no AWS credentials for {doing}: configure them as for the aws CLI (aws configure, "
                          f"aws sso login, AWS_PROFILE, or an instance role){instead}") from None
     except ClientError as error:
         code = error.response.get("Error", {}).get("Code", "")

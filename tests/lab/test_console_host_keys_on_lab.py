@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lab_session import LabSession, require_lab_support
+from lab_session import LabSession, home_environment, require_lab_support
 
 pytestmark = pytest.mark.lab
 ADDRESSES = ["10.0.1.10", "10.0.1.11", "10.0.1.12"]
@@ -44,9 +44,9 @@ def ec2_lab(tmp_path):
          str(outputs)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
-        environment = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "HOME": str(tmp_path / "home")}
+        environment = home_environment(tmp_path / "home", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+                                       AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                                       AWS_DEFAULT_REGION="us-east-1")
         yield lab, console, outputs, environment
     finally:
         server.send_signal(signal.SIGTERM)

@@ -24,7 +24,7 @@ def deploy_everything(lab, inputs, *extra):
 
 
 def fingerprints(lab):
-    return {json.loads((lab.home(name) / ".flambe" / "cluster.json").read_text())["cluster_key_fingerprint"]
+    return {lab.manifest(name)["cluster_key_fingerprint"]
             for name in lab.hostnames}
 
 
@@ -49,7 +49,7 @@ def test_every_host_gets_the_cluster_key_secrets_resources_and_manifest(fresh_la
         public_keys.add(public)
         assert public.endswith(f"flambe-cluster:{report['cluster_name']}")
         assert public in (home / ".ssh" / "authorized_keys").read_text()
-        manifest = json.loads((home / ".flambe" / "cluster.json").read_text())
+        manifest = fresh_lab.manifest(name)
         assert manifest["cluster_key_fingerprint"] == report["cluster_key_fingerprint"]
         assert set(manifest["resources"]["data"]) == {"train.csv", "nested/weights.bin"}
         assert [member["private_ip"] for member in manifest["members"]] == fresh_lab.addresses
@@ -110,7 +110,7 @@ def test_a_changed_resource_is_synced_with_deletes(fresh_lab, deploy_inputs):
         data = fresh_lab.home(name) / "resources" / "data"
         assert not (data / "train.csv").exists()
         assert (data / "new.txt").read_text() == "new\n"
-        manifest = json.loads((fresh_lab.home(name) / ".flambe" / "cluster.json").read_text())
+        manifest = fresh_lab.manifest(name)
         assert set(manifest["resources"]["data"]) == {"new.txt", "nested/weights.bin"}
 
 
@@ -197,7 +197,7 @@ def test_own_hosts_from_a_flambe_cluster_file(fresh_lab, deploy_inputs, tmp_path
                               "--secrets", str(deploy_inputs["secrets"]))
     assert result.returncode == 0, result.stdout + result.stderr
     for name in fresh_lab.hostnames:
-        manifest = json.loads((fresh_lab.home(name) / ".flambe" / "cluster.json").read_text())
+        manifest = fresh_lab.manifest(name)
         assert manifest["cluster_name"] == "my-own-hosts"
         assert (fresh_lab.home(name) / ".ssh" / "authorized_keys").read_text().count("flambe-cluster:my-own-hosts") == 1
 

@@ -8,17 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from lab_session import home_environment
+
 pytestmark = pytest.mark.lab
-
-
-def snapshot_hosts(lab):
-    """Every file in every home, with its bytes, and every sshd log: any connection would change one."""
-    files = {}
-    for name in lab.hostnames:
-        for path in sorted((lab.directory / "hosts" / name / "home").rglob("*")):
-            files[str(path)] = path.read_bytes() if path.is_file() else None
-        files[f"{name} sshd.log"] = lab.sshd_log(name)
-    return files
 
 
 def test_one_host_down_the_others_finish_and_a_rerun_converges(fresh_lab, deploy_inputs, tmp_path):
@@ -100,14 +92,14 @@ def test_bad_input_gets_one_message_exit_2_and_nothing_is_sent(lab, tmp_path, ca
         replaced.add("--outputs")  # a cluster file instead of the lab's outputs
     base = lab.lab_arguments()
     kept = [item for option, value in zip(base[::2], base[1::2]) if option not in replaced for item in (option, value)]
-    before = snapshot_hosts(lab)
+    before = lab.snapshot_hosts()
     env = {key: value for key, value in os.environ.items() if key != "FLAMBE_KEY_PASSPHRASE"}
     result = lab.deploy(*kept, *changes, env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     assert expected in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("flambe-deploy: ")
     assert "CANARYVALUE" not in result.stderr + result.stdout
-    assert snapshot_hosts(lab) == before
+    assert lab.snapshot_hosts() == before
 
 
 def test_a_locked_key_with_its_passphrase_deploys(fresh_lab, tmp_path, deploy_inputs):
@@ -116,7 +108,7 @@ def test_a_locked_key_with_its_passphrase_deploys(fresh_lab, tmp_path, deploy_in
     for name in fresh_lab.hostnames:
         with open(fresh_lab.home(name) / ".ssh" / "authorized_keys", "a") as authorized:
             authorized.write(public)
-    env = {**os.environ, "FLAMBE_KEY_PASSPHRASE": "correct horse", "HOME": str(tmp_path)}
+    env = home_environment(tmp_path, FLAMBE_KEY_PASSPHRASE="correct horse")
     result = fresh_lab.deploy("--outputs", str(fresh_lab.directory / "outputs.json"), "--key", str(locked),
                               "--known-hosts", str(fresh_lab.known_hosts),
                               "--resource", f"data={deploy_inputs['resource']}", env=env)

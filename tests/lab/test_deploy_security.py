@@ -13,15 +13,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from conftest import CANARY
+from lab_session import home_environment
 
 pytestmark = pytest.mark.lab
 
 
 def home_env(deploy_inputs):
-    """A HOME of the test's own, so nothing reads or writes the real user's ~/.ssh or ~/.flambe."""
-    home = deploy_inputs["home"]
-    home.mkdir(exist_ok=True)
-    return {**os.environ, "HOME": str(home)}
+    return home_environment(deploy_inputs["home"])
 
 
 def new_key(path: Path) -> Path:

@@ -2,7 +2,6 @@
 instances' private addresses, and flambe-deploy --address private."""
 
 import json
-import os
 
 import boto3
 import pytest
@@ -11,7 +10,7 @@ from moto import mock_aws
 from conftest import CANARY_SECRETS
 from flambe_iac.stacks.cluster import declare_cluster
 from flambe_iac.stacks.cluster_config import load_config
-from lab_session import LabSession, require_lab_support
+from lab_session import LabSession, home_environment, require_lab_support
 from pulumi_harness import MotoMocks, moto_network, run_program
 
 pytestmark = pytest.mark.lab
@@ -44,7 +43,7 @@ def test_pulumi_outputs_to_lab_hosts_to_a_deployed_cluster(stack_outputs, tmp_pa
         result = lab.deploy("--outputs", str(stack_outputs), "--address", "private", "--key", str(lab.user_key),
                             "--known-hosts", str(lab.known_hosts), "--secrets", str(deploy_inputs["secrets"]),
                             "--resource", f"data={deploy_inputs['resource']}", "--report", str(report_path),
-                            env={**os.environ, "HOME": str(tmp_path)})
+                            env=home_environment(tmp_path))
         assert result.returncode == 0, result.stdout + result.stderr
         report = json.loads(report_path.read_text())
         assert [host["host_id"] for host in report["hosts"]] == [
@@ -53,7 +52,7 @@ def test_pulumi_outputs_to_lab_hosts_to_a_deployed_cluster(stack_outputs, tmp_pa
             home = lab.home(name)
             assert (home / "secret.ini").read_bytes() == CANARY_SECRETS
             assert (home / "resources" / "data" / "train.csv").exists()
-            manifest = json.loads((home / ".flambe" / "cluster.json").read_text())
+            manifest = lab.manifest(name)
             assert manifest["cluster_name"] == "pipeline"
             assert (home / "ray_bootstrap_key.pem").stat().st_mode & 0o777 == 0o600
         hop = lab.ssh(private_ips[1], f"ssh -o BatchMode=yes {private_ips[2]} hostname")

@@ -135,6 +135,13 @@ def test_five_hostile_hosts_with_wait(make_lab, tmp_path, deploy_inputs):
     assert not secrets.exists() or secrets.read_bytes() == deploy_inputs["secrets"].read_bytes()
     assert "waiting for sshd" in result.stderr
 
+    (deploy_inputs["resource"] / "big.bin").unlink()  # the fault fixed: the data now fits
+    again, report = deploy_with_report(lab, tmp_path, "--secrets", str(deploy_inputs["secrets"]),
+                                       "--resource", f"data={deploy_inputs['resource']}")
+    assert again.returncode == 0, again.stdout + again.stderr
+    for name in lab.hostnames:
+        assert_holds_everything(lab, name, deploy_inputs)
+
 
 def test_no_rsync_on_a_host_says_install_rsync(make_lab, tmp_path, deploy_inputs):
     lab = make_lab(3, "2:no-rsync")
@@ -213,7 +220,8 @@ def throttle(lab, rate: str) -> None:
                       "latency", "400ms")
 
 
-def test_ctrl_c_mid_transfer_exits_130_and_the_next_run_converges(make_lab, tmp_path, deploy_inputs):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_mid_transfer_exits_130_or_143_and_the_next_run_converges(make_lab, tmp_path, signum, code):
     lab = make_lab(2)
     resource = big_resource(tmp_path, 150)
     throttle(lab, "100mbit")
@@ -223,11 +231,11 @@ def test_ctrl_c_mid_transfer_exits_130_and_the_next_run_converges(make_lab, tmp_
          "flambe_iac.deploy_cli", *lab.lab_arguments(), "--resource", f"data={resource}", "--report", str(report)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     time.sleep(1.0)
-    deploy.send_signal(signal.SIGINT)
+    deploy.send_signal(signum)
     stdout, stderr = deploy.communicate(timeout=60)
-    assert deploy.returncode == 130, stdout + stderr
+    assert deploy.returncode == code, stdout + stderr
     document = json.loads(report.read_text())
-    assert document["interrupted"] == "SIGINT" and document["ok"] is False
+    assert document["interrupted"] == signal.Signals(signum).name and document["ok"] is False
     assert "Traceback" not in stderr
     time.sleep(0.5)
     assert not rsync_children(resource), "rsync went on after the interrupt"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from lab_session import home_environment
+
 from conftest import CANARY
 from runnable_fixtures import bare_clone, make_repository, runnable_yaml
 
@@ -57,7 +59,7 @@ def deploy_as_user(lab, home: Path, *arguments):
     script = 'mount --bind "$0" /etc/passwd && exec "$@"'
     command = ["unshare", "--mount", "sh", "-c", script, str(passwd), sys.executable, "-m",
                "flambe_iac.deploy_cli", *arguments]
-    return lab.run_in_client(*command, timeout=180, env={**os.environ, "HOME": str(home)}, stdin=subprocess.DEVNULL)
+    return lab.run_in_client(*command, timeout=180, env=home_environment(home), stdin=subprocess.DEVNULL)
 
 
 def wait_for_result(lab, timeout: float = 30) -> Path:
@@ -103,8 +105,7 @@ def test_run_an_extension_from_git_over_ssh_with_the_users_own_ssh_config(fresh_
         extension = fresh_lab.home(name) / "extensions" / "reportext"
         assert (extension / "reportext" / "runnables.py").exists()
         assert not (extension / ".git").exists()
-        assert json.loads((fresh_lab.home(name) / ".flambe" / "cluster.json").read_text())[
-            "extensions"]["reportext"]["commit"] == commits["v1"]
+        assert fresh_lab.manifest(name)["extensions"]["reportext"]["commit"] == commits["v1"]
     log = (fresh_lab.home("orchestrator") / ".flambe" / "run.log").read_text()
     assert "running reportext.runnables:WriteReport" in log
     for text in (result.stdout, result.stderr, (tmp_path / "report.json").read_text(), log):
@@ -148,7 +149,7 @@ def test_an_extension_over_http_pinned_to_a_ref_and_a_subdirectory(fresh_lab, ht
     commits, url = http_served
     runnable = runnable_yaml(tmp_path / "runnable.yaml", f"{url}@main#subdirectory=sub", out_directory(tmp_path))
     result = fresh_lab.deploy(str(runnable), *lab_args(fresh_lab, tmp_path),
-                              env={**os.environ, "HOME": str(tmp_path / "home")})
+                              env=home_environment(tmp_path / "home"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((tmp_path / "report.json").read_text())["extensions"]["reportext"]["commit"] == commits["v2"]
     for name in fresh_lab.hostnames:
@@ -159,7 +160,7 @@ def test_an_extension_over_http_pinned_to_a_ref_and_a_subdirectory(fresh_lab, ht
 def test_a_second_run_is_refused_while_one_runs_unless_forced(fresh_lab, repository, tmp_path):
     _, path = repository
     runnable = runnable_yaml(tmp_path / "runnable.yaml", f"file://{path}", out_directory(tmp_path), sleep=120)
-    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    env = home_environment(tmp_path / "home")
     first = fresh_lab.deploy(str(runnable), *lab_args(fresh_lab, tmp_path), "--run", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     pid_file = fresh_lab.home("orchestrator") / ".flambe" / "run.pid"
@@ -194,7 +195,7 @@ def test_install_extensions_on_every_host_and_report_one_failure(fresh_lab, repo
             os.chown(directory, fresh_lab.state["uid"], fresh_lab.state["uid"])
     (fresh_lab.home("factory-2") / ".local").write_text("not a directory: pip --user must fail here")
     runnable = runnable_yaml(tmp_path / "runnable.yaml", f"file://{path}", out_directory(tmp_path))
-    env = {**os.environ, "HOME": str(tmp_path / "home"), "PIP_NO_BUILD_ISOLATION": "0"}
+    env = home_environment(tmp_path / "home", PIP_NO_BUILD_ISOLATION="0")
     try:
         result = fresh_lab.deploy(str(runnable), *lab_args(fresh_lab, tmp_path), "-i", env=env)
     finally:
@@ -222,7 +223,7 @@ def test_bad_runnable_input_exits_2_and_sends_nothing(lab, repository, tmp_path,
     runnable = runnable_yaml(tmp_path / "runnable.yaml", location, out_directory(tmp_path), runnable=runnable_spec)
     before = {name: lab.sshd_log(name) for name in lab.hostnames}
     result = lab.deploy(str(runnable), *lab.lab_arguments(), "--run",
-                        env={**os.environ, "HOME": str(tmp_path / "home")})
+                        env=home_environment(tmp_path / "home"))
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith("flambe-deploy: ") and result.stderr.count("\n") == 1
     assert {name: lab.sshd_log(name) for name in lab.hostnames} == before
