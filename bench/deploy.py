@@ -74,9 +74,9 @@ def make_inputs(directory: Path, resource_kib: int) -> tuple[Path, Path]:
 
 
 def measure_sizes(lab_dir: Path, state: lab.LabState, outputs: dict, secrets: Path, resource: Path, repeats: int,
-                  work: Path, baseline: Path | None) -> None:
+                  work: Path, baseline: Path | None, sizes: list[int]) -> None:
     results = {}
-    for size in SIZES:
+    for size in sizes:
         trimmed = work / f"outputs-{size}.json"
         trimmed.write_text(json.dumps({**outputs, "factories": outputs["factories"][: size - 1]}))
         command = ["ip", "netns", "exec", state.client_netns, sys.executable, "-m", "flambe_iac.deploy_cli",
@@ -106,7 +106,8 @@ def measure_sizes(lab_dir: Path, state: lab.LabState, outputs: dict, secrets: Pa
             print(f"      baseline: first run {statistics.median(old_first):.2f} s, re-run "
                   f"{statistics.median(old_rerun):.2f} s; current/baseline {results[size][0] / statistics.median(old_first):.2f}x "
                   f"and {results[size][1] / statistics.median(old_rerun):.2f}x")
-    print(f"  32 hosts / 1 host, first run: {results[32][0] / results[1][0]:.2f}x")
+    if len(sizes) > 1:
+        print(f"  {sizes[-1]} hosts / {sizes[0]} host(s), first run: {results[sizes[-1]][0] / results[sizes[0]][0]:.2f}x")
 
 
 def main() -> int:
@@ -114,13 +115,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resource-kib", type=int, nargs="+", default=[64, 5120],
                         help="resource sizes to measure, in KiB (default: 64 and 5120)")
+    parser.add_argument("--hosts", type=int, nargs="+", default=list(SIZES), help="cluster sizes (default 1 4 16 32)")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="also measure the flambe_iac package in DIR, in turns with this one")
     arguments = parser.parse_args()
     lab.check_can_run_lab()
     work = Path(tempfile.mkdtemp(prefix="flambe-bench-"))
     lab_dir = work / "lab"
-    state = lab.up(lab_dir, max(SIZES))
+    state = lab.up(lab_dir, max(arguments.hosts))
     try:
         outputs = json.loads((lab_dir / lab.OUTPUTS_FILE).read_text())
         for resource_kib in arguments.resource_kib:
@@ -128,7 +130,7 @@ def main() -> int:
             inputs = work / f"inputs-{resource_kib}"
             inputs.mkdir()
             measure_sizes(lab_dir, state, outputs, *make_inputs(inputs, resource_kib), arguments.repeats, work,
-                          arguments.baseline)
+                          arguments.baseline, sorted(arguments.hosts))
         help_times = [run_measured([sys.executable, "-m", "flambe_iac.deploy_cli", "--help"])[0] for _ in range(20)]
         print(f"flambe-deploy --help: median {statistics.median(help_times):.3f} s (20 runs)")
     finally:

@@ -67,20 +67,23 @@ class UnwritableLink(Exception):
 def tar_stream(files: list[tuple[str, HiddenBytes, str]]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for index, (_, content, _) in enumerate(files):
+        for index, (_, content, mode) in enumerate(files):
             entry = tarfile.TarInfo(f"{index}.upload")
-            entry.size, entry.mode = len(content.data), 0o600
+            entry.size, entry.mode = len(content.data), int(mode, 8)
             archive.addfile(entry, io.BytesIO(content.data))
     return buffer.getvalue()
 
 
 def install_command(files: list[tuple[str, HiddenBytes, str]], snapshot: HostSnapshot, staging: str) -> str:
-    """Unpack the tar stream into STAGING, then put each file in place with its mode, by a rename."""
+    """Make STAGING (0700 from the moment it exists, by the umask), unpack the tar stream into it with each file's
+    final mode (-p: unreachable by others inside STAGING), put each file in place by a rename, and remove STAGING
+    again: a run that ends normally leaves nothing behind. Few processes: each costs a busy host a few ms."""
     quoted_staging = shlex.quote(staging)
-    steps = ["umask 077", f"tar -x -m -f - -C {quoted_staging} --no-same-owner --no-same-permissions"]
+    steps = ["umask 077", f"mkdir -p {quoted_staging}",
+             f"tar -x -m -p -f - -C {quoted_staging} --no-same-owner"]
     parents = sorted({posixpath.dirname(path) for path, _, _ in files if path not in snapshot.links} - {""})
     steps += [f"mkdir -p {shlex.quote(parent)}" for parent in parents]
-    for index, (path, _, mode) in enumerate(files):
+    for index, (path, _, _) in enumerate(files):
         upload = shlex.quote(f"{staging}/{index}.upload")
         if path in snapshot.links:
             target, writable = snapshot.links[path]
@@ -88,12 +91,13 @@ def install_command(files: list[tuple[str, HiddenBytes, str]], snapshot: HostSna
                 raise UnwritableLink(f"{path} is a symlink to {target}, not writable")
             temporary = f".{posixpath.basename(target)}.flambe-{posixpath.basename(staging)}"
             beside = shlex.quote(posixpath.join(posixpath.dirname(target), temporary))
-            steps.append(f"cp {upload} {beside} && chmod {mode} {beside} && mv -f {beside} {shlex.quote(target)}")
+            steps.append(f"mv -f {upload} {beside} && mv -f {beside} {shlex.quote(target)}")
         else:
-            steps.append(f"chmod {mode} {upload} && mv -f {upload} {shlex.quote(path)}")
+            steps.append(f"mv -f {upload} {shlex.quote(path)}")
+    steps.append(f"rm -rf {quoted_staging}")
     # On any failure the uploads are removed: nothing half-done stays behind, and no final path was touched
     # by the file that failed.
-    return " && ".join(steps) + f" || {{ status=$?; rm -f {quoted_staging}/*.upload; exit $status; }}"
+    return " && ".join(steps) + f" || {{ status=$?; rm -rf {quoted_staging}; exit $status; }}"
 
 
 @operation()

@@ -1,7 +1,7 @@
 """The host's state, read in one round trip per host before anything is written: what every step compares against.
 
 Each step of the table says what it reads (`SnapshotRequest`); the driver merges them and reads once per host.
-The read also makes this run's private staging directory. It ends with a marker: a read cut short (the
+The read changes nothing on the host. It ends with a marker: a read cut short (the
 connection dropped, the shell died) is a failure of the host, never an empty host.
 Paths are relative to the SSH user's home. Contents are read only for files that hold no secret.
 """
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from flambe_iac.connection import RemoteCommandError, run_remote
 from flambe_iac.resources import REMOTE_TREE_LISTING, parse_tree_line
-from flambe_iac.remote_layout import run_staging_dir
 
 END = "@end-of-snapshot"
 
@@ -49,9 +48,8 @@ class SnapshotError(Exception):
     pass
 
 
-def snapshot_command(request: SnapshotRequest, run_id: str) -> str:
-    staging = shlex.quote(run_staging_dir(run_id))
-    parts = ["umask 077", f"mkdir -p {staging} && chmod 700 .flambe/staging {staging}"]
+def snapshot_command(request: SnapshotRequest) -> str:
+    parts = []
     if request.files:
         quoted = " ".join(shlex.quote(path) for path in request.files)
         parts.append(f"stat -L -c '@file %f %a %n' -- {quoted} 2>/dev/null")
@@ -77,9 +75,9 @@ def snapshot_command(request: SnapshotRequest, run_id: str) -> str:
     return "; ".join(parts)
 
 
-def read_snapshot(host, request: SnapshotRequest, run_id: str, timeout: float) -> HostSnapshot:
+def read_snapshot(host, request: SnapshotRequest, timeout: float) -> HostSnapshot:
     try:
-        result = run_remote(host, snapshot_command(request, run_id), timeout=timeout)
+        result = run_remote(host, snapshot_command(request), timeout=timeout)
     except RemoteCommandError as error:
         raise SnapshotError(f"could not read the host's state: {error}") from None
     lines = result.stdout.decode(errors="surrogateescape").splitlines()

@@ -43,6 +43,7 @@ from flambe_iac.connection import (
 from flambe_iac.deploys.operations import stop_children
 from flambe_iac.deploys.snapshot import SnapshotError, read_snapshot
 from flambe_iac.deploys.steps import STEP_NAMES, StepContext, asked_steps, extension_sources, snapshot_request
+from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.plan import DeployPlan
 from flambe_iac.remote_layout import (
     CLUSTER_PRIVATE_KEY,
@@ -105,6 +106,7 @@ class Deployment:
         self.context = StepContext(plan, self.policy, run_staging_dir(report.run_id))
         self.phase: list[gevent.Greenlet] = []
         self.lock: HeldCommand | None = None
+        self.lock_taken: bool | None = None  # None until tried: right after the orchestrator connects
         for host, member in self.members.items():
             for step in asked_steps(plan, member):
                 self.entries[host].ask(step.name)
@@ -114,7 +116,11 @@ class Deployment:
     def run(self) -> None:
         members = list(self.members)
         connected = [host for host, value in zip(members, self.each_host(self.connect, members)) if value]
-        if not connected or not self.each_host(self.take_lock, connected[:1])[0]:
+        if not connected:
+            return
+        if self.lock_taken is None:  # the orchestrator was not reached: lock on the first member that was
+            self.lock_taken = bool(self.each_host(self.take_lock, connected[:1])[0])
+        if not self.lock_taken:
             return
         request = snapshot_request(self.context)
         snapshots = {host: snapshot for host, snapshot
@@ -169,6 +175,8 @@ class Deployment:
         entry.connect_seconds = time.monotonic() - started
         self.state.activate_host(host)
         self.view.connected(entry)
+        if self.members[host].role == ORCHESTRATOR:  # lock at once, while the other hosts still connect
+            self.lock_taken = self.take_lock(host)
         return host
 
     def take_lock(self, host):
@@ -201,7 +209,7 @@ class Deployment:
 
     def read_state(self, host, request):
         try:
-            snapshot = read_snapshot(host, request, self.report.run_id, SNAPSHOT_TIMEOUT)
+            snapshot = read_snapshot(host, request, SNAPSHOT_TIMEOUT)
         except SnapshotError as error:
             self.entries[host].fail(str(error))
             return None
@@ -214,7 +222,7 @@ class Deployment:
 
     def settle_cluster_key(self, snapshots: dict) -> None:
         """Keep the key the hosts hold (the hosts are the state), or make one; and what is retired."""
-        held = [HeldKey(host, self.members[host].role == "orchestrator",
+        held = [HeldKey(host, self.members[host].role == ORCHESTRATOR,
                         (snapshot.contents.get(CLUSTER_PUBLIC_KEY) or b"").decode(errors="replace").strip() or None,
                         parse_retired_list(snapshot.contents.get(RETIRED_KEYS)))
                 for host, snapshot in snapshots.items()]
@@ -289,11 +297,16 @@ class Deployment:
         gevent.killall(self.phase, Interrupted, block=False)
 
     def close(self) -> None:
-        """Remove this run's staging directory on every host it reached, then disconnect."""
+        """Release the lock; after an interrupt, remove this run's staging directory on every host it reached (each
+        upload removes its own when it ends); disconnect."""
         staging = self.context.staging
         connected = [host for host in self.members if host.connected]
         if self.lock is not None:
             self.lock.release()
+        if not self.report.interrupted:
+            connected_for_cleanup = []
+        else:
+            connected_for_cleanup = connected
 
         def clean(host):
             try:
@@ -301,7 +314,7 @@ class Deployment:
             except RemoteCommandError:
                 pass  # the host is gone; the next run's staging is a new directory anyway
 
-        gevent.joinall([gevent.spawn(clean, host) for host in connected], timeout=CLEANUP_TIMEOUT)
+        gevent.joinall([gevent.spawn(clean, host) for host in connected_for_cleanup], timeout=CLEANUP_TIMEOUT)
         self.policy.close()
         for host in connected:
             try:
