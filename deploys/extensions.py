@@ -16,7 +16,8 @@ def reads(context) -> SnapshotRequest:
 
 
 def push_extensions(context, member, snapshot: HostSnapshot) -> list:
-    return synced_trees(context.transfers(member, context.plan.extension_trees), context.causes, snapshot)
+    return synced_trees(context.transfers(member, context.plan.extension_trees), context.causes, context.notes,
+                        snapshot)
 
 
 def install_extensions(context, member, snapshot: HostSnapshot) -> list:

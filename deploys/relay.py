@@ -27,7 +27,7 @@ DIRECT, RELAY = "direct", "relay"
 FAN_OUT_MODES = (DIRECT, RELAY)
 # Hops at once on the orchestrator's one SSH connection: below sshd's default MaxSessions (10), leaving room for the
 # deploy lock and the orchestrator's own commands.
-PARALLEL_HOPS = 6
+PARALLEL_HOPS = 7
 HOP_TIMEOUT = 6 * 3600.0
 
 
@@ -55,8 +55,8 @@ class Relay:
         """None once the orchestrator holds DESTINATION whole; else why it never will."""
         return self.ready[destination].get()
 
-    def hop(self, destination: str, user: str, address: str, connect_timeout: int) -> str | None:
-        """rsync DESTINATION from the orchestrator to the factory at ADDRESS; None on success, else the cause."""
+    def hop(self, destination: str, user: str, address: str, connect_timeout: int) -> tuple[int, str]:
+        """rsync DESTINATION from the orchestrator to the factory at ADDRESS: (rsync's exit code, its errors)."""
         target = SshTarget(address=address, user=user, key=Path(CLUSTER_PRIVATE_KEY),
                            known_hosts=Path(MEMBERS_KNOWN_HOSTS), connect_timeout=connect_timeout)
         command = shlex.join(rsync_command(f"{destination}/", f"{destination}/", target))
@@ -64,7 +64,5 @@ class Relay:
             try:
                 result = run_remote(self.orchestrator_host, command, timeout=HOP_TIMEOUT)
             except RemoteCommandError as error:
-                return f"relay hop from the orchestrator failed: {error}"
-        if result.exit_code != 0:
-            return f"relay hop from the orchestrator failed (rsync exit code {result.exit_code}): {result.reason}"
-        return None
+                return 255, f"the connection to the orchestrator failed: {error}"
+        return result.exit_code, result.stderr.decode(errors="replace")

@@ -11,4 +11,4 @@ def reads(context) -> SnapshotRequest:
 
 
 def sync_resources(context, member, snapshot: HostSnapshot) -> list:
-    return synced_trees(context.transfers(member, context.plan.resources), context.causes, snapshot)
+    return synced_trees(context.transfers(member, context.plan.resources), context.causes, context.notes, snapshot)

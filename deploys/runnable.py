@@ -16,10 +16,10 @@ def reads(context) -> SnapshotRequest:
 
 
 def launch_runnable(context, member, snapshot: HostSnapshot) -> list:
-    [(destination, expected, rsync)] = context.transfers(member, [context.runner_library])
+    [library] = context.transfers(member, [context.runner_library], relayed=False)
     return [
-        synced_tree(name="flambe_iac for the runner", destination=destination, expected=expected, rsync=rsync,
-                    causes=context.causes, snapshot=snapshot),
+        synced_tree(name="flambe_iac for the runner", transfer=library, causes=context.causes, notes=context.notes,
+                    snapshot=snapshot),
         staged_files(name="run plan", files=[(RUN_PLAN, HiddenBytes(context.run_plan), "644")], snapshot=snapshot,
                      staging=context.staging, causes=context.causes),
         detached_run(name="start the runnable", force=context.plan.force),

@@ -19,6 +19,8 @@ from flambe_iac.cluster import ORCHESTRATOR, Host as Member
 from flambe_iac.cluster_key import ClusterKey
 from flambe_iac.connection import SshPolicy
 from flambe_iac.deploys import cluster_key, extensions, manifest, resources, runnable, secrets
+from flambe_iac.deploys.operations import Transfer
+from flambe_iac.deploys.relay import RELAY, Relay
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.extensions import redact_url
 from flambe_iac.host_keys import keys_in, read_known_hosts
@@ -80,6 +82,14 @@ class StepContext:
     key: ClusterKey | None = None
     retired: set[str] = field(default_factory=set)
     causes: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # for the report: e.g. a relay that fell back to direct
+
+    @cached_property
+    def relay(self) -> Relay | None:
+        """The relay fan-out, when asked and there is a factory to relay to."""
+        if self.plan.fan_out != RELAY or not self.plan.cluster.factories:
+            return None
+        return Relay([tree.remote_directory for tree in [*self.plan.resources, *self.plan.extension_trees]])
 
     @cached_property
     def private_addresses(self) -> list[str]:
@@ -104,12 +114,22 @@ class StepContext:
         trees = [*self.plan.resources, *self.plan.extension_trees] + ([self.runner_library] if self.plan.run else [])
         return {tree.remote_directory: local_tree(tree) for tree in trees}
 
-    def transfers(self, member: Member, trees: list[Resource]) -> list:
-        """(remote directory, what it should hold, the rsync that makes it so) for each tree on one member."""
+    def transfers(self, member: Member, trees: list[Resource], relayed: bool = True) -> list[Transfer]:
+        """How each tree gets to one member, and how its copy is checked."""
         address = self.plan.address(member)
-        return [(tree.remote_directory, self.expected_trees[tree.remote_directory],
-                 self.policy.rsync_job(tree.rsync_source, f"{tree.remote_directory}/", address, tree.excludes))
-                for tree in trees]
+        relay = self.relay if relayed else None
+        is_orchestrator = member.role == ORCHESTRATOR
+        return [Transfer(
+            destination=tree.remote_directory,
+            expected=self.expected_trees[tree.remote_directory],
+            rsync=self.policy.rsync_job(tree.rsync_source, f"{tree.remote_directory}/", address, tree.excludes),
+            checksums=self.resource_checksums.get(tree.name) if tree in self.plan.resources else None,
+            relay=relay,
+            serves_relay=relay is not None and is_orchestrator,
+            relay_to=member.private_ip if relay is not None and not is_orchestrator else None,
+            relay_user=self.plan.cluster.ssh_user,
+            connect_timeout=self.plan.connect_timeout,
+        ) for tree in trees]
 
     @cached_property
     def resource_checksums(self) -> dict[str, dict[str, str]]:

@@ -107,8 +107,10 @@ def decide_cluster_key(held: list[HeldKey], rotate: bool) -> KeyDecision:
     if not eligible:
         note = "every key the members hold was retired earlier; a new key replaces it" if holders else None
         return KeyDecision(CREATED, None, [], retired | set(holders), note)
+    # The orchestrator's key, else the one most members hold; ties by fingerprint, so the choice never depends on
+    # which member answered first.
     keep = max(eligible, key=lambda fingerprint: (eligible[fingerprint][0].is_orchestrator,
-                                                  len(eligible[fingerprint])))
+                                                  len(eligible[fingerprint]), fingerprint))
     others = set(holders) - {keep}
     note = None
     if len(eligible) > 1:

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "to show its host keys (default 300)")
     parser.add_argument("--address", choices=ADDRESS_KINDS, default=PUBLIC,
                         help="which address to reach the hosts by (default public; private from inside the VPC)")
+    parser.add_argument("--fan-out", choices=("direct", "relay"),
+                        help="how resources and extensions reach the factories: relay (the default with factories) "
+                             "sends each tree once over your uplink, to the orchestrator, which rsyncs it on to the "
+                             "factories with the cluster key; direct sends it from here to every host")
     parser.add_argument("--rotate-cluster-key", action="store_true",
                         help="replace the cluster key everywhere and remove the old one from every authorized_keys")
     runnable = parser.add_argument_group("with a runnable file")
@@ -161,6 +165,7 @@ def deploy(arguments: argparse.Namespace) -> int:
             rotate_cluster_key=arguments.rotate_cluster_key, connect_timeout=arguments.connect_timeout,
             runnable_file=arguments.runnable_file, install_extensions=arguments.install_extensions,
             run=arguments.run, force=arguments.force, host_key_timeout=arguments.host_key_timeout, wait=wait,
+            fan_out=arguments.fan_out,
         ))
         if plan.install_extensions:
             install_locally(plan)

@@ -130,7 +130,14 @@ class Deployment:
             return
         self.settle_cluster_key(snapshots)
         self.report.extensions = extension_sources(self.plan)
-        self.each_host(lambda host: self.run_steps(host, snapshots[host]), list(snapshots))
+        relay = self.context.relay
+        if relay is not None and relay.orchestrator_host not in snapshots:
+            orchestrator = self.report.hosts[0]
+            relay.orchestrator_stopped(f"the orchestrator was not reached: {orchestrator.error}")
+        try:
+            self.each_host(lambda host: self.run_steps(host, snapshots[host]), list(snapshots))
+        finally:
+            self.report.notes.extend(dict.fromkeys(self.context.notes))
 
     def each_host(self, action, hosts: list) -> list:
         """ACTION(host) on every host at once, and what each returned (None for a host that failed): a host
@@ -176,6 +183,8 @@ class Deployment:
         self.state.activate_host(host)
         self.view.connected(entry)
         if self.members[host].role == ORCHESTRATOR:  # lock at once, while the other hosts still connect
+            if self.context.relay is not None:
+                self.context.relay.orchestrator_host = host
             self.lock_taken = self.take_lock(host)
         return host
 
@@ -249,6 +258,14 @@ class Deployment:
         return key if key is not None and key.fingerprint == fingerprint else None
 
     def run_steps(self, host, snapshot) -> None:
+        try:
+            self.run_asked_steps(host, snapshot)
+        finally:
+            if self.context.relay is not None and self.members[host].role == ORCHESTRATOR:
+                cause = self.entries[host].error or "the orchestrator stopped before it"
+                self.context.relay.orchestrator_stopped(f"the orchestrator failed: {cause}")
+
+    def run_asked_steps(self, host, snapshot) -> None:
         member, entry = self.members[host], self.entries[host]
         for step in asked_steps(self.plan, member):
             started = time.monotonic()

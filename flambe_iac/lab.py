@@ -39,7 +39,7 @@ DEFAULT_USER = "ubuntu"
 LOGIN_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 SSHD_START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
-REAP_TIMEOUT = 5.0
+REAP_TIMEOUT = 20.0  # init may reap orphans only every second or two, and slower on a busy machine
 IN_HOST_DIR = "/run/flambe-lab"  # where each host sees its own lab directory
 REQUIRED_TOOLS = ("ip", "unshare", "ssh-keygen", "/usr/sbin/sshd")
 
@@ -56,7 +56,24 @@ FAULTS = {
     "late-sshd": "its sshd starts VALUE seconds after `up` returns",
     "no-rsync": "rsync is missing on the host",
     "max-sessions": "its sshd allows VALUE sessions per connection",
+    "corrupt-rsync": "its rsync changes a byte of a resource after each transfer it receives",
 }
+COMMANDS_LOG = "/tmp/flambe-lab-commands.log"  # inside each host: its own /tmp, hosts/<name>/tmp/ from here
+RECORDING_SHELL = f"""#!/bin/bash
+# sshd's ForceCommand with --record-commands: note every command a session runs (NUL-separated), then run it.
+printf '%s\\0' "$SSH_ORIGINAL_COMMAND" >> {COMMANDS_LOG}
+if [ -z "$SSH_ORIGINAL_COMMAND" ]; then exec bash -l; fi
+exec bash -c "$SSH_ORIGINAL_COMMAND"
+"""
+CORRUPTING_RSYNC = """#!/bin/sh
+# A broken host for tests: rsync that damages what it received.
+/run/flambe-lab/rsync.real "$@"
+status=$?
+if [ "$status" -eq 0 ]; then
+  for file in "$HOME"/resources/*/*; do [ -f "$file" ] && { printf X >> "$file"; break; }; done
+fi
+exit $status
+"""
 
 
 @dataclass
@@ -84,6 +101,8 @@ class LabState:
     client_address: str
     hosts: list[LabHost]
     status: str = "starting"
+    uplink_mbit: float | None = None  # the client's link, limited in both directions
+    record_commands: bool = False  # every host notes each command its sessions run, for tests
 
     @property
     def switch_netns(self) -> str:
@@ -135,7 +154,8 @@ def lab_cluster(state: LabState) -> Cluster:
 
 
 def up(lab_dir: Path, host_count: int, user: str = DEFAULT_USER, subnet: str = DEFAULT_SUBNET,
-       addresses: list[str] | None = None, faults: list[str] = ()) -> LabState:
+       addresses: list[str] | None = None, faults: list[str] = (), uplink_mbit: float | None = None,
+       record_commands: bool = False) -> LabState:
     """Build the lab; on any failure tear down what was made and raise."""
     check_can_run_lab()
     lab_dir = lab_dir.resolve()
@@ -144,6 +164,10 @@ def up(lab_dir: Path, host_count: int, user: str = DEFAULT_USER, subnet: str = D
         raise InputError(f"a lab is already up in {lab_dir}: run `flambe-lab down --dir {lab_dir}` first")
     state = plan_lab(host_count, user, subnet, addresses)
     apply_faults(state, faults)
+    if uplink_mbit is not None and not 0 < uplink_mbit <= 100000:
+        raise InputError(f"--uplink-mbit must be between 0 and 100000, not {uplink_mbit:g}")
+    state.uplink_mbit = uplink_mbit
+    state.record_commands = record_commands
     lab_dir.mkdir(parents=True, exist_ok=True)
     state.save(lab_dir)
     try:
@@ -233,6 +257,8 @@ def free_uid(start: int = 2000) -> int:
 def build_lab(lab_dir: Path, state: LabState) -> None:
     keygens = start_key_generation(lab_dir, state)
     create_network(state)
+    if state.uplink_mbit:
+        limit_uplink(state)
     wait_all(keygens, "ssh-keygen")
     user_public_key = (lab_dir / f"{USER_KEY_FILE}.pub").read_text()
     for host in state.hosts:
@@ -294,6 +320,16 @@ def create_network(state: LabState) -> None:
     ], "ip")
 
 
+def limit_uplink(state: LabState) -> None:
+    """The client's link at UPLINK_MBIT both ways: tbf on the client's eth0 (its uploads) and on the switch's port to
+    it (its downloads). Both inside the lab's namespaces; tbf, since this kernel has no netem."""
+    rate = f"{state.uplink_mbit:g}mbit"
+    burst = f"{max(32, int(state.uplink_mbit * 1e6 / 8 / 100 / 1024))}kb"  # at least one timer tick's worth
+    for netns, device in ((state.client_netns, "eth0"), (state.switch_netns, "client")):
+        subprocess.run(["ip", "netns", "exec", netns, "tc", "qdisc", "replace", "dev", device, "root", "tbf",
+                        "rate", rate, "burst", burst, "latency", "100ms"], check=True, capture_output=True)
+
+
 def start_ip_batch(netns: str | None, commands: list[str]) -> subprocess.Popen:
     argv = ["ip", "-force", "-batch", "-"] if netns is None else ["ip", "-n", netns, "-force", "-batch", "-"]
     process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -333,10 +369,16 @@ def prepare_host_files(lab_dir: Path, state: LabState, host: LabHost, user_publi
         os.chown(path, state.uid, state.uid)
     etc = directory / "etc"
     write_accounts(etc, state)
-    (etc / "sshd_config").write_text(sshd_config(host))
+    (etc / "sshd_config").write_text(sshd_config(host, state.record_commands))
+    if state.record_commands:
+        (directory / "record-command").write_text(RECORDING_SHELL)
+        (directory / "record-command").chmod(0o755)
     (directory / "boot.sh").write_text(boot_script(directory, host))
     if has_fault(host, "small-home"):
         mount_small_home(directory / "home", host.faults["small-home"])
+    if has_fault(host, "corrupt-rsync"):
+        (directory / "rsync-corrupting").write_text(CORRUPTING_RSYNC)
+        (directory / "rsync-corrupting").chmod(0o755)
 
 
 def mount_small_home(home: Path, size: str) -> None:
@@ -361,7 +403,7 @@ def write_accounts(etc: Path, state: LabState) -> None:
     shadow.chmod(0o600)
 
 
-def sshd_config(host: LabHost) -> str:
+def sshd_config(host: LabHost, record_commands: bool = False) -> str:
     return "\n".join([
         f"ListenAddress {host.address}",
         f"HostKey {IN_HOST_DIR}/etc/ssh_host_ed25519_key",
@@ -376,6 +418,7 @@ def sshd_config(host: LabHost) -> str:
         "PrintMotd no",
         *([] if has_fault(host, "no-sftp") else ["Subsystem sftp internal-sftp"]),
         *([f"MaxSessions {host.faults['max-sessions']}"] if has_fault(host, "max-sessions") else []),
+        *([f"ForceCommand {IN_HOST_DIR}/record-command"] if record_commands else []),
         "",
     ])
 
@@ -399,6 +442,8 @@ def boot_script(directory: Path, host: LabHost) -> str:
         f"mount --bind {IN_HOST_DIR}/etc/shadow /etc/shadow",
         *(["for tool in $(which -a rsync); do mount --bind /dev/null \"$tool\"; done"]
           if has_fault(host, "no-rsync") else []),
+        *([f"cp /usr/bin/rsync {IN_HOST_DIR}/rsync.real",
+           f"mount --bind {IN_HOST_DIR}/rsync-corrupting /usr/bin/rsync"] if has_fault(host, "corrupt-rsync") else []),
         *([f"sleep {host.faults['late-sshd']}"] if has_fault(host, "late-sshd") else []),
         f"exec /usr/sbin/sshd -D -e -f {IN_HOST_DIR}/etc/sshd_config",
         "",
@@ -428,12 +473,23 @@ def wait_for_sshd(lab_dir: Path, state: LabState) -> None:
             if (host_dir(lab_dir, host) / "sshd.pid").exists():
                 waiting.remove(host)
             elif not pid_alive(host.pid):
-                log = (host_dir(lab_dir, host) / "sshd.log").read_text(errors="replace").strip()
-                raise LabError(f"sshd on {host.hostname} exited: {log.splitlines()[-1] if log else 'no output'}")
+                raise LabError(first_sshd_failure(lab_dir, state))
         if waiting and time.monotonic() > deadline:
             raise LabError(f"sshd on {waiting[0].hostname} did not start within {SSHD_START_TIMEOUT:.0f} s")
         if waiting:
             time.sleep(0.02)
+
+
+def first_sshd_failure(lab_dir: Path, state: LabState) -> str:
+    """The failure to report when sshds exit: the first failed host in host order, after a moment for the others
+    (they often fail together, and which one is noticed first should not decide what the user reads)."""
+    time.sleep(0.3)
+    failed = [host for host in state.hosts if not (host_dir(lab_dir, host) / "sshd.pid").exists()
+              and not pid_alive(host.pid)]
+    host = failed[0]
+    log = (host_dir(lab_dir, host) / "sshd.log").read_text(errors="replace").strip()
+    others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    return f"sshd on {host.hostname} exited{others}: {log.splitlines()[-1] if log else 'no output'}"
 
 
 def write_client_files(lab_dir: Path, state: LabState) -> None:
@@ -591,6 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     up_parser.add_argument("--fault", action="append", default=[], metavar="INDEX:KIND[=VALUE]",
                            help="make host INDEX (0 is the orchestrator) unlike the others; KIND is one of: "
                                 + "; ".join(f"{kind} ({text})" for kind, text in FAULTS.items()))
+    up_parser.add_argument("--record-commands", action="store_true",
+                           help=f"every host notes each command its SSH sessions run, in its own {COMMANDS_LOG}")
+    up_parser.add_argument("--uplink-mbit", type=float, metavar="N",
+                           help="limit the client's link to N Mbit/s both ways, as a laptop's or a CI runner's uplink")
     for name, text in (("down", "stop every sshd and remove every namespace and link of the lab (idempotent)"),
                        ("show", "list the hosts, their addresses and whether their sshd runs")):
         commands.add_parser(name, help=text, description=text).add_argument("--dir", type=Path, required=True)
@@ -610,7 +670,7 @@ def run_command(arguments: argparse.Namespace) -> int:
     if arguments.command == "up":
         started = time.monotonic()
         state = up(arguments.dir, arguments.hosts, arguments.user, arguments.subnet, arguments.addresses,
-                   arguments.fault)
+                   arguments.fault, arguments.uplink_mbit, arguments.record_commands)
         print(describe(arguments.dir.resolve(), state))
         print(f"lab up: {len(state.hosts)} hosts in {time.monotonic() - started:.2f} s")
     elif arguments.command == "down":

@@ -36,6 +36,7 @@ class DeployRequest:
     force: bool = False
     host_key_timeout: float = 300.0
     wait: float = 0.0
+    fan_out: str | None = None  # "direct" or "relay"; None: relay when there is a factory
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class DeployPlan:
     run: bool = False
     force: bool = False
     wait: float = 0.0  # how long to keep retrying hosts whose sshd is not answering yet
+    fan_out: str = "direct"  # "relay": trees cross the uplink once, to the orchestrator, which serves the factories
 
     def address(self, host: Host) -> str:
         return host.address(self.address_kind)
@@ -110,6 +112,7 @@ def build_plan(request: DeployRequest) -> DeployPlan:
         run=request.run,
         force=request.force,
         wait=request.wait,
+        fan_out=request.fan_out or ("relay" if cluster.factories else "direct"),
     )
 
 

@@ -113,6 +113,11 @@ class LabSession:
             files[f"{name} sshd.log"] = self.sshd_log(name)
         return files
 
+    def recorded_commands(self, hostname: str) -> list[bytes]:
+        """Every command a host's sessions ran (a lab made with --record-commands)."""
+        log = self.directory / "hosts" / hostname / "tmp" / "flambe-lab-commands.log"
+        return [command for command in log.read_bytes().split(b"\0") if command] if log.exists() else []
+
     def sshd_pids(self, hostname: str) -> list[int]:
         """Every process of a host: its sshd and the sessions it runs."""
         netns = next(host["netns"] for host in self.state["hosts"] if host["hostname"] == hostname)
@@ -152,8 +157,9 @@ def machine_snapshot() -> dict[str, str]:
     return snapshot
 
 
-def lab_leftovers(lab_id: str) -> list[str]:
-    """Namespaces named for the lab, and processes (zombies included) in them or running its sshd."""
+def lab_leftovers(lab_id: str, pids: set[int] = frozenset()) -> list[str]:
+    """Namespaces named for the lab, processes that name them, and any of PIDS (the lab's own processes, recorded
+    while it was up) still on the machine, zombies included. Other labs' processes are not this lab's leftovers."""
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     left = [line for line in namespaces.splitlines() if f"flambe-{lab_id}-" in line]
     for proc in Path("/proc").iterdir():
@@ -163,6 +169,6 @@ def lab_leftovers(lab_id: str) -> list[str]:
                 status = (proc / "status").read_text()
             except OSError:
                 continue
-            if f"flambe-{lab_id}-" in command or ("Name:\tsshd" in status and "State:\tZ" in status):
+            if f"flambe-{lab_id}-" in command or int(proc.name) in pids:
                 left.append(f"pid {proc.name}: {command or status.splitlines()[0]}")
     return left

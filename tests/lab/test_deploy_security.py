@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from conftest import CANARY
-from lab_session import home_environment
+from lab_session import LabSession, home_environment, require_lab_support
 
 pytestmark = pytest.mark.lab
 
@@ -165,9 +165,21 @@ def test_trust_on_first_use_pins_into_a_per_cluster_file_only(fresh_lab, deploy_
     assert "REFUSED" in refused.stdout
 
 
+@pytest.fixture
+def recording_lab(tmp_path):
+    """A 3-host lab whose hosts note every command their SSH sessions run."""
+    require_lab_support()
+    session = LabSession.up(tmp_path / "recording-lab", 3, "--record-commands")
+    try:
+        yield session
+    finally:
+        session.down()
+
+
 @pytest.mark.parametrize("verbosity", [[], ["-v"], ["-vv"]])
-def test_the_canary_secret_never_appears_in_output_report_or_process_lists(fresh_lab, deploy_inputs, tmp_path,
+def test_the_canary_secret_never_appears_in_output_report_or_process_lists(recording_lab, deploy_inputs, tmp_path,
                                                                           verbosity):
+    fresh_lab = recording_lab
     seen_in_process_lists = []
     stop = threading.Event()
 
@@ -201,6 +213,9 @@ def test_the_canary_secret_never_appears_in_output_report_or_process_lists(fresh
         assert "AKIAEXAMPLE" not in text
     assert seen_in_process_lists == []
     for name in fresh_lab.hostnames:
+        commands = fresh_lab.recorded_commands(name)
+        assert len(commands) >= 3  # the record is real: state read, uploads, the lock or rsync
+        assert not any(CANARY.encode() in command or b"AKIAEXAMPLE" in command for command in commands)
         assert CANARY not in fresh_lab.sshd_log(name)
         assert (fresh_lab.home(name) / "secret.ini").read_text().count(CANARY) == 1
 
@@ -233,3 +248,99 @@ def test_rsyncs_ssh_checks_host_keys_and_uses_only_the_given_key(fresh_lab, depl
     accepted = rsync(fresh_lab.user_key, fresh_lab.known_hosts)
     assert accepted.returncode == 0, accepted.stderr
     assert (fresh_lab.home("orchestrator") / "resources" / "probe" / "train.csv").exists()
+
+
+def test_default_keys_in_home_ssh_are_never_offered(fresh_lab, deploy_inputs, tmp_path):
+    """A decoy that every host accepts sits at ~/.ssh/id_ed25519; --key is a stranger. Only --key may be tried:
+    the deploy must fail, and no host's sshd may have accepted the decoy."""
+    home = deploy_inputs["home"]
+    (home / ".ssh").mkdir(parents=True)
+    decoy = home / ".ssh" / "id_ed25519"
+    decoy.write_bytes(fresh_lab.user_key.read_bytes())
+    decoy.chmod(0o600)
+    stranger = new_key(tmp_path / "stranger")
+    result = fresh_lab.deploy("--outputs", str(fresh_lab.directory / "outputs.json"), "--key", str(stranger),
+                              "--known-hosts", str(fresh_lab.known_hosts), "--wait", "0", env=home_env(deploy_inputs))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "refused the key" in result.stdout
+    for name in fresh_lab.hostnames:
+        assert "Accepted publickey" not in fresh_lab.sshd_log(name)
+        assert not (fresh_lab.home(name) / "ray_bootstrap_key.pem").exists()
+
+
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_ISDIR = 0x2, 0x4, 0x8, 0x80, 0x100, 0x40000000
+
+
+class DirectoryWatch:
+    """inotify on a few directories, from this machine (the hosts' homes are its files): every event, by name."""
+
+    def __init__(self, directories, on_directory_created=None):
+        import ctypes
+
+        self.libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK)
+        self.watches = {}
+        for directory in directories:
+            handle = self.libc.inotify_add_watch(self.fd, str(directory).encode(),
+                                                 IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE)
+            assert handle >= 0, directory
+            self.watches[handle] = directory
+        self.events = []  # (directory, name, mask)
+        self.on_directory_created = on_directory_created
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.read_events)
+        self.thread.start()
+
+    def read_events(self):
+        import select
+        import struct
+
+        while not self.stop.is_set():
+            if not select.select([self.fd], [], [], 0.05)[0]:
+                continue
+            data = os.read(self.fd, 65536)
+            offset = 0
+            while offset < len(data):
+                handle, mask, _, length = struct.unpack_from("iIII", data, offset)
+                name = data[offset + 16:offset + 16 + length].rstrip(b"\0").decode()
+                offset += 16 + length
+                directory = self.watches.get(handle)
+                if mask & IN_CREATE and mask & IN_ISDIR and self.on_directory_created:
+                    self.on_directory_created(directory / name)
+                self.events.append((directory, name, mask))
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        os.close(self.fd)
+
+
+def test_final_paths_only_ever_appear_whole_by_a_rename_and_staging_is_0700_from_birth(fresh_lab, deploy_inputs,
+                                                                                       tmp_path):
+    arguments = [*fresh_lab.lab_arguments(), "--secrets", str(deploy_inputs["secrets"])]
+    assert fresh_lab.deploy(*arguments).returncode == 0  # the directories exist now; the next run rewrites files
+    deploy_inputs["secrets"].write_bytes(deploy_inputs["secrets"].read_bytes() + b"\n[more]\nkey = value\n")
+    staging_modes = []
+
+    def note_mode(directory):
+        try:
+            staging_modes.append(directory.stat().st_mode & 0o777)
+        except FileNotFoundError:
+            pass  # already done and removed: other runs of the watch see the next one
+
+    homes = [fresh_lab.home(name) for name in fresh_lab.hostnames]
+    watched = [directory for home in homes for directory in (home, home / ".ssh", home / ".flambe")]
+    watch = DirectoryWatch(watched + [home / ".flambe" / "staging" for home in homes], note_mode)
+    try:
+        result = fresh_lab.deploy(*arguments, "--rotate-cluster-key")
+    finally:
+        watch.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    final_names = {"secret.ini", "ray_bootstrap_key.pem", "ray_bootstrap_key.pub", "authorized_keys", "config",
+                   "cluster.json", "retired_cluster_keys"}
+    landed = {(directory, name) for directory, name, mask in watch.events if name in final_names and mask & IN_MOVED_TO}
+    assert len(landed) == len(homes) * (len(final_names) - 1)  # all but the ssh config (the key's not in it) replaced
+    written_in_place = [(str(directory), name, hex(mask)) for directory, name, mask in watch.events
+                        if name in final_names and mask & (IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_ATTRIB)]
+    assert written_in_place == []
+    assert staging_modes and set(staging_modes) == {0o700}

@@ -99,15 +99,16 @@ def test_up_and_down_change_nothing_on_the_machine_and_leave_nothing(tmp_path):
     try:
         assert machine_snapshot() == before
         assert session.ssh("10.0.1.23", "hostname").stdout.strip() == "factory-3"
-        assert len(lab_leftovers(lab_id)) > 0  # the check below can see a live lab
+        pids = {pid for name in session.hostnames for pid in session.sshd_pids(name)}
+        assert len(lab_leftovers(lab_id, pids)) > 0  # the check below can see a live lab
     finally:
         down = session.down()
     assert "removed 6 namespaces" in down.stdout
     assert machine_snapshot() == before
-    assert lab_leftovers(lab_id) == []
+    assert lab_leftovers(lab_id, pids) == []
     again = session.down()
     assert again.returncode == 0
-    assert lab_leftovers(lab_id) == []
+    assert lab_leftovers(lab_id, pids) == []
 
 
 def test_down_cleans_up_after_up_crashed_halfway(tmp_path, monkeypatch):

@@ -206,3 +206,23 @@ def test_no_credentials_is_bad_input(tmp_path):
 def test_bad_from_is_bad_input(capsys, tmp_path):
     code, _, err = run(capsys, "--config", str(tmp_path / "x.yaml"), "--from", "not-a-cidr")
     assert code == 2 and "--from 'not-a-cidr'" in err
+
+
+def test_a_rule_from_a_group_outside_the_cluster_does_not_let_members_in(ec2, tmp_path, capsys):
+    network = open_network(ec2, members=None)
+    stranger = ec2.create_security_group(GroupName="stranger", Description="x", VpcId=network["vpc"])["GroupId"]
+    ec2.authorize_security_group_ingress(GroupId=network["group"], IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "UserIdGroupPairs": [{"GroupId": stranger}]}])
+    code, out, _ = run(capsys, "--config", str(write_config(tmp_path, network)), "--from", FROM)
+    assert code == 1
+    assert "FAIL  members reach each other" in out
+
+
+def test_a_network_acl_deny_over_part_of_the_ephemeral_ports_fails(ec2, tmp_path, capsys):
+    network = open_network(ec2)
+    acl = network_acl_of(ec2, network)
+    ec2.create_network_acl_entry(NetworkAclId=acl, RuleNumber=40, Protocol="6", RuleAction="deny", Egress=True,
+                                 CidrBlock="10.0.1.0/28", PortRange={"From": 40000, "To": 45000})
+    code, out, _ = run(capsys, "--config", str(write_config(tmp_path, network)), "--from", FROM)
+    assert code == 1
+    assert "blocks answers to members (tcp 1024-65535 egress" in out and "at rule 40" in out

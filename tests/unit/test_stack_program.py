@@ -122,6 +122,8 @@ def test_idle_alarms_terminate_in_the_providers_real_region():
     assert orchestrator["period"] * orchestrator["evaluationPeriods"] == 3 * 3600
     assert alarms["exp1_factory_1_idle"]["period"] * alarms["exp1_factory_1_idle"]["evaluationPeriods"] == 1.5 * 3600
     assert orchestrator["dimensions"] == {"InstanceId": "i-00000000000000001"}
+    for index in range(2):  # each alarm watches the instance it would stop (the mocks number factories from 2)
+        assert alarms[f"exp1_factory_{index}_idle"]["dimensions"] == {"InstanceId": f"i-{2 + index:017x}"}
 
 
 def test_no_alarms_without_idle_hours():

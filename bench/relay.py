@@ -1,0 +1,101 @@
+"""Relay fan-out against direct transfers, behind a limited uplink: first runs of flambe-deploy with
+--fan-out direct and --fan-out relay, a plain parallel rsync to every host, and the uplink-once limit (one rsync of
+the resource to one host), all measured in this one run. Prints medians and ratios.
+
+Run as root: .venv/bin/python bench/relay.py [--hosts 4 8 16 32] [--megabytes 20] [--uplink-mbit 100] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from flambe_iac import lab
+from flambe_iac.connection import SshTarget, rsync_command
+
+
+def timed(argv: list[str]) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"command failed ({result.returncode}): {' '.join(argv)}\n{result.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def clear_resources(lab_dir: Path, state: lab.LabState) -> None:
+    for host in state.hosts:
+        shutil.rmtree(lab.host_dir(lab_dir, host) / "home" / state.user / "resources", ignore_errors=True)
+
+
+def in_client(state: lab.LabState, *argv: str) -> list[str]:
+    return ["ip", "netns", "exec", state.client_netns, *argv]
+
+
+def plain_parallel_rsync(lab_dir: Path, state: lab.LabState, addresses: list[str], resource: Path) -> list[str]:
+    """What a user without flambe-deploy would run: one rsync per host, all at once."""
+    rsyncs = []
+    for address in addresses:
+        target = SshTarget(address, state.user, lab_dir / lab.USER_KEY_FILE, lab_dir / lab.KNOWN_HOSTS_FILE)
+        rsyncs.append(" ".join(subprocess.list2cmdline([part]) for part in
+                               rsync_command(f"{resource}/", "resources/data/", target)))
+    return in_client(state, "sh", "-c", " & ".join(rsyncs) + " & wait")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hosts", type=int, nargs="+", default=[8])
+    parser.add_argument("--megabytes", type=int, default=20)
+    parser.add_argument("--uplink-mbit", type=float, default=100.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    arguments = parser.parse_args()
+    lab.check_can_run_lab()
+    work = Path(tempfile.mkdtemp(prefix="flambe-bench-relay-"))
+    lab_dir = work / "lab"
+    state = lab.up(lab_dir, max(arguments.hosts), uplink_mbit=arguments.uplink_mbit)
+    try:
+        resource = work / "data"
+        resource.mkdir()
+        for index in range(4):
+            (resource / f"part-{index}.bin").write_bytes(os.urandom(arguments.megabytes * 1_000_000 // 4))
+        outputs = json.loads((lab_dir / lab.OUTPUTS_FILE).read_text())
+        limit = arguments.megabytes * 8 / arguments.uplink_mbit
+        print(f"{arguments.megabytes} MB resource, uplink {arguments.uplink_mbit:g} Mbit/s both ways "
+              f"(crossing it once takes {limit:.2f} s at the least); medians of {arguments.repeats} first runs:")
+        once = statistics.median(
+            [clear_resources(lab_dir, state) or timed(plain_parallel_rsync(lab_dir, state, [state.hosts[0].address],
+                                                                             resource))
+             for _ in range(arguments.repeats)])
+        print(f"  uplink once (rsync to one host): {once:.2f} s")
+        for size in sorted(arguments.hosts):
+            trimmed = work / f"outputs-{size}.json"
+            trimmed.write_text(json.dumps({**outputs, "factories": outputs["factories"][: size - 1]}))
+            deploy = in_client(state, sys.executable, "-m", "flambe_iac.deploy_cli", "--outputs", str(trimmed),
+                               "--key", str(lab_dir / lab.USER_KEY_FILE), "--known-hosts",
+                               str(lab_dir / lab.KNOWN_HOSTS_FILE), "--resource", f"data={resource}")
+            plain = plain_parallel_rsync(lab_dir, state, [host.address for host in state.hosts[:size]], resource)
+            times: dict[str, list[float]] = {"plain": [], "direct": [], "relay": []}
+            for _ in range(arguments.repeats):
+                for mode, argv in (("plain", plain), ("direct", [*deploy, "--fan-out", "direct"]),
+                                   ("relay", [*deploy, "--fan-out", "relay"])):
+                    clear_resources(lab_dir, state)
+                    times[mode].append(timed(argv))
+            plain_s, direct_s, relay_s = (statistics.median(times[mode]) for mode in ("plain", "direct", "relay"))
+            print(f"  {size:>2} hosts: plain parallel rsync {plain_s:.2f} s, direct {direct_s:.2f} s, relay "
+                  f"{relay_s:.2f} s; relay/plain {relay_s / plain_s:.2f}x, relay/direct {relay_s / direct_s:.2f}x, "
+                  f"relay/uplink-once {relay_s / once:.2f}x")
+    finally:
+        lab.down(lab_dir)
+        shutil.rmtree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Relay fan-out: trees cross the client's link once, to the orchestrator, which rsyncs them on to the factories with
+the cluster key. Checked on the hosts: bytes, sshd logs (who logged in from where, with which key), and failures that
+stay with the host they belong to."""
+
+import json
+import os
+import signal
+
+import pytest
+
+from lab_session import LabSession, require_lab_support
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def make_lab(tmp_path):
+    require_lab_support()
+    made = []
+
+    def make(hosts, *arguments):
+        session = LabSession.up(tmp_path / f"lab{len(made)}", hosts, *arguments)
+        made.append(session)
+        return session
+
+    yield make
+    for session in made:
+        session.down()
+
+
+def resource_files(deploy_inputs):
+    return {path.relative_to(deploy_inputs["resource"]): path.read_bytes()
+            for path in deploy_inputs["resource"].rglob("*") if path.is_file()}
+
+
+def holds_the_resource(lab, name, deploy_inputs):
+    target = lab.home(name) / "resources" / "data"
+    return all((target / relative).is_file() and (target / relative).read_bytes() == data
+               for relative, data in resource_files(deploy_inputs).items())
+
+
+def logins(lab, name):
+    """The addresses sshd accepted a public key login from, with the key's fingerprint."""
+    return [(line.split(" from ")[1].split()[0], line.rsplit(" ", 1)[-1])
+            for line in lab.sshd_log(name).splitlines() if "Accepted publickey" in line]
+
+
+def test_factories_get_the_tree_from_the_orchestrator_with_the_cluster_key(make_lab, tmp_path, deploy_inputs):
+    lab = make_lab(4, "--uplink-mbit", "200")
+    report = tmp_path / "report.json"
+    result = lab.deploy(*lab.lab_arguments(), "--resource", f"data={deploy_inputs['resource']}", "--fan-out",
+                        "relay", "--report", str(report))
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads(report.read_text())
+    cluster_key = document["cluster_key_fingerprint"]
+    for name in lab.hostnames:
+        assert holds_the_resource(lab, name, deploy_inputs), name
+    for name in lab.hostnames[1:]:
+        from_orchestrator = [key for address, key in logins(lab, name) if address == lab.addresses[0]]
+        assert from_orchestrator and set(from_orchestrator) == {cluster_key}, logins(lab, name)
+    assert not document["notes"]
+
+
+def test_a_swapped_host_key_at_a_factorys_private_address_refuses_the_hop(make_lab, tmp_path, deploy_inputs):
+    """The cluster says factory B is reached privately at the address of another host, whose host key is not B's:
+    the orchestrator's strict check refuses the hop, B fails with that cause, and nothing lands on either host."""
+    lab = make_lab(4)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(json.dumps({
+        "name": "swapped", "username": lab.user,
+        "orchestrator_ip": lab.addresses[0],
+        "factories_ips": [lab.addresses[1], [lab.addresses[2], lab.addresses[3]]],  # B: public h2, private h3
+    }))
+    report = tmp_path / "report.json"
+    result = lab.deploy("--cluster", str(cluster), "--key", str(lab.user_key), "--known-hosts", str(lab.known_hosts),
+                        "--resource", f"data={deploy_inputs['resource']}", "--fan-out", "relay",
+                        "--report", str(report))
+    assert result.returncode == 1, result.stdout + result.stderr
+    entries = {entry["address"]: entry for entry in json.loads(report.read_text())["hosts"]}
+    refused = entries[lab.addresses[2]]
+    assert "relay hop" in refused["error"] and "Host key verification failed" in refused["error"], refused["error"]
+    assert entries[lab.addresses[1]]["error"] is None
+    assert holds_the_resource(lab, "factory-1", deploy_inputs)
+    assert not (lab.home("factory-2") / "resources").exists()
+    assert not (lab.home("factory-3") / "resources").exists()
+    assert not any(address == lab.addresses[0] for address, _ in logins(lab, "factory-3"))
+
+
+def test_with_the_orchestrator_down_factories_fall_back_to_direct_with_a_note(make_lab, tmp_path, deploy_inputs):
+    lab = make_lab(3)
+    pids = lab.sshd_pids("orchestrator")
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    report = tmp_path / "report.json"
+    try:
+        result = lab.deploy(*lab.lab_arguments(), "--resource", f"data={deploy_inputs['resource']}",
+                            "--fan-out", "relay", "--wait", "0", "--connect-timeout", "2", "--report", str(report))
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert result.returncode == 1
+    document = json.loads(report.read_text())
+    assert any("relay unavailable" in note and "sent directly" in note for note in document["notes"])
+    for name in ("factory-1", "factory-2"):
+        assert holds_the_resource(lab, name, deploy_inputs)
+    again = lab.deploy(*lab.lab_arguments(), "--resource", f"data={deploy_inputs['resource']}")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert holds_the_resource(lab, "orchestrator", deploy_inputs)
+
+
+@pytest.mark.parametrize("fan_out", ["relay", "direct"])
+def test_a_copy_that_differs_from_the_checksums_fails_that_host(make_lab, tmp_path, deploy_inputs, fan_out):
+    lab = make_lab(3, "--fault", "2:corrupt-rsync")
+    report = tmp_path / "report.json"
+    result = lab.deploy(*lab.lab_arguments(), "--resource", f"data={deploy_inputs['resource']}", "--fan-out",
+                        fan_out, "--report", str(report))
+    assert result.returncode == 1, result.stdout + result.stderr
+    entries = {entry["address"]: entry for entry in json.loads(report.read_text())["hosts"]}
+    assert "integrity check failed" in entries[lab.addresses[2]]["error"]
+    assert entries[lab.addresses[2]]["steps"]["resources"]["status"] == "failed"
+    assert entries[lab.addresses[0]]["error"] is None and entries[lab.addresses[1]]["error"] is None
+    assert "cluster_key_fingerprint" in lab.manifest("factory-1")
+    assert not (lab.home("factory-2") / ".flambe" / "cluster.json").exists()  # no manifest vouches for it
