@@ -10,29 +10,55 @@ import pulumi
 import pulumi_aws as aws
 
 from flambe_iac.outputs import HOST_KEYS, contract_document
-from flambe_iac.stacks.cluster_config import ClusterConfig, StackConfigError
+from flambe_iac.stacks.cluster_config import (
+    AMAZON,
+    CANONICAL,
+    DEFAULT_AMI_NAME,
+    DEFAULT_GPU_AMI_NAME,
+    NAMESPACE,
+    ClusterConfig,
+    StackConfigError,
+)
 
 ORCHESTRATOR, FACTORY = "orchestrator", "factory"
-IDLE_CPU_PERCENT = 5.0
-IDLE_PERIOD_SECONDS = 300
+COMPONENT_TYPE = "flambe:cluster:Cluster"
+SHORT_PERIOD, LONG_PERIOD = 300, 3600  # CloudWatch: periods under an hour may look back one day at most
+ONE_DAY = 24 * 3600
+
+
+class FlambeCluster(pulumi.ComponentResource):
+    """One orchestrator and N factories with their idle alarms, as one component: `pulumi preview` shows them
+    grouped, and its outputs are the contract v1 exports (plus the AMIs the instances run)."""
+
+    def __init__(self, config: ClusterConfig, opts: pulumi.ResourceOptions | None = None):
+        super().__init__(COMPONENT_TYPE, config.name, None, opts)
+        check_network(config)
+        child = pulumi.ResourceOptions(parent=self)
+        self.amis = {ORCHESTRATOR: choose_ami(config, ORCHESTRATOR), FACTORY: choose_ami(config, FACTORY)}
+        self.orchestrator = instance(config, ORCHESTRATOR, f"{config.name}_orchestrator", self.amis[ORCHESTRATOR],
+                                     child)
+        self.factories = [instance(config, FACTORY, f"{config.name}_factory_{index}", self.amis[FACTORY], child)
+                          for index in range(config.factory_count)]
+        region = aws.get_region_output().region
+        self.alarms = []
+        if config.orchestrator_idle_hours is not None:
+            self.alarms.append(idle_alarm(config, self.orchestrator, ORCHESTRATOR, f"{config.name}_orchestrator",
+                                          config.orchestrator_idle_hours, region, child))
+        if config.factories_idle_hours is not None:
+            self.alarms += [idle_alarm(config, factory, FACTORY, f"{config.name}_factory_{index}",
+                                       config.factories_idle_hours, region, child)
+                            for index, factory in enumerate(self.factories)]
+        self.exports = {
+            **contract_document(config.name, config.username, region, host_entry(self.orchestrator),
+                                [host_entry(factory) for factory in self.factories]),
+            "amis": dict(self.amis),
+        }
+        self.register_outputs(self.exports)
 
 
 def declare_cluster(config: ClusterConfig) -> dict[str, Any]:
     """Declare every resource and return the exports, key by key as contract v1 names them."""
-    check_network(config)
-    ami = config.ami or newest_ami(config)
-    orchestrator = instance(config, ORCHESTRATOR, f"{config.name}_orchestrator", ami)
-    factories = [instance(config, FACTORY, f"{config.name}_factory_{index}", ami)
-                 for index in range(config.factory_count)]
-    region = aws.get_region_output().region
-    if config.orchestrator_idle_hours is not None:
-        idle_alarm(config, orchestrator, ORCHESTRATOR, f"{config.name}_orchestrator", config.orchestrator_idle_hours,
-                   region)
-    if config.factories_idle_hours is not None:
-        for index, factory in enumerate(factories):
-            idle_alarm(config, factory, FACTORY, f"{config.name}_factory_{index}", config.factories_idle_hours, region)
-    return contract_document(config.name, config.username, region, host_entry(orchestrator),
-                             [host_entry(factory) for factory in factories])
+    return FlambeCluster(config).exports
 
 
 def check_network(config: ClusterConfig) -> None:
@@ -47,14 +73,58 @@ def check_network(config: ClusterConfig) -> None:
             )
 
 
-def newest_ami(config: ClusterConfig) -> str:
+def choose_ami(config: ClusterConfig, role: str) -> str:
+    """The image for ROLE's instances: given; else the one the cluster's instances of that role already run (so a
+    factory added later boots what the others run, unless refreshAmi); else the newest for the instance type:
+    Ubuntu 24.04 LTS for its architecture, or for a factory type with GPUs, AWS's Deep Learning Base GPU AMI.
+    A given image whose architecture the instance type cannot run is refused here, at preview."""
+    instance_type = config.orchestrator_type if role == ORCHESTRATOR else config.factory_type
+    kind = aws.ec2.get_instance_type(instance_type=instance_type)
+    architecture = "arm64" if "arm64" in kind.supported_architectures else "x86_64"
+    given = config.factory_ami if role == FACTORY and config.factory_ami else config.ami
+    if given:
+        check_architecture(given, architecture, instance_type)
+        return given
+    running = None if config.refresh_ami else ami_in_use(config, role)
+    if running:
+        return running
+    name, owners = ami_search(config, role, architecture, gpus=bool(kind.gpuses))
     image = aws.ec2.get_ami(
         most_recent=True,
-        owners=config.ami_owners,
-        filters=[aws.ec2.GetAmiFilterArgs(name="name", values=[config.ami_name]),
+        owners=owners,
+        filters=[aws.ec2.GetAmiFilterArgs(name="name", values=[name]),
+                 aws.ec2.GetAmiFilterArgs(name="architecture", values=[architecture]),
                  aws.ec2.GetAmiFilterArgs(name="state", values=["available"])],
     )
     return image.id
+
+
+def ami_search(config: ClusterConfig, role: str, architecture: str, gpus: bool) -> tuple[str, list[str]]:
+    """(name pattern, owners) to look the newest image up by."""
+    if role == FACTORY and config.factory_ami_name:
+        return config.factory_ami_name, config.factory_ami_owners or config.ami_owners
+    if role == FACTORY and gpus and not config.ami_name:
+        return DEFAULT_GPU_AMI_NAME.format(arm="ARM64 " if architecture == "arm64" else ""), [AMAZON]
+    if config.ami_name:
+        return config.ami_name, config.ami_owners
+    return DEFAULT_AMI_NAME.format(arch="arm64" if architecture == "arm64" else "amd64"), [CANONICAL]
+
+
+def ami_in_use(config: ClusterConfig, role: str) -> str | None:
+    """The image this cluster's instances of ROLE run now, if any (read-only)."""
+    found = aws.ec2.get_instances(instance_tags={"Cluster-Name": config.name, "Role": role, "Purpose": "flambe"},
+                                  instance_state_names=["pending", "running", "stopping", "stopped"])
+    if not found.ids:
+        return None
+    return aws.ec2.get_instance(instance_id=sorted(found.ids)[0]).ami
+
+
+def check_architecture(ami: str, architecture: str, instance_type: str) -> None:
+    image = aws.ec2.get_ami(filters=[aws.ec2.GetAmiFilterArgs(name="image-id", values=[ami])])
+    if image.architecture != architecture:
+        raise StackConfigError(
+            f"{NAMESPACE}:ami {ami} is built for {image.architecture}, but {instance_type} runs {architecture}: "
+            f"give an {architecture} image, or unset it to have one chosen for the type")
 
 
 def tags_for(config: ClusterConfig, role: str, name: str) -> dict[str, str]:
@@ -63,7 +133,7 @@ def tags_for(config: ClusterConfig, role: str, name: str) -> dict[str, str]:
             "Role": role, "Name": name}
 
 
-def instance(config: ClusterConfig, role: str, name: str, ami: str) -> aws.ec2.Instance:
+def instance(config: ClusterConfig, role: str, name: str, ami: str, opts: pulumi.ResourceOptions) -> aws.ec2.Instance:
     tags = tags_for(config, role, name)
     spot = config.spot_max_price is not None and role == FACTORY
     return aws.ec2.Instance(
@@ -84,33 +154,47 @@ def instance(config: ClusterConfig, role: str, name: str, ami: str) -> aws.ec2.I
                 instance_interruption_behavior="terminate",
             ),
         ) if spot else None,
+        # IMDSv2 only: a server-side request forgery on the host cannot read the instance role's credentials.
+        metadata_options=aws.ec2.InstanceMetadataOptionsArgs(http_endpoint="enabled", http_tokens="required"),
+        # Encrypted: the root volume holds secret.ini and the cluster key.
         root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
-            volume_size=config.volume_size, volume_type=config.volume_type, tags=tags),
+            volume_size=config.volume_size, volume_type=config.volume_type, iops=config.volume_iops,
+            encrypted=True, kms_key_id=config.kms_key_id, tags=tags),
         tags=tags,
         # A new AMI release must not replace running instances.
-        opts=pulumi.ResourceOptions(ignore_changes=["ami"]),
+        opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(ignore_changes=["ami"])),
     )
 
 
+def alarm_periods(hours: float) -> tuple[int, int]:
+    """(period seconds, evaluation periods) that AWS accepts for HOURS: 5-minute periods up to a day, hour-long
+    periods beyond (up to the 7 days config allows)."""
+    if hours * 3600 <= ONE_DAY:
+        return SHORT_PERIOD, max(1, round(hours * 3600 / SHORT_PERIOD))
+    return LONG_PERIOD, round(hours)
+
+
 def idle_alarm(config: ClusterConfig, target: aws.ec2.Instance, role: str, name: str, hours: float,
-               region: pulumi.Output[str]) -> aws.cloudwatch.MetricAlarm:
-    """Terminate an instance whose CPU stays under IDLE_CPU_PERCENT for HOURS (Flambé's idle timeout)."""
-    periods = max(1, round(hours * 3600 / IDLE_PERIOD_SECONDS))
+               region: pulumi.Output[str], opts: pulumi.ResourceOptions) -> aws.cloudwatch.MetricAlarm:
+    """Stop or terminate an instance whose average CPU stays under its role's threshold for HOURS."""
+    period, periods = alarm_periods(hours)
+    threshold = config.orchestrator_idle_cpu if role == ORCHESTRATOR else config.factories_idle_cpu
     return aws.cloudwatch.MetricAlarm(
         f"{name}_idle",
-        alarm_description=f"flambe: terminate {name} after {hours:g} idle hours",
+        alarm_description=f"flambe: {config.idle_action} {name} after {hours:g} hours under {threshold:g}% CPU",
         namespace="AWS/EC2",
         metric_name="CPUUtilization",
         statistic="Average",
         dimensions={"InstanceId": target.id},
-        period=IDLE_PERIOD_SECONDS,
+        period=period,
         evaluation_periods=periods,
         datapoints_to_alarm=periods,
-        threshold=IDLE_CPU_PERCENT,
+        threshold=threshold,
         comparison_operator="LessThanThreshold",
-        # The terminate action's ARN names the region the provider really deploys to.
-        alarm_actions=[region.apply(lambda name: f"arn:aws:automate:{name}:ec2:terminate")],
+        # The action's ARN names the region the provider really deploys to.
+        alarm_actions=[region.apply(lambda name: f"arn:aws:automate:{name}:ec2:{config.idle_action}")],
         tags=tags_for(config, role, name),
+        opts=opts,
     )
 
 

@@ -19,9 +19,16 @@ from flambe_iac.names import CLUSTER_NAME_RULE, check_cluster_name, check_ssh_us
 
 NAMESPACE = "flambe"
 CANONICAL = "099720109477"
-DEFAULT_AMI_NAME = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"
+DEFAULT_AMI_NAME = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-{arch}-server-*"  # {arch}: amd64 or arm64
+# AWS's Deep Learning Base AMI with the NVIDIA driver, CUDA and Docker on Ubuntu 22.04: the default for factories of
+# an instance type with GPUs. {arm}: "ARM64 " on Graviton GPU types.
+AMAZON = "amazon"
+DEFAULT_GPU_AMI_NAME = "Deep Learning {arm}Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
 RESERVED_TAGS = ("creator", "Purpose", "Cluster-Name", "Role", "Name")
-VOLUME_TYPES = ("gp2", "gp3", "io1", "io2", "st1", "sc1", "standard")
+BOOT_VOLUME_TYPES = ("gp2", "gp3", "io1", "io2", "standard")  # st1 and sc1 cannot be root volumes
+PROVISIONED_IOPS_TYPES = ("io1", "io2")
+IDLE_ACTIONS = ("terminate", "stop")
+MAX_IDLE_HOURS = 7 * 24  # CloudWatch looks back at most 7 days (hour-long periods)
 
 
 class StackConfigError(pulumi.RunError):
@@ -39,11 +46,17 @@ class ClusterConfig:
     factory_type: str = "m5.large"
     factory_count: int = 1
     ami: str | None = None
-    ami_name: str = DEFAULT_AMI_NAME
+    ami_name: str | None = None  # None: Ubuntu 24.04 LTS for the instance type's architecture
     ami_owners: list[str] = field(default_factory=lambda: [CANONICAL])
+    factory_ami: str | None = None
+    factory_ami_name: str | None = None  # None: as the orchestrator's, or the Deep Learning GPU AMI for GPU types
+    factory_ami_owners: list[str] | None = None
+    refresh_ami: bool = False  # False: a factory added later boots the image the cluster's instances already run
     username: str = "ubuntu"
     volume_size: int = 100
     volume_type: str = "gp3"
+    volume_iops: int | None = None
+    kms_key_id: str | None = None  # None: EBS's default key; root volumes are encrypted either way
     tags: dict[str, str] = field(default_factory=dict)
     iam_instance_profile: str | None = None
     spot_max_price: str | None = None  # set: factories are spot instances, at most this price ("" = on-demand cap)
@@ -51,6 +64,9 @@ class ClusterConfig:
     associate_public_ip: bool = True
     orchestrator_idle_hours: float | None = None
     factories_idle_hours: float | None = None
+    orchestrator_idle_cpu: float = 2.0  # percent: below this average, the orchestrator counts as idle
+    factories_idle_cpu: float = 0.5  # Flambé's value: one busy core of a 48-vCPU machine is ~2 %, so never idle
+    idle_action: str = "terminate"
 
 
 def load_config(config: pulumi.Config | None = None) -> ClusterConfig:
@@ -66,11 +82,17 @@ def load_config(config: pulumi.Config | None = None) -> ClusterConfig:
         factory_type=reader.optional("factoryType") or ClusterConfig.factory_type,
         factory_count=reader.integer("factoryCount", ClusterConfig.factory_count, minimum=0),
         ami=reader.optional("ami"),
-        ami_name=reader.optional("amiName") or DEFAULT_AMI_NAME,
+        ami_name=reader.optional("amiName"),
         ami_owners=reader.optional_string_list("amiOwners") or [CANONICAL],
+        factory_ami=reader.optional("factoryAmi"),
+        factory_ami_name=reader.optional("factoryAmiName"),
+        factory_ami_owners=reader.optional_string_list("factoryAmiOwners"),
+        refresh_ami=reader.boolean("refreshAmi", False),
         username=reader.username("username"),
         volume_size=reader.integer("volumeSize", ClusterConfig.volume_size, minimum=8),
-        volume_type=reader.choice("volumeType", VOLUME_TYPES, ClusterConfig.volume_type),
+        volume_type=reader.volume_type("volumeType"),
+        volume_iops=reader.optional_integer("volumeIops", minimum=100),
+        kms_key_id=reader.optional("kmsKeyId"),
         tags=reader.tags("tags"),
         iam_instance_profile=reader.optional("iamInstanceProfile"),
         spot_max_price=reader.spot("spot"),
@@ -78,9 +100,20 @@ def load_config(config: pulumi.Config | None = None) -> ClusterConfig:
         associate_public_ip=reader.boolean("associatePublicIp", True),
         orchestrator_idle_hours=reader.hours("orchestratorIdleHours"),
         factories_idle_hours=reader.hours("factoriesIdleHours"),
+        orchestrator_idle_cpu=reader.percent("orchestratorIdleCpu", ClusterConfig.orchestrator_idle_cpu),
+        factories_idle_cpu=reader.percent("factoriesIdleCpu", ClusterConfig.factories_idle_cpu),
+        idle_action=reader.choice("idleAction", IDLE_ACTIONS, ClusterConfig.idle_action),
     )
     check_idle_hours(values)
+    check_volume(values)
     return values
+
+
+def check_volume(values: ClusterConfig) -> None:
+    if values.volume_type in PROVISIONED_IOPS_TYPES and values.volume_iops is None:
+        raise StackConfigError(
+            f"{NAMESPACE}:volumeType {values.volume_type} needs provisioned IOPS: "
+            f"pulumi config set {NAMESPACE}:volumeIops 3000")
 
 
 def check_idle_hours(values: ClusterConfig) -> None:
@@ -179,6 +212,9 @@ class _Reader:
             hours = 0
         if hours <= 0:
             raise self.fail(key, f"is {value!r}", "give a number of hours above 0, or leave it unset")
+        if hours > MAX_IDLE_HOURS:
+            raise self.fail(key, f"is {value!r}, beyond what CloudWatch can watch",
+                            f"give at most {MAX_IDLE_HOURS} hours (7 days)")
         return hours
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -188,6 +224,30 @@ class _Reader:
         if value.lower() not in ("true", "false"):
             raise self.fail(key, f"is {value!r}", "give true or false")
         return value.lower() == "true"
+
+    def volume_type(self, key: str) -> str:
+        value = self.optional(key) or ClusterConfig.volume_type
+        if value in ("st1", "sc1"):
+            raise self.fail(key, f"is {value!r}, which AWS cannot boot from",
+                            f"use one of {', '.join(BOOT_VOLUME_TYPES)} for the root volume")
+        return self.choice(key, BOOT_VOLUME_TYPES, ClusterConfig.volume_type)
+
+    def optional_integer(self, key: str, minimum: int) -> int | None:
+        if self.config.get(key) in (None, ""):
+            return None
+        return self.integer(key, minimum, minimum)
+
+    def percent(self, key: str, default: float) -> float:
+        value = self.config.get(key)
+        if value is None or value == "":
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not 0 < number <= 100:
+            raise self.fail(key, f"is {value!r}", "give a CPU percentage above 0 and at most 100")
+        return number
 
     def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
         value = self.optional(key) or default

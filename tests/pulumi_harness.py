@@ -12,6 +12,7 @@ from pulumi.runtime import Mocks, MockCallArgs, MockResourceArgs
 
 INSTANCE = "aws:ec2/instance:Instance"
 ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"
+COMPONENT = "flambe:cluster:Cluster"
 
 BASE_CONFIG = {
     "name": "exp1",
@@ -41,6 +42,8 @@ def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks
             return pulumi.Output.from_input(program()).apply(exports.update)
 
         body()
+        # Every resource's URN, which names its parents' types: "...::flambe:cluster:Cluster$aws:ec2/...::name".
+        mocks.urns = list(pulumi.runtime.settings.get_monitor().get_registered_resources())
         return exports
     finally:
         loop.close()
@@ -51,8 +54,11 @@ class RecordingMocks(Mocks):
     """Records every resource; instances get addresses; invokes answer from a small fake network."""
 
     def __init__(self, region: str = "eu-west-3", subnets: dict | None = None, groups: dict | None = None,
-                 public_ips: bool = True):
+                 public_ips: bool = True, running: dict | None = None, ami_architectures: dict | None = None):
         self.region = region
+        self.running = running or {}  # role -> ids of the cluster's instances already running
+        self.running_amis = {instance: f"ami-0{instance}" for ids in self.running.values() for instance in ids}
+        self.ami_architectures = ami_architectures or {}
         self.subnets = subnets or {"subnet-0aaa": "vpc-0aaa"}
         self.groups = groups or {"sg-0aaa": "vpc-0aaa", "sg-0bbb": "vpc-0aaa"}
         self.public_ips = public_ips
@@ -65,6 +71,8 @@ class RecordingMocks(Mocks):
     def new_resource(self, args: MockResourceArgs):
         self.resources.append(args)
         state = dict(args.inputs)
+        if args.typ == COMPONENT:
+            return f"{args.name}-component", {}
         if args.typ == INSTANCE:
             # By name, not by arrival: the runtime registers resources concurrently, in no fixed order.
             number = 1 if args.name.endswith("_orchestrator") else 2 + int(args.name.rsplit("_", 1)[1])
@@ -77,8 +85,20 @@ class RecordingMocks(Mocks):
         self.calls.append(args)
         if args.token == "aws:index/getRegion:getRegion":
             return {"name": self.region, "region": self.region, "id": self.region, "endpoint": "", "description": ""}
+        if args.token == "aws:ec2/getInstanceType:getInstanceType":
+            return fake_instance_type(args.args["instanceType"])
+        if args.token == "aws:ec2/getInstances:getInstances":
+            return {"ids": self.running.get(args.args["instanceTags"]["Role"], []), "id": "instances"}
+        if args.token == "aws:ec2/getInstance:getInstance":
+            return {"id": args.args["instanceId"], "ami": self.running_amis[args.args["instanceId"]]}
         if args.token == "aws:ec2/getAmi:getAmi":
-            return {"id": "ami-0newest", "imageId": "ami-0newest", "name": "ubuntu-noble-24.04-newest"}
+            filters = {item["name"]: item["values"][0] for item in args.args.get("filters", [])}
+            if "image-id" in filters:
+                image = filters["image-id"]
+                return {"id": image, "imageId": image, "architecture": self.ami_architectures.get(image, "x86_64")}
+            suffix = "" if filters.get("architecture", "x86_64") == "x86_64" else "-arm64"
+            return {"id": f"ami-0newest{suffix}", "imageId": f"ami-0newest{suffix}", "name": filters["name"],
+                    "architecture": filters.get("architecture", "x86_64")}
         if args.token == "aws:ec2/getSubnet:getSubnet":
             if args.args["id"] not in self.subnets:
                 raise Exception(f"no matching EC2 Subnet found ({args.args['id']})")
@@ -104,6 +124,8 @@ class MotoMocks(Mocks):
 
     def new_resource(self, args: MockResourceArgs):
         self.resources.append(args)
+        if args.typ == COMPONENT:
+            return f"{args.name}-component", {}
         if args.typ == INSTANCE:
             return self.run_instance(args.inputs)
         if args.typ == ALARM:
@@ -118,7 +140,10 @@ class MotoMocks(Mocks):
             "KeyName": inputs["keyName"], "SubnetId": inputs["subnetId"],
             "SecurityGroupIds": inputs["vpcSecurityGroupIds"],
             "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {
-                "VolumeSize": int(root["volumeSize"]), "VolumeType": root["volumeType"]}}],
+                "VolumeSize": int(root["volumeSize"]), "VolumeType": root["volumeType"],
+                "Encrypted": root["encrypted"]}}],
+            "MetadataOptions": {"HttpTokens": inputs["metadataOptions"]["httpTokens"],
+                                "HttpEndpoint": inputs["metadataOptions"]["httpEndpoint"]},
             "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
                                   {"ResourceType": "volume", "Tags": tags}],
         }
@@ -146,13 +171,32 @@ class MotoMocks(Mocks):
         arguments = args.args
         if args.token == "aws:index/getRegion:getRegion":
             return {"name": self.region, "region": self.region, "id": self.region, "endpoint": "", "description": ""}
+        if args.token == "aws:ec2/getInstanceType:getInstanceType":
+            (kind,) = self.ec2.describe_instance_types(InstanceTypes=[arguments["instanceType"]])["InstanceTypes"]
+            return {"id": kind["InstanceType"], "instanceType": kind["InstanceType"],
+                    "supportedArchitectures": kind["ProcessorInfo"]["SupportedArchitectures"],
+                    "gpuses": [{"count": gpu["Count"], "manufacturer": gpu["Manufacturer"], "name": gpu["Name"],
+                              "memorySize": gpu["MemoryInfo"]["SizeInMiB"]}
+                             for gpu in kind.get("GpuInfo", {}).get("Gpus", [])]}
+        if args.token == "aws:ec2/getInstances:getInstances":
+            filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in arguments["instanceTags"].items()]
+            filters.append({"Name": "instance-state-name", "Values": arguments["instanceStateNames"]})
+            reservations = self.ec2.describe_instances(Filters=filters)["Reservations"]
+            return {"id": "instances", "ids": [item["InstanceId"] for group in reservations
+                                               for item in group["Instances"]]}
+        if args.token == "aws:ec2/getInstance:getInstance":
+            (group,) = self.ec2.describe_instances(InstanceIds=[arguments["instanceId"]])["Reservations"]
+            return {"id": arguments["instanceId"], "ami": group["Instances"][0]["ImageId"]}
         if args.token == "aws:ec2/getAmi:getAmi":
             filters = [{"Name": item["name"], "Values": item["values"]} for item in arguments.get("filters", [])]
-            images = self.ec2.describe_images(Owners=arguments["owners"], Filters=filters)["Images"]
+            by_id = [item["Values"][0] for item in filters if item["Name"] == "image-id"]
+            images = (self.ec2.describe_images(ImageIds=by_id)["Images"] if by_id else
+                      self.ec2.describe_images(Owners=arguments["owners"], Filters=filters)["Images"])
             if not images:
                 raise Exception("Your query returned no results. Please change your search criteria and try again.")
             newest = max(images, key=lambda image: image.get("CreationDate", ""))
-            return {"id": newest["ImageId"], "imageId": newest["ImageId"], "name": newest["Name"]}
+            return {"id": newest["ImageId"], "imageId": newest["ImageId"], "name": newest["Name"],
+                    "architecture": newest["Architecture"]}
         if args.token == "aws:ec2/getSubnet:getSubnet":
             (subnet,) = self.ec2.describe_subnets(SubnetIds=[arguments["id"]])["Subnets"]
             return {"id": subnet["SubnetId"], "vpcId": subnet["VpcId"], "cidrBlock": subnet["CidrBlock"]}
@@ -160,6 +204,17 @@ class MotoMocks(Mocks):
             (group,) = self.ec2.describe_security_groups(GroupIds=[arguments["id"]])["SecurityGroups"]
             return {"id": group["GroupId"], "vpcId": group["VpcId"], "name": group["GroupName"]}
         raise NotImplementedError(args.token)
+
+
+def fake_instance_type(name: str) -> dict:
+    """What getInstanceType says, by the type's family: Graviton families end in g (m7g, c6g, g5g), GPU families
+    start with g or p."""
+    family = name.split(".")[0]
+    graviton = family.rstrip("dn").endswith("g") and family[0] != "g" or family.startswith("g5g")
+    gpus = [{"count": 1, "manufacturer": "NVIDIA", "name": "A10G", "memorySize": 24576}] \
+        if family[0] in "gp" and family[1].isdigit() else []
+    return {"id": name, "instanceType": name, "supportedArchitectures": ["arm64"] if graviton else ["x86_64", "i386"],
+            "gpuses": gpus}
 
 
 def moto_network(ec2, cidr: str = "10.0.0.0/16", subnet_cidr: str = "10.0.1.0/24") -> dict[str, str]:

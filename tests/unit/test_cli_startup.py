@@ -40,3 +40,55 @@ def test_deploy_needs_exactly_one_cluster_source():
                             text=True)
     assert result.returncode == 2
     assert "one of the arguments --outputs --stack --cluster is required" in result.stderr
+
+
+WITHOUT_PULUMI = """
+import sys
+
+class NoPulumi:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("pulumi", "pulumi_aws"):
+            raise ImportError(f"{name} is not installed (deploy-only install)")
+
+sys.meta_path.insert(0, NoPulumi())
+from gevent import monkey
+monkey.patch_all()
+import flambe_iac.deploy_cli, flambe_iac.check_cli, flambe_iac.driver, flambe_iac.lab, flambe_iac.run_cli
+import flambe_iac.deploys.steps, flambe_iac.console_host_keys, flambe_iac.aws_preflight, flambe_iac.aws
+print("deploy side imported")
+"""
+
+
+def test_the_deploy_side_needs_no_pulumi():
+    """pulumi and pulumi-aws are the `stack` extra: flambe-deploy, check and the lab import without them."""
+    result = subprocess.run([sys.executable, "-c", WITHOUT_PULUMI], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "deploy side imported" in result.stdout
+
+
+def test_pulumi_is_only_an_extra():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    assert not [item for item in project["dependencies"] if item.lower().startswith("pulumi")]
+    assert {item.split("==")[0] for item in project["optional-dependencies"]["stack"]} == {"pulumi", "pulumi-aws"}
+
+
+def test_the_ci_example_pins_pulumi_and_never_trusts_on_first_use():
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).parents[2] / "examples" / "github-actions-deploy.yml").read_text()
+    workflow = yaml.safe_load(text)
+    steps = workflow["jobs"]["cluster"]["steps"]
+    pulumi = next(step for step in steps if step.get("uses", "").startswith("pulumi/actions@"))
+    assert pulumi["uses"] == "pulumi/actions@v6" and pulumi["with"]["pulumi-version"]
+    assert "concurrency" in workflow
+    commands = "\n".join(step.get("run", "") for step in steps)
+    assert "--trust-on-first-use" not in commands and "curl" not in commands
+    assert "ec2:GetConsoleOutput" in text and "PULUMI_CONFIG_PASSPHRASE" in text
+    for step in steps:
+        if step.get("uses", "").startswith("actions/"):
+            assert int(step["uses"].split("@v")[1]) >= 5, step["uses"]

@@ -10,7 +10,7 @@ from moto import mock_aws
 from flambe_iac.outputs import parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
 from flambe_iac.stacks.cluster_config import load_config
-from pulumi_harness import ALARM, INSTANCE, MotoMocks, moto_network, run_program
+from pulumi_harness import COMPONENT, ALARM, INSTANCE, MotoMocks, moto_network, run_program
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_instances_are_launched_by_ec2_with_our_inputs(aws):
     alarms = boto3.client("cloudwatch", region_name="us-east-1").describe_alarms()["MetricAlarms"]
     assert {alarm["AlarmActions"][0] for alarm in alarms} == {"arn:aws:automate:us-east-1:ec2:terminate"}
     assert len(alarms) == 3
-    assert {resource.typ for resource in mocks.resources} == {INSTANCE, ALARM}
+    assert {resource.typ for resource in mocks.resources} == {COMPONENT, INSTANCE, ALARM}
     firewalls_after = (ec2.describe_security_groups()["SecurityGroups"], ec2.describe_network_acls()["NetworkAcls"],
                        ec2.describe_route_tables()["RouteTables"], ec2.describe_key_pairs()["KeyPairs"])
     assert firewalls_after == firewalls_before

@@ -11,7 +11,7 @@ import pytest
 from flambe_iac.outputs import parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
 from flambe_iac.stacks.cluster_config import load_config
-from pulumi_harness import ALARM, BASE_CONFIG, INSTANCE, RecordingMocks, run_program
+from pulumi_harness import ALARM, BASE_CONFIG, COMPONENT, INSTANCE, RecordingMocks, run_program
 
 STACKS_DIR = Path(__file__).resolve().parents[2] / "stacks"
 
@@ -49,25 +49,95 @@ def test_nothing_but_instances_and_alarms_is_declared():
     """No security group, rule, NACL, route or key pair: only what we allow-list may be registered."""
     _, mocks = run_cluster(orchestratorIdleHours="4", factoriesIdleHours="2")
     types = {resource.typ for resource in mocks.resources}
-    assert types == {INSTANCE, ALARM}
+    assert types == {COMPONENT, INSTANCE, ALARM}
     forbidden = ("securityGroup", "SecurityGroup", "networkAcl", "route", "Route", "keyPair", "KeyPair",
                  "vpc/", "internetGateway", "natGateway")
     assert not [typ for typ in types if any(word in typ for word in forbidden)]
 
 
+def ami_lookups(mocks):
+    """{name pattern: (owners, architecture)} of every newest-image lookup."""
+    found = {}
+    for call in mocks.calls:
+        if call.token == "aws:ec2/getAmi:getAmi" and call.args.get("mostRecent"):
+            filters = {item["name"]: item["values"][0] for item in call.args["filters"]}
+            found[filters["name"]] = (call.args["owners"], filters["architecture"])
+    return found
+
+
 def test_the_default_ami_is_the_newest_ubuntu_lts_from_canonical():
-    _, mocks = run_cluster()
-    (ami_call,) = [call for call in mocks.calls if call.token == "aws:ec2/getAmi:getAmi"]
-    assert ami_call.args["owners"] == ["099720109477"]
-    assert ami_call.args["mostRecent"] is True
-    names = [item["values"] for item in ami_call.args["filters"] if item["name"] == "name"]
-    assert names == [["ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"]]
+    exports, mocks = run_cluster()
+    assert ami_lookups(mocks) == {"ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*":
+                                  (["099720109477"], "x86_64")}
+    assert exports["amis"] == {"orchestrator": "ami-0newest", "factory": "ami-0newest"}
+
+
+def test_a_graviton_factory_gets_an_arm64_image():
+    exports, mocks = run_cluster(factoryType="m7g.large")
+    assert ami_lookups(mocks)["ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-arm64-server-*"] == (
+        ["099720109477"], "arm64")
+    assert instances(mocks)["exp1_factory_0"]["ami"] == "ami-0newest-arm64"
+    assert instances(mocks)["exp1_orchestrator"]["ami"] == "ami-0newest"
+
+
+def test_a_gpu_factory_gets_the_deep_learning_base_gpu_image():
+    _, mocks = run_cluster(factoryType="g5.xlarge")
+    lookups = ami_lookups(mocks)
+    assert lookups["Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"] == (["amazon"], "x86_64")
+    assert "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*" in lookups  # the orchestrator's
+
+
+def test_a_given_ami_of_the_wrong_architecture_is_refused_at_preview():
+    with pytest.raises(Exception, match="ami-0x86 is built for x86_64, but m7g.large runs arm64"):
+        run_cluster(RecordingMocks(ami_architectures={"ami-0x86": "x86_64"}), ami="ami-0x86",
+                    orchestratorType="m7g.large")
+
+
+def test_a_factory_added_later_boots_the_image_the_others_run():
+    mocks = RecordingMocks(running={"factory": ["i-0f1", "i-0f2"], "orchestrator": ["i-0o"]})
+    exports, mocks = run_cluster(mocks, factoryCount="3")
+    assert {inputs["ami"] for name, inputs in instances(mocks).items() if "factory" in name} == {"ami-0i-0f1"}
+    assert exports["amis"] == {"orchestrator": "ami-0i-0o", "factory": "ami-0i-0f1"}
+    assert not ami_lookups(mocks)
+    _, refreshed = run_cluster(RecordingMocks(running={"factory": ["i-0f1"]}), refreshAmi="true")
+    assert {inputs["ami"] for inputs in instances(refreshed).values()} == {"ami-0newest"}
 
 
 def test_a_given_ami_skips_the_lookup():
     _, mocks = run_cluster(ami="ami-0pinned")
     assert {inputs["ami"] for inputs in instances(mocks).values()} == {"ami-0pinned"}
-    assert not [call for call in mocks.calls if call.token == "aws:ec2/getAmi:getAmi"]
+    assert not ami_lookups(mocks)
+
+
+def test_every_instance_requires_imdsv2_and_has_an_encrypted_root_volume():
+    _, mocks = run_cluster(kmsKeyId="arn:aws:kms:eu-west-3:111122223333:key/abc")
+    for inputs in instances(mocks).values():
+        assert inputs["metadataOptions"] == {"httpEndpoint": "enabled", "httpTokens": "required"}
+        assert inputs["rootBlockDevice"]["encrypted"] is True
+        assert inputs["rootBlockDevice"]["kmsKeyId"] == "arn:aws:kms:eu-west-3:111122223333:key/abc"
+
+
+def test_instances_and_alarms_are_children_of_the_cluster_component():
+    _, mocks = run_cluster(orchestratorIdleHours="4", factoriesIdleHours="2")
+    children = [urn for urn in mocks.urns if "aws:" in urn]
+    assert len(children) == 3 + 3
+    assert all("::flambe:cluster:Cluster$aws:" in urn for urn in children)
+
+
+@pytest.mark.parametrize("hours, period, periods", [("2", 300, 24), ("24", 300, 288), ("30", 3600, 30),
+                                                     ("48", 3600, 48), ("168", 3600, 168)])
+def test_idle_alarms_stay_within_what_cloudwatch_accepts(hours, period, periods):
+    _, mocks = run_cluster(orchestratorIdleHours=hours, factoriesIdleHours=hours)
+    for resource in mocks.of_type(ALARM):
+        assert (resource.inputs["period"], resource.inputs["evaluationPeriods"]) == (period, periods)
+        assert period * periods <= (86400 if period < 3600 else 7 * 86400)
+
+
+def test_factories_count_as_idle_only_below_one_percent_and_the_action_can_be_stop():
+    _, mocks = run_cluster(orchestratorIdleHours="3", factoriesIdleHours="2", idleAction="stop")
+    alarms = {resource.name: resource.inputs for resource in mocks.of_type(ALARM)}
+    assert alarms["exp1_factory_0_idle"]["threshold"] <= 1.0
+    assert alarms["exp1_orchestrator_idle"]["alarmActions"] == ["arn:aws:automate:eu-west-3:ec2:stop"]
 
 
 def test_ami_changes_are_ignored_so_instances_are_not_replaced(monkeypatch):
@@ -97,7 +167,8 @@ def test_tags_on_instances_and_root_volumes_with_reserved_ones_ours():
 
 def test_options_spot_dedicated_profile_and_private_addresses():
     _, mocks = run_cluster(spot="0.4", dedicated="true", iamInstanceProfile="flambe-s3-read",
-                           associatePublicIp="false", volumeSize="250", volumeType="io2", username="ec2-user")
+                           associatePublicIp="false", volumeSize="250", volumeType="io2", volumeIops="4000",
+                           username="ec2-user")
     declared = instances(mocks)
     orchestrator, factory = declared["exp1_orchestrator"], declared["exp1_factory_0"]
     assert "instanceMarketOptions" not in orchestrator  # the orchestrator must not be reclaimed
@@ -108,6 +179,7 @@ def test_options_spot_dedicated_profile_and_private_addresses():
         assert inputs["iamInstanceProfile"] == "flambe-s3-read"
         assert inputs["associatePublicIpAddress"] is False
         assert inputs["rootBlockDevice"]["volumeSize"] == 250
+        assert inputs["rootBlockDevice"]["iops"] == 4000
 
 
 def test_idle_alarms_terminate_in_the_providers_real_region():
@@ -138,7 +210,7 @@ def test_exports_are_contract_v1_and_the_driver_parses_them():
     assert cluster.orchestrator.id == "i-00000000000000001"
     assert [host.private_ip for host in cluster.members] == ["10.0.1.11", "10.0.1.12", "10.0.1.13"]
     assert set(exports) == {"flambe_outputs_version", "cluster_name", "ssh_user", "region", "orchestrator",
-                            "factories"}
+                            "factories", "amis"}
 
 
 def test_instances_without_public_addresses_export_null():
@@ -168,6 +240,14 @@ def test_zero_factories_is_a_cluster_of_one():
     ({"volumeType": "ssd"}, "flambe:volumeType is 'ssd'"),
     ({"spot": "cheap"}, "flambe:spot is 'cheap'"),
     ({"dedicated": "yes"}, "flambe:dedicated is 'yes': give true or false"),
+    ({"volumeType": "st1"}, "flambe:volumeType is 'st1', which AWS cannot boot from"),
+    ({"volumeType": "sc1"}, "flambe:volumeType is 'sc1', which AWS cannot boot from"),
+    ({"volumeType": "io2"}, "flambe:volumeType io2 needs provisioned IOPS: pulumi config set flambe:volumeIops"),
+    ({"volumeType": "io1"}, "flambe:volumeType io1 needs provisioned IOPS"),
+    ({"orchestratorIdleHours": "200", "factoriesIdleHours": "1"}, "beyond what CloudWatch can watch"),
+    ({"factoriesIdleCpu": "0"}, "flambe:factoriesIdleCpu is '0': give a CPU percentage"),
+    ({"idleAction": "hibernate"}, "flambe:idleAction is 'hibernate': use one of terminate, stop"),
+    ({"username": "root;id"}, "flambe:username is 'root;id'"),
 ])
 def test_config_errors_name_the_key_and_how_to_set_it(overrides, expected):
     config = {**BASE_CONFIG, **overrides}
