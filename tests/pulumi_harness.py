@@ -4,6 +4,7 @@ invokes, either from fixed values or from moto's EC2 (so EC2's own validation ru
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from typing import Any, Callable
 
@@ -48,6 +49,18 @@ def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks
     finally:
         loop.close()
         asyncio.set_event_loop(None)
+
+
+def close_stray_event_loops() -> None:
+    """The mock monitor makes an event loop in each thread it serves from and never closes it; left to the garbage
+    collector, one fails in __del__ at interpreter exit, after pytest's summary. The session's end closes them
+    (tests/conftest.py), once no program runs any more."""
+    for candidate in gc.get_objects():
+        if isinstance(candidate, asyncio.BaseEventLoop) and not candidate.is_closed() and not candidate.is_running():
+            try:
+                candidate.close()
+            except ValueError:
+                continue  # its self-pipe is already gone: nothing left to release
 
 
 class RecordingMocks(Mocks):
