@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+
 from pyinfra.api import StringCommand, operation
 
 from flambe_iac.deploys.operations import staged_files, synced_tree
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
-from flambe_iac.remote_layout import RUN_LOG, RUN_PID, RUN_PLAN, RUNNER_LIBRARY
+from flambe_iac.remote_layout import RUN_EXIT, RUN_LOG, RUN_PID, RUN_PLAN, RUNNER_LIBRARY
 from flambe_iac.secrets_file import HiddenBytes
 
 
@@ -37,8 +39,9 @@ def detached_run(force: bool):
     else:
         on_running = ('echo "a runnable is already running on the orchestrator (pid $pid): wait for it, '
                       'or pass --force to stop it and start this one" >&2; exit 3')
+    runner = (f'PYTHONPATH="$HOME/{RUNNER_LIBRARY}" python3 -m flambe_iac.runnable {RUN_PLAN}; '
+              f"echo $? > {RUN_EXIT}")
     yield StringCommand(
-        f"if {running}; then {on_running}; fi; "
-        f'setsid nohup env PYTHONPATH="$HOME/{RUNNER_LIBRARY}" python3 -m flambe_iac.runnable {RUN_PLAN} '
-        f"> {RUN_LOG} 2>&1 < /dev/null & echo $! > {RUN_PID}"
+        f"if {running}; then {on_running}; fi; rm -f {RUN_EXIT}; "
+        f"setsid nohup sh -c {shlex.quote(runner)} > {RUN_LOG} 2>&1 < /dev/null & echo $! > {RUN_PID}"
     )

@@ -18,7 +18,7 @@ from flambe_iac import __version__
 from flambe_iac.cluster import ORCHESTRATOR, Host as Member
 from flambe_iac.cluster_key import ClusterKey
 from flambe_iac.connection import SshPolicy
-from flambe_iac.deploys import cluster_key, extensions, manifest, resources, runnable, secrets
+from flambe_iac.deploys import cluster_key, extensions, manifest, resources, runnable, secrets, setup
 from flambe_iac.deploys.operations import Transfer
 from flambe_iac.deploys.relay import RELAY, Relay
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
@@ -51,6 +51,8 @@ STEPS: tuple[Step, ...] = (
          extensions.push_extensions),
     Step("install", lambda context: SnapshotRequest(), lambda plan, member: plan.install_extensions,
          extensions.install_extensions),
+    Step("setup", lambda context: SnapshotRequest(), lambda plan, member: bool(plan.setup_commands),
+         setup.run_setup_commands),
     Step("manifest", lambda context: manifest.READS, always, manifest.write_manifest),
     Step("run", runnable.reads, lambda plan, member: plan.run and member.role == ORCHESTRATOR,
          runnable.launch_runnable),
@@ -83,6 +85,7 @@ class StepContext:
     retired: set[str] = field(default_factory=set)
     causes: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # for the report: e.g. a relay that fell back to direct
+    details: dict[str, str] = field(default_factory=dict)  # host name -> what a step did, e.g. setup exit codes
 
     @cached_property
     def relay(self) -> Relay | None:

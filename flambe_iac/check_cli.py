@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from flambe_iac import __version__
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, InputError, exit_code_of
 
 PUBLIC_ADDRESS_URL = "https://checkip.amazonaws.com"
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Check, without changing anything, that the cluster's network lets "
                                                  "flambe-deploy and the members through.")
+    parser.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--stack", metavar="NAME", help="read the stack's config with `pulumi config --json`")
     source.add_argument("--config", type=Path, metavar="Pulumi.<stack>.yaml", help="read a stack config file")

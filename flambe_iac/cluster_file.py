@@ -12,17 +12,25 @@ Flambé's `!SSHCluster` tag is accepted; the file is read with a safe loader.
 from __future__ import annotations
 
 import ipaddress
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.errors import InputError
 
-KNOWN_KEYS = {"name", "orchestrator_ip", "factories_ips", "key", "username"}
+KNOWN_KEYS = {"name", "orchestrator_ip", "factories_ips", "key", "username", "setup_cmds"}
 
 
-def load_cluster_file(path: Path) -> tuple[Cluster, Path | None]:
-    """The cluster, and the key the file names (or None)."""
+@dataclass(frozen=True)
+class ClusterSource:
+    cluster: Cluster
+    key: Path | None  # the key the file names
+    setup_commands: tuple[str, ...] = ()
+
+
+def load_cluster_file(path: Path) -> ClusterSource:
     import yaml
 
     class SafeLoaderWithFlambeTags(yaml.SafeLoader):
@@ -43,12 +51,16 @@ def load_cluster_file(path: Path) -> tuple[Cluster, Path | None]:
     return parse_cluster_file(document, str(path))
 
 
-def parse_cluster_file(document: Any, source: str) -> tuple[Cluster, Path | None]:
+def parse_cluster_file(document: Any, source: str) -> ClusterSource:
     if not isinstance(document, dict):
         raise InputError(f"{source}: expected a mapping with name, orchestrator_ip, factories_ips, key, username")
-    unknown = sorted(set(document) - KNOWN_KEYS)
-    if unknown:
-        raise InputError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KNOWN_KEYS))})")
+    for unknown in sorted(set(document) - KNOWN_KEYS):
+        # Flambé's SSHCluster has keys that mean nothing here (and a typo looks the same): say so, go on.
+        print(f"flambe-deploy: warning: {source}: ignoring {unknown!r} (flambe-deploy reads "
+              f"{', '.join(sorted(KNOWN_KEYS))})", file=sys.stderr)
+    setup = document.get("setup_cmds") or []
+    if not isinstance(setup, list) or not all(isinstance(command, str) and command.strip() for command in setup):
+        raise InputError(f"{source}: 'setup_cmds' must be a list of shell commands")
     for required in ("name", "orchestrator_ip", "username"):
         if document.get(required) in (None, ""):
             raise InputError(f"{source}: {required!r} is missing")
@@ -66,7 +78,7 @@ def parse_cluster_file(document: Any, source: str) -> tuple[Cluster, Path | None
     except InputError as error:
         raise InputError(f"{source}: {error}") from None
     key = document.get("key")
-    return cluster, Path(key).expanduser() if key else None
+    return ClusterSource(cluster, Path(key).expanduser() if key else None, tuple(setup))
 
 
 def _host(entry: Any, field: str, role: str, source: str) -> Host:

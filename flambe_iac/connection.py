@@ -35,10 +35,12 @@ class SshTarget:
     known_hosts: Path
     connect_timeout: int = 10
     batch_mode: bool = True  # off only when an askpass helper must supply the key's passphrase
+    jump: str | None = None  # [USER@]HOST[:PORT] of a bastion, reached under the same policy
 
 
 def ssh_options(target: SshTarget) -> list[str]:
-    """OpenSSH client options for TARGET: only its key, no agent, no config, strict pinned host keys."""
+    """OpenSSH client options for TARGET: only its key, no agent, no config, strict pinned host keys; through the
+    bastion, if any, under the very same options (a ProxyCommand, not ProxyJump, whose hop would read ~/.ssh/config)."""
     options = [
         "-F", "/dev/null",
         "-i", str(target.key),
@@ -52,7 +54,36 @@ def ssh_options(target: SshTarget) -> list[str]:
     ]
     if target.batch_mode:
         options += ["-o", "BatchMode=yes"]
+    if target.jump:
+        options += ["-o", f"ProxyCommand={proxy_command(target)}"]
     return options
+
+
+def proxy_command(target: SshTarget) -> str:
+    """ssh -W through the bastion, with TARGET's own key, pins and options: the key is used, never copied there."""
+    user, _, rest = target.jump.rpartition("@")
+    host, _, port = rest.partition(":")
+    bastion = SshTarget(address=host, user=user or target.user, key=target.key, known_hosts=target.known_hosts,
+                        connect_timeout=target.connect_timeout, batch_mode=target.batch_mode)
+    return shlex.join(["ssh", *ssh_options(bastion), "-p", port or "22", "-W", "%h:%p",
+                       f"{bastion.user}@{bastion.address}"])
+
+
+def parse_jump(text: str | None) -> str | None:
+    """--jump [USER@]HOST[:PORT], checked like every name that reaches a command line."""
+    if text is None:
+        return None
+    from flambe_iac.errors import InputError
+    from flambe_iac.names import check_address, check_ssh_user
+
+    user, _, rest = text.rpartition("@")
+    host, _, port = rest.partition(":")
+    if user:
+        check_ssh_user(user, "--jump user")
+    check_address(host, "--jump host")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise InputError(f"--jump port must be a number from 1 to 65535, not {port!r}")
+    return text
 
 
 @dataclass(frozen=True)
@@ -86,12 +117,20 @@ def rsync_command(source: str, destination: str, target: SshTarget, delete: bool
     return [*command, "--", source, f"{target.user}@{target.address}:{destination}"]
 
 
+def rsync_pull_command(remote_path: str, local_directory: str, target: SshTarget) -> list[str]:
+    """rsync with delta transfer of REMOTE_PATH (relative to the remote home, or absolute) into LOCAL_DIRECTORY."""
+    remote_shell = shlex.join(["ssh", *ssh_options(target)])
+    return ["rsync", "--archive", "--protect-args", "--rsh", remote_shell, "--",
+            f"{target.user}@{target.address}:{remote_path}", local_directory]
+
+
 class SshPolicy:
     """The user's side of every connection of one deploy: user, key (and its passphrase), pinned host keys."""
 
     def __init__(self, user: str, key: Path, passphrase: str | None, known_hosts: Path, connect_timeout: int,
-                 strict_host_key_checking: str = "yes"):
+                 strict_host_key_checking: str = "yes", jump: str | None = None):
         self.user = user
+        self.jump = jump
         self.key = key
         self.passphrase = passphrase
         self.known_hosts = known_hosts
@@ -101,12 +140,18 @@ class SshPolicy:
 
     def target(self, address: str) -> SshTarget:
         return SshTarget(address=address, user=self.user, key=self.key, known_hosts=self.known_hosts,
-                         connect_timeout=self.connect_timeout, batch_mode=self.passphrase is None)
+                         connect_timeout=self.connect_timeout, batch_mode=self.passphrase is None, jump=self.jump)
+
+    def proxy_command(self) -> str:
+        return proxy_command(self.target("%h"))
+
+    def environment(self) -> dict[str, str] | None:
+        """The environment for our own ssh and rsync processes: an askpass helper when the key is encrypted."""
+        return askpass_environment(self._askpass_helper(), self.passphrase) if self.passphrase else None
 
     def rsync_job(self, source: str, destination: str, address: str, excludes: tuple[str, ...] = ()) -> RsyncJob:
-        argv = rsync_command(source, destination, self.target(address), excludes=excludes)
-        environment = askpass_environment(self._askpass_helper(), self.passphrase) if self.passphrase else None
-        return RsyncJob(argv, environment)
+        return RsyncJob(rsync_command(source, destination, self.target(address), excludes=excludes),
+                        self.environment())
 
     def pyinfra_host_data(self, address: str) -> dict:
         """pyinfra's (paramiko's) settings for one host: the same policy as ssh_options."""
@@ -117,7 +162,7 @@ class SshPolicy:
             "ssh_allow_agent": False,
             "ssh_look_for_keys": False,
             "ssh_forward_agent": False,
-            "ssh_config_file": "/dev/null",
+            "ssh_config_file": self._ssh_config_file(),
             "ssh_known_hosts_file": str(self.known_hosts),
             "ssh_strict_host_key_checking": self.strict_host_key_checking,
             "ssh_paramiko_connect_kwargs": {
@@ -130,10 +175,23 @@ class SshPolicy:
             data["ssh_key_password"] = self.passphrase
         return data
 
-    def _askpass_helper(self) -> Path:
+    def _ssh_config_file(self) -> str:
+        """No ssh config at all, or with --jump, one of ours that says only the ProxyCommand (pyinfra reads a
+        bastion from there and starts it afresh for every connection attempt)."""
+        if not self.jump:
+            return "/dev/null"
+        path = self._private_path("ssh_config")
+        if not path.exists():
+            path.write_text(f"Host *\n    ProxyCommand {self.proxy_command()}\n")
+        return str(path)
+
+    def _private_path(self, name: str) -> Path:
         if self._private_directory is None:
             self._private_directory = tempfile.TemporaryDirectory(prefix="flambe-deploy-")
-        helper = Path(self._private_directory.name) / "askpass"
+        return Path(self._private_directory.name) / name
+
+    def _askpass_helper(self) -> Path:
+        helper = self._private_path("askpass")
         if not helper.exists():
             helper.write_text(ASKPASS_SCRIPT)
             helper.chmod(0o700)

@@ -11,8 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
+from flambe_iac import __version__
 from flambe_iac.cluster import ADDRESS_KINDS, PUBLIC
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError, exit_code_of
+
+DAY_TWO_COMMANDS = ("ssh-config", "exec", "download", "status")
 
 DESCRIPTION = """\
 Push to every host of a cluster, all hosts at once, over SSH with only the key you give:
@@ -24,7 +27,13 @@ Host keys are always checked: against --known-hosts, against keys pinned by an e
 against the keys their console output shows, or, only with --trust-on-first-use, accepted now and pinned in
 ~/.flambe/known_hosts/<cluster>. No ssh-agent, no default keys, no agent forwarding. Nothing secret is printed.
 
-Before the first deploy to AWS, `flambe-deploy check --help` shows a read-only preflight of the network."""
+Before the first deploy to AWS, `flambe-deploy check --help` shows a read-only preflight of the network.
+
+Day two, with the same cluster sources and SSH policy (each has --help):
+  flambe-deploy ssh-config ...  [--write]      ssh_config blocks: `ssh CLUSTER-orchestrator` just works
+  flambe-deploy exec ... -- CMD                run CMD on every host at once, output prefixed by host
+  flambe-deploy download ... --remote PATH --to DIR   rsync PATH back from every host into DIR/HOST/
+  flambe-deploy status ...                     reachable? one cluster key? resources intact? the runnable?"""
 
 EPILOG = """\
 where the cluster comes from (exactly one):
@@ -93,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep retrying hosts that refuse connections or time out (instances still booting), "
                              "with backoff, for up to this long (default 300 with --stack or --outputs, 0 with "
                              "--cluster)")
+    parser.add_argument("--setup", action="append", default=[], metavar="CMD",
+                        help="a command to run on every host, through its login shell, after the files are in place "
+                             "and before --run (repeatable, in order; after the cluster file's setup_cmds)")
+    parser.add_argument("--jump", metavar="[USER@]HOST[:PORT]",
+                        help="reach every host through this bastion (OpenSSH ProxyCommand with -W): your key is used "
+                             "from here, never copied there or forwarded; its host key must be pinned too")
+    parser.add_argument("--cwd", type=Path, metavar="DIR", help="with --stack: the Pulumi project's directory")
+    parser.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="show pyinfra's progress (-v) and debug detail (-vv); never secret values")
     return parser
@@ -124,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         from flambe_iac.check_cli import main as check_main
 
         return check_main(argv[1:])
+    if argv[:1] and argv[0] in DAY_TWO_COMMANDS:
+        from flambe_iac.day_two import main as day_two_main
+
+        return exit_code_of(f"flambe-deploy {argv[0]}", lambda: day_two_main(argv))
     arguments = build_parser().parse_args(argv)
     patch_for_parallel_connections()
     configure_logging(arguments.verbose)
@@ -165,7 +186,8 @@ def deploy(arguments: argparse.Namespace) -> int:
             rotate_cluster_key=arguments.rotate_cluster_key, connect_timeout=arguments.connect_timeout,
             runnable_file=arguments.runnable_file, install_extensions=arguments.install_extensions,
             run=arguments.run, force=arguments.force, host_key_timeout=arguments.host_key_timeout, wait=wait,
-            fan_out=arguments.fan_out,
+            fan_out=arguments.fan_out, jump=arguments.jump, setup_commands=arguments.setup,
+            stack_directory=arguments.cwd,
         ))
         if plan.install_extensions:
             install_locally(plan)

@@ -99,7 +99,7 @@ class Deployment:
         self.view = view
         self.policy = SshPolicy(plan.cluster.ssh_user, plan.user_key.path, plan.user_key.passphrase,
                                 plan.host_keys.known_hosts, plan.connect_timeout,
-                                plan.host_keys.strict_host_key_checking)
+                                plan.host_keys.strict_host_key_checking, jump=plan.jump)
         self.state = make_state([(member.id, plan.address(member)) for member in plan.cluster.members], self.policy)
         self.members = {self.state.inventory.get_host(member.id): member for member in plan.cluster.members}
         self.entries = {host: entry for host, entry in zip(self.members, report.hosts)}
@@ -273,6 +273,7 @@ class Deployment:
                 metas = step.deploy(self.context, member, snapshot)
             status, cause = self.run_operations(host, step.name, metas)
             entry.steps[step.name].seconds = time.monotonic() - started
+            entry.steps[step.name].detail = self.context.details.pop(host.name, None)
             entry.finish(step.name, status, cause)
             self.view.step_done(entry, step.name)
             if status == FAILED:

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flambe_iac import __version__
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.errors import EXIT_OK, InputError, LabError, exit_code_of
 from flambe_iac.outputs import outputs_document
@@ -103,6 +104,7 @@ class LabState:
     status: str = "starting"
     uplink_mbit: float | None = None  # the client's link, limited in both directions
     record_commands: bool = False  # every host notes each command its sessions run, for tests
+    bastion: int | None = None  # the client reaches only this host: the others only through it
 
     @property
     def switch_netns(self) -> str:
@@ -155,7 +157,7 @@ def lab_cluster(state: LabState) -> Cluster:
 
 def up(lab_dir: Path, host_count: int, user: str = DEFAULT_USER, subnet: str = DEFAULT_SUBNET,
        addresses: list[str] | None = None, faults: list[str] = (), uplink_mbit: float | None = None,
-       record_commands: bool = False) -> LabState:
+       record_commands: bool = False, bastion: int | None = None) -> LabState:
     """Build the lab; on any failure tear down what was made and raise."""
     check_can_run_lab()
     lab_dir = lab_dir.resolve()
@@ -168,6 +170,9 @@ def up(lab_dir: Path, host_count: int, user: str = DEFAULT_USER, subnet: str = D
         raise InputError(f"--uplink-mbit must be between 0 and 100000, not {uplink_mbit:g}")
     state.uplink_mbit = uplink_mbit
     state.record_commands = record_commands
+    if bastion is not None and not 0 <= bastion < host_count:
+        raise InputError(f"--bastion must be a host index below {host_count}, not {bastion}")
+    state.bastion = bastion
     lab_dir.mkdir(parents=True, exist_ok=True)
     state.save(lab_dir)
     try:
@@ -259,6 +264,8 @@ def build_lab(lab_dir: Path, state: LabState) -> None:
     create_network(state)
     if state.uplink_mbit:
         limit_uplink(state)
+    if state.bastion is not None:
+        reach_only_the_bastion(state)
     wait_all(keygens, "ssh-keygen")
     user_public_key = (lab_dir / f"{USER_KEY_FILE}.pub").read_text()
     for host in state.hosts:
@@ -318,6 +325,13 @@ def create_network(state: LabState) -> None:
                                "link set lo up", "link set eth0 up"])
         for netns, _, address in members
     ], "ip")
+
+
+def reach_only_the_bastion(state: LabState) -> None:
+    """The client's only route is to the bastion host (routes inside the client's namespace, nowhere else)."""
+    network = ipaddress.ip_interface(f"{state.client_address}/{state.prefix_length}").network
+    ip_batch(state.client_netns, [f"route del {network} dev eth0",
+                                  f"route add {state.hosts[state.bastion].address}/32 dev eth0"])
 
 
 def limit_uplink(state: LabState) -> None:
@@ -631,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  flambe-lab down --dir /tmp/lab",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up_parser = commands.add_parser(
         "up", help="create the hosts and start their sshd",
@@ -647,6 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     up_parser.add_argument("--fault", action="append", default=[], metavar="INDEX:KIND[=VALUE]",
                            help="make host INDEX (0 is the orchestrator) unlike the others; KIND is one of: "
                                 + "; ".join(f"{kind} ({text})" for kind, text in FAULTS.items()))
+    up_parser.add_argument("--bastion", type=int, metavar="INDEX",
+                           help="the client reaches only host INDEX (a bastion); the others only through it")
     up_parser.add_argument("--record-commands", action="store_true",
                            help=f"every host notes each command its SSH sessions run, in its own {COMMANDS_LOG}")
     up_parser.add_argument("--uplink-mbit", type=float, metavar="N",
@@ -670,7 +687,7 @@ def run_command(arguments: argparse.Namespace) -> int:
     if arguments.command == "up":
         started = time.monotonic()
         state = up(arguments.dir, arguments.hosts, arguments.user, arguments.subnet, arguments.addresses,
-                   arguments.fault, arguments.uplink_mbit, arguments.record_commands)
+                   arguments.fault, arguments.uplink_mbit, arguments.record_commands, arguments.bastion)
         print(describe(arguments.dir.resolve(), state))
         print(f"lab up: {len(state.hosts)} hosts in {time.monotonic() - started:.2f} s")
     elif arguments.command == "down":

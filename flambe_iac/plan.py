@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flambe_iac.cluster import ADDRESS_KINDS, PRIVATE, PUBLIC, Cluster, Host
+from flambe_iac.connection import parse_jump
 from flambe_iac.errors import InputError
 from flambe_iac.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
 from flambe_iac.keys import UserKey, load_user_key
@@ -37,6 +38,9 @@ class DeployRequest:
     host_key_timeout: float = 300.0
     wait: float = 0.0
     fan_out: str | None = None  # "direct" or "relay"; None: relay when there is a factory
+    jump: str | None = None  # [USER@]HOST[:PORT]: a bastion for every connection
+    setup_commands: list[str] = field(default_factory=list)
+    stack_directory: Path | None = None  # --cwd: the Pulumi project's directory
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class DeployPlan:
     force: bool = False
     wait: float = 0.0  # how long to keep retrying hosts whose sshd is not answering yet
     fan_out: str = "direct"  # "relay": trees cross the uplink once, to the orchestrator, which serves the factories
+    jump: str | None = None
+    setup_commands: tuple[str, ...] = ()
 
     def address(self, host: Host) -> str:
         return host.address(self.address_kind)
@@ -72,36 +78,46 @@ class DeployPlan:
                 for checkout in self.extensions if checkout.directory is not None]
 
 
-def load_cluster(request: DeployRequest) -> tuple[Cluster, Path | None]:
-    """The cluster, and the key its source names (only a cluster file names one)."""
+def load_cluster(request: DeployRequest):
+    """The cluster as a ClusterSource: with the key and setup commands its source names (only a cluster file)."""
+    from flambe_iac.cluster_file import ClusterSource
+
     if request.outputs is not None:
         from flambe_iac.outputs import load_outputs
 
-        return load_outputs(request.outputs), None
+        return ClusterSource(load_outputs(request.outputs), None)
     if request.stack is not None:
         from flambe_iac.pulumi_cli import load_stack
 
-        return load_stack(request.stack), None
+        return ClusterSource(load_stack(request.stack, request.stack_directory), None)
     from flambe_iac.cluster_file import load_cluster_file
 
     return load_cluster_file(request.cluster_file)
 
 
+def access_parts(request: DeployRequest):
+    """What every command that reaches the hosts needs: (cluster, user key, host key policy, its ClusterSource)."""
+    parse_jump(request.jump)
+    source = load_cluster(request)
+    key = request.key or source.key
+    if key is None:
+        raise InputError("no SSH key: give the private key of the cluster's key pair with --key PATH")
+    addresses = connect_addresses(source.cluster, request.address_kind)
+    host_keys = choose_host_key_policy(source.cluster.name, addresses, request.known_hosts,
+                                       request.trust_on_first_use, console_source(source.cluster, request))
+    return source.cluster, load_user_key(key), host_keys, source
+
+
 def build_plan(request: DeployRequest) -> DeployPlan:
     if (request.install_extensions or request.run) and request.runnable_file is None:
         raise InputError("-i and --run need a runnable file: flambe-deploy runnable.yaml --outputs ... --run")
-    cluster, key_from_source = load_cluster(request)
-    key = request.key or key_from_source
-    if key is None:
-        raise InputError("no SSH key: give the private key of the cluster's key pair with --key PATH")
-    addresses = connect_addresses(cluster, request.address_kind)
+    cluster, user_key, host_keys, source = access_parts(request)
     runnable, extensions, runnable_resources = load_runnable(request.runnable_file)
     return DeployPlan(
         cluster=cluster,
         address_kind=request.address_kind,
-        user_key=load_user_key(key),
-        host_keys=choose_host_key_policy(cluster.name, addresses, request.known_hosts, request.trust_on_first_use,
-                                         console_source(cluster, request)),
+        user_key=user_key,
+        host_keys=host_keys,
         secrets=HiddenBytes(read_secrets_file(request.secrets)) if request.secrets else None,
         resources=parse_resources([*request.resources, *runnable_resources]),
         rotate_cluster_key=request.rotate_cluster_key,
@@ -113,6 +129,8 @@ def build_plan(request: DeployRequest) -> DeployPlan:
         force=request.force,
         wait=request.wait,
         fan_out=request.fan_out or ("relay" if cluster.factories else "direct"),
+        jump=request.jump,
+        setup_commands=(*source.setup_commands, *request.setup_commands),
     )
 
 

@@ -6,21 +6,23 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from flambe_iac.cluster import Cluster
 from flambe_iac.errors import InputError
-from flambe_iac.outputs import parse_outputs
+from flambe_iac.outputs import MASKED, parse_outputs
 
 PULUMI_TIMEOUT = 300
 
 
-def stack_outputs_command(stack: str) -> list[str]:
-    return ["pulumi", "stack", "output", "--json", "--show-secrets", "--stack", stack]
+def stack_outputs_command(stack: str, directory: Path | None = None, show_secrets: bool = False) -> list[str]:
+    return ["pulumi", "stack", "output", "--json", *(["--show-secrets"] if show_secrets else []), "--stack", stack,
+            *(["--cwd", str(directory)] if directory else [])]
 
 
-def stack_config_command(stack: str) -> list[str]:
-    return ["pulumi", "config", "--json", "--stack", stack]
+def stack_config_command(stack: str, directory: Path | None = None) -> list[str]:
+    return ["pulumi", "config", "--json", "--stack", stack, *(["--cwd", str(directory)] if directory else [])]
 
 
 def require_pulumi() -> None:
@@ -48,13 +50,17 @@ def pulumi_json(argv: list[str]) -> Any:
         raise InputError(f"`{shown}` did not print JSON") from None
 
 
-def load_stack(stack: str) -> Cluster:
-    return parse_outputs(pulumi_json(stack_outputs_command(stack)), source=f"stack {stack!r}")
+def load_stack(stack: str, directory: Path | None = None) -> Cluster:
+    """The stack's outputs; secrets are shown only if some output is secret (Pulumi masks them otherwise)."""
+    document = pulumi_json(stack_outputs_command(stack, directory))
+    if MASKED in json.dumps(document):
+        document = pulumi_json(stack_outputs_command(stack, directory, show_secrets=True))
+    return parse_outputs(document, source=f"stack {stack!r}")
 
 
-def stack_config(stack: str) -> dict:
+def stack_config(stack: str, directory: Path | None = None) -> dict:
     """The stack's config, {key: value}, objects as objects."""
-    raw = pulumi_json(stack_config_command(stack))
+    raw = pulumi_json(stack_config_command(stack, directory))
     if not isinstance(raw, dict):
         raise InputError(f"`{' '.join(stack_config_command(stack))}` printed JSON that is not an object")
     return {key: entry.get("objectValue", entry.get("value")) if isinstance(entry, dict) else entry

@@ -26,6 +26,7 @@ RUNNER_LIBRARY = ".flambe/lib"  # this flambe_iac, for the runner on the orchest
 RUN_PLAN = ".flambe/run.json"
 RUN_LOG = ".flambe/run.log"
 RUN_PID = ".flambe/run.pid"
+RUN_EXIT = ".flambe/run.exit"  # the runnable's exit code, once it has ended
 
 
 def run_staging_dir(run_id: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ class StepResult:
     status: str = SKIPPED
     seconds: float = 0.0
     cause: str | None = None
+    detail: str | None = None  # what the step did, where it says more than its status (setup commands' exit codes)
 
 
 @dataclass
@@ -144,6 +146,8 @@ class ProgressView:
             cells = " ".join(f"{LABELS[host.steps[step].status]:<11}" for step in columns)
             lines.append(f"{host.host_id[:24]:<24} {host.address:<16} {cells}")
         lines.append(f"{time.monotonic() - self.started:.1f} s")
+        width = shutil.get_terminal_size((120, 24)).columns
+        lines = [line[:width - 1] for line in lines]  # a wrapped line would break the redraw's line count
         if self.drawn_lines:
             self.stream.write(f"\x1b[{self.drawn_lines}F\x1b[J")
         self.stream.write("\n".join(lines) + "\n")

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from flambe_iac import __version__
 from flambe_iac.errors import EXIT_BAD_INPUT, EXIT_OK, InputError, exit_code_of
 
 DEFAULT_SECRETS = Path("~/.flambe/secrets.ini")
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a runnable on this machine: its extensions fetched with your own git, its secrets read "
                     "into `self.config` (configparser, no interpolation), its resources as `self.resources`.")
     parser.add_argument("runnable_file", type=Path, metavar="runnable.yaml")
+    parser.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
     parser.add_argument("--secrets", type=Path, metavar="FILE",
                         help=f"secrets ini (default {DEFAULT_SECRETS} if it exists)")
     return parser

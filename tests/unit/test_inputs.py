@@ -236,7 +236,8 @@ def test_cluster_file_in_flambe_shape_with_its_tag(tmp_path):
     path = write(tmp_path / "cluster.yaml", "!SSHCluster\nname: mine\norchestrator_ip: [54.0.0.1, 10.0.0.1]\n"
                                             "factories_ips: [[54.0.0.2, 10.0.0.2], 10.0.0.3]\nkey: ~/.ssh/k\n"
                                             "username: ubuntu\n")
-    cluster, key = load_cluster_file(path)
+    source = load_cluster_file(path)
+    cluster, key = source.cluster, source.key
     assert cluster.name == "mine" and cluster.ssh_user == "ubuntu"
     assert cluster.orchestrator.public_ip == "54.0.0.1" and cluster.orchestrator.private_ip == "10.0.0.1"
     assert [(host.public_ip, host.private_ip) for host in cluster.factories] == [
@@ -250,7 +251,7 @@ def test_cluster_file_in_flambe_shape_with_its_tag(tmp_path):
     ("name: x\nusername: u\n", "'orchestrator_ip' is missing"),
     ("name: x\nusername: u\norchestrator_ip: 1.2.3.4\nfactories_ips: 5\n", "must be a list"),
     ("name: x\nusername: u\norchestrator_ip: [1.2.3.4, 10.0.0.1, 10.0.0.2]\n", "[public, private] pair"),
-    ("name: x\nusername: u\norchestrator_ip: 1.2.3.4\nextra: 1\n", "unknown key 'extra'"),
+    ("name: x\nusername: u\norchestrator_ip: 1.2.3.4\nsetup_cmds: ls\n", "'setup_cmds' must be a list"),
     ("name: x\nusername: u\norchestrator_ip: 1.2.3.4\nkey: !!python/object:os.system {}\n", "not valid YAML"),
 ])
 def test_bad_cluster_files_are_refused(tmp_path, text, expected):
@@ -258,9 +259,17 @@ def test_bad_cluster_files_are_refused(tmp_path, text, expected):
         load_cluster_file(write(tmp_path / "c.yaml", text))
 
 
+def test_keys_flambe_has_and_flambe_iac_does_not_are_a_warning_not_a_refusal(tmp_path, capsys):
+    source = load_cluster_file(write(tmp_path / "c.yaml", "name: x\nusername: u\norchestrator_ip: 1.2.3.4\n"
+                                                       "remote_context: y\nsetup_cmds: ['echo hi']\n"))
+    assert source.setup_commands == ("echo hi",)
+    warned = capsys.readouterr().err
+    assert "warning" in warned and "ignoring 'remote_context'" in warned
+
+
 def test_addresses_must_exist_and_be_distinct(tmp_path):
-    cluster, _ = load_cluster_file(write(tmp_path / "c.yaml", "name: x\nusername: u\norchestrator_ip: 10.0.0.1\n"
-                                                              "factories_ips: [10.0.0.1]\n"))
+    cluster = load_cluster_file(write(tmp_path / "c.yaml", "name: x\nusername: u\norchestrator_ip: 10.0.0.1\n"
+                                                              "factories_ips: [10.0.0.1]\n")).cluster
     with pytest.raises(InputError, match="share a public address"):
         connect_addresses(cluster, "public")
 
@@ -282,10 +291,11 @@ def test_stack_outputs_come_from_the_pulumi_cli(stub_pulumi):
     from test_outputs import VALID
 
     (stub_pulumi / "reply").write_text(json.dumps(VALID))
-    cluster = load_stack("dev")
+    cluster = load_stack("dev", stub_pulumi / "infra")
     assert cluster.name == "my-cluster"
+    # No secret output, so no --show-secrets: secrets are asked for only when some output is one.
     assert (stub_pulumi / "arguments").read_text().split() == [
-        "stack", "output", "--json", "--show-secrets", "--stack", "dev"]
+        "stack", "output", "--json", "--stack", "dev", "--cwd", str(stub_pulumi / "infra")]
 
 
 def test_stack_failure_and_masked_values_are_input_errors(stub_pulumi):
@@ -294,6 +304,7 @@ def test_stack_failure_and_masked_values_are_input_errors(stub_pulumi):
     (stub_pulumi / "reply").write_text(json.dumps({**VALID, "ssh_user": "[secret]"}))
     with pytest.raises(InputError, match="--show-secrets"):
         load_stack("dev")
+    assert "--show-secrets" in (stub_pulumi / "arguments").read_text().split()  # asked again, with secrets
     (stub_pulumi / "status").write_text("255")
     (stub_pulumi / "reply").write_text("")
     with pytest.raises(InputError, match="failed"):

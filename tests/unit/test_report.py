@@ -53,7 +53,7 @@ def test_report_json_and_summary_say_which_host_failed_and_why():
     assert document["ok"] is False
     assert document["hosts"][1]["error"] == "secrets: disk full"
     assert document["hosts"][1]["steps"]["manifest"] == {"status": FAILED, "seconds": 0.0,
-                                                         "cause": "not done: secrets failed"}
+                                                         "cause": "not done: secrets failed", "detail": None}
     text = summary(report)
     assert "1 of 2 hosts done" in text
     assert "FAILED: secrets: disk full" in text

@@ -1,0 +1,42 @@
+"""Setup commands (Flambé's `setup_cmds`, `--setup`): run in order on every host, through its login shell, after the
+files are in place and before `--run`. A command that fails fails its host, with its exit code and last errors."""
+
+from __future__ import annotations
+
+import shlex
+
+from pyinfra.api import FunctionCommand, operation
+
+from flambe_iac.connection import RemoteCommandError, run_remote
+from flambe_iac.deploys.snapshot import HostSnapshot
+
+SETUP_TIMEOUT = 6 * 3600.0
+
+
+def run_setup_commands(context, member, snapshot: HostSnapshot) -> list:
+    return [setup_commands(name="setup commands", commands=context.plan.setup_commands, causes=context.causes,
+                           details=context.details)]
+
+
+@operation(is_idempotent=False)
+def setup_commands(commands: list[str], causes: dict, details: dict):
+    yield FunctionCommand(_run_in_order, (commands, causes, details), {})
+
+
+def _run_in_order(state, host, commands: list[str], causes: dict, details: dict) -> bool:
+    outcomes = []
+    for number, command in enumerate(commands, 1):
+        login_shell = f'exec "${{SHELL:-/bin/sh}}" -l -c {shlex.quote(command)}'
+        try:
+            result = run_remote(host, login_shell, timeout=SETUP_TIMEOUT)
+        except RemoteCommandError as error:
+            causes[host.name] = f"setup command {number} of {len(commands)} ({command!r}) did not finish: {error}"
+            return False
+        outcomes.append(f"{command!r} exited {result.exit_code}")
+        if result.exit_code != 0:
+            causes[host.name] = (f"setup command {number} of {len(commands)} ({command!r}) exited "
+                                 f"{result.exit_code}: {result.reason}")
+            details[host.name] = "; ".join(outcomes)
+            return False
+    details[host.name] = "; ".join(outcomes)
+    return True
