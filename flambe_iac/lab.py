@@ -58,6 +58,8 @@ FAULTS = {
     "no-rsync": "rsync is missing on the host",
     "max-sessions": "its sshd allows VALUE sessions per connection",
     "corrupt-rsync": "its rsync changes a byte of a resource after each transfer it receives",
+    "replaced-host-key": "its sshd presents another key than the one known_hosts pins (a rebuilt host, or a man in "
+                         "the middle)",
 }
 COMMANDS_LOG = "/tmp/flambe-lab-commands.log"  # inside each host: its own /tmp, hosts/<name>/tmp/ from here
 RECORDING_SHELL = f"""#!/bin/bash
@@ -300,6 +302,8 @@ def start_key_generation(lab_dir: Path, state: LabState) -> list[subprocess.Pope
             shutil.rmtree(directory)
         (directory / "etc").mkdir(parents=True)
         targets.append((directory / "etc" / "ssh_host_ed25519_key", f"root@{host.hostname}"))
+        if has_fault(host, "replaced-host-key"):  # the key known_hosts will pin; sshd presents the other
+            targets.append((directory / "etc" / "pinned_host_key", f"root@{host.hostname}"))
     for path in targets:
         path[0].unlink(missing_ok=True)
         path[0].with_suffix(".pub").unlink(missing_ok=True)
@@ -509,7 +513,9 @@ def first_sshd_failure(lab_dir: Path, state: LabState) -> str:
 def write_client_files(lab_dir: Path, state: LabState) -> None:
     known_hosts = []
     for host in state.hosts:
-        key_type, key = (host_dir(lab_dir, host) / "etc" / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+        public = host_dir(lab_dir, host) / "etc" / ("pinned_host_key.pub" if has_fault(host, "replaced-host-key")
+                                                    else "ssh_host_ed25519_key.pub")
+        key_type, key = public.read_text().split()[:2]
         known_hosts.append(f"{host.address} {key_type} {key}\n")
     (lab_dir / KNOWN_HOSTS_FILE).write_text("".join(known_hosts))
     document = outputs_document(lab_cluster(state))

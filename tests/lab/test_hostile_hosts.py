@@ -264,3 +264,34 @@ def rsync_children(resource: Path) -> list[str]:
             if command.startswith("rsync") and str(resource) in command:
                 found.append(command)
     return found
+
+
+def test_an_unwritable_ssh_directory_fails_that_host_and_keeps_the_users_keys(make_lab, tmp_path, deploy_inputs):
+    lab = make_lab(3)
+    ssh_dir = lab.home("factory-2") / ".ssh"
+    before = (ssh_dir / "authorized_keys").read_bytes()
+    ssh_dir.chmod(0o555)  # the user's own directory, made read-only
+    try:
+        result, report = deploy_with_report(lab, tmp_path, "--secrets", str(deploy_inputs["secrets"]))
+    finally:
+        ssh_dir.chmod(0o700)
+    assert result.returncode == 1
+    assert_honest(result, report)
+    failed = entries_by_address(report)[lab.addresses[2]]
+    assert ".ssh" in failed["error"] and "Permission denied" in failed["error"], failed["error"]
+    assert (ssh_dir / "authorized_keys").read_bytes() == before
+    for name in ("orchestrator", "factory-1"):
+        assert lab.manifest(name)["cluster_key_fingerprint"]
+    again, _ = deploy_with_report(lab, tmp_path, "--secrets", str(deploy_inputs["secrets"]))
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_a_replaced_host_key_is_refused_and_that_host_receives_nothing(make_lab, tmp_path, deploy_inputs):
+    lab = make_lab(3, "1:replaced-host-key")
+    before = sorted(path.name for path in lab.home("factory-1").rglob("*"))
+    result, report = deploy_with_report(lab, tmp_path, "--secrets", str(deploy_inputs["secrets"]), "--wait", "60")
+    assert result.returncode == 1
+    refused = entries_by_address(report)[lab.addresses[1]]
+    assert refused["error"].startswith("REFUSED") and "ssh-keygen -R" in refused["error"]
+    assert refused["connect_seconds"] < 30  # a wrong key is not waited for
+    assert sorted(path.name for path in lab.home("factory-1").rglob("*")) == before
