@@ -26,6 +26,22 @@ def fresh_lab(tmp_path):
 
 
 @pytest.fixture
+def make_lab(tmp_path):
+    """make_lab(hosts, *up_arguments): labs of the test's own (with --fault, --uplink-mbit, ...), torn down after."""
+    require_lab_support()
+    made = []
+
+    def make(hosts, *arguments):
+        session = LabSession.up(tmp_path / f"lab{len(made)}", hosts, *arguments)
+        made.append(session)
+        return session
+
+    yield make
+    for session in made:
+        session.down()
+
+
+@pytest.fixture
 def deploy_inputs(tmp_path):
     """A secrets file holding a canary value, and a resource directory."""
     secrets = tmp_path / "secrets.ini"

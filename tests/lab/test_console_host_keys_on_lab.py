@@ -145,20 +145,11 @@ def rebuild_host_key(lab, hostname):
     time.sleep(0.5)
 
 
-def test_a_changed_host_key_without_instance_ids_names_the_command_that_forgets_the_pin(lab_for_tofu, tmp_path):
-    lab = lab_for_tofu
+def test_a_changed_host_key_without_instance_ids_names_the_command_that_forgets_the_pin(fresh_lab, tmp_path):
+    lab = fresh_lab
     rebuild_host_key(lab, "factory-1")
     result = lab.deploy(*lab.lab_arguments(), "--report", str(tmp_path / "report.json"))
     assert result.returncode == 1
     refused = json.loads((tmp_path / "report.json").read_text())["hosts"][1]["error"]
     assert f"ssh-keygen -R {lab.addresses[1]} -f {lab.known_hosts}" in refused
 
-
-@pytest.fixture
-def lab_for_tofu(tmp_path):
-    require_lab_support()
-    lab = LabSession.up(tmp_path / "plainlab", 2)
-    try:
-        yield lab
-    finally:
-        lab.down()

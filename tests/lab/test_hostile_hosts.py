@@ -13,26 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from lab_session import LabSession, require_lab_support
 
 pytestmark = pytest.mark.lab
 
 
-@pytest.fixture
-def make_lab(tmp_path):
-    """make_lab(hosts, *faults): a lab of the test's own, with faults, torn down afterwards."""
-    require_lab_support()
-    made = []
-
-    def make(hosts, *faults):
-        arguments = [item for fault in faults for item in ("--fault", fault)]
-        session = LabSession.up(tmp_path / f"lab{len(made)}", hosts, *arguments)
-        made.append(session)
-        return session
-
-    yield make
-    for session in made:
-        session.down()
+def faulty_lab(make_lab, hosts, *faults):
+    return make_lab(hosts, *(item for fault in faults for item in ("--fault", fault)))
 
 
 def deploy_with_report(lab, tmp_path, *arguments, **options):
@@ -65,7 +51,7 @@ def assert_honest(result, report):
 
 
 def test_a_host_without_sftp_gets_everything(make_lab, tmp_path, deploy_inputs):
-    lab = make_lab(3, "1:no-sftp")
+    lab = faulty_lab(make_lab, 3, "1:no-sftp")
     assert "Subsystem" not in (lab.directory / "hosts" / "factory-1" / "etc" / "sshd_config").read_text()
     result, report = deploy_with_report(lab, tmp_path, "--secrets", str(deploy_inputs["secrets"]),
                                         "--resource", f"data={deploy_inputs['resource']}")
@@ -117,7 +103,7 @@ def test_sshd_killed_after_the_state_read_fails_that_host_only(make_lab, tmp_pat
 
 def test_five_hostile_hosts_with_wait(make_lab, tmp_path, deploy_inputs):
     """Host 2 has no SFTP, host 3's home is a 256 KiB tmpfs, host 4's sshd starts 10 s late."""
-    lab = make_lab(5, "1:no-sftp", "2:small-home=256k", "3:late-sshd=10")
+    lab = faulty_lab(make_lab, 5, "1:no-sftp", "2:small-home=256k", "3:late-sshd=10")
     (deploy_inputs["resource"] / "big.bin").write_bytes(os.urandom(1 << 20))
     result, report = deploy_with_report(lab, tmp_path, "--secrets", str(deploy_inputs["secrets"]),
                                         "--resource", f"data={deploy_inputs['resource']}", "--wait", "60",
@@ -144,7 +130,7 @@ def test_five_hostile_hosts_with_wait(make_lab, tmp_path, deploy_inputs):
 
 
 def test_no_rsync_on_a_host_says_install_rsync(make_lab, tmp_path, deploy_inputs):
-    lab = make_lab(3, "2:no-rsync")
+    lab = faulty_lab(make_lab, 3, "2:no-rsync")
     result, report = deploy_with_report(lab, tmp_path, "--resource", f"data={deploy_inputs['resource']}")
     assert result.returncode == 1
     assert_honest(result, report)
@@ -155,7 +141,7 @@ def test_no_rsync_on_a_host_says_install_rsync(make_lab, tmp_path, deploy_inputs
 
 
 def test_max_sessions_one_on_a_factory_still_deploys(make_lab, tmp_path, deploy_inputs):
-    lab = make_lab(2, "1:max-sessions=1")
+    lab = faulty_lab(make_lab, 2, "1:max-sessions=1")
     result, report = deploy_with_report(lab, tmp_path, "--secrets", str(deploy_inputs["secrets"]),
                                         "--resource", f"data={deploy_inputs['resource']}")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -163,7 +149,7 @@ def test_max_sessions_one_on_a_factory_still_deploys(make_lab, tmp_path, deploy_
 
 
 def test_max_sessions_one_on_the_orchestrator_is_named_without_verbose(make_lab, tmp_path, deploy_inputs):
-    lab = make_lab(2, "0:max-sessions=1")
+    lab = faulty_lab(make_lab, 2, "0:max-sessions=1")
     result, report = deploy_with_report(lab, tmp_path, "--secrets", str(deploy_inputs["secrets"]))
     assert result.returncode == 1
     assert_honest(result, report)
@@ -287,7 +273,7 @@ def test_an_unwritable_ssh_directory_fails_that_host_and_keeps_the_users_keys(ma
 
 
 def test_a_replaced_host_key_is_refused_and_that_host_receives_nothing(make_lab, tmp_path, deploy_inputs):
-    lab = make_lab(3, "1:replaced-host-key")
+    lab = faulty_lab(make_lab, 3, "1:replaced-host-key")
     before = sorted(path.name for path in lab.home("factory-1").rglob("*"))
     result, report = deploy_with_report(lab, tmp_path, "--secrets", str(deploy_inputs["secrets"]), "--wait", "60")
     assert result.returncode == 1

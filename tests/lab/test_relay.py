@@ -8,24 +8,8 @@ import signal
 
 import pytest
 
-from lab_session import LabSession, require_lab_support
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def make_lab(tmp_path):
-    require_lab_support()
-    made = []
-
-    def make(hosts, *arguments):
-        session = LabSession.up(tmp_path / f"lab{len(made)}", hosts, *arguments)
-        made.append(session)
-        return session
-
-    yield make
-    for session in made:
-        session.down()
 
 
 def resource_files(deploy_inputs):
