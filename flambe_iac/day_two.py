@@ -113,7 +113,7 @@ def write_ssh_config(access: Access, text: str) -> tuple[Path, bool]:
     user_config = Path("~/.ssh/config").expanduser()
     include = f"Include {cluster_file}\n"
     current = user_config.read_bytes() if user_config.exists() else b""
-    if include.encode() in current.splitlines(keepends=True) or include.encode().strip() in current.splitlines():
+    if include.strip().encode() in (line.strip() for line in current.splitlines()):
         return cluster_file, False
     if current:
         backup = user_config.with_name(f"config.flambe-backup-{time.strftime('%Y%m%dT%H%M%S')}")

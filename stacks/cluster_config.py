@@ -190,27 +190,29 @@ class _Reader:
                             f"pulumi config set --path '{NAMESPACE}:{key}[0]' sg-0abc")
         return value
 
-    def integer(self, key: str, default: int, minimum: int) -> int:
+    def _number(self, key: str) -> tuple[str | None, float | None]:
+        """(the value as set, or None if unset; the number it is, or None if it is not one)."""
         value = self.config.get(key)
         if value is None or value == "":
-            return default
+            return None, None
         try:
-            number = float(value)
+            return value, float(value)
         except ValueError:
-            number = None
+            return value, None
+
+    def integer(self, key: str, default: int, minimum: int) -> int:
+        value, number = self._number(key)
+        if value is None:
+            return default
         if number is None or number != int(number) or number < minimum:
             raise self.fail(key, f"is {value!r}", f"give a whole number >= {minimum}")
         return int(number)
 
     def hours(self, key: str) -> float | None:
-        value = self.config.get(key)
-        if value is None or value == "":
+        value, hours = self._number(key)
+        if value is None:
             return None
-        try:
-            hours = float(value)
-        except ValueError:
-            hours = 0
-        if hours <= 0:
+        if hours is None or hours <= 0:
             raise self.fail(key, f"is {value!r}", "give a number of hours above 0, or leave it unset")
         if hours > MAX_IDLE_HOURS:
             raise self.fail(key, f"is {value!r}, beyond what CloudWatch can watch",
@@ -238,14 +240,10 @@ class _Reader:
         return self.integer(key, minimum, minimum)
 
     def percent(self, key: str, default: float) -> float:
-        value = self.config.get(key)
-        if value is None or value == "":
+        value, number = self._number(key)
+        if value is None:
             return default
-        try:
-            number = float(value)
-        except ValueError:
-            number = -1.0
-        if not 0 < number <= 100:
+        if number is None or not 0 < number <= 100:
             raise self.fail(key, f"is {value!r}", "give a CPU percentage above 0 and at most 100")
         return number
 
