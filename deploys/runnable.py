@@ -7,7 +7,9 @@ import shlex
 from pyinfra.api import StringCommand, operation
 
 from flambe_iac.deploys.operations import staged_files, synced_tree
+from flambe_iac.deploys.ray import wait_for_workers
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.ray_cluster import runner_environment
 from flambe_iac.remote_layout import RUN_EXIT, RUN_LOG, RUN_PID, RUN_PLAN, RUNNER_LIBRARY
 from flambe_iac.secrets_file import HiddenBytes
 
@@ -19,19 +21,26 @@ def reads(context) -> SnapshotRequest:
 
 def launch_runnable(context, member, snapshot: HostSnapshot) -> list:
     [library] = context.transfers(member, [context.runner_library], relayed=False)
+    ray_cluster = context.ray
+    waits = [wait_for_workers(name="wait for the Ray workers", ray=ray_cluster, causes=context.causes)] \
+        if ray_cluster is not None else []
     return [
         synced_tree(name="flambe_iac for the runner", transfer=library, causes=context.causes, notes=context.notes,
                     snapshot=snapshot),
         staged_files(name="run plan", files=[(RUN_PLAN, HiddenBytes(context.run_plan), "644")], snapshot=snapshot,
                      staging=context.staging, causes=context.causes),
-        detached_run(name="start the runnable", force=context.plan.force),
+        *waits,
+        detached_run(name="start the runnable", force=context.plan.force,
+                     python=ray_cluster.python if ray_cluster is not None else "python3",
+                     environment=runner_environment(ray_cluster.head_address) if ray_cluster is not None else {}),
     ]
 
 
 @operation(is_idempotent=False)
-def detached_run(force: bool):
+def detached_run(force: bool, python: str, environment: dict[str, str]):
     """Refuse while an earlier run lives (unless FORCE, which stops it first); then start the runner in a
-    session of its own (setsid), its output in the log, its pid in the pid file."""
+    session of its own (setsid), its output in the log, its pid in the pid file. With Ray, PYTHON is the
+    Ray Python and ENVIRONMENT names the cluster, so a plain ray.init() joins it."""
     running = (f'[ -f {RUN_PID} ] && pid=$(cat {RUN_PID}) && kill -0 "$pid" 2>/dev/null '
                f'&& grep -q flambe_iac.runnable "/proc/$pid/cmdline" 2>/dev/null')
     if force:
@@ -39,7 +48,8 @@ def detached_run(force: bool):
     else:
         on_running = ('echo "a runnable is already running on the orchestrator (pid $pid): wait for it, '
                       'or pass --force to stop it and start this one" >&2; exit 3')
-    runner = (f'PYTHONPATH="$HOME/{RUNNER_LIBRARY}" python3 -m flambe_iac.runnable {RUN_PLAN}; '
+    exports = "".join(f"{name}={shlex.quote(value)} " for name, value in environment.items())
+    runner = (f'{exports}PYTHONPATH="$HOME/{RUNNER_LIBRARY}" {shlex.quote(python)} -m flambe_iac.runnable {RUN_PLAN}; '
               f"echo $? > {RUN_EXIT}")
     yield StringCommand(
         f"if {running}; then {on_running}; fi; rm -f {RUN_EXIT}; "

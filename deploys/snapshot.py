@@ -25,11 +25,13 @@ class SnapshotRequest:
     trees: tuple[str, ...] = ()  # listing of each directory
     links: tuple[str, ...] = ()  # where each points, if it is a symlink, and whether it can be rewritten
     tools: tuple[str, ...] = ()  # commands that must exist on the host
+    processes: tuple[str, ...] = ()  # process names (as pgrep -x matches them): is one of the user's running?
 
     def __or__(self, other: SnapshotRequest) -> SnapshotRequest:
         def merged(name):
             return tuple(dict.fromkeys((*getattr(self, name), *getattr(other, name))))
-        return SnapshotRequest(*(merged(name) for name in ("files", "contents", "trees", "links", "tools")))
+        return SnapshotRequest(*(merged(name) for name in ("files", "contents", "trees", "links", "tools",
+                                                           "processes")))
 
 
 @dataclass
@@ -39,6 +41,7 @@ class HostSnapshot:
     trees: dict[str, set] = field(default_factory=dict)  # path -> entries as resources.local_tree; absent if missing
     links: dict[str, tuple[str, bool]] = field(default_factory=dict)  # symlink -> (resolved target, writable)
     missing_tools: set[str] = field(default_factory=set)
+    running: set[str] = field(default_factory=set)  # of the processes asked for, those the user runs
 
     def matches(self, path: str, mode: str, sha256: str) -> bool:
         return self.files.get(path) == (mode, sha256)
@@ -71,6 +74,9 @@ def snapshot_command(request: SnapshotRequest) -> str:
         # bash's `command -v` also names a file it cannot run: check that it is a runnable file.
         parts.append(f"{{ p=$(command -v {shlex.quote(tool)}) && [ -f \"$p\" ] && [ -x \"$p\" ]; }} "
                      f"|| printf '@missing %s\\n' {shlex.quote(tool)}")
+    for name in request.processes:
+        parts.append(f'if pgrep -u "$(id -u)" -x {shlex.quote(name)} >/dev/null 2>&1; then '
+                     f"printf '@running %s\\n' {shlex.quote(name)}; fi")
     parts.append(f"echo {END}")
     return "; ".join(parts)
 
@@ -118,6 +124,8 @@ def parse_snapshot(output: list[str]) -> HostSnapshot:
             snapshot.links[name] = (target, writable == "1")
         elif marker == "@missing":
             snapshot.missing_tools.add(rest)
+        elif marker == "@running":
+            snapshot.running.add(rest)
     close_section()
     snapshot.files = {name: (mode, digests[name]) for name, mode in modes.items() if name in digests}
     return snapshot

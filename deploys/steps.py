@@ -18,15 +18,16 @@ from flambe_iac import __version__
 from flambe_iac.cluster import ORCHESTRATOR, Host as Member
 from flambe_iac.cluster_key import ClusterKey
 from flambe_iac.connection import SshPolicy
-from flambe_iac.deploys import cluster_key, extensions, manifest, resources, runnable, secrets, setup
+from flambe_iac.deploys import cluster_key, extensions, manifest, ray, resources, runnable, secrets, setup
 from flambe_iac.deploys.operations import Transfer
+from flambe_iac.deploys.ray import RayCluster as Ray
 from flambe_iac.deploys.relay import RELAY, Relay
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.extensions import redact_url
 from flambe_iac.host_keys import keys_in, read_known_hosts
 from flambe_iac.plan import DeployPlan
 from flambe_iac.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, manifest as manifest_content
-from flambe_iac.remote_layout import members_known_hosts
+from flambe_iac.remote_layout import members_known_hosts, run_staging_dir
 from flambe_iac.resources import Resource, checksums, local_tree
 
 
@@ -53,6 +54,7 @@ STEPS: tuple[Step, ...] = (
          extensions.install_extensions),
     Step("setup", lambda context: SnapshotRequest(), lambda plan, member: bool(plan.setup_commands),
          setup.run_setup_commands),
+    Step("ray", ray.reads, lambda plan, member: plan.ray or plan.ray_stop, ray.ray_step),
     Step("manifest", lambda context: manifest.READS, always, manifest.write_manifest),
     Step("run", runnable.reads, lambda plan, member: plan.run and member.role == ORCHESTRATOR,
          runnable.launch_runnable),
@@ -80,12 +82,24 @@ class StepContext:
 
     plan: DeployPlan
     policy: SshPolicy
-    staging: str
+    run_id: str
     key: ClusterKey | None = None
     retired: set[str] = field(default_factory=set)
     causes: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # for the report: e.g. a relay that fell back to direct
     details: dict[str, str] = field(default_factory=dict)  # host name -> what a step did, e.g. setup exit codes
+    ray: Ray | None = None  # with --ray: the plan the members share, settled from their snapshots
+
+    @property
+    def staging(self) -> str:
+        return run_staging_dir(self.run_id)
+
+    def member_finished(self, member: Member, cause: str | None) -> None:
+        """MEMBER's steps ended (done, failed, or never started): release whatever other members wait for from it."""
+        if self.relay is not None and member.role == ORCHESTRATOR:
+            self.relay.orchestrator_stopped(f"the orchestrator failed: {cause or 'it stopped before it'}")
+        if self.ray is not None:
+            self.ray.member_finished(member, cause)
 
     @cached_property
     def relay(self) -> Relay | None:

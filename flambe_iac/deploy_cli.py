@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     runnable.add_argument("--run", action="store_true",
                           help="start the runnable on the orchestrator, detached; it logs to ~/.flambe/run.log")
     runnable.add_argument("--force", action="store_true", help="with --run: stop a runnable still running first")
+    ray = parser.add_argument_group("Ray (the hosts need Ray; see README: Ray)")
+    ray.add_argument("--ray", action="store_true",
+                     help="start Ray, or keep it running: the head on the orchestrator at its private address, a "
+                          "worker on every factory; token authentication on (a token made for this cluster, 0600 in "
+                          "~/.ray/auth_token on every host, never printed); the dashboard on the orchestrator's "
+                          "127.0.0.1 only. With --run, a plain ray.init() in the runnable joins the cluster")
+    ray.add_argument("--ray-python", metavar="PATH",
+                     help="the hosts' Python that has Ray, the same on every host (default python3)")
+    ray.add_argument("--ray-stop", action="store_true", help="stop Ray on every host")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the per-host, per-step report as JSON")
     parser.add_argument("--connect-timeout", type=positive_int, default=10, metavar="SECONDS",
                         help="give up on one connection attempt that gets no answer within this (default 10)")
@@ -187,7 +196,8 @@ def deploy(arguments: argparse.Namespace) -> int:
             runnable_file=arguments.runnable_file, install_extensions=arguments.install_extensions,
             run=arguments.run, force=arguments.force, host_key_timeout=arguments.host_key_timeout, wait=wait,
             fan_out=arguments.fan_out, jump=arguments.jump, setup_commands=arguments.setup,
-            stack_directory=arguments.cwd,
+            stack_directory=arguments.cwd, ray=arguments.ray, ray_stop=arguments.ray_stop,
+            ray_python=arguments.ray_python,
         ))
         if plan.install_extensions:
             install_locally(plan)
@@ -201,6 +211,8 @@ def deploy(arguments: argparse.Namespace) -> int:
     if arguments.report:
         report.write(arguments.report)
     print(summary(report))
+    if plan.ray and report.ok:
+        print(dashboard_hint(plan))
     if plan.run and report.ok:
         print(follow_log_hint(plan))
     if report.interrupted:
@@ -236,15 +248,30 @@ def install_locally(plan) -> None:
 
 
 def follow_log_hint(plan) -> str:
+    from flambe_iac.remote_layout import RUN_LOG
+
+    command = orchestrator_ssh_command(plan, f"tail -f {RUN_LOG}")
+    return f"the runnable started on the orchestrator; follow its log with:\n  {command}"
+
+
+def dashboard_hint(plan) -> str:
+    from flambe_iac.ray_cluster import DASHBOARD_PORT
+
+    forward = f"{DASHBOARD_PORT}:localhost:{DASHBOARD_PORT}"
+    command = orchestrator_ssh_command(plan, options=("-N", "-L", forward))
+    return (f"Ray runs (head on the orchestrator). Its dashboard listens only on the orchestrator's 127.0.0.1; "
+            f"reach it at http://localhost:{DASHBOARD_PORT} with:\n  {command}")
+
+
+def orchestrator_ssh_command(plan, *command: str, options: tuple[str, ...] = ()) -> str:
+    """The ssh command line that reaches the orchestrator with the project's SSH policy."""
     import shlex
 
-    from flambe_iac.remote_layout import RUN_LOG
     from flambe_iac.connection import SshTarget, ssh_options
 
     target = SshTarget(plan.address(plan.cluster.orchestrator), plan.cluster.ssh_user, plan.user_key.path,
-                       plan.host_keys.known_hosts)
-    command = shlex.join(["ssh", *ssh_options(target), f"{target.user}@{target.address}", f"tail -f {RUN_LOG}"])
-    return f"the runnable started on the orchestrator; follow its log with:\n  {command}"
+                       plan.host_keys.known_hosts, jump=plan.jump)
+    return shlex.join(["ssh", *ssh_options(target), *options, f"{target.user}@{target.address}", *command])
 
 
 if __name__ == "__main__":

@@ -41,16 +41,17 @@ from flambe_iac.connection import (
     run_remote,
 )
 from flambe_iac.deploys.operations import stop_children
+from flambe_iac.deploys.ray import RayCluster
 from flambe_iac.deploys.snapshot import SnapshotError, read_snapshot
 from flambe_iac.deploys.steps import STEP_NAMES, StepContext, asked_steps, extension_sources, snapshot_request
 from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.plan import DeployPlan
+from flambe_iac.ray_cluster import RAY_TOKEN, HeldToken, new_ray_token, token_sha256, token_sources
 from flambe_iac.remote_layout import (
     CLUSTER_PRIVATE_KEY,
     CLUSTER_PUBLIC_KEY,
     DEPLOY_LOCK,
     RETIRED_KEYS,
-    run_staging_dir,
 )
 from flambe_iac.report import CHANGED, FAILED, UNCHANGED, DeployReport, HostReport, ProgressView, StepResult
 
@@ -103,7 +104,7 @@ class Deployment:
         self.state = make_state([(member.id, plan.address(member)) for member in plan.cluster.members], self.policy)
         self.members = {self.state.inventory.get_host(member.id): member for member in plan.cluster.members}
         self.entries = {host: entry for host, entry in zip(self.members, report.hosts)}
-        self.context = StepContext(plan, self.policy, run_staging_dir(report.run_id))
+        self.context = StepContext(plan, self.policy, report.run_id)
         self.phase: list[gevent.Greenlet] = []
         self.lock: HeldCommand | None = None
         self.lock_taken: bool | None = None  # None until tried: right after the orchestrator connects
@@ -129,11 +130,12 @@ class Deployment:
         if not snapshots or self.report.interrupted:
             return
         self.settle_cluster_key(snapshots)
+        if self.plan.ray:
+            self.settle_ray(snapshots)
         self.report.extensions = extension_sources(self.plan)
-        relay = self.context.relay
-        if relay is not None and relay.orchestrator_host not in snapshots:
-            orchestrator = self.report.hosts[0]
-            relay.orchestrator_stopped(f"the orchestrator was not reached: {orchestrator.error}")
+        for host, member in self.members.items():
+            if host not in snapshots:
+                self.context.member_finished(member, f"it was not reached: {self.entries[host].error}")
         try:
             self.each_host(lambda host: self.run_steps(host, snapshots[host]), list(snapshots))
         finally:
@@ -257,13 +259,31 @@ class Deployment:
             return None  # unreadable or damaged: another host's copy, or a new key, will do
         return key if key is not None and key.fingerprint == fingerprint else None
 
+    def settle_ray(self, snapshots: dict) -> None:
+        """Keep the Ray token the members hold (the orchestrator's first), or make one; then plan who starts what.
+        A cluster key rotation rotates the token too."""
+        held = [HeldToken(host, self.members[host].role == ORCHESTRATOR, (snapshot.files.get(RAY_TOKEN) or (0, None))[1])
+                for host, snapshot in snapshots.items()]
+        rotate = self.plan.rotate_cluster_key or self.report.cluster_key_action == ROTATED
+        token = next(filter(None, (self.fetch_ray_token(entry.member, entry.sha256)
+                                   for entry in token_sources(held, rotate))), None) or new_ray_token()
+        orchestrator = self.plan.cluster.orchestrator
+        orchestrator_host = next((host for host, member in self.members.items() if member is orchestrator), None)
+        self.context.ray = RayCluster.plan(token, self.plan.ray_python, orchestrator, list(self.plan.cluster.factories),
+                                           snapshots.get(orchestrator_host), self.report.run_id)
+
+    def fetch_ray_token(self, host, sha256: str) -> bytes | None:
+        try:
+            result = run_remote(host, f"cat {RAY_TOKEN}", timeout=SNAPSHOT_TIMEOUT)
+        except RemoteCommandError:
+            return None  # another member's copy, or a new token, will do
+        return result.stdout if result.exit_code == 0 and token_sha256(result.stdout) == sha256 else None
+
     def run_steps(self, host, snapshot) -> None:
         try:
             self.run_asked_steps(host, snapshot)
         finally:
-            if self.context.relay is not None and self.members[host].role == ORCHESTRATOR:
-                cause = self.entries[host].error or "the orchestrator stopped before it"
-                self.context.relay.orchestrator_stopped(f"the orchestrator failed: {cause}")
+            self.context.member_finished(self.members[host], self.entries[host].error)
 
     def run_asked_steps(self, host, snapshot) -> None:
         member, entry = self.members[host], self.entries[host]

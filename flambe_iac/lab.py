@@ -4,7 +4,7 @@ Layout of one lab (all names carry the lab's random id, so labs never collide):
 
     flambe-<id>-sw       switch namespace, holds the bridge br0
     flambe-<id>-client   where flambe-deploy runs (`flambe-lab exec`)
-    flambe-<id>-h<i>     host i: its own network, mount and UTS namespaces, running sshd
+    flambe-<id>-h<i>     host i: its own network, mount, UTS and PID namespaces, running sshd (its PID 1)
 
 Every link is created inside a lab namespace (veth pairs are born in the switch namespace with their
 peer already in the member namespace), so the machine's root network namespace never changes. The
@@ -442,7 +442,8 @@ def sshd_config(host: LabHost, record_commands: bool = False) -> str:
 
 
 def boot_script(directory: Path, host: LabHost) -> str:
-    """Run inside fresh mount and UTS namespaces; ends by becoming sshd, so its pid is sshd's.
+    """Run inside fresh mount, UTS and PID namespaces (with their own /proc and /dev/shm); ends by becoming sshd,
+    the host's PID 1, so that `ps`, `pkill` or `ray stop` on a host see and stop only that host's processes.
 
     The host directory is bound at IN_HOST_DIR first, because binding the host's /tmp may hide
     the lab directory itself.
@@ -451,6 +452,7 @@ def boot_script(directory: Path, host: LabHost) -> str:
         "set -e",
         f"hostname {host.hostname}",
         "mount -t tmpfs -o mode=0755 lab-run /run",
+        "mount -t tmpfs -o mode=1777 lab-shm /dev/shm",
         f"mkdir -m 0755 /run/sshd {IN_HOST_DIR}",
         f"mount --rbind {directory} {IN_HOST_DIR}",
         f"mount --rbind {IN_HOST_DIR}/home /home",
@@ -469,17 +471,33 @@ def boot_script(directory: Path, host: LabHost) -> str:
 
 
 def start_sshd(lab_dir: Path, host: LabHost) -> int:
+    """Start the host; returns its sshd's pid as this machine sees it (its PID 1 is sshd)."""
     directory = host_dir(lab_dir, host)
     log = open(directory / "sshd.log", "ab")
     try:
         process = subprocess.Popen(
             ["ip", "netns", "exec", host.netns,
-             "unshare", "--mount", "--uts", "--propagation", "private", "/bin/sh", str(directory / "boot.sh")],
+             "unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc",
+             "--propagation", "private", "/bin/sh", str(directory / "boot.sh")],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
     finally:
         log.close()
-    return process.pid
+    return first_child(process)
+
+
+def first_child(process: subprocess.Popen) -> int:
+    """unshare --fork runs the boot script as its child, the new PID namespace's PID 1."""
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + SSHD_START_TIMEOUT
+    while time.monotonic() < deadline:
+        listed = children.read_text().split() if children.exists() else []
+        if listed:
+            return int(listed[0])
+        if process.poll() is not None:
+            raise LabError(f"unshare exited {process.returncode} before starting the host")
+        time.sleep(0.005)
+    raise LabError(f"unshare did not start the host within {SSHD_START_TIMEOUT:.0f} s")
 
 
 def wait_for_sshd(lab_dir: Path, state: LabState) -> None:

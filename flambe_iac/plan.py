@@ -41,6 +41,9 @@ class DeployRequest:
     jump: str | None = None  # [USER@]HOST[:PORT]: a bastion for every connection
     setup_commands: list[str] = field(default_factory=list)
     stack_directory: Path | None = None  # --cwd: the Pulumi project's directory
+    ray: bool = False
+    ray_stop: bool = False
+    ray_python: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class DeployPlan:
     fan_out: str = "direct"  # "relay": trees cross the uplink once, to the orchestrator, which serves the factories
     jump: str | None = None
     setup_commands: tuple[str, ...] = ()
+    ray: bool = False  # start Ray (head on the orchestrator, workers on the factories), or keep it
+    ray_stop: bool = False
+    ray_python: str = "python3"  # the hosts' Python that has Ray
 
     def address(self, host: Host) -> str:
         return host.address(self.address_kind)
@@ -111,6 +117,7 @@ def access_parts(request: DeployRequest):
 def build_plan(request: DeployRequest) -> DeployPlan:
     if (request.install_extensions or request.run) and request.runnable_file is None:
         raise InputError("-i and --run need a runnable file: flambe-deploy runnable.yaml --outputs ... --run")
+    ray_python = check_ray_request(request)
     cluster, user_key, host_keys, source = access_parts(request)
     runnable, extensions, runnable_resources = load_runnable(request.runnable_file)
     return DeployPlan(
@@ -131,7 +138,22 @@ def build_plan(request: DeployRequest) -> DeployPlan:
         fan_out=request.fan_out or ("relay" if cluster.factories else "direct"),
         jump=request.jump,
         setup_commands=(*source.setup_commands, *request.setup_commands),
+        ray=request.ray,
+        ray_stop=request.ray_stop,
+        ray_python=ray_python,
     )
+
+
+def check_ray_request(request: DeployRequest) -> str:
+    from flambe_iac.ray_cluster import DEFAULT_RAY_PYTHON, check_ray_python
+
+    if request.ray and request.ray_stop:
+        raise InputError("--ray starts Ray and --ray-stop stops it: give one of them")
+    if request.ray_python is not None and not (request.ray or request.ray_stop):
+        raise InputError("--ray-python needs --ray (or --ray-stop)")
+    if request.ray_stop and request.run:
+        raise InputError("--run needs Ray running: give --ray, not --ray-stop")
+    return check_ray_python(request.ray_python or DEFAULT_RAY_PYTHON)
 
 
 def console_source(cluster: Cluster, request: DeployRequest) -> ConsoleSource | None:

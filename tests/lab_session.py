@@ -124,6 +124,29 @@ class LabSession:
         listing = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout
         return [int(pid) for pid in listing.split()]
 
+    def machine_pid(self, hostname: str, pid_on_host: int) -> int | None:
+        """The pid this machine knows a host's process by (each host has its own PID namespace), or None if that
+        host runs no such process."""
+        for pid in self.sshd_pids(hostname):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            namespace_pids = next(line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:"))
+            if int(namespace_pids[-1]) == pid_on_host:
+                return pid
+        return None
+
+    def processes(self, hostname: str) -> list[str]:
+        """The names (comm) of every process the host runs."""
+        names = []
+        for pid in self.sshd_pids(hostname):
+            try:
+                names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+            except OSError:
+                continue
+        return names
+
     def sshd_pid(self, hostname: str) -> int:
         return next(host["pid"] for host in self.state["hosts"] if host["hostname"] == hostname)
 

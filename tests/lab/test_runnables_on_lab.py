@@ -164,17 +164,19 @@ def test_a_second_run_is_refused_while_one_runs_unless_forced(fresh_lab, reposit
     first = fresh_lab.deploy(str(runnable), *lab_args(fresh_lab, tmp_path), "--run", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     pid_file = fresh_lab.home("orchestrator") / ".flambe" / "run.pid"
-    first_pid = int(pid_file.read_text())
+    first_pid_on_host = int(pid_file.read_text())
+    first_pid = fresh_lab.machine_pid("orchestrator", first_pid_on_host)
+    assert first_pid is not None
     wait_for_result(fresh_lab)
     again = fresh_lab.deploy(str(runnable), *lab_args(fresh_lab, tmp_path), "--run", env=env)
     assert again.returncode == 1
     assert "already running" in again.stdout and "--force" in again.stdout
-    assert int(pid_file.read_text()) == first_pid
+    assert int(pid_file.read_text()) == first_pid_on_host
     assert Path(f"/proc/{first_pid}").exists()
     forced = fresh_lab.deploy(str(runnable), *lab_args(fresh_lab, tmp_path), "--run", "--force", env=env)
     assert forced.returncode == 0, forced.stdout + forced.stderr
-    second_pid = int(pid_file.read_text())
-    assert second_pid != first_pid
+    second_pid = fresh_lab.machine_pid("orchestrator", int(pid_file.read_text()))
+    assert second_pid is not None and second_pid != first_pid
     deadline = time.monotonic() + 10
     while Path(f"/proc/{first_pid}/status").exists() and "State:\tZ" not in Path(
             f"/proc/{first_pid}/status").read_text() and time.monotonic() < deadline:

@@ -1,0 +1,213 @@
+"""--ray on real hosts: Ray 2.60 from a virtualenv outside any home, each lab host in its own PID namespace.
+
+Everything is checked on the hosts or from the client namespace: which host ran each task, the token files, what a
+client without the token gets, which ports answer, which processes each host runs.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CANARY
+from lab_session import home_environment
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "ray_spread" / "ray_spread.yaml"
+REFUSED = "Authentication token is missing or incorrect"
+ADMITTED = "Connected to Ray cluster"  # the head took the token (a driver off the nodes then finds no raylet)
+
+
+@pytest.fixture(scope="session")
+def ray_python():
+    """The lab hosts' Ray: made once by scripts/lab-ray-python (scripts/test runs it first)."""
+    result = subprocess.run([str(ROOT / "scripts" / "lab-ray-python")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def ray_deploy(lab, tmp_path, *arguments, python, runnable=None):
+    report = tmp_path / "report.json"
+    result = lab.deploy(*([str(runnable)] if runnable else []), *lab.lab_arguments(), "--ray", "--ray-python",
+                        python, "--report", str(report), *arguments, env=home_environment(tmp_path / "home"),
+                        timeout=300)
+    document = json.loads(report.read_text()) if report.exists() else {}
+    return result, document
+
+
+def ray_status(document) -> dict[str, str]:
+    return {host["address"]: host["steps"]["ray"]["status"] for host in document["hosts"]}
+
+
+def ray_pids(lab, hostname) -> dict[str, int]:
+    """The host's Ray daemons, as this machine's pids."""
+    pids = {}
+    for pid in lab.sshd_pids(hostname):
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if name in ("gcs_server", "raylet"):
+            pids[name] = pid
+    return pids
+
+
+def client_ray_init(lab, python, address, environment: dict) -> subprocess.Popen:
+    """A Ray driver in the client namespace, trying to join the cluster."""
+    code = f"import ray\nray.init(address={address + ':6379'!r})"
+    return subprocess.Popen([sys.executable, "-m", "flambe_iac.lab", "exec", "--dir", str(lab.directory), "--",
+                             "env", "-i", "PATH=/usr/bin:/bin", "HOME=/nonexistent", *(f"{k}={v}" for k, v in
+                                                                                       environment.items()),
+                             python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def answers(lab, address, port) -> bool:
+    probe = (f"import socket\ntry:\n    socket.create_connection(({address!r}, {port}), timeout=3).close()\n"
+             "    print('OPEN')\nexcept OSError as error:\n    print('CLOSED', error)")
+    return lab.run_in_client(sys.executable, "-c", probe).stdout.startswith("OPEN")
+
+
+def wait_for_file(path: Path, seconds: float = 120) -> str:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert path.exists(), f"{path} never appeared"
+    return path.read_text()
+
+
+def test_the_runnable_spreads_one_task_per_host_and_only_token_holders_get_in(fresh_lab, ray_python, tmp_path):
+    lab = fresh_lab
+    orchestrator = lab.addresses[0]
+    result, report = ray_deploy(lab, tmp_path, "--run", python=ray_python, runnable=EXAMPLE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(ray_status(report).values()) == {"changed"}
+
+    spread = json.loads(wait_for_file(lab.home("orchestrator") / "ray_spread.json"))
+    assert spread == {"nodes": 3, "hostnames": ["factory-1", "factory-2", "orchestrator"]}
+
+    tokens = {name: lab.home(name) / ".ray" / "auth_token" for name in lab.hostnames}
+    assert {oct(path.stat().st_mode & 0o777) for path in tokens.values()} == {"0o600"}
+    token = tokens["orchestrator"].read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token) and {path.read_text() for path in tokens.values()} == {token}
+    everything_local = result.stdout + result.stderr + json.dumps(report)
+    everything_local += "".join(path.read_text(errors="replace") for path in (tmp_path / "home").rglob("*")
+                                if path.is_file())
+    assert token not in everything_local and CANARY not in everything_local
+
+    # The head's port answers from the client namespace: only the token keeps a client out.
+    assert answers(lab, orchestrator, 6379)
+    clients = {
+        "no token": client_ray_init(lab, ray_python, orchestrator, {}),
+        "a wrong token": client_ray_init(lab, ray_python, orchestrator,
+                                         {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}),
+        "the token": client_ray_init(lab, ray_python, orchestrator, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}),
+    }
+    outputs = {name: client.communicate(timeout=120)[0] for name, client in clients.items()}
+    for name in ("no token", "a wrong token"):
+        assert REFUSED in outputs[name] and ADMITTED not in outputs[name], outputs[name][-2000:]
+    assert ADMITTED in outputs["the token"] and REFUSED not in outputs["the token"], outputs["the token"][-2000:]
+
+    # The dashboard answers on the orchestrator's 127.0.0.1 only, through the printed tunnel.
+    assert not answers(lab, orchestrator, 8265)
+    tunnel_line = result.stdout.split("reach it at http://localhost:8265 with:\n", 1)[1].splitlines()[0]
+    tunnel = subprocess.Popen([sys.executable, "-m", "flambe_iac.lab", "exec", "--dir", str(lab.directory), "--",
+                               "bash", "-c", f"exec {tunnel_line.strip()}"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not answers(lab, "127.0.0.1", 8265) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        probe = lab.run_in_client("curl", "-s", "-m", "5", "-w", " %{http_code}", "http://127.0.0.1:8265/api/version")
+        assert probe.stdout.endswith(" 401"), probe.stdout  # the dashboard itself, asking for the token
+    finally:
+        tunnel.terminate()
+        tunnel.wait(timeout=10)
+
+    # Same members again: Ray is left running, untouched.
+    before = {name: ray_pids(lab, name) for name in lab.hostnames}
+    again, report = ray_deploy(lab, tmp_path, python=ray_python)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert set(ray_status(report).values()) == {"unchanged"}
+    assert {name: ray_pids(lab, name) for name in lab.hostnames} == before
+    assert set(before["orchestrator"]) == {"gcs_server", "raylet"} and set(before["factory-1"]) == {"raylet"}
+
+    # A cluster key rotation rotates the token and restarts Ray everywhere.
+    rotated, report = ray_deploy(lab, tmp_path, "--rotate-cluster-key", python=ray_python)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert set(ray_status(report).values()) == {"changed"}
+    new_tokens = {path.read_text() for path in tokens.values()}
+    assert len(new_tokens) == 1 and token not in new_tokens
+    assert all(ray_pids(lab, name) and ray_pids(lab, name) != before[name] for name in lab.hostnames)
+
+
+def test_scale_up_adds_a_worker_and_ray_stop_stays_on_its_host(fresh_lab, ray_python, tmp_path):
+    lab = fresh_lab
+    two = lab.outputs_with(tmp_path / "two.json", 2)
+    first = lab.deploy(*lab.lab_arguments(two), "--ray", "--ray-python", ray_python,
+                       env=home_environment(tmp_path / "home"), timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert ray_pids(lab, "factory-2") == {} and not (lab.home("factory-2") / ".ray").exists()
+
+    before = {name: ray_pids(lab, name) for name in lab.hostnames}
+    grown, report = ray_deploy(lab, tmp_path, python=ray_python)
+    assert grown.returncode == 0, grown.stdout + grown.stderr
+    assert ray_status(report) == dict(zip(lab.addresses, ["unchanged", "unchanged", "changed"]))
+    assert {name: ray_pids(lab, name) for name in lab.hostnames[:2]} == {name: before[name]
+                                                                       for name in lab.hostnames[:2]}
+    count = lab.ssh(lab.addresses[0], f"RAY_AUTH_MODE=token {ray_python} -c \"import ray; ray.init(address='auto'); "
+                                      "print('ALIVE', len([n for n in ray.nodes() if n['Alive']]))\" 2>/dev/null")
+    assert "ALIVE 3" in count.stdout, count.stdout + count.stderr
+
+    # Each host has its own PID namespace: `ray stop` on one host stops only that host's Ray.
+    stopped = lab.ssh(lab.addresses[1], f"{ray_python} -m ray.scripts.scripts stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert ray_pids(lab, "factory-1") == {}
+    assert ray_pids(lab, "orchestrator") == before["orchestrator"] and ray_pids(lab, "factory-2")
+    healed, report = ray_deploy(lab, tmp_path, python=ray_python)
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert ray_status(report) == dict(zip(lab.addresses, ["unchanged", "changed", "unchanged"]))
+
+    stop = lab.deploy(*lab.lab_arguments(), "--ray-stop", "--ray-python", ray_python,
+                      env=home_environment(tmp_path / "home"), timeout=300)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    for name in lab.hostnames:
+        assert ray_pids(lab, name) == {} and not (lab.home(name) / ".flambe" / "ray.json").exists()
+        assert (lab.home(name) / ".ray" / "auth_token").exists()  # the token stays: the hosts are the state
+
+
+def test_a_host_without_ray_or_with_another_version_fails_naming_both(make_lab, ray_python, tmp_path):
+    lab = make_lab(2)
+    python = f"/home/{lab.user}/ray-python"  # each host's own, in its home
+    for name, wrapper in (("orchestrator", f'exec {ray_python} "$@"'),
+                          ("factory-1", 'PYTHONPATH="$HOME/fake-ray" exec /usr/bin/python3 "$@"')):
+        path = lab.home(name) / "ray-python"
+        path.write_text(f"#!/bin/sh\n{wrapper}\n")
+        path.chmod(0o755)
+        os.chown(path, lab.state["uid"], lab.state["uid"])
+    fake = lab.home("factory-1") / "fake-ray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '2.59.0'\n")
+
+    without, report = ray_deploy(lab, tmp_path, python="/usr/bin/python3")
+    assert without.returncode == 1
+    causes = [host["steps"]["ray"]["cause"] for host in report["hosts"]]
+    assert "/usr/bin/python3 has no Ray" in causes[0] and "--ray-python" in causes[0]
+    assert "Ray head did not start" in causes[1]
+    assert all(ray_pids(lab, name) == {} for name in lab.hostnames)
+
+    mismatched, report = ray_deploy(lab, tmp_path, "--run", python=python, runnable=EXAMPLE)
+    assert mismatched.returncode == 1
+    orchestrator, factory = report["hosts"]
+    assert factory["steps"]["ray"]["status"] == "failed"
+    assert "Ray 2.59.0 here" in factory["steps"]["ray"]["cause"] and "2.60.0" in factory["steps"]["ray"]["cause"]
+    assert orchestrator["steps"]["ray"]["status"] == "changed"
+    assert orchestrator["steps"]["run"]["status"] == "failed"
+    assert "not starting the runnable on part of the cluster" in orchestrator["steps"]["run"]["cause"]
+    assert not (lab.home("orchestrator") / ".flambe" / "run.pid").exists()
