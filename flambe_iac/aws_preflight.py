@@ -39,7 +39,9 @@ class Network:
     network_acl: dict | None = None
 
 
-def check_network(network: Network, deploy_cidr: str | None) -> list[Finding]:
+def check_network(network: Network, deploy_cidr: str | None, member_ports: tuple[tuple[int, int], ...] = ()
+                  ) -> list[Finding]:
+    """MEMBER_PORTS: tcp port ranges members must also accept from each other (Ray's, with --ray)."""
     findings = [subnet_exists(network), *groups_exist_in_the_subnets_vpc(network), key_pair_exists(network)]
     if network.subnet is None or not network.groups:
         return findings
@@ -53,8 +55,10 @@ def check_network(network: Network, deploy_cidr: str | None) -> list[Finding]:
         for port in REPORT_SITE_PORTS:
             findings.append(ingress_from_cidr(network, groups, f"report site port {port}", port, deploy_cidr))
     findings.append(members_reach_each_other(network, groups, subnet_cidr))
+    findings.extend(members_reach_each_other(network, groups, subnet_cidr, ports, "Ray between members")
+                    for ports in member_ports)
     if network.network_acl is not None:
-        findings.extend(network_acl_allows(network, deploy_cidr, subnet_cidr))
+        findings.extend(network_acl_allows(network, deploy_cidr, subnet_cidr, member_ports))
     return findings
 
 
@@ -105,30 +109,38 @@ def ingress_from_cidr(network: Network, groups: list[dict], check: str, port: in
                         "--protocol", "tcp", "--port", str(port), "--cidr", cidr),))
 
 
-def members_reach_each_other(network: Network, groups: list[dict], subnet_cidr: str) -> Finding:
-    check = "members reach each other"
+def members_reach_each_other(network: Network, groups: list[dict], subnet_cidr: str,
+                             ports: tuple[int, int] = (SSH_PORT, SSH_PORT),
+                             check: str = "members reach each other") -> Finding:
+    """One rule must let members in on every port of PORTS: from the cluster's own groups, or from the subnet."""
     member_groups = {group["GroupId"] for group in groups}
     subnet = ipaddress.ip_network(subnet_cidr)
+    low, high = ports
+    port_text = str(low) if low == high else f"{low}-{high}"
     for group in groups:
         for permission in group.get("IpPermissions", []):
-            if not _covers_port(permission, SSH_PORT):
+            if not _covers_ports(permission, low, high):
                 continue
             if any(pair.get("GroupId") in member_groups for pair in permission.get("UserIdGroupPairs", [])):
-                return Finding(PASS, check, f"{group['GroupId']} lets the cluster's groups in on tcp {SSH_PORT}")
+                return Finding(PASS, check, f"{group['GroupId']} lets the cluster's groups in on tcp {port_text}")
             if any(_contains(ip_range["CidrIp"], subnet) for ip_range in permission.get("IpRanges", [])):
-                return Finding(PASS, check, f"{group['GroupId']} lets the subnet {subnet_cidr} in on tcp {SSH_PORT}")
+                return Finding(PASS, check, f"{group['GroupId']} lets the subnet {subnet_cidr} in on tcp {port_text}")
     first = groups[0]["GroupId"]
-    return Finding(FAIL, check, f"no rule lets cluster members reach each other on tcp {SSH_PORT} (a rule that "
+    # For ssh, the usual rule: members trust each other. For more ports, exactly those.
+    rule = ("--protocol", "-1") if ports == (SSH_PORT, SSH_PORT) else ("--protocol", "tcp", "--port", port_text)
+    return Finding(FAIL, check, f"no rule lets cluster members reach each other on tcp {port_text} (a rule that "
                                 f"references the group itself, or one from {subnet_cidr})",
                    (aws("ec2", "authorize-security-group-ingress", "--region", network.region, "--group-id", first,
-                        "--protocol", "-1", "--source-group", first),))
+                        *rule, "--source-group", first),))
 
 
-def network_acl_allows(network: Network, deploy_cidr: str | None, subnet_cidr: str) -> list[Finding]:
+def network_acl_allows(network: Network, deploy_cidr: str | None, subnet_cidr: str,
+                       member_ports: tuple[tuple[int, int], ...] = ()) -> list[Finding]:
     """NACLs are stateless: what comes in on a port must be able to answer back on ephemeral ports."""
     acl = network.network_acl
     flows = [("ingress", SSH_PORT, subnet_cidr, "members' ssh"),
              ("egress", EPHEMERAL_PORTS, subnet_cidr, "answers to members")]
+    flows += [("ingress", ports, subnet_cidr, "Ray between members") for ports in member_ports]
     if deploy_cidr is not None:
         flows += [("ingress", SSH_PORT, deploy_cidr, "your ssh")]
         flows += [("ingress", port, deploy_cidr, f"report site port {port}") for port in REPORT_SITE_PORTS]
@@ -190,9 +202,14 @@ def free_rule_number(acl: dict, egress: bool) -> int:
 
 
 def _covers_port(permission: dict, port: int) -> bool:
+    return _covers_ports(permission, port, port)
+
+
+def _covers_ports(permission: dict, low: int, high: int) -> bool:
     if permission.get("IpProtocol") == "-1":
         return True
-    return permission.get("IpProtocol") == "tcp" and permission.get("FromPort", 0) <= port <= permission.get("ToPort", -1)
+    return permission.get("IpProtocol") == "tcp" and permission.get("FromPort", 0) <= low \
+        and high <= permission.get("ToPort", -1)
 
 
 def _contains(rule_cidr: str, network: ipaddress.IPv4Network) -> bool:

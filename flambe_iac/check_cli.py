@@ -17,7 +17,8 @@ EPILOG = """\
 It reads, and never changes: the subnet, the security groups (and that they are in the subnet's VPC), the key pair,
 inbound tcp 22 from where you deploy, tcp 22 between members (a self-referencing rule or the subnet's CIDR), tcp 49556
 and 49558 for the report site, and the subnet's network ACL in both directions. Each failure comes with the
-`aws ec2 ...` command that would add what is missing.
+`aws ec2 ...` command that would add what is missing. With --ray, also the ports Ray uses between members (tcp
+6379-6384, 10002-19999 and 52365: flambe-deploy --ray fixes every port Ray opens to these).
 
 AWS credentials come from boto3's default chain (environment, ~/.aws, SSO, instance role).
 exit codes: 0 every check passed, 1 something is missing, 2 bad input or no credentials."""
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from", dest="from_cidr", metavar="CIDR",
                         help="where you deploy from (default: this machine's public address, if it can be found)")
     parser.add_argument("--region", help="AWS region (default: the stack's aws:region, or your AWS configuration)")
+    parser.add_argument("--ray", action="store_true",
+                        help="also check that members accept Ray's ports from each other (for flambe-deploy --ray)")
     return parser
 
 
@@ -55,7 +58,10 @@ def run_check(arguments: argparse.Namespace) -> int:
     network = read_network(ec2, source)
     if deploy_cidr is None:
         deploy_cidr = this_machines_address()
-    findings = check_network(network, deploy_cidr)
+    member_ports = ()
+    if arguments.ray:
+        from flambe_iac.ray_cluster import MEMBER_PORT_RANGES as member_ports
+    findings = check_network(network, deploy_cidr, member_ports)
     for finding in findings:
         print(f"{finding.status}  {finding.check}: {finding.detail}")
         for fix in finding.fixes:

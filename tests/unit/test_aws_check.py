@@ -226,3 +226,27 @@ def test_a_network_acl_deny_over_part_of_the_ephemeral_ports_fails(ec2, tmp_path
     code, out, _ = run(capsys, "--config", str(write_config(tmp_path, network)), "--from", FROM)
     assert code == 1
     assert "blocks answers to members (tcp 1024-65535 egress" in out and "at rule 40" in out
+
+
+def test_with_ray_the_members_ray_ports_are_checked_and_the_fix_names_exactly_them(ec2, tmp_path, capsys):
+    network = open_network(ec2, members=None)
+    ec2.authorize_security_group_ingress(GroupId=network["group"], IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "UserIdGroupPairs": [{"GroupId": network["group"]}]}])
+    config = str(write_config(tmp_path, network))
+    code, out, _ = run(capsys, "--config", config, "--from", FROM)
+    assert code == 0 and "Ray" not in out, out  # without --ray, Ray's ports are none of the check's business
+    code, out, _ = run(capsys, "--config", config, "--from", FROM, "--ray")
+    assert code == 1
+    assert "PASS  members reach each other" in out
+    for ports in ("6379-6384", "10002-19999", "52365"):
+        assert f"FAIL  Ray between members: no rule lets cluster members reach each other on tcp {ports}" in out
+        assert (f"fix: aws ec2 authorize-security-group-ingress --region us-east-1 --group-id {network['group']} "
+                f"--protocol tcp --port {ports} --source-group {network['group']}") in out
+
+
+def test_with_ray_members_that_trust_each_other_pass(ec2, tmp_path, capsys):
+    network = open_network(ec2)
+    code, out, _ = run(capsys, "--config", str(write_config(tmp_path, network)), "--from", FROM, "--ray")
+    assert code == 0, out
+    assert out.count("PASS  Ray between members") == 3
+    assert "allows Ray between members (tcp 6379-6384 ingress 10.0.1.0/24)" in out

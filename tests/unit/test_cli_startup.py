@@ -1,11 +1,11 @@
-"""The CLIs start fast: --help imports none of pulumi, pulumi_aws, boto3, pyinfra, paramiko or gevent."""
+"""The CLIs start fast: --help imports none of pulumi, pulumi_aws, boto3, pyinfra, paramiko, gevent or ray."""
 
 import subprocess
 import sys
 
 import pytest
 
-HEAVY = ("pulumi", "pulumi_aws", "boto3", "botocore", "pyinfra", "paramiko", "gevent")
+HEAVY = ("pulumi", "pulumi_aws", "boto3", "botocore", "pyinfra", "paramiko", "gevent", "ray")
 
 PROBE = """
 import sys

@@ -1,0 +1,175 @@
+"""--ray without hosts: which token is kept, what counts as already running, what a start command says, and that no
+member waits forever for one that stopped."""
+
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Host
+from flambe_iac.deploys import ray as ray_step
+from flambe_iac.deploys.ray import RayCluster, RayUnavailable
+from flambe_iac.deploys.snapshot import HostSnapshot, parse_snapshot, snapshot_command, SnapshotRequest
+from flambe_iac.errors import InputError
+from flambe_iac.plan import DeployRequest, check_ray_request
+from flambe_iac.ray_cluster import (
+    EMPTY_SHA256,
+    RAY_STATE,
+    HeldToken,
+    check_ray_python,
+    desired_state,
+    parse_start_output,
+    parse_state,
+    start_command,
+    stop_command,
+    token_sources,
+)
+
+ORCH = Host("i-0", ORCHESTRATOR, "10.0.0.1", "54.0.0.1")
+FACTORIES = [Host(f"i-{n}", FACTORY, f"10.0.0.{n + 1}", f"54.0.0.{n + 1}") for n in (1, 2)]
+TOKEN = b"a" * 64
+
+
+class FakeHost:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_the_orchestrators_token_is_kept_then_the_most_held_then_by_digest():
+    held = [HeldToken("f1", False, "bb"), HeldToken("f2", False, "bb"), HeldToken("o", True, "cc")]
+    assert [entry.member for entry in token_sources(held, rotate=False)][0] == "o"
+    without_orchestrator = [HeldToken("f1", False, "bb"), HeldToken("f2", False, "bb"), HeldToken("f3", False, "aa")]
+    assert [entry.sha256 for entry in token_sources(without_orchestrator, False)] == ["bb", "bb", "aa"]
+    tie = [HeldToken("f1", False, "dd"), HeldToken("f2", False, "aa")]
+    assert token_sources(tie, False)[0].sha256 == "aa"
+    assert token_sources(held, rotate=True) == []
+    assert token_sources([HeldToken("o", True, EMPTY_SHA256), HeldToken("f", False, None)], False) == []
+
+
+def test_the_desired_state_changes_with_the_token_the_python_and_the_heads_start():
+    head = desired_state("head", "python3", "10.0.0.1", TOKEN)
+    assert TOKEN.decode() not in head
+    assert head != desired_state("head", "python3", "10.0.0.1", b"b" * 64)
+    assert head != desired_state("head", "/opt/ray/bin/python", "10.0.0.1", TOKEN)
+    assert desired_state("worker", "python3", "10.0.0.1", TOKEN, "run-1") != \
+        desired_state("worker", "python3", "10.0.0.1", TOKEN, "run-2")
+
+
+def state_file(desired: str, started_by="run-1", version="2.60.0") -> bytes:
+    return f"{desired}\nstarted_by {started_by}\nray_version {version}\n".encode()
+
+
+def snapshot(state: bytes | None, running=()) -> HostSnapshot:
+    found = HostSnapshot(running=set(running))
+    if state is not None:
+        found.contents[RAY_STATE] = state
+    return found
+
+
+def test_a_running_head_as_asked_is_kept_and_its_workers_too():
+    head = desired_state("head", "python3", ORCH.private_ip, TOKEN)
+    cluster = RayCluster.plan(TOKEN, "python3", ORCH, FACTORIES, snapshot(state_file(head), ("gcs_server", "raylet")),
+                              "run-2")
+    assert not cluster.head_starts and cluster.head.get().started_by == "run-1"
+    assert cluster.head.get().version == "2.60.0"
+    worker = desired_state("worker", "python3", ORCH.private_ip, TOKEN, "run-1")
+    assert not cluster.worker_must_start(snapshot(state_file(worker), ("raylet",)))
+    assert cluster.worker_must_start(snapshot(state_file(worker), ()))  # recorded, but its raylet is gone
+    assert cluster.worker_must_start(snapshot(None, ("raylet",)))  # a raylet we did not start, or a new factory
+    stale = desired_state("worker", "python3", ORCH.private_ip, TOKEN, "run-0")
+    assert cluster.worker_must_start(snapshot(state_file(stale), ("raylet",)))  # joined to an older head
+
+
+@pytest.mark.parametrize("orchestrator_snapshot", [
+    snapshot(None, ("gcs_server", "raylet")),  # running, but not as this run asks (or not started by us)
+    snapshot(state_file(desired_state("head", "python3", ORCH.private_ip, TOKEN)), ("raylet",)),  # GCS gone
+    snapshot(state_file(desired_state("head", "python3", ORCH.private_ip, b"old" * 20)), ("gcs_server", "raylet")),
+])
+def test_a_head_not_running_as_asked_starts_and_so_do_its_workers(orchestrator_snapshot):
+    cluster = RayCluster.plan(TOKEN, "python3", ORCH, FACTORIES, orchestrator_snapshot, "run-2")
+    assert cluster.head_starts and not cluster.head.ready()
+    worker = desired_state("worker", "python3", ORCH.private_ip, TOKEN, "run-1")
+    assert cluster.worker_must_start(snapshot(state_file(worker), ("raylet",)))
+
+
+def test_nobody_waits_for_a_member_that_stopped():
+    cluster = RayCluster.plan(TOKEN, "python3", ORCH, FACTORIES, snapshot(None), "run-1")
+    cluster.member_finished(ORCH, "secrets failed")
+    with pytest.raises(RayUnavailable, match="secrets failed"):
+        cluster.head.get(timeout=1)
+    causes = {}
+    assert ray_step._start_worker(None, FakeHost("f1"), cluster, FACTORIES[0], causes, {}) is False
+    assert "the Ray head did not start: the orchestrator failed: secrets failed" in causes["f1"]
+    cluster.member_finished(FACTORIES[1], None)
+    assert ray_step._wait_for_workers(None, FakeHost("o"), cluster, causes) is False
+    assert "not starting the runnable on part of the cluster" in causes["o"]
+    assert "i-1 (the Ray head did not start" in causes["o"] and "i-2 (it stopped before its Ray step)" in causes["o"]
+
+
+def test_an_unreached_orchestrator_fails_the_workers_at_once():
+    cluster = RayCluster.plan(TOKEN, "python3", ORCH, FACTORIES, None, "run-1")
+    with pytest.raises(RayUnavailable, match="not reached"):
+        cluster.head.get(timeout=1)
+
+
+def test_the_runnable_waits_for_every_worker():
+    cluster = RayCluster.plan(TOKEN, "python3", ORCH, FACTORIES, snapshot(None), "run-1")
+    for factory in FACTORIES:
+        cluster.workers[factory.id].set(True)
+    cluster.member_finished(FACTORIES[0], "later failure")  # already joined: stays joined
+    assert ray_step._wait_for_workers(None, FakeHost("o"), cluster, {}) is True
+
+
+def test_start_output_says_what_happened():
+    assert parse_start_output(b"@version 2.60.0\n@started\n").status == "started"
+    assert parse_start_output(b"@version 2.60.0\n@started\n").version == "2.60.0"
+    missing = parse_start_output(b"@no-ray ModuleNotFoundError: No module named 'ray'\n")
+    assert missing.status == "no-ray" and "No module named 'ray'" in missing.detail
+    assert parse_start_output(b"@version 2.59.0\n@mismatch\n") .status == "mismatch"
+    failed = parse_start_output(b"@version 2.60.0\n@failed\nline one\nPermission denied: /tmp/ray\n")
+    assert failed.status == "failed" and "Permission denied" in failed.detail
+    assert parse_start_output(b"").status == "failed"  # cut short: never a success
+    assert parse_state(state_file("{}", "r9", "2.60.0")) == parse_state(state_file("{}", "r9", "2.60.0"))
+    assert parse_state(None).desired == ""
+
+
+def test_start_commands_lock_ray_down_and_are_valid_shell():
+    head = start_command("python3", "10.0.0.1", "10.0.0.1", "{}", "run-1")
+    worker = start_command("python3", "10.0.0.2", "10.0.0.1", "{}", "run-1", expected_version="2.60.0")
+    assert "RAY_AUTH_MODE=token" in head and "--dashboard-host=127.0.0.1" in head and "--head" in head
+    assert "--port=6379" in head and "--node-ip-address=10.0.0.1" in head
+    assert "--address=10.0.0.1:6379" in worker and "--head" not in worker and "2.60.0" in worker
+    for command in (head, worker, stop_command("/opt/ray/bin/python")):
+        assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
+
+
+@pytest.mark.parametrize("hostile", ["python3; rm -rf ~", "$(id)", "py thon", "python\n", ""])
+def test_a_hostile_ray_python_is_bad_input(hostile):
+    with pytest.raises(InputError, match="--ray-python"):
+        check_ray_python(hostile)
+
+
+@pytest.mark.parametrize("request_, message", [
+    (DeployRequest(ray=True, ray_stop=True), "give one of them"),
+    (DeployRequest(ray_python="python3"), "needs --ray"),
+    (DeployRequest(ray_stop=True, run=True), "--run needs Ray running"),
+])
+def test_ray_options_that_contradict_each_other_are_bad_input(request_, message):
+    with pytest.raises(InputError, match=message):
+        check_ray_request(request_)
+
+
+def test_the_snapshot_tells_which_of_the_users_processes_run():
+    command = snapshot_command(SnapshotRequest(processes=("raylet", "gcs_server")))
+    output = subprocess.run(["bash", "-c", command], capture_output=True, text=True).stdout.splitlines()
+    assert output[-1] == "@end-of-snapshot"
+    assert parse_snapshot(["@running raylet"]).running == {"raylet"}
+
+
+def test_ray_is_an_extra_pinned_exactly():
+    root = Path(__file__).parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["ray"] == ["ray[default]==2.60.0"]
+    assert not [item for item in project["dependencies"] if item.lower().startswith("ray")]
+    assert "ray==2.60.0" in (root / "constraints.txt").read_text().splitlines()
