@@ -112,11 +112,14 @@ def ray_step(context, member, snapshot: HostSnapshot) -> list:
         if ray.head_starts:
             operations.append(start_head(name="start the Ray head", ray=ray, member=member, causes=context.causes,
                                          details=context.details))
+        else:
+            context.details[member.id] = f"Ray {ray.head.value.version} head at {ray.head_address}:{GCS_PORT}, running"
     elif ray.worker_must_start(snapshot):
         operations.append(start_worker(name="start the Ray worker", ray=ray, member=member, causes=context.causes,
                                        details=context.details))
     else:
         ray.workers[member.id].set(True)
+        context.details[member.id] = f"Ray worker joined to {ray.head_address}:{GCS_PORT}, running"
     return operations
 
 

@@ -23,6 +23,7 @@ from flambe_iac.cluster import ADDRESS_KINDS, ORCHESTRATOR, PUBLIC, Cluster, Hos
 from flambe_iac.connection import SshPolicy, SshTarget, rsync_pull_command, ssh_options
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, InputError
 from flambe_iac.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, RESOURCES_DIR, RUN_EXIT, RUN_LOG, RUN_PID
+from flambe_iac.ray_cluster import RAY_STATE
 
 ROLES = ("all", "orchestrator", "factories")
 SSH_CONFIG_DIR = Path("~/.flambe/ssh")
@@ -203,6 +204,11 @@ if [ -f {RUN_PID} ]; then
   elif [ -f {RUN_EXIT} ]; then echo "exited $(cat {RUN_EXIT})"; else echo "gone"; fi
   printf '@log\\n'; tail -n 5 {RUN_LOG} 2>/dev/null
 fi
+printf '@ray\\n'
+if [ -f {RAY_STATE} ]; then
+  head -n 1 {RAY_STATE}
+  for name in gcs_server raylet; do pgrep -u "$(id -u)" -x "$name" >/dev/null 2>&1 && echo "@running $name"; done
+fi
 printf '@end\\n'
 """
 
@@ -215,6 +221,7 @@ class HostStatus:
     fingerprint: str | None = None
     resources_match: bool | None = None  # None: no resources recorded
     runnable: str | None = None  # "running (pid N)", "finished", "failed (exit N)", or None: never started
+    ray: str | None = None  # "head running", "worker running", or None: Ray not started here by --ray
     log_tail: list[str] | None = None
     problems: list[str] | None = None
 
@@ -229,7 +236,7 @@ def parse_status(alias: str, address: str, returncode: int, output: str, stderr:
     sections: dict[str, list[str]] = {}
     current = None
     for line in output.splitlines():
-        if line.startswith("@") and line[1:] in ("pub", "manifest", "sums", "run", "log", "end"):
+        if line.startswith("@") and line[1:] in ("pub", "manifest", "sums", "run", "log", "ray", "end"):
             current = line[1:]
             sections[current] = []
         elif current:
@@ -268,7 +275,24 @@ def parse_status(alias: str, address: str, returncode: int, output: str, stderr:
             status.runnable = f"failed (exit {run[1]})" if run[0] == "exited" else "failed (it vanished)"
             status.problems.append(f"runnable {status.runnable}")
         status.log_tail = sections.get("log", [])
+    status.ray = ray_status(sections.get("ray", []), status.problems)
     return status
+
+
+def ray_status(lines: list[str], problems: list[str]) -> str | None:
+    """What --ray left on a host: its role, and whether the processes of that role run."""
+    if not lines:
+        return None
+    try:
+        role = json.loads(lines[0]).get("role", "?")
+    except (json.JSONDecodeError, AttributeError):
+        role = "?"
+    running = {line.split()[1] for line in lines[1:] if line.startswith("@running ")}
+    needed = {"gcs_server", "raylet"} if role == "head" else {"raylet"}
+    if needed <= running:
+        return f"{role} running"
+    problems.append(f"Ray's {role} is not running here (re-run flambe-deploy --ray)")
+    return f"{role} STOPPED"
 
 
 def cluster_status(access: Access) -> list[HostStatus]:
@@ -295,7 +319,7 @@ def show_status(statuses: list[HostStatus]) -> str:
         key = status.fingerprint or "-"
         resources = {None: "-", True: "match", False: "DIFFER"}[status.resources_match]
         lines.append(f"{status.alias:<32} {status.address:<16} key {key[:20]:<20} resources {resources:<6} "
-                     f"runnable {status.runnable or '-'}: {state}")
+                     f"runnable {status.runnable or '-'} ray {status.ray or '-'}: {state}")
         for line in status.log_tail or []:
             lines.append(f"    | {line}")
     return "\n".join(lines)

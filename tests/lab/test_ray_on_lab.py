@@ -170,6 +170,11 @@ def test_scale_up_adds_a_worker_and_ray_stop_stays_on_its_host(fresh_lab, ray_py
     assert stopped.returncode == 0, stopped.stderr
     assert ray_pids(lab, "factory-1") == {}
     assert ray_pids(lab, "orchestrator") == before["orchestrator"] and ray_pids(lab, "factory-2")
+    status = lab.deploy("status", *lab.lab_arguments(), "--report", str(tmp_path / "status.json"),
+                        env=home_environment(tmp_path / "home"))
+    assert status.returncode == 1, status.stdout + status.stderr
+    assert [host["ray"] for host in json.loads((tmp_path / "status.json").read_text())["hosts"]] == \
+        ["head running", "worker STOPPED", "worker running"]
     healed, report = ray_deploy(lab, tmp_path, python=ray_python)
     assert healed.returncode == 0, healed.stdout + healed.stderr
     assert ray_status(report) == dict(zip(lab.addresses, ["unchanged", "changed", "unchanged"]))

@@ -173,3 +173,19 @@ def test_ray_is_an_extra_pinned_exactly():
     assert project["optional-dependencies"]["ray"] == ["ray[default]==2.60.0"]
     assert not [item for item in project["dependencies"] if item.lower().startswith("ray")]
     assert "ray==2.60.0" in (root / "constraints.txt").read_text().splitlines()
+
+
+def test_status_says_whether_the_ray_a_deploy_started_still_runs():
+    from flambe_iac.day_two import parse_status
+
+    def status(ray_lines):
+        output = "@pub\n@manifest\n{}\n@sums\n@run\n@ray\n" + "".join(f"{line}\n" for line in ray_lines) + "@end\n"
+        return parse_status("c-orchestrator", "10.0.0.1", 0, output, "")
+
+    head = desired_state("head", "python3", "10.0.0.1", TOKEN)
+    assert status([head, "@running gcs_server", "@running raylet"]).ray == "head running"
+    stopped = status([head, "@running raylet"])
+    assert stopped.ray == "head STOPPED" and not stopped.healthy
+    assert "re-run flambe-deploy --ray" in " ".join(stopped.problems)
+    never = status([])
+    assert never.ray is None and not any("Ray" in problem for problem in never.problems)
