@@ -59,9 +59,13 @@ def ray_pids(lab, hostname) -> dict[str, int]:
     return pids
 
 
-def client_ray_init(lab, python, address, environment: dict) -> subprocess.Popen:
-    """A Ray driver in the client namespace, trying to join the cluster."""
+def client_ray_init(lab, python, address, environment: dict, ray_client: bool = False) -> subprocess.Popen:
+    """A Ray driver in the client namespace, trying to join the cluster at the head's port; or, with RAY_CLIENT,
+    through the Ray Client server on port 10001 (prints CLIENT CONNECTED once it can run work there)."""
     code = f"import ray\nray.init(address={address + ':6379'!r})"
+    if ray_client:
+        code = (f"import ray\nray.init({'ray://' + address + ':10001'!r})\n"
+                "print('CLIENT CONNECTED', ray.cluster_resources()['CPU'])")
     return subprocess.Popen([sys.executable, "-m", "flambe_iac.lab", "exec", "--dir", str(lab.directory), "--",
                              "env", "-i", "PATH=/usr/bin:/bin", "HOME=/nonexistent", *(f"{k}={v}" for k, v in
                                                                                        environment.items()),
@@ -108,11 +112,17 @@ def test_the_runnable_spreads_one_task_per_host_and_only_token_holders_get_in(fr
         "a wrong token": client_ray_init(lab, ray_python, orchestrator,
                                          {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}),
         "the token": client_ray_init(lab, ray_python, orchestrator, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}),
+        # The Ray Client server (ray://, port 10001) runs arbitrary code for whoever it admits: the token guards it too.
+        "Ray Client, no token": client_ray_init(lab, ray_python, orchestrator, {}, ray_client=True),
+        "Ray Client, the token": client_ray_init(lab, ray_python, orchestrator,
+                                                 {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, ray_client=True),
     }
-    outputs = {name: client.communicate(timeout=120)[0] for name, client in clients.items()}
+    outputs = {name: client.communicate(timeout=180)[0] for name, client in clients.items()}
     for name in ("no token", "a wrong token"):
         assert REFUSED in outputs[name] and ADMITTED not in outputs[name], outputs[name][-2000:]
     assert ADMITTED in outputs["the token"] and REFUSED not in outputs["the token"], outputs["the token"][-2000:]
+    assert "CLIENT CONNECTED" not in outputs["Ray Client, no token"], outputs["Ray Client, no token"][-2000:]
+    assert "CLIENT CONNECTED" in outputs["Ray Client, the token"], outputs["Ray Client, the token"][-2000:]
 
     # The dashboard answers on the orchestrator's 127.0.0.1 only, through the printed tunnel.
     assert not answers(lab, orchestrator, 8265)
