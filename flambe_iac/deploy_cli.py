@@ -22,7 +22,9 @@ Push to every host of a cluster, all hosts at once, over SSH with only the key y
   - a key pair made for this cluster alone (~/ray_bootstrap_key.pem), authorized on every member, with every
     member's host key pinned and an ~/.ssh/config block, so members reach each other with strict host keys;
   - the secrets ini, byte-identical, as ~/secret.ini (0600, written atomically);
-  - resources, rsynced into ~/resources/NAME/; with a runnable file, its extensions too, and --run starts it.
+  - resources, rsynced into ~/resources/NAME/; with a runnable file, its extensions too, and --run starts it;
+  - with --ray, Ray: the head on the orchestrator, a worker on every factory, token authentication on, and the
+    dashboard on the orchestrator's 127.0.0.1 (the deploy prints the ssh tunnel that reaches it).
 Host keys are always checked: against --known-hosts, against keys pinned by an earlier run, for EC2 instances
 against the keys their console output shows, or, only with --trust-on-first-use, accepted now and pinned in
 ~/.flambe/known_hosts/<cluster>. No ssh-agent, no default keys, no agent forwarding. Nothing secret is printed.
@@ -52,6 +54,9 @@ examples:
   # hosts whose keys you already hold
   flambe-deploy --outputs lab/outputs.json --key lab/id_ed25519 --known-hosts lab/known_hosts \\
       --secrets secrets.ini --report report.json
+
+  # Ray on the cluster, and a runnable whose plain ray.init() joins it (Ray must be on the hosts: see README)
+  flambe-deploy examples/ray_spread/ray_spread.yaml --stack dev --key ~/.ssh/flambe.pem --ray --run
 
   flambe-deploy check --stack dev --from 203.0.113.7/32      # read-only preflight of the network (see check -h)
 

@@ -261,16 +261,19 @@ class Deployment:
 
     def settle_ray(self, snapshots: dict) -> None:
         """Keep the Ray token the members hold (the orchestrator's first), or make one; then plan who starts what.
-        A cluster key rotation rotates the token too."""
-        held = [HeldToken(host, self.members[host].role == ORCHESTRATOR, (snapshot.files.get(RAY_TOKEN) or (0, None))[1])
-                for host, snapshot in snapshots.items()]
-        rotate = self.plan.rotate_cluster_key or self.report.cluster_key_action == ROTATED
-        token = next(filter(None, (self.fetch_ray_token(entry.member, entry.sha256)
-                                   for entry in token_sources(held, rotate))), None) or new_ray_token()
+        --rotate-cluster-key rotates the token too (and so restarts Ray)."""
+        held = []
+        for host, snapshot in snapshots.items():
+            mode_and_digest = snapshot.files.get(RAY_TOKEN)
+            held.append(HeldToken(host, self.members[host].role == ORCHESTRATOR,
+                                  mode_and_digest[1] if mode_and_digest else None))
+        sources = token_sources(held, self.plan.rotate_cluster_key)
+        token = next(filter(None, (self.fetch_ray_token(entry.member, entry.sha256) for entry in sources)), None)
         orchestrator = self.plan.cluster.orchestrator
         orchestrator_host = next((host for host, member in self.members.items() if member is orchestrator), None)
-        self.context.ray = RayCluster.plan(token, self.plan.ray_python, orchestrator, list(self.plan.cluster.factories),
-                                           snapshots.get(orchestrator_host), self.report.run_id)
+        self.context.ray = RayCluster.plan(token or new_ray_token(), self.plan.ray_python, orchestrator,
+                                           list(self.plan.cluster.factories), snapshots.get(orchestrator_host),
+                                           self.report.run_id)
 
     def fetch_ray_token(self, host, sha256: str) -> bytes | None:
         try:

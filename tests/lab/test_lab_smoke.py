@@ -39,6 +39,19 @@ def test_tmp_is_private_to_each_host(lab):
     assert lab.ssh(second, "test ! -e /tmp/tmp-probe").returncode == 0
 
 
+def test_each_host_sees_and_stops_only_its_own_processes(lab):
+    first, second = lab.addresses[:2]
+    assert lab.ssh(first, "ps -o comm= -p 1").stdout.strip() == "sshd"  # sshd is the host's PID 1
+    started = lab.ssh(second, "setsid sleep 300 </dev/null >/dev/null 2>&1 & echo started")
+    assert started.stdout.strip() == "started"
+    try:
+        assert "sleep" not in lab.ssh(first, "ps -e -o comm=").stdout.split()
+        assert lab.ssh(first, "pkill -x sleep").returncode == 1  # nothing of that name on this host
+        assert "sleep" in lab.ssh(second, "ps -e -o comm=").stdout.split()
+    finally:
+        lab.ssh(second, "pkill -x sleep")
+
+
 def test_the_login_user_exists_only_inside_the_hosts(lab):
     assert lab.ssh(lab.addresses[0], "id -un").stdout.strip() == lab.user
     assert f"\n{lab.user}:" not in "\n" + open("/etc/passwd").read()

@@ -149,11 +149,12 @@ def test_the_runnable_spreads_one_task_per_host_and_only_token_holders_get_in(fr
     assert set(before["orchestrator"]) == {"gcs_server", "raylet"} and set(before["factory-1"]) == {"raylet"}
 
     # A cluster key rotation rotates the token and restarts Ray everywhere.
-    rotated, report = ray_deploy(lab, tmp_path, "--rotate-cluster-key", python=ray_python)
+    rotated, report = ray_deploy(lab, tmp_path, "--rotate-cluster-key", "-vv", python=ray_python)
     assert rotated.returncode == 0, rotated.stdout + rotated.stderr
     assert set(ray_status(report).values()) == {"changed"}
     new_tokens = {path.read_text() for path in tokens.values()}
     assert len(new_tokens) == 1 and token not in new_tokens
+    assert new_tokens.pop() not in rotated.stdout + rotated.stderr + json.dumps(report)  # not even with pyinfra's -vv
     assert all(ray_pids(lab, name) and ray_pids(lab, name) != before[name] for name in lab.hostnames)
 
 
