@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "sends each tree once over your uplink, to the orchestrator, which rsyncs it on to the "
                              "factories with the cluster key; direct sends it from here to every host")
     parser.add_argument("--rotate-cluster-key", action="store_true",
-                        help="replace the cluster key everywhere and remove the old one from every authorized_keys")
+                        help="replace the cluster key everywhere and remove the old one from every authorized_keys; "
+                             "with --ray, also make a new Ray token and restart Ray")
     runnable = parser.add_argument_group("with a runnable file")
     runnable.add_argument("-i", "--install-extensions", action="store_true",
                           help="pip install the extensions here and, with pip --user, on every host")
