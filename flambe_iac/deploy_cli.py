@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -162,12 +163,31 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code_of(f"flambe-deploy {argv[0]}", lambda: day_two_main(argv))
     arguments = build_parser().parse_args(argv)
     patch_for_parallel_connections()
+    early_sigterm = stop_on_sigterm_until_the_driver()
     configure_logging(arguments.verbose)
     try:
-        return exit_code_of("flambe-deploy", lambda: deploy(arguments))
-    except KeyboardInterrupt:  # before any host was contacted; once the deploy runs, the driver takes signals
-        print("flambe-deploy: interrupted before anything was sent", file=sys.stderr)
-        return EXIT_INTERRUPTED["SIGINT"]
+        return exit_code_of("flambe-deploy", lambda: deploy(arguments, early_sigterm))
+    except KeyboardInterrupt as interrupt:  # before any host was contacted; once the deploy runs, the driver takes
+        name = getattr(interrupt, "signal_name", "SIGINT")  # signals (and says where each host got to)
+        print(f"flambe-deploy: interrupted ({name}) before anything was sent", file=sys.stderr)
+        if arguments.report:
+            write_report_document(arguments.report, {"ok": False, "interrupted": name, "hosts": []})
+        return EXIT_INTERRUPTED[name]
+
+
+class Terminated(KeyboardInterrupt):
+    signal_name = "SIGTERM"
+
+
+def stop_on_sigterm_until_the_driver():
+    """SIGTERM while inputs are read (a CI job cancelled early) ends the run as Ctrl-C does, with a report and 143,
+    instead of killing it without one. The driver takes over both signals once hosts are contacted; cancel the
+    returned handler before it does."""
+    import gevent
+    from greenlet import getcurrent
+
+    main = getcurrent()
+    return gevent.signal_handler(signal.SIGTERM, lambda: main.throw(Terminated()))
 
 
 def patch_for_parallel_connections() -> None:
@@ -188,7 +208,7 @@ def configure_logging(verbosity: int) -> None:
         logger.propagate = False
 
 
-def deploy(arguments: argparse.Namespace) -> int:
+def deploy(arguments: argparse.Namespace, early_sigterm) -> int:
     from flambe_iac.plan import DeployRequest, build_plan
     from flambe_iac.report import summary
 
@@ -213,6 +233,7 @@ def deploy(arguments: argparse.Namespace) -> int:
         raise
     from flambe_iac.driver import run_deploy
 
+    early_sigterm.cancel()
     report = run_deploy(plan, sys.stderr)
     if arguments.report:
         report.write(arguments.report)
@@ -228,9 +249,12 @@ def deploy(arguments: argparse.Namespace) -> int:
 
 def write_input_error_report(path: Path, message: str) -> None:
     """Even bad input leaves a report, so a pipeline that reads it never reads an old one."""
+    write_report_document(path, {"ok": False, "input_error": message, "hosts": []})
+
+
+def write_report_document(path: Path, document: dict) -> None:
     import json
 
-    document = {"ok": False, "input_error": message, "hosts": []}
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(json.dumps(document, indent=2) + "\n")
     partial.replace(path)

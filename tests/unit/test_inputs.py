@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -315,3 +318,25 @@ def test_missing_pulumi_cli_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(InputError, match="needs the pulumi CLI"):
         load_stack("dev")
+
+
+@pytest.mark.parametrize("signum, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_a_signal_while_inputs_are_read_still_ends_with_its_code_and_a_report(tmp_path, signum, code, name):
+    """A CI job cancelled while `pulumi stack output` runs: no traceback, 143 (or 130), and a report saying so."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pulumi").write_text(f"#!/bin/sh\ntouch {tmp_path}/asked\nexec sleep 60\n")
+    (bin_dir / "pulumi").chmod(0o755)
+    report = tmp_path / "report.json"
+    deploy = subprocess.Popen([sys.executable, "-m", "flambe_iac.deploy_cli", "--stack", "dev", "--key",
+                               str(tmp_path / "key"), "--report", str(report)],
+                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "asked").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    deploy.send_signal(signum)
+    _, stderr = deploy.communicate(timeout=30)
+    assert deploy.returncode == code, stderr
+    assert "Traceback" not in stderr and f"interrupted ({name}) before anything was sent" in stderr
+    assert json.loads(report.read_text()) == {"ok": False, "interrupted": name, "hosts": []}
