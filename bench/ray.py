@@ -17,22 +17,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from flambe_iac import lab
 from flambe_iac.connection import SshTarget, ssh_options
 from flambe_iac.ray_cluster import GCS_PORT, new_ray_token, start_command
+from relay import timed  # bench/, the script's own directory
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(argv: list[str]) -> float:
-    started = time.perf_counter()
-    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"command failed ({result.returncode}): {' '.join(argv[:8])} ...\n{result.stderr[-2000:]}")
-    return time.perf_counter() - started
 
 
 def by_hand(lab_dir: Path, state: lab.LabState, python: str) -> list[str]:
