@@ -144,9 +144,18 @@ def start_worker(ray: RayCluster, member, causes: dict, details: dict):
     yield FunctionCommand(_start_worker, (ray, member, causes, details), {})
 
 
+def outcome_of(result: AsyncResult, what: str):
+    """What another member published, waiting for it; RayUnavailable if it failed or never came (gevent's own
+    Timeout is not an Exception, and would end the host's greenlet without a cause)."""
+    result.wait(MEMBERS_WAIT_TIMEOUT)
+    if not result.ready():
+        raise RayUnavailable(f"{what} did not come within {MEMBERS_WAIT_TIMEOUT / 3600:.0f} h")
+    return result.get()
+
+
 def _start_worker(state, host, ray: RayCluster, member, causes: dict, details: dict) -> bool:
     try:
-        head: Head = ray.head.get(timeout=MEMBERS_WAIT_TIMEOUT)
+        head: Head = outcome_of(ray.head, "the head's start")
     except RayUnavailable as error:
         causes[host.name] = f"the Ray head did not start: {error}"
         ray.workers[member.id].set(causes[host.name])
@@ -209,7 +218,10 @@ def wait_for_workers(ray: RayCluster, causes: dict):
 def _wait_for_workers(state, host, ray: RayCluster, causes: dict) -> bool:
     missing = {}
     for factory_id, joined in ray.workers.items():
-        outcome = joined.get(timeout=MEMBERS_WAIT_TIMEOUT)
+        try:
+            outcome = outcome_of(joined, "its worker's start")
+        except RayUnavailable as error:
+            outcome = str(error)
         if outcome is not True:
             missing[factory_id] = outcome
     if missing:

@@ -38,7 +38,11 @@ NODE_PORT_OPTIONS = {
     "--max-worker-port": 19999,
 }
 # What members must accept from each other (tcp), for `check --ray`.
-MEMBER_PORT_RANGES = ((GCS_PORT, 6384), (10002, 19999), (52365, 52365))
+MEMBER_PORT_RANGES = (
+    (GCS_PORT, NODE_PORT_OPTIONS["--metrics-export-port"]),
+    (NODE_PORT_OPTIONS["--min-worker-port"], NODE_PORT_OPTIONS["--max-worker-port"]),
+    (NODE_PORT_OPTIONS["--dashboard-agent-listen-port"],) * 2,
+)
 HEAD_PROCESSES = ("gcs_server", "raylet")
 WORKER_PROCESSES = ("raylet",)
 RAY_CLI = "-m ray.scripts.scripts"

@@ -189,3 +189,13 @@ def test_status_says_whether_the_ray_a_deploy_started_still_runs():
     assert "re-run flambe-deploy --ray" in " ".join(stopped.problems)
     never = status([])
     assert never.ray is None and not any("Ray" in problem for problem in never.problems)
+
+
+def test_a_wait_that_never_ends_is_a_cause_not_an_escape(monkeypatch):
+    monkeypatch.setattr(ray_step, "MEMBERS_WAIT_TIMEOUT", 0.01)
+    cluster = RayCluster.plan(TOKEN, "python3", ORCH, FACTORIES, snapshot(None), "run-1")
+    causes = {}
+    assert ray_step._start_worker(None, FakeHost("f1"), cluster, FACTORIES[0], causes, {}) is False
+    assert "the head's start did not come within" in causes["f1"]
+    assert ray_step._wait_for_workers(None, FakeHost("o"), cluster, causes) is False
+    assert "i-2 (its worker's start did not come within" in causes["o"]
