@@ -81,7 +81,7 @@ def measure_sizes(lab_dir: Path, state: lab.LabState, outputs: dict, secrets: Pa
     for size in sizes:
         trimmed = work / f"outputs-{size}.json"
         trimmed.write_text(json.dumps({**outputs, "factories": outputs["factories"][: size - 1]}))
-        command = ["ip", "netns", "exec", state.client_netns, sys.executable, "-m", "flambe_iac.deploy_cli",
+        command = ["ip", "netns", "exec", state.client_netns, sys.executable, "-m", "flambe_iac.cli.deploy",
                    "--outputs", str(trimmed), "--key", str(lab_dir / lab.USER_KEY_FILE),
                    "--known-hosts", str(lab_dir / lab.KNOWN_HOSTS_FILE), "--secrets", str(secrets),
                    "--resource", f"data={resource}", "--fan-out", "direct"]
@@ -134,7 +134,7 @@ def main() -> int:
             inputs.mkdir()
             measure_sizes(lab_dir, state, outputs, *make_inputs(inputs, resource_kib), arguments.repeats, work,
                           arguments.baseline, sorted(arguments.hosts))
-        help_times = [run_measured([sys.executable, "-m", "flambe_iac.deploy_cli", "--help"])[0] for _ in range(20)]
+        help_times = [run_measured([sys.executable, "-m", "flambe_iac.cli.deploy", "--help"])[0] for _ in range(20)]
         print(f"flambe-deploy --help: median {statistics.median(help_times):.3f} s (20 runs)")
     finally:
         lab.down(lab_dir)

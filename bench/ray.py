@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from flambe_iac import lab
-from flambe_iac.connection import SshTarget, ssh_options
-from flambe_iac.ray_cluster import GCS_PORT, new_ray_token, start_command
+from flambe_iac.ssh.policy import SshTarget, ssh_options
+from flambe_iac.engine.ray_cluster import GCS_PORT, new_ray_token, start_command
 from relay import timed  # bench/, the script's own directory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def main() -> int:
     state = lab.up(lab_dir, arguments.hosts)
     try:
         deploy = ["ip", "netns", "exec", state.client_netns, "env", f"HOME={work}", sys.executable, "-m",
-                  "flambe_iac.deploy_cli", "--outputs", str(lab_dir / lab.OUTPUTS_FILE), "--key",
+                  "flambe_iac.cli.deploy", "--outputs", str(lab_dir / lab.OUTPUTS_FILE), "--key",
                   str(lab_dir / lab.USER_KEY_FILE), "--known-hosts", str(lab_dir / lab.KNOWN_HOSTS_FILE)]
         start, stop = [*deploy, "--ray", "--ray-python", python], [*deploy, "--ray-stop", "--ray-python", python]
         timed(stop)  # the cluster key and manifest in place: what follows times Ray alone

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from flambe_iac import lab
-from flambe_iac.connection import SshTarget, rsync_command
+from flambe_iac.ssh.policy import SshTarget, rsync_command
 
 
 def timed(argv: list[str]) -> float:
@@ -77,7 +77,7 @@ def main() -> int:
         for size in sorted(arguments.hosts):
             trimmed = work / f"outputs-{size}.json"
             trimmed.write_text(json.dumps({**outputs, "factories": outputs["factories"][: size - 1]}))
-            deploy = in_client(state, sys.executable, "-m", "flambe_iac.deploy_cli", "--outputs", str(trimmed),
+            deploy = in_client(state, sys.executable, "-m", "flambe_iac.cli.deploy", "--outputs", str(trimmed),
                                "--key", str(lab_dir / lab.USER_KEY_FILE), "--known-hosts",
                                str(lab_dir / lab.KNOWN_HOSTS_FILE), "--resource", f"data={resource}")
             plain = plain_parallel_rsync(lab_dir, state, [host.address for host in state.hosts[:size]], resource)

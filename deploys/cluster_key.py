@@ -3,11 +3,11 @@ and the list of retired keys that keeps a replaced key out for good."""
 
 from __future__ import annotations
 
-from flambe_iac.cluster_key import retired_list, updated_authorized_keys
-from flambe_iac.connection import ssh_config_block, updated_ssh_config
+from flambe_iac.engine.cluster_key import retired_list, updated_authorized_keys
+from flambe_iac.ssh.policy import ssh_config_block, updated_ssh_config
 from flambe_iac.deploys.operations import staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
-from flambe_iac.remote_layout import (
+from flambe_iac.engine.remote_layout import (
     AUTHORIZED_KEYS,
     CLUSTER_PRIVATE_KEY,
     CLUSTER_PUBLIC_KEY,
@@ -15,7 +15,7 @@ from flambe_iac.remote_layout import (
     RETIRED_KEYS,
     SSH_CONFIG,
 )
-from flambe_iac.secrets_file import HiddenBytes
+from flambe_iac.inputs.secrets_file import HiddenBytes
 
 READS = SnapshotRequest(
     files=(CLUSTER_PRIVATE_KEY, CLUSTER_PUBLIC_KEY, AUTHORIZED_KEYS, MEMBERS_KNOWN_HOSTS, SSH_CONFIG, RETIRED_KEYS),

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from gevent.fileobject import FileObjectPosix
 from pyinfra.api import FunctionCommand, operation
 
-from flambe_iac.connection import RemoteCommandError, RsyncJob, run_remote
-from flambe_iac.deploys.relay import Relay
+from flambe_iac.ssh.policy import RemoteCommandError, RsyncJob, run_remote
+from flambe_iac.engine.relay import Relay
 from flambe_iac.deploys.snapshot import HostSnapshot
-from flambe_iac.secrets_file import HiddenBytes
+from flambe_iac.inputs.secrets_file import HiddenBytes
 
 UPLOAD_TIMEOUT = 600.0
 VERIFY_TIMEOUT = 6 * 3600.0

@@ -14,10 +14,10 @@ from gevent.event import AsyncResult
 from pyinfra.api import FunctionCommand, operation
 
 from flambe_iac.cluster import ORCHESTRATOR
-from flambe_iac.connection import RemoteCommandError, run_remote
+from flambe_iac.ssh.policy import RemoteCommandError, run_remote
 from flambe_iac.deploys.operations import staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
-from flambe_iac.ray_cluster import (
+from flambe_iac.engine.ray_cluster import (
     GCS_PORT,
     HEAD_PROCESSES,
     RAY_STATE,
@@ -29,7 +29,7 @@ from flambe_iac.ray_cluster import (
     start_command,
     stop_command,
 )
-from flambe_iac.secrets_file import HiddenBytes
+from flambe_iac.inputs.secrets_file import HiddenBytes
 
 READS = SnapshotRequest(files=(RAY_TOKEN,), contents=(RAY_STATE,), processes=(*HEAD_PROCESSES,),
                         tools=("pgrep", "tar"))

@@ -12,8 +12,8 @@ import base64
 import shlex
 from dataclasses import dataclass, field
 
-from flambe_iac.connection import RemoteCommandError, run_remote
-from flambe_iac.resources import REMOTE_TREE_LISTING, parse_tree_line
+from flambe_iac.ssh.policy import RemoteCommandError, run_remote
+from flambe_iac.inputs.resources import REMOTE_TREE_LISTING, parse_tree_line
 
 END = "@end-of-snapshot"
 

@@ -16,19 +16,19 @@ from typing import Callable
 
 from flambe_iac import __version__
 from flambe_iac.cluster import ORCHESTRATOR, Host as Member
-from flambe_iac.cluster_key import ClusterKey
-from flambe_iac.connection import SshPolicy
+from flambe_iac.engine.cluster_key import ClusterKey
+from flambe_iac.ssh.policy import SshPolicy
 from flambe_iac.deploys import cluster_key, extensions, manifest, ray, resources, runnable, secrets, setup
 from flambe_iac.deploys.operations import Transfer
 from flambe_iac.deploys.ray import RayCluster as Ray
-from flambe_iac.deploys.relay import RELAY, Relay
+from flambe_iac.engine.relay import RELAY, Relay
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
-from flambe_iac.extensions import redact_url
-from flambe_iac.host_keys import keys_in, read_known_hosts
-from flambe_iac.plan import DeployPlan
-from flambe_iac.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, manifest as manifest_content
-from flambe_iac.remote_layout import members_known_hosts, run_staging_dir
-from flambe_iac.resources import Resource, checksums, local_tree
+from flambe_iac.inputs.extensions import redact_url
+from flambe_iac.ssh.host_keys import keys_in, read_known_hosts
+from flambe_iac.inputs.plan import DeployPlan
+from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, manifest as manifest_content
+from flambe_iac.engine.remote_layout import members_known_hosts, run_staging_dir
+from flambe_iac.inputs.resources import Resource, checksums, local_tree
 
 
 @dataclass(frozen=True)

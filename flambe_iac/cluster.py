@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flambe_iac.names import check_address, check_cluster_name, check_host_id, check_ssh_user
+from flambe_iac.inputs.names import check_address, check_cluster_name, check_host_id, check_ssh_user
 
 ORCHESTRATOR = "orchestrator"
 FACTORY = "factory"

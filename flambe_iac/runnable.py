@@ -46,7 +46,7 @@ class RunnableError(Exception):
 
 def secrets_config(path: Path | None) -> configparser.ConfigParser:
     """The secrets ini as the runnable sees it, read by the same parser that checked it before the deploy."""
-    from flambe_iac.secrets_file import secrets_parser
+    from flambe_iac.inputs.secrets_file import secrets_parser
 
     config = secrets_parser()
     if path is not None:

@@ -9,7 +9,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from flambe_iac.outputs import HOST_KEYS, contract_document
+from flambe_iac.inputs.outputs import HOST_KEYS, contract_document
 from flambe_iac.stacks.cluster_config import (
     AMAZON,
     CANONICAL,

@@ -84,7 +84,7 @@ class LabSession:
 
     def deploy(self, *arguments: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         """flambe-deploy, run from the client namespace as a user would run it."""
-        return self.run_in_client(sys.executable, "-m", "flambe_iac.deploy_cli", *arguments, timeout=timeout,
+        return self.run_in_client(sys.executable, "-m", "flambe_iac.cli.deploy", *arguments, timeout=timeout,
                                   env=env, stdin=subprocess.DEVNULL)
 
     def lab_arguments(self, outputs: Path | None = None) -> list[str]:

@@ -19,7 +19,7 @@ from moto.ec2.responses.general import General
 from moto.ec2.utils import Base64EncodedString
 from moto.server import ThreadedMotoServer
 
-from flambe_iac.outputs import contract_document
+from flambe_iac.inputs.outputs import contract_document
 
 
 def serve(port: int, addresses: list[str], console_dir: Path, outputs: Path) -> None:

@@ -37,7 +37,7 @@ def day_two(tmp_path_factory):
 
 
 def day_two_command(lab, *arguments, env):
-    return lab.run_in_client(sys.executable, "-m", "flambe_iac.deploy_cli", *arguments, env=env,
+    return lab.run_in_client(sys.executable, "-m", "flambe_iac.cli.deploy", *arguments, env=env,
                              stdin=subprocess.DEVNULL)
 
 
@@ -132,7 +132,7 @@ def test_status_names_every_host_and_says_when_one_is_not_healthy(day_two, tmp_p
 
 
 def test_every_command_answers_version():
-    for module in ("flambe_iac.deploy_cli", "flambe_iac.lab", "flambe_iac.run_cli"):
+    for module in ("flambe_iac.cli.deploy", "flambe_iac.lab", "flambe_iac.cli.run"):
         result = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
         assert result.returncode == 0 and result.stdout.startswith("flambe-iac "), (module, result.stderr)
 

@@ -223,7 +223,7 @@ def test_the_canary_secret_never_appears_in_output_report_or_process_lists(recor
 def test_rsyncs_ssh_checks_host_keys_and_uses_only_the_given_key(fresh_lab, deploy_inputs, tmp_path):
     """rsync's own ssh, exactly as flambe-deploy builds it, against a real sshd: a swapped host key and a stranger
     key with a poisoned agent are both refused; the right key and pins get through."""
-    from flambe_iac.connection import SshTarget, rsync_command
+    from flambe_iac.ssh.policy import SshTarget, rsync_command
 
     address = fresh_lab.addresses[0]
     swapped = tmp_path / "swapped_known_hosts"

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from flambe_iac import lab as lab_module
-from flambe_iac.outputs import load_outputs
+from flambe_iac.inputs.outputs import load_outputs
 from lab_session import LabSession, flambe_lab, lab_leftovers, machine_snapshot, require_lab_support
 
 pytestmark = pytest.mark.lab

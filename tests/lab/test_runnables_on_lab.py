@@ -58,7 +58,7 @@ def deploy_as_user(lab, home: Path, *arguments):
         for line in Path("/etc/passwd").read_text().splitlines(keepends=True)))
     script = 'mount --bind "$0" /etc/passwd && exec "$@"'
     command = ["unshare", "--mount", "sh", "-c", script, str(passwd), sys.executable, "-m",
-               "flambe_iac.deploy_cli", *arguments]
+               "flambe_iac.cli.deploy", *arguments]
     return lab.run_in_client(*command, timeout=180, env=home_environment(home), stdin=subprocess.DEVNULL)
 
 

@@ -9,7 +9,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from flambe_iac.check_cli import main as check_main
+from flambe_iac.cli.check import main as check_main
 
 FROM = "203.0.113.7/32"
 
@@ -152,7 +152,7 @@ def test_a_network_acl_without_return_traffic_fails(ec2, tmp_path, capsys):
 
 
 def test_without_from_and_no_way_to_find_the_address_those_checks_are_skipped(ec2, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("flambe_iac.check_cli.this_machines_address", lambda: None)
+    monkeypatch.setattr("flambe_iac.cli.check.this_machines_address", lambda: None)
     network = open_network(ec2, ssh=False)
     code, out, _ = run(capsys, "--config", str(write_config(tmp_path, network)))
     assert code == 0
@@ -197,7 +197,7 @@ def test_no_credentials_is_bad_input(tmp_path):
     environment = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
     environment.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
                        AWS_EC2_METADATA_DISABLED="true", HOME=str(tmp_path))
-    result = subprocess.run([sys.executable, "-m", "flambe_iac.deploy_cli", "check", "--config", str(config),
+    result = subprocess.run([sys.executable, "-m", "flambe_iac.cli.deploy", "check", "--config", str(config),
                              "--from", FROM], capture_output=True, text=True, env=environment, timeout=60)
     assert result.returncode == 2
     assert "no AWS credentials" in result.stderr

@@ -19,7 +19,7 @@ print("LOADED", loaded, file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("module", ["flambe_iac.deploy_cli", "flambe_iac.lab"])
+@pytest.mark.parametrize("module", ["flambe_iac.cli.deploy", "flambe_iac.lab"])
 def test_help_loads_no_heavy_module(module):
     result = subprocess.run([sys.executable, "-c", PROBE.format(module=module, heavy=HEAVY)],
                             capture_output=True, text=True, check=True)
@@ -28,7 +28,7 @@ def test_help_loads_no_heavy_module(module):
 
 
 def test_deploy_help_teaches_the_sources_trust_and_exit_codes():
-    result = subprocess.run([sys.executable, "-m", "flambe_iac.deploy_cli", "--help"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "flambe_iac.cli.deploy", "--help"], capture_output=True,
                             text=True, check=True)
     for text in ("--outputs", "--stack", "--cluster", "--known-hosts", "--trust-on-first-use", "orchestrator_ip",
                  "exit codes", "FLAMBE_KEY_PASSPHRASE", "--rotate-cluster-key"):
@@ -36,7 +36,7 @@ def test_deploy_help_teaches_the_sources_trust_and_exit_codes():
 
 
 def test_deploy_needs_exactly_one_cluster_source():
-    result = subprocess.run([sys.executable, "-m", "flambe_iac.deploy_cli", "--key", "k"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "flambe_iac.cli.deploy", "--key", "k"], capture_output=True,
                             text=True)
     assert result.returncode == 2
     assert "one of the arguments --outputs --stack --cluster is required" in result.stderr
@@ -53,8 +53,8 @@ class NoPulumi:
 sys.meta_path.insert(0, NoPulumi())
 from gevent import monkey
 monkey.patch_all()
-import flambe_iac.deploy_cli, flambe_iac.check_cli, flambe_iac.driver, flambe_iac.lab, flambe_iac.run_cli
-import flambe_iac.deploys.steps, flambe_iac.console_host_keys, flambe_iac.aws_preflight, flambe_iac.aws
+import flambe_iac.cli.deploy, flambe_iac.cli.check, flambe_iac.engine.driver, flambe_iac.lab, flambe_iac.cli.run
+import flambe_iac.deploys.steps, flambe_iac.ssh.console_pins, flambe_iac.aws.preflight, flambe_iac.aws.client
 print("deploy side imported")
 """
 

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from flambe_iac.cluster_key import CREATED, KEPT, ROTATED, HeldKey, decide_cluster_key, new_cluster_key
+from flambe_iac.engine.cluster_key import CREATED, KEPT, ROTATED, HeldKey, decide_cluster_key, new_cluster_key
 
 K1, K2, K3 = (new_cluster_key("flambe-cluster:c1") for _ in range(3))
 

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from flambe_iac.console_host_keys import fetch_console_host_keys, parse_console_host_keys
+from flambe_iac.ssh.console_pins import fetch_console_host_keys, parse_console_host_keys
 
 
 @pytest.fixture(scope="module")

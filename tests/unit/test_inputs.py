@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from flambe_iac.cluster_file import load_cluster_file
+from flambe_iac.inputs.cluster_file import load_cluster_file
 from flambe_iac.errors import InputError
-from flambe_iac.host_keys import choose_host_key_policy, keys_in, read_known_hosts
-from flambe_iac.cluster_key import cluster_key_from_private, new_cluster_key
-from flambe_iac.keys import PASSPHRASE_VARIABLE, is_encrypted, load_user_key, public_key_fingerprint
-from flambe_iac.plan import connect_addresses
-from flambe_iac.resources import checksums, local_tree, parse_resources
-from flambe_iac.secrets_file import HiddenBytes, read_secrets_file, secrets_parser
-from flambe_iac.connection import SshTarget, rsync_command, ssh_options
-from flambe_iac.pulumi_cli import load_stack
+from flambe_iac.ssh.host_keys import choose_host_key_policy, keys_in, read_known_hosts
+from flambe_iac.engine.cluster_key import cluster_key_from_private, new_cluster_key
+from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE, is_encrypted, load_user_key, public_key_fingerprint
+from flambe_iac.inputs.plan import connect_addresses
+from flambe_iac.inputs.resources import checksums, local_tree, parse_resources
+from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file, secrets_parser
+from flambe_iac.ssh.policy import SshTarget, rsync_command, ssh_options
+from flambe_iac.inputs.pulumi_cli import load_stack
 
 SECRET = "s3cr3t-value-%-with-percent"
 
@@ -328,7 +328,7 @@ def test_a_signal_while_inputs_are_read_still_ends_with_its_code_and_a_report(tm
     (bin_dir / "pulumi").write_text(f"#!/bin/sh\ntouch {tmp_path}/asked\nexec sleep 60\n")
     (bin_dir / "pulumi").chmod(0o755)
     report = tmp_path / "report.json"
-    deploy = subprocess.Popen([sys.executable, "-m", "flambe_iac.deploy_cli", "--stack", "dev", "--key",
+    deploy = subprocess.Popen([sys.executable, "-m", "flambe_iac.cli.deploy", "--stack", "dev", "--key",
                                str(tmp_path / "key"), "--report", str(report)],
                               env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -5,7 +5,7 @@ import pytest
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, PRIVATE, PUBLIC
 from flambe_iac.errors import EXIT_BAD_INPUT, InputError
-from flambe_iac.outputs import load_outputs, outputs_document, parse_outputs
+from flambe_iac.inputs.outputs import load_outputs, outputs_document, parse_outputs
 
 VALID = {
     "flambe_outputs_version": 1,

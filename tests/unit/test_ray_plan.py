@@ -12,8 +12,8 @@ from flambe_iac.deploys import ray as ray_step
 from flambe_iac.deploys.ray import RayCluster, RayUnavailable
 from flambe_iac.deploys.snapshot import HostSnapshot, parse_snapshot, snapshot_command, SnapshotRequest
 from flambe_iac.errors import InputError
-from flambe_iac.plan import DeployRequest, check_ray_request
-from flambe_iac.ray_cluster import (
+from flambe_iac.inputs.plan import DeployRequest, check_ray_request
+from flambe_iac.engine.ray_cluster import (
     EMPTY_SHA256,
     RAY_STATE,
     HeldToken,

@@ -1,8 +1,8 @@
 import pytest
 
-from flambe_iac.cluster_key import new_cluster_key, updated_authorized_keys
-from flambe_iac.connection import ssh_config_block, updated_ssh_config
-from flambe_iac.remote_layout import manifest, members_known_hosts
+from flambe_iac.engine.cluster_key import new_cluster_key, updated_authorized_keys
+from flambe_iac.ssh.policy import ssh_config_block, updated_ssh_config
+from flambe_iac.engine.remote_layout import manifest, members_known_hosts
 
 NEW = "ssh-ed25519 AAAANEW flambe-cluster:c1"
 OLD = "ssh-ed25519 AAAAOLD flambe-cluster:c1"

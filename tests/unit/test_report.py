@@ -1,14 +1,14 @@
 import io
 import json
 
-from flambe_iac.report import CHANGED, FAILED, PENDING, SKIPPED, UNCHANGED, DeployReport, HostReport, ProgressView, summary
+from flambe_iac.engine.report import CHANGED, FAILED, PENDING, SKIPPED, UNCHANGED, DeployReport, HostReport, ProgressView, summary
 
 STEPS = ("cluster key", "secrets", "resources", "manifest")
 
 
 def host(host_id, role, address):
     entry = HostReport(host_id, role, address, {})
-    from flambe_iac.report import StepResult
+    from flambe_iac.engine.report import StepResult
 
     entry.steps = {name: StepResult() for name in STEPS}
     for name in ("cluster key", "secrets", "manifest"):

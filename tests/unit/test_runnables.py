@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from flambe_iac.errors import InputError
-from flambe_iac.extensions import GIT, LOCAL, PYPI, checkout, parse_location, redact_url
+from flambe_iac.inputs.extensions import GIT, LOCAL, PYPI, checkout, parse_location, redact_url
 from flambe_iac.runnable import secrets_config
-from flambe_iac.runnable_file import check_runnable_class, load_runnable_file
+from flambe_iac.inputs.runnable_file import check_runnable_class, load_runnable_file
 from runnable_fixtures import make_repository, runnable_yaml, write_extension
 
 CANARY = "canary-%-runnable-secret"
@@ -139,7 +139,7 @@ def test_checkout_errors_are_input_errors(repository, tmp_path):
 
 
 def flambe_run(*arguments, home):
-    return subprocess.run([sys.executable, "-m", "flambe_iac.run_cli", *arguments], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flambe_iac.cli.run", *arguments], capture_output=True, text=True,
                           env={**os.environ, "HOME": str(home)})
 
 

@@ -7,7 +7,7 @@ import moto
 import pytest
 from moto import mock_aws
 
-from flambe_iac.outputs import parse_outputs
+from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
 from flambe_iac.stacks.cluster_config import load_config
 from pulumi_harness import COMPONENT, ALARM, INSTANCE, MotoMocks, moto_network, run_program

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flambe_iac.keys import public_key_fingerprint
-from flambe_iac.names import refuse_line_breaks
+from flambe_iac.ssh.user_key import public_key_fingerprint
+from flambe_iac.inputs.names import refuse_line_breaks
 
 KEPT, CREATED, ROTATED = "kept", "created", "rotated"
 

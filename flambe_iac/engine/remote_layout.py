@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from flambe_iac.names import refuse_line_breaks
+from flambe_iac.inputs.names import refuse_line_breaks
 
 CLUSTER_PRIVATE_KEY = "ray_bootstrap_key.pem"
 CLUSTER_PUBLIC_KEY = "ray_bootstrap_key.pub"

@@ -5,7 +5,7 @@ asked steps from the step table -> run every host's steps, each host in a greenl
 
 Each phase runs all hosts at once. Whatever happens on one host (an exception of any kind included) fails that
 host with its cause and never stops the others; the report's table of outcomes is the only source of `ok`.
-The caller must have patched the standard library with gevent (`flambe_iac.deploy_cli` does, first thing).
+The caller must have patched the standard library with gevent (`flambe_iac.cli.deploy` does, first thing).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import gevent
 from pyinfra.api.operations import run_host_op
 from pyinfra.context import ctx_host, ctx_state
 
-from flambe_iac.cluster_key import (
+from flambe_iac.engine.cluster_key import (
     BUSY,
     LOCKED,
     HeldKey,
@@ -32,7 +32,7 @@ from flambe_iac.cluster_key import (
     new_cluster_key,
     parse_retired_list,
 )
-from flambe_iac.connection import (
+from flambe_iac.ssh.policy import (
     HeldCommand,
     RemoteCommandError,
     SshPolicy,
@@ -45,15 +45,15 @@ from flambe_iac.deploys.ray import RayCluster
 from flambe_iac.deploys.snapshot import SnapshotError, read_snapshot
 from flambe_iac.deploys.steps import STEP_NAMES, StepContext, asked_steps, extension_sources, snapshot_request
 from flambe_iac.cluster import ORCHESTRATOR
-from flambe_iac.plan import DeployPlan
-from flambe_iac.ray_cluster import RAY_TOKEN, HeldToken, new_ray_token, token_sha256, token_sources
-from flambe_iac.remote_layout import (
+from flambe_iac.inputs.plan import DeployPlan
+from flambe_iac.engine.ray_cluster import RAY_TOKEN, HeldToken, new_ray_token, token_sha256, token_sources
+from flambe_iac.engine.remote_layout import (
     CLUSTER_PRIVATE_KEY,
     CLUSTER_PUBLIC_KEY,
     DEPLOY_LOCK,
     RETIRED_KEYS,
 )
-from flambe_iac.report import CHANGED, FAILED, UNCHANGED, DeployReport, HostReport, ProgressView, StepResult
+from flambe_iac.engine.report import CHANGED, FAILED, UNCHANGED, DeployReport, HostReport, ProgressView, StepResult
 
 SNAPSHOT_TIMEOUT = 120.0
 CLEANUP_TIMEOUT = 10.0

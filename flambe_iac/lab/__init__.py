@@ -32,7 +32,7 @@ from pathlib import Path
 from flambe_iac import __version__
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.errors import EXIT_OK, InputError, LabError, exit_code_of
-from flambe_iac.outputs import outputs_document
+from flambe_iac.inputs.outputs import outputs_document
 
 NETNS_PREFIX = "flambe-"
 DEFAULT_SUBNET = "10.213.0.0/16"

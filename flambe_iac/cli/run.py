@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(arguments: argparse.Namespace) -> int:
-    from flambe_iac.plan import load_runnable
-    from flambe_iac.resources import parse_resources
+    from flambe_iac.inputs.plan import load_runnable
+    from flambe_iac.inputs.resources import parse_resources
     from flambe_iac.runnable import RunnableError, run_runnable, secrets_config
-    from flambe_iac.runnable_file import import_paths
-    from flambe_iac.secrets_file import read_secrets_file
+    from flambe_iac.inputs.runnable_file import import_paths
+    from flambe_iac.inputs.secrets_file import read_secrets_file
 
     secrets = choose_secrets(arguments.secrets)
     if secrets is not None:

@@ -20,9 +20,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flambe_iac.keys import PASSPHRASE_VARIABLE
-from flambe_iac.names import refuse_line_breaks
-from flambe_iac.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
+from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE
+from flambe_iac.inputs.names import refuse_line_breaks
+from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 
 ASKPASS_SCRIPT = f'#!/bin/sh\nprintf "%s\\n" "${PASSPHRASE_VARIABLE}"\n'
 
@@ -74,7 +74,7 @@ def parse_jump(text: str | None) -> str | None:
     if text is None:
         return None
     from flambe_iac.errors import InputError
-    from flambe_iac.names import check_address, check_ssh_user
+    from flambe_iac.inputs.names import check_address, check_ssh_user
 
     user, _, rest = text.rpartition("@")
     host, _, port = rest.partition(":")

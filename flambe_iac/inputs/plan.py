@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flambe_iac.cluster import ADDRESS_KINDS, PRIVATE, PUBLIC, Cluster, Host
-from flambe_iac.connection import parse_jump
+from flambe_iac.ssh.policy import parse_jump
 from flambe_iac.errors import InputError
-from flambe_iac.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
-from flambe_iac.keys import UserKey, load_user_key
-from flambe_iac.resources import Resource, parse_resources
-from flambe_iac.secrets_file import HiddenBytes, read_secrets_file
+from flambe_iac.ssh.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
+from flambe_iac.ssh.user_key import UserKey, load_user_key
+from flambe_iac.inputs.resources import Resource, parse_resources
+from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file
 
 EXTENSION_CACHE = Path("~/.flambe/cache/extensions")
 
@@ -86,17 +86,17 @@ class DeployPlan:
 
 def load_cluster(request: DeployRequest):
     """The cluster as a ClusterSource: with the key and setup commands its source names (only a cluster file)."""
-    from flambe_iac.cluster_file import ClusterSource
+    from flambe_iac.inputs.cluster_file import ClusterSource
 
     if request.outputs is not None:
-        from flambe_iac.outputs import load_outputs
+        from flambe_iac.inputs.outputs import load_outputs
 
         return ClusterSource(load_outputs(request.outputs), None)
     if request.stack is not None:
-        from flambe_iac.pulumi_cli import load_stack
+        from flambe_iac.inputs.pulumi_cli import load_stack
 
         return ClusterSource(load_stack(request.stack, request.stack_directory), None)
-    from flambe_iac.cluster_file import load_cluster_file
+    from flambe_iac.inputs.cluster_file import load_cluster_file
 
     return load_cluster_file(request.cluster_file)
 
@@ -145,7 +145,7 @@ def build_plan(request: DeployRequest) -> DeployPlan:
 
 
 def check_ray_request(request: DeployRequest) -> str:
-    from flambe_iac.ray_cluster import DEFAULT_RAY_PYTHON, check_ray_python
+    from flambe_iac.engine.ray_cluster import DEFAULT_RAY_PYTHON, check_ray_python
 
     if request.ray and request.ray_stop:
         raise InputError("--ray starts Ray and --ray-stop stops it: give one of them")
@@ -169,8 +169,8 @@ def load_runnable(path: Path | None) -> tuple[object | None, list, list[str]]:
     """The runnable file, its extensions fetched locally with the user's git, and its resources as NAME=PATH."""
     if path is None:
         return None, [], []
-    from flambe_iac.extensions import checkout
-    from flambe_iac.runnable_file import check_runnable_class, import_paths, load_runnable_file
+    from flambe_iac.inputs.extensions import checkout
+    from flambe_iac.inputs.runnable_file import check_runnable_class, import_paths, load_runnable_file
 
     runnable = load_runnable_file(path)
     cache = EXTENSION_CACHE.expanduser()

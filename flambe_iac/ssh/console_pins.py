@@ -13,7 +13,7 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from flambe_iac.keys import public_key_fingerprint
+from flambe_iac.ssh.user_key import public_key_fingerprint
 
 KEYS_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"
 KEYS_END = "-----END SSH HOST KEY KEYS-----"
@@ -87,7 +87,7 @@ def console_output(ec2, instance_id: str) -> str:
 
 def console_keys_by_address(region: str, members: list[tuple[str, str]], timeout: float) -> dict[str, list[str]]:
     """{address: keys} for MEMBERS [(instance id, address)], read with boto3's default credentials."""
-    from flambe_iac.aws import aws_errors, ec2_client
+    from flambe_iac.aws.client import aws_errors, ec2_client
 
     ec2 = ec2_client(region)
     with aws_errors("reading host keys from EC2 console output (ec2:GetConsoleOutput)",

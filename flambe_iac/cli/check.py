@@ -48,8 +48,8 @@ def main(argv: list[str]) -> int:
 
 
 def run_check(arguments: argparse.Namespace) -> int:
-    from flambe_iac.aws import ec2_client
-    from flambe_iac.aws_preflight import FAIL, check_network
+    from flambe_iac.aws.client import ec2_client
+    from flambe_iac.aws.preflight import FAIL, check_network
 
     deploy_cidr = parse_cidr(arguments.from_cidr) if arguments.from_cidr else None
     source = read_source(arguments)
@@ -60,7 +60,7 @@ def run_check(arguments: argparse.Namespace) -> int:
         deploy_cidr = this_machines_address()
     member_ports = ()
     if arguments.ray:
-        from flambe_iac.ray_cluster import MEMBER_PORT_RANGES as member_ports
+        from flambe_iac.engine.ray_cluster import MEMBER_PORT_RANGES as member_ports
     findings = check_network(network, deploy_cidr, member_ports)
     for finding in findings:
         print(f"{finding.status}  {finding.check}: {finding.detail}")
@@ -84,7 +84,7 @@ def read_source(arguments: argparse.Namespace) -> dict:
         return source_from_config(arguments.config)
     if arguments.stack is not None:
         return source_from_stack(arguments.stack)
-    from flambe_iac.outputs import load_outputs
+    from flambe_iac.inputs.outputs import load_outputs
 
     cluster = load_outputs(arguments.outputs)
     return {"region": cluster.region, "instance_ids": [host.id for host in cluster.members]}
@@ -102,7 +102,7 @@ def source_from_config(path: Path) -> dict:
 
 
 def source_from_stack(stack: str) -> dict:
-    from flambe_iac.pulumi_cli import stack_config
+    from flambe_iac.inputs.pulumi_cli import stack_config
 
     return config_values(stack_config(stack), f"stack {stack!r}")
 
@@ -128,8 +128,8 @@ def config_values(config: dict, source: str) -> dict:
 
 
 def read_network(ec2, source: dict):
-    from flambe_iac.aws import aws_errors
-    from flambe_iac.aws_preflight import Network
+    from flambe_iac.aws.client import aws_errors
+    from flambe_iac.aws.preflight import Network
 
     with aws_errors("reading the network (ec2:Describe*)"):
         if "instance_ids" in source:

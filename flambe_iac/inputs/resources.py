@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flambe_iac.errors import InputError
-from flambe_iac.names import check_tree_name
+from flambe_iac.inputs.names import check_tree_name
 
 
 # One entry of a tree: ("f", path, size, mtime) for a file, ("d", path) for a directory, ("l", path, target).

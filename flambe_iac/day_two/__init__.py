@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flambe_iac.cluster import ADDRESS_KINDS, ORCHESTRATOR, PUBLIC, Cluster, Host
-from flambe_iac.connection import SshPolicy, SshTarget, rsync_pull_command, ssh_options
+from flambe_iac.ssh.policy import SshPolicy, SshTarget, rsync_pull_command, ssh_options
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, InputError
-from flambe_iac.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, RESOURCES_DIR, RUN_EXIT, RUN_LOG, RUN_PID
-from flambe_iac.ray_cluster import RAY_STATE
+from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, RESOURCES_DIR, RUN_EXIT, RUN_LOG, RUN_PID
+from flambe_iac.engine.ray_cluster import RAY_STATE
 
 ROLES = ("all", "orchestrator", "factories")
 SSH_CONFIG_DIR = Path("~/.flambe/ssh")
@@ -74,7 +74,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_access(arguments: argparse.Namespace) -> Access:
-    from flambe_iac.plan import DeployRequest, access_parts
+    from flambe_iac.inputs.plan import DeployRequest, access_parts
 
     request = DeployRequest(outputs=arguments.outputs, stack=arguments.stack, cluster_file=arguments.cluster,
                             key=arguments.key, known_hosts=arguments.known_hosts, address_kind=arguments.address,
@@ -231,7 +231,7 @@ class HostStatus:
 
 
 def parse_status(alias: str, address: str, returncode: int, output: str, stderr: str) -> HostStatus:
-    from flambe_iac.cluster_key import fingerprint_or_none
+    from flambe_iac.engine.cluster_key import fingerprint_or_none
 
     sections: dict[str, list[str]] = {}
     current = None

@@ -11,7 +11,7 @@ from typing import Any
 
 from flambe_iac.cluster import Cluster
 from flambe_iac.errors import InputError
-from flambe_iac.outputs import MASKED, parse_outputs
+from flambe_iac.inputs.outputs import MASKED, parse_outputs
 
 PULUMI_TIMEOUT = 300
 

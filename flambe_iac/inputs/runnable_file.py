@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flambe_iac.errors import InputError
-from flambe_iac.extensions import ExtensionLocation, parse_location
+from flambe_iac.inputs.extensions import ExtensionLocation, parse_location
 
 RUNNABLE_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 RUNNABLE_KEYS = {"runnable", "args", "resources"}

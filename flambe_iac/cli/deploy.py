@@ -154,7 +154,7 @@ def non_negative_number(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check"]:
-        from flambe_iac.check_cli import main as check_main
+        from flambe_iac.cli.check import main as check_main
 
         return check_main(argv[1:])
     if argv[:1] and argv[0] in DAY_TWO_COMMANDS:
@@ -209,8 +209,8 @@ def configure_logging(verbosity: int) -> None:
 
 
 def deploy(arguments: argparse.Namespace, early_sigterm) -> int:
-    from flambe_iac.plan import DeployRequest, build_plan
-    from flambe_iac.report import summary
+    from flambe_iac.inputs.plan import DeployRequest, build_plan
+    from flambe_iac.engine.report import summary
 
     wait = arguments.wait if arguments.wait is not None else (0.0 if arguments.cluster else 300.0)
     try:
@@ -231,7 +231,7 @@ def deploy(arguments: argparse.Namespace, early_sigterm) -> int:
         if arguments.report:
             write_input_error_report(arguments.report, str(error))
         raise
-    from flambe_iac.driver import run_deploy
+    from flambe_iac.engine.driver import run_deploy
 
     early_sigterm.cancel()
     report = run_deploy(plan, sys.stderr)
@@ -278,14 +278,14 @@ def install_locally(plan) -> None:
 
 
 def follow_log_hint(plan) -> str:
-    from flambe_iac.remote_layout import RUN_LOG
+    from flambe_iac.engine.remote_layout import RUN_LOG
 
     command = orchestrator_ssh_command(plan, f"tail -f {RUN_LOG}")
     return f"the runnable started on the orchestrator; follow its log with:\n  {command}"
 
 
 def dashboard_hint(plan) -> str:
-    from flambe_iac.ray_cluster import DASHBOARD_PORT
+    from flambe_iac.engine.ray_cluster import DASHBOARD_PORT
 
     forward = f"{DASHBOARD_PORT}:localhost:{DASHBOARD_PORT}"
     command = orchestrator_ssh_command(plan, options=("-N", "-L", forward))
@@ -297,7 +297,7 @@ def orchestrator_ssh_command(plan, *command: str, options: tuple[str, ...] = ())
     """The ssh command line that reaches the orchestrator with the project's SSH policy."""
     import shlex
 
-    from flambe_iac.connection import SshTarget, ssh_options
+    from flambe_iac.ssh.policy import SshTarget, ssh_options
 
     target = SshTarget(plan.address(plan.cluster.orchestrator), plan.cluster.ssh_user, plan.user_key.path,
                        plan.host_keys.known_hosts, jump=plan.jump)
