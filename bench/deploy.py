@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flambe_iac import lab
+from flambe_iac.lab import build, model, teardown
 
 SIZES = (1, 4, 16, 32)
 
@@ -50,11 +50,11 @@ def run_measured(argv: list[str], environment: dict | None = None) -> tuple[floa
     return elapsed, usage.ru_maxrss, usage.ru_utime + usage.ru_stime, busy
 
 
-def reset_hosts(lab_dir: Path, state: lab.LabState) -> None:
+def reset_hosts(lab_dir: Path, state: model.LabState) -> None:
     """Put every home back as `flambe-lab up` left it, so the next deploy is a first run."""
-    user_key = (lab_dir / lab.USER_KEY_FILE).with_suffix(".pub").read_text()
+    user_key = (lab_dir / model.USER_KEY_FILE).with_suffix(".pub").read_text()
     for host in state.hosts:
-        home = lab.host_dir(lab_dir, host) / "home" / state.user
+        home = model.host_dir(lab_dir, host) / "home" / state.user
         for entry in home.iterdir():
             if entry.name != ".ssh":
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -75,15 +75,15 @@ def make_inputs(directory: Path, resource_kib: int) -> tuple[Path, Path]:
     return secrets, resource
 
 
-def measure_sizes(lab_dir: Path, state: lab.LabState, outputs: dict, secrets: Path, resource: Path, repeats: int,
+def measure_sizes(lab_dir: Path, state: model.LabState, outputs: dict, secrets: Path, resource: Path, repeats: int,
                   work: Path, baseline: Path | None, sizes: list[int]) -> None:
     results = {}
     for size in sizes:
         trimmed = work / f"outputs-{size}.json"
         trimmed.write_text(json.dumps({**outputs, "factories": outputs["factories"][: size - 1]}))
         command = ["ip", "netns", "exec", state.client_netns, sys.executable, "-m", "flambe_iac.cli.deploy",
-                   "--outputs", str(trimmed), "--key", str(lab_dir / lab.USER_KEY_FILE),
-                   "--known-hosts", str(lab_dir / lab.KNOWN_HOSTS_FILE), "--secrets", str(secrets),
+                   "--outputs", str(trimmed), "--key", str(lab_dir / model.USER_KEY_FILE),
+                   "--known-hosts", str(lab_dir / model.KNOWN_HOSTS_FILE), "--secrets", str(secrets),
                    "--resource", f"data={resource}", "--fan-out", "direct"]
         first, rerun, memory, client_cpu, busy = [], [], [], [], []
         old_first, old_rerun = [], []
@@ -122,12 +122,12 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="also measure the flambe_iac package in DIR, in turns with this one")
     arguments = parser.parse_args()
-    lab.check_can_run_lab()
+    build.check_can_run_lab()
     work = Path(tempfile.mkdtemp(prefix="flambe-bench-"))
     lab_dir = work / "lab"
-    state = lab.up(lab_dir, max(arguments.hosts))
+    state = build.up(lab_dir, max(arguments.hosts))
     try:
-        outputs = json.loads((lab_dir / lab.OUTPUTS_FILE).read_text())
+        outputs = json.loads((lab_dir / model.OUTPUTS_FILE).read_text())
         for resource_kib in arguments.resource_kib:
             print(f"resource of {resource_kib} KiB, secrets, cluster key; medians of {arguments.repeats} runs:")
             inputs = work / f"inputs-{resource_kib}"
@@ -137,7 +137,7 @@ def main() -> int:
         help_times = [run_measured([sys.executable, "-m", "flambe_iac.cli.deploy", "--help"])[0] for _ in range(20)]
         print(f"flambe-deploy --help: median {statistics.median(help_times):.3f} s (20 runs)")
     finally:
-        lab.down(lab_dir)
+        teardown.down(lab_dir)
         shutil.rmtree(work)
     return 0
 

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flambe_iac import lab
+from flambe_iac.lab import build, teardown
 
 
 def time_up(host_count: int, repeats: int) -> list[float]:
@@ -18,9 +18,9 @@ def time_up(host_count: int, repeats: int) -> list[float]:
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="flambe-bench-") as directory:
             started = time.perf_counter()
-            lab.up(Path(directory), host_count)
+            build.up(Path(directory), host_count)
             durations.append(time.perf_counter() - started)
-            lab.down(Path(directory))
+            teardown.down(Path(directory))
     return durations
 
 
@@ -28,7 +28,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     arguments = parser.parse_args()
-    lab.check_can_run_lab()
+    build.check_can_run_lab()
     medians = {}
     for host_count in (1, 32):
         durations = time_up(host_count, arguments.repeats)

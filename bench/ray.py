@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flambe_iac import lab
+from flambe_iac.lab import build, model, teardown
 from flambe_iac.ssh.policy import SshTarget, ssh_options
 from flambe_iac.engine.ray_cluster import GCS_PORT, new_ray_token, start_command
 from relay import timed  # bench/, the script's own directory
@@ -27,13 +27,13 @@ from relay import timed  # bench/, the script's own directory
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def by_hand(lab_dir: Path, state: lab.LabState, python: str) -> list[str]:
+def by_hand(lab_dir: Path, state: model.LabState, python: str) -> list[str]:
     """One ssh to the head, then one to each worker at once: token, then `ray start`, with our options."""
     token = new_ray_token().decode()
     head = state.hosts[0].address
 
     def ssh(address: str, command: str) -> str:
-        target = SshTarget(address, state.user, lab_dir / lab.USER_KEY_FILE, lab_dir / lab.KNOWN_HOSTS_FILE)
+        target = SshTarget(address, state.user, lab_dir / model.USER_KEY_FILE, lab_dir / model.KNOWN_HOSTS_FILE)
         write_token = f"umask 077; mkdir -p .ray; printf %s {token} > .ray/auth_token; "
         return shlex.join(["ssh", *ssh_options(target), f"{state.user}@{address}", write_token + command])
 
@@ -44,12 +44,12 @@ def by_hand(lab_dir: Path, state: lab.LabState, python: str) -> list[str]:
     return ["ip", "netns", "exec", state.client_netns, "sh", "-c", script]
 
 
-def ray_memory_mib(lab_dir: Path, state: lab.LabState) -> list[float]:
+def ray_memory_mib(lab_dir: Path, state: model.LabState) -> list[float]:
     """Resident memory of each host's processes other than sshd and its sessions."""
     sizes = []
     for host in state.hosts:
         total = 0
-        for pid in lab.namespace_pids([host.netns]):
+        for pid in teardown.namespace_pids([host.netns]):
             try:
                 name = Path(f"/proc/{pid}/comm").read_text().strip()
                 status = Path(f"/proc/{pid}/status").read_text()
@@ -67,16 +67,16 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     arguments = parser.parse_args()
-    lab.check_can_run_lab()
+    build.check_can_run_lab()
     python = subprocess.run([str(ROOT / "scripts" / "lab-ray-python")], capture_output=True, text=True,
                             check=True).stdout.strip()
     work = Path(tempfile.mkdtemp(prefix="flambe-bench-ray-"))
     lab_dir = work / "lab"
-    state = lab.up(lab_dir, arguments.hosts)
+    state = build.up(lab_dir, arguments.hosts)
     try:
         deploy = ["ip", "netns", "exec", state.client_netns, "env", f"HOME={work}", sys.executable, "-m",
-                  "flambe_iac.cli.deploy", "--outputs", str(lab_dir / lab.OUTPUTS_FILE), "--key",
-                  str(lab_dir / lab.USER_KEY_FILE), "--known-hosts", str(lab_dir / lab.KNOWN_HOSTS_FILE)]
+                  "flambe_iac.cli.deploy", "--outputs", str(lab_dir / model.OUTPUTS_FILE), "--key",
+                  str(lab_dir / model.USER_KEY_FILE), "--known-hosts", str(lab_dir / model.KNOWN_HOSTS_FILE)]
         start, stop = [*deploy, "--ray", "--ray-python", python], [*deploy, "--ray-stop", "--ray-python", python]
         timed(stop)  # the cluster key and manifest in place: what follows times Ray alone
         times: dict[str, list[float]] = {"by hand": [], "first": [], "re-run": [], "stop": []}
@@ -100,7 +100,7 @@ def main() -> int:
         print(f"  memory of Ray's processes: head {per_host[0]:.0f} MiB, workers "
               f"{', '.join(f'{size:.0f}' for size in per_host[1:])} MiB; {sum(per_host) / 1024:.2f} GiB in all")
     finally:
-        lab.down(lab_dir)
+        teardown.down(lab_dir)
         shutil.rmtree(work)
     return 0
 

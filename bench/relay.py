@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flambe_iac import lab
+from flambe_iac.lab import build, model, teardown
 from flambe_iac.ssh.policy import SshTarget, rsync_command
 
 
@@ -30,20 +30,20 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def clear_resources(lab_dir: Path, state: lab.LabState) -> None:
+def clear_resources(lab_dir: Path, state: model.LabState) -> None:
     for host in state.hosts:
-        shutil.rmtree(lab.host_dir(lab_dir, host) / "home" / state.user / "resources", ignore_errors=True)
+        shutil.rmtree(model.host_dir(lab_dir, host) / "home" / state.user / "resources", ignore_errors=True)
 
 
-def in_client(state: lab.LabState, *argv: str) -> list[str]:
+def in_client(state: model.LabState, *argv: str) -> list[str]:
     return ["ip", "netns", "exec", state.client_netns, *argv]
 
 
-def plain_parallel_rsync(lab_dir: Path, state: lab.LabState, addresses: list[str], resource: Path) -> list[str]:
+def plain_parallel_rsync(lab_dir: Path, state: model.LabState, addresses: list[str], resource: Path) -> list[str]:
     """What a user without flambe-deploy would run: one rsync per host, all at once."""
     rsyncs = []
     for address in addresses:
-        target = SshTarget(address, state.user, lab_dir / lab.USER_KEY_FILE, lab_dir / lab.KNOWN_HOSTS_FILE)
+        target = SshTarget(address, state.user, lab_dir / model.USER_KEY_FILE, lab_dir / model.KNOWN_HOSTS_FILE)
         rsyncs.append(" ".join(subprocess.list2cmdline([part]) for part in
                                rsync_command(f"{resource}/", "resources/data/", target)))
     return in_client(state, "sh", "-c", " & ".join(rsyncs) + " & wait")
@@ -56,16 +56,16 @@ def main() -> int:
     parser.add_argument("--uplink-mbit", type=float, default=100.0)
     parser.add_argument("--repeats", type=int, default=3)
     arguments = parser.parse_args()
-    lab.check_can_run_lab()
+    build.check_can_run_lab()
     work = Path(tempfile.mkdtemp(prefix="flambe-bench-relay-"))
     lab_dir = work / "lab"
-    state = lab.up(lab_dir, max(arguments.hosts), uplink_mbit=arguments.uplink_mbit)
+    state = build.up(lab_dir, max(arguments.hosts), uplink_mbit=arguments.uplink_mbit)
     try:
         resource = work / "data"
         resource.mkdir()
         for index in range(4):
             (resource / f"part-{index}.bin").write_bytes(os.urandom(arguments.megabytes * 1_000_000 // 4))
-        outputs = json.loads((lab_dir / lab.OUTPUTS_FILE).read_text())
+        outputs = json.loads((lab_dir / model.OUTPUTS_FILE).read_text())
         limit = arguments.megabytes * 8 / arguments.uplink_mbit
         print(f"{arguments.megabytes} MB resource, uplink {arguments.uplink_mbit:g} Mbit/s both ways "
               f"(crossing it once takes {limit:.2f} s at the least); medians of {arguments.repeats} first runs:")
@@ -78,8 +78,8 @@ def main() -> int:
             trimmed = work / f"outputs-{size}.json"
             trimmed.write_text(json.dumps({**outputs, "factories": outputs["factories"][: size - 1]}))
             deploy = in_client(state, sys.executable, "-m", "flambe_iac.cli.deploy", "--outputs", str(trimmed),
-                               "--key", str(lab_dir / lab.USER_KEY_FILE), "--known-hosts",
-                               str(lab_dir / lab.KNOWN_HOSTS_FILE), "--resource", f"data={resource}")
+                               "--key", str(lab_dir / model.USER_KEY_FILE), "--known-hosts",
+                               str(lab_dir / model.KNOWN_HOSTS_FILE), "--resource", f"data={resource}")
             plain = plain_parallel_rsync(lab_dir, state, [host.address for host in state.hosts[:size]], resource)
             times: dict[str, list[float]] = {"plain": [], "direct": [], "relay": []}
             for _ in range(arguments.repeats):
@@ -92,7 +92,7 @@ def main() -> int:
                   f"{relay_s:.2f} s; relay/plain {relay_s / plain_s:.2f}x, relay/direct {relay_s / direct_s:.2f}x, "
                   f"relay/uplink-once {relay_s / once:.2f}x")
     finally:
-        lab.down(lab_dir)
+        teardown.down(lab_dir)
         shutil.rmtree(work)
     return 0
 

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from gevent.fileobject import FileObjectPosix
 from pyinfra.api import FunctionCommand, operation
 
-from flambe_iac.ssh.policy import RemoteCommandError, RsyncJob, run_remote
+from flambe_iac.engine.remote_probes import checksums_command, parse_checksums
+from flambe_iac.ssh.channel import RemoteCommandError, run_remote
+from flambe_iac.ssh.policy import RsyncJob
 from flambe_iac.engine.relay import Relay
 from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.inputs.secrets_file import HiddenBytes
@@ -166,21 +168,13 @@ def _transfer_tree(state, host, transfer: Transfer, causes: dict, notes: list) -
 
 def verify_tree(host, destination: str, checksums: dict[str, str]) -> str | None:
     """None if the host's copy holds exactly the files CHECKSUMS names, with those sha256; else what differs."""
-    # openssl's sha256 uses the CPU's SHA instructions: five times faster than coreutils' sha256sum here.
-    command = (f"cd {shlex.quote(destination)} && if command -v openssl >/dev/null 2>&1; "
-               "then hash='openssl dgst -sha256 -r'; else hash='sha256sum --'; fi; "
-               "find . -type f -print0 | xargs -0 -r $hash")
     try:
-        result = run_remote(host, command, timeout=VERIFY_TIMEOUT)
+        result = run_remote(host, checksums_command(destination), timeout=VERIFY_TIMEOUT)
     except RemoteCommandError as error:
         return f"could not check ~/{destination} against its checksums: {error}"
     if result.exit_code != 0:
         return f"could not check ~/{destination} against its checksums: {result.reason}"
-    found = {}
-    for line in result.stdout.decode(errors="surrogateescape").splitlines():
-        digest, _, path = line.partition(" ")
-        path = path[1:] if path.startswith(("*", " ")) else path  # openssl: "HASH *PATH"; sha256sum: "HASH  PATH"
-        found[path[2:] if path.startswith("./") else path] = digest
+    found = parse_checksums(result.stdout.decode(errors="surrogateescape").splitlines())
     differing = sorted(path for path in set(found) | set(checksums) if found.get(path) != checksums.get(path))
     if not differing:
         return None

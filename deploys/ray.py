@@ -1,20 +1,14 @@
-"""`--ray`: the token on every member, the head on the orchestrator, a worker on every factory (see ray_cluster).
+"""`--ray`: the token on every member, the head on the orchestrator, a worker on every factory.
 
-Members run their steps at once, each in its own greenlet; `RayCluster` is what they share: a factory's worker
-starts only once the head is up (or known to be up already), and `--run` starts the runnable only once every
-worker has joined. Whatever ends a member's run early resolves what others wait for (`member_finished`), so no
-member waits for one that stopped.
+What the members share and wait for is `engine.ray_settlement.RayCluster`; the commands are `engine.ray_cluster`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from gevent.event import AsyncResult
 from pyinfra.api import FunctionCommand, operation
 
 from flambe_iac.cluster import ORCHESTRATOR
-from flambe_iac.ssh.policy import RemoteCommandError, run_remote
+from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 from flambe_iac.deploys.operations import staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import (
@@ -22,79 +16,15 @@ from flambe_iac.engine.ray_cluster import (
     HEAD_PROCESSES,
     RAY_STATE,
     RAY_TOKEN,
-    WORKER_PROCESSES,
-    desired_state,
     parse_start_output,
-    parse_state,
     start_command,
     stop_command,
 )
-from flambe_iac.inputs.secrets_file import HiddenBytes
+from flambe_iac.engine.ray_settlement import Head, RayCluster, RayUnavailable, outcome_of
 
 READS = SnapshotRequest(files=(RAY_TOKEN,), contents=(RAY_STATE,), processes=(*HEAD_PROCESSES,),
                         tools=("pgrep", "tar"))
 START_TIMEOUT = 300.0
-MEMBERS_WAIT_TIMEOUT = 8 * 3600.0  # the head may come after hours of setup commands
-
-
-class RayUnavailable(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class Head:
-    address: str
-    version: str
-    started_by: str
-
-
-@dataclass
-class RayCluster:
-    """This run's Ray plan, decided from every member's snapshot, and what members wait for from each other."""
-
-    token: HiddenBytes
-    python: str
-    head_address: str
-    run_id: str
-    head_starts: bool
-    head: AsyncResult = field(default_factory=AsyncResult)  # a Head, or RayUnavailable
-    workers: dict[str, AsyncResult] = field(default_factory=dict)  # factory id -> True once joined, else a cause
-
-    @classmethod
-    def plan(cls, token: bytes, python: str, orchestrator, factories: list, orchestrator_snapshot, run_id: str):
-        head_address = orchestrator.private_ip
-        cluster = cls(HiddenBytes(token), python, head_address, run_id, head_starts=True,
-                      workers={factory.id: AsyncResult() for factory in factories})
-        if orchestrator_snapshot is None:
-            cluster.head.set_exception(RayUnavailable("the orchestrator was not reached"))
-            return cluster
-        recorded = parse_state(orchestrator_snapshot.contents.get(RAY_STATE))
-        if recorded.desired == cluster.head_desired and set(HEAD_PROCESSES) <= orchestrator_snapshot.running:
-            cluster.head_starts = False
-            cluster.head.set(Head(head_address, recorded.ray_version, recorded.started_by))
-        return cluster
-
-    @property
-    def head_desired(self) -> str:
-        return desired_state("head", self.python, self.head_address, self.token.data)
-
-    def worker_desired(self, head_started_by: str) -> str:
-        return desired_state("worker", self.python, self.head_address, self.token.data, head_started_by)
-
-    def worker_must_start(self, snapshot: HostSnapshot) -> bool:
-        if self.head_starts or not self.head.successful():
-            return True
-        recorded = parse_state(snapshot.contents.get(RAY_STATE))
-        return not (recorded.desired == self.worker_desired(self.head.value.started_by)
-                    and set(WORKER_PROCESSES) <= snapshot.running)
-
-    def member_finished(self, member, cause: str | None) -> None:
-        """MEMBER's run ended (done, failed or never reached): whatever it had not yet resolved, it never will."""
-        cause = cause or "it stopped before its Ray step"
-        if member.role == ORCHESTRATOR and not self.head.ready():
-            self.head.set_exception(RayUnavailable(f"the orchestrator failed: {cause}"))
-        elif member.id in self.workers and not self.workers[member.id].ready():
-            self.workers[member.id].set(cause)
 
 
 def reads(context) -> SnapshotRequest:
@@ -102,7 +32,7 @@ def reads(context) -> SnapshotRequest:
 
 
 def ray_step(context, member, snapshot: HostSnapshot) -> list:
-    if context.plan.ray_stop:
+    if context.plan.request.ray_stop:
         stopping = RAY_STATE in snapshot.contents or snapshot.running
         return [stop_ray(name="stop Ray", python=context.plan.ray_python, causes=context.causes)] if stopping else []
     ray: RayCluster = context.ray
@@ -142,15 +72,6 @@ def _start_head(state, host, ray: RayCluster, member, causes: dict, details: dic
 @operation(is_idempotent=False)
 def start_worker(ray: RayCluster, member, causes: dict, details: dict):
     yield FunctionCommand(_start_worker, (ray, member, causes, details), {})
-
-
-def outcome_of(result: AsyncResult, what: str):
-    """What another member published, waiting for it; RayUnavailable if it failed or never came (gevent's own
-    Timeout is not an Exception, and would end the host's greenlet without a cause)."""
-    result.wait(MEMBERS_WAIT_TIMEOUT)
-    if not result.ready():
-        raise RayUnavailable(f"{what} did not come within {MEMBERS_WAIT_TIMEOUT / 3600:.0f} h")
-    return result.get()
 
 
 def _start_worker(state, host, ray: RayCluster, member, causes: dict, details: dict) -> bool:

@@ -10,6 +10,7 @@ from flambe_iac.deploys.operations import staged_files, synced_tree
 from flambe_iac.deploys.ray import wait_for_workers
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import runner_environment
+from flambe_iac.engine.remote_probes import RUNNABLE_RUNNING
 from flambe_iac.engine.remote_layout import RUN_EXIT, RUN_LOG, RUN_PID, RUN_PLAN, RUNNER_LIBRARY
 from flambe_iac.inputs.secrets_file import HiddenBytes
 
@@ -30,7 +31,7 @@ def launch_runnable(context, member, snapshot: HostSnapshot) -> list:
         staged_files(name="run plan", files=[(RUN_PLAN, HiddenBytes(context.run_plan), "644")], snapshot=snapshot,
                      staging=context.staging, causes=context.causes),
         *waits,
-        detached_run(name="start the runnable", force=context.plan.force,
+        detached_run(name="start the runnable", force=context.plan.request.force,
                      python=ray_cluster.python if ray_cluster is not None else "python3",
                      environment=runner_environment(ray_cluster.head_address) if ray_cluster is not None else {}),
     ]
@@ -41,8 +42,6 @@ def detached_run(force: bool, python: str, environment: dict[str, str]):
     """Refuse while an earlier run lives (unless FORCE, which stops it first); then start the runner in a
     session of its own (setsid), its output in the log, its pid in the pid file. With Ray, PYTHON is the
     Ray Python and ENVIRONMENT names the cluster, so a plain ray.init() joins it."""
-    running = (f'[ -f {RUN_PID} ] && pid=$(cat {RUN_PID}) && kill -0 "$pid" 2>/dev/null '
-               f'&& grep -q flambe_iac.runnable "/proc/$pid/cmdline" 2>/dev/null')
     if force:
         on_running = 'kill -TERM "-$pid" 2>/dev/null; sleep 1; kill -KILL "-$pid" 2>/dev/null; true'
     else:
@@ -52,6 +51,6 @@ def detached_run(force: bool, python: str, environment: dict[str, str]):
     runner = (f'{exports}PYTHONPATH="$HOME/{RUNNER_LIBRARY}" {shlex.quote(python)} -m flambe_iac.runnable {RUN_PLAN}; '
               f"echo $? > {RUN_EXIT}")
     yield StringCommand(
-        f"if {running}; then {on_running}; fi; rm -f {RUN_EXIT}; "
+        f"if {RUNNABLE_RUNNING}; then {on_running}; fi; rm -f {RUN_EXIT}; "
         f"setsid nohup sh -c {shlex.quote(runner)} > {RUN_LOG} 2>&1 < /dev/null & echo $! > {RUN_PID}"
     )

@@ -50,13 +50,13 @@ STEPS: tuple[Step, ...] = (
     Step("resources", resources.reads, lambda plan, member: bool(plan.resources), resources.sync_resources),
     Step("extensions", extensions.reads, lambda plan, member: bool(plan.extension_trees),
          extensions.push_extensions),
-    Step("install", lambda context: SnapshotRequest(), lambda plan, member: plan.install_extensions,
+    Step("install", lambda context: SnapshotRequest(), lambda plan, member: plan.request.install_extensions,
          extensions.install_extensions),
     Step("setup", lambda context: SnapshotRequest(), lambda plan, member: bool(plan.setup_commands),
          setup.run_setup_commands),
-    Step("ray", ray.reads, lambda plan, member: plan.ray or plan.ray_stop, ray.ray_step),
+    Step("ray", ray.reads, lambda plan, member: plan.request.ray or plan.request.ray_stop, ray.ray_step),
     Step("manifest", lambda context: manifest.READS, always, manifest.write_manifest),
-    Step("run", runnable.reads, lambda plan, member: plan.run and member.role == ORCHESTRATOR,
+    Step("run", runnable.reads, lambda plan, member: plan.request.run and member.role == ORCHESTRATOR,
          runnable.launch_runnable),
 )
 STEP_NAMES = tuple(step.name for step in STEPS)
@@ -128,7 +128,7 @@ class StepContext:
 
     @cached_property
     def expected_trees(self) -> dict[str, set]:
-        trees = [*self.plan.resources, *self.plan.extension_trees] + ([self.runner_library] if self.plan.run else [])
+        trees = [*self.plan.resources, *self.plan.extension_trees] + ([self.runner_library] if self.plan.request.run else [])
         return {tree.remote_directory: local_tree(tree) for tree in trees}
 
     def transfers(self, member: Member, trees: list[Resource], relayed: bool = True) -> list[Transfer]:
@@ -145,7 +145,7 @@ class StepContext:
             serves_relay=relay is not None and is_orchestrator,
             relay_to=member.private_ip if relay is not None and not is_orchestrator else None,
             relay_user=self.plan.cluster.ssh_user,
-            connect_timeout=self.plan.connect_timeout,
+            connect_timeout=self.plan.request.connect_timeout,
         ) for tree in trees]
 
     @cached_property

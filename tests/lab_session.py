@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-FLAMBE_LAB = [sys.executable, "-m", "flambe_iac.lab"]
+FLAMBE_LAB = [sys.executable, "-m", "flambe_iac.cli.lab"]
 
 
 def require_lab_support() -> None:

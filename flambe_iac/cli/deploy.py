@@ -1,5 +1,7 @@
 """flambe-deploy: hand a cluster its own key pair, the secrets and the resources, over SSH with only your key.
 
+One argparse tree: `deploy` (the default: `flambe-deploy ARGS` is `flambe-deploy deploy ARGS`), `check` and the
+day-two commands, every one of which that reaches hosts shares the cluster source and SSH options of `source`.
 Start-up imports only the standard library; pyinfra, paramiko and gevent load once the inputs are valid
 and a deploy is about to run.
 """
@@ -8,15 +10,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 from flambe_iac import __version__
-from flambe_iac.cluster import ADDRESS_KINDS, PUBLIC
+from flambe_iac.cli import check, day_two
+from flambe_iac.cli.source import add_source_options, non_negative_number
+from flambe_iac.engine.ray_cluster import DASHBOARD_PORT
+from flambe_iac.engine.remote_layout import RUN_LOG
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError, exit_code_of
+from flambe_iac.inputs.plan import DeployRequest, build_plan
+from flambe_iac.local_files import write_json_atomically
+from flambe_iac.ssh.policy import ssh_command_line
 
-DAY_TWO_COMMANDS = ("ssh-config", "exec", "download", "status")
+DEFAULT_COMMAND = "deploy"
 
 DESCRIPTION = """\
 Push to every host of a cluster, all hosts at once, over SSH with only the key you give:
@@ -30,13 +40,8 @@ Host keys are always checked: against --known-hosts, against keys pinned by an e
 against the keys their console output shows, or, only with --trust-on-first-use, accepted now and pinned in
 ~/.flambe/known_hosts/<cluster>. No ssh-agent, no default keys, no agent forwarding. Nothing secret is printed.
 
-Before the first deploy to AWS, `flambe-deploy check --help` shows a read-only preflight of the network.
-
-Day two, with the same cluster sources and SSH policy (each has --help):
-  flambe-deploy ssh-config ...  [--write]      ssh_config blocks: `ssh CLUSTER-orchestrator` just works
-  flambe-deploy exec ... -- CMD                run CMD on every host at once, output prefixed by host
-  flambe-deploy download ... --remote PATH --to DIR   rsync PATH back from every host into DIR/HOST/
-  flambe-deploy status ...                     reachable? one cluster key? resources intact? the runnable?"""
+commands (each has --help; with none, flambe-deploy deploys):
+{commands}"""
 
 EPILOG = """\
 where the cluster comes from (exactly one):
@@ -66,29 +71,53 @@ exit codes: 0 every host done, 1 some host failed (the others finished), 2 bad i
 An encrypted --key is unlocked with $FLAMBE_KEY_PASSPHRASE, or by asking on a terminal."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flambe-deploy", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+class CommandTree(argparse.ArgumentParser):
+    """flambe-deploy's parser. A bare `flambe-deploy ARGS...` (no command word first) is the deploy, as it always was."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        if not args or args[0] not in self.command_names:
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_known_args(args, namespace)
+
+    @property
+    def command_names(self) -> tuple[str, ...]:
+        return tuple(self._subparsers._group_actions[0].choices)
+
+
+def build_parser() -> CommandTree:
+    tree = CommandTree(prog="flambe-deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Deploy to a cluster's hosts over SSH with only your key, check its network, "
+                                   "and work with it on day two.")
+    tree.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
+    commands = tree.add_subparsers(dest="command", metavar="COMMAND", parser_class=argparse.ArgumentParser)
+    deploy_parser = add_deploy_command(commands)
+    check.add_command(commands)
+    day_two.add_commands(commands)
+    listing = "\n".join(f"  {name:<12} {action.help}" for name, action in
+                         ((choice.dest, choice) for choice in commands._choices_actions))
+    deploy_parser.description = DESCRIPTION.format(commands=listing)
+    tree.description += "\n\ncommands:\n" + listing
+    return tree
+
+
+def add_deploy_command(commands) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        DEFAULT_COMMAND, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="push the cluster key, secrets, resources and extensions to every host (the default command)")
+    parser.set_defaults(handler=run_deploy_command)
+    add_source_options(parser)
     parser.add_argument("runnable_file", nargs="?", type=Path, metavar="runnable.yaml",
                         help="a runnable file: its resources and extensions are pushed too (see flambe-run --help)")
-    source = parser.add_argument_group("cluster (exactly one)").add_mutually_exclusive_group(required=True)
-    source.add_argument("--outputs", type=Path, metavar="FILE", help="stack outputs JSON (contract v1)")
-    source.add_argument("--stack", metavar="NAME", help="read the outputs of this Pulumi stack")
-    source.add_argument("--cluster", type=Path, metavar="FILE", help="your own hosts, Flambé SSHCluster YAML")
-    parser.add_argument("--key", type=Path, metavar="PATH",
-                        help="private key the hosts accept (the EC2 key pair's); default: the cluster file's `key`")
     parser.add_argument("--secrets", type=Path, metavar="FILE", help="secrets ini, to ~/secret.ini on every host")
-    parser.add_argument("--resource", action="append", default=[], metavar="NAME=PATH",
+    parser.add_argument("--resource", dest="resources", action="append", default=[], metavar="NAME=PATH",
                         help="rsync PATH to ~/resources/NAME/ on every host (repeatable)")
-    trust = parser.add_mutually_exclusive_group()
-    trust.add_argument("--known-hosts", type=Path, metavar="FILE", help="pinned host keys of the members")
-    trust.add_argument("--trust-on-first-use", action="store_true",
-                       help="accept the keys hosts present now and pin them in ~/.flambe/known_hosts/<cluster>")
+    parser.add_argument("--trust-on-first-use", action="store_true",
+                        help="instead of --known-hosts: accept the keys hosts present now and pin them in "
+                             "~/.flambe/known_hosts/<cluster>")
     parser.add_argument("--host-key-timeout", type=non_negative_number, default=300, metavar="SECONDS",
-                       help="EC2 clusters without --known-hosts: how long to wait for each instance's console output "
-                            "to show its host keys (default 300)")
-    parser.add_argument("--address", choices=ADDRESS_KINDS, default=PUBLIC,
-                        help="which address to reach the hosts by (default public; private from inside the VPC)")
+                        help="EC2 clusters without --known-hosts: how long to wait for each instance's console "
+                             "output to show its host keys (default 300)")
     parser.add_argument("--fan-out", choices=("direct", "relay"),
                         help="how resources and extensions reach the factories: relay (the default with factories) "
                              "sends each tree once over your uplink, to the orchestrator, which rsyncs it on to the "
@@ -112,56 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the hosts' Python that has Ray, the same on every host (default python3)")
     ray.add_argument("--ray-stop", action="store_true", help="stop Ray on every host")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the per-host, per-step report as JSON")
-    parser.add_argument("--connect-timeout", type=positive_int, default=10, metavar="SECONDS",
-                        help="give up on one connection attempt that gets no answer within this (default 10)")
     parser.add_argument("--wait", type=non_negative_number, metavar="SECONDS",
                         help="keep retrying hosts that refuse connections or time out (instances still booting), "
                              "with backoff, for up to this long (default 300 with --stack or --outputs, 0 with "
                              "--cluster)")
-    parser.add_argument("--setup", action="append", default=[], metavar="CMD",
+    parser.add_argument("--setup", dest="setup_commands", action="append", default=[], metavar="CMD",
                         help="a command to run on every host, through its login shell, after the files are in place "
                              "and before --run (repeatable, in order; after the cluster file's setup_cmds)")
-    parser.add_argument("--jump", metavar="[USER@]HOST[:PORT]",
-                        help="reach every host through this bastion (OpenSSH ProxyCommand with -W): your key is used "
-                             "from here, never copied there or forwarded; its host key must be pinned too")
-    parser.add_argument("--cwd", type=Path, metavar="DIR", help="with --stack: the Pulumi project's directory")
     parser.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="show pyinfra's progress (-v) and debug detail (-vv); never secret values")
     return parser
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of seconds, at least 1, not {text!r}")
-    return value
-
-
-def non_negative_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, not {text!r}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["check"]:
-        from flambe_iac.cli.check import main as check_main
-
-        return check_main(argv[1:])
-    if argv[:1] and argv[0] in DAY_TWO_COMMANDS:
-        from flambe_iac.day_two import main as day_two_main
-
-        return exit_code_of(f"flambe-deploy {argv[0]}", lambda: day_two_main(argv))
     arguments = build_parser().parse_args(argv)
+    return arguments.handler(arguments)
+
+
+def run_deploy_command(arguments: argparse.Namespace) -> int:
     patch_for_parallel_connections()
     early_sigterm = stop_on_sigterm_until_the_driver()
     configure_logging(arguments.verbose)
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         name = getattr(interrupt, "signal_name", "SIGINT")  # signals (and says where each host got to)
         print(f"flambe-deploy: interrupted ({name}) before anything was sent", file=sys.stderr)
         if arguments.report:
-            write_report_document(arguments.report, {"ok": False, "interrupted": name, "hosts": []})
+            write_json_atomically(arguments.report, {"ok": False, "interrupted": name, "hosts": []})
         return EXIT_INTERRUPTED[name]
 
 
@@ -209,63 +207,33 @@ def configure_logging(verbosity: int) -> None:
 
 
 def deploy(arguments: argparse.Namespace, early_sigterm) -> int:
-    from flambe_iac.inputs.plan import DeployRequest, build_plan
+    from flambe_iac.engine.driver import run_deploy
     from flambe_iac.engine.report import summary
 
-    wait = arguments.wait if arguments.wait is not None else (0.0 if arguments.cluster else 300.0)
     try:
-        plan = build_plan(DeployRequest(
-            outputs=arguments.outputs, stack=arguments.stack, cluster_file=arguments.cluster, key=arguments.key,
-            secrets=arguments.secrets, resources=arguments.resource, known_hosts=arguments.known_hosts,
-            trust_on_first_use=arguments.trust_on_first_use, address_kind=arguments.address,
-            rotate_cluster_key=arguments.rotate_cluster_key, connect_timeout=arguments.connect_timeout,
-            runnable_file=arguments.runnable_file, install_extensions=arguments.install_extensions,
-            run=arguments.run, force=arguments.force, host_key_timeout=arguments.host_key_timeout, wait=wait,
-            fan_out=arguments.fan_out, jump=arguments.jump, setup_commands=arguments.setup,
-            stack_directory=arguments.cwd, ray=arguments.ray, ray_stop=arguments.ray_stop,
-            ray_python=arguments.ray_python,
-        ))
-        if plan.install_extensions:
+        plan = build_plan(DeployRequest.from_arguments(arguments))
+        if plan.request.install_extensions:
             install_locally(plan)
     except InputError as error:
-        if arguments.report:
-            write_input_error_report(arguments.report, str(error))
+        if arguments.report:  # even bad input leaves a report, so a pipeline never reads an old one
+            write_json_atomically(arguments.report, {"ok": False, "input_error": str(error), "hosts": []})
         raise
-    from flambe_iac.engine.driver import run_deploy
-
     early_sigterm.cancel()
     report = run_deploy(plan, sys.stderr)
     if arguments.report:
         report.write(arguments.report)
     print(summary(report))
-    if plan.ray and report.ok:
+    if plan.request.ray and report.ok:
         print(dashboard_hint(plan))
-    if plan.run and report.ok:
+    if plan.request.run and report.ok:
         print(follow_log_hint(plan))
     if report.interrupted:
         return EXIT_INTERRUPTED[report.interrupted]
     return EXIT_OK if report.ok else EXIT_HOST_FAILED
 
 
-def write_input_error_report(path: Path, message: str) -> None:
-    """Even bad input leaves a report, so a pipeline that reads it never reads an old one."""
-    write_report_document(path, {"ok": False, "input_error": message, "hosts": []})
-
-
-def write_report_document(path: Path, document: dict) -> None:
-    import json
-
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    partial.replace(path)
-
-
 def install_locally(plan) -> None:
     """-i: the extensions into this Python too, so the runnable also runs here (flambe-run)."""
-    import subprocess
-
-    from flambe_iac.errors import InputError
-
     targets = [str(tree.path) for tree in plan.extension_trees] + plan.extension_requirements
     if not targets:
         return
@@ -278,15 +246,11 @@ def install_locally(plan) -> None:
 
 
 def follow_log_hint(plan) -> str:
-    from flambe_iac.engine.remote_layout import RUN_LOG
-
     command = orchestrator_ssh_command(plan, f"tail -f {RUN_LOG}")
     return f"the runnable started on the orchestrator; follow its log with:\n  {command}"
 
 
 def dashboard_hint(plan) -> str:
-    from flambe_iac.engine.ray_cluster import DASHBOARD_PORT
-
     forward = f"{DASHBOARD_PORT}:localhost:{DASHBOARD_PORT}"
     command = orchestrator_ssh_command(plan, options=("-N", "-L", forward))
     return (f"Ray runs (head on the orchestrator). Its dashboard listens only on the orchestrator's 127.0.0.1; "
@@ -295,13 +259,8 @@ def dashboard_hint(plan) -> str:
 
 def orchestrator_ssh_command(plan, *command: str, options: tuple[str, ...] = ()) -> str:
     """The ssh command line that reaches the orchestrator with the project's SSH policy."""
-    import shlex
-
-    from flambe_iac.ssh.policy import SshTarget, ssh_options
-
-    target = SshTarget(plan.address(plan.cluster.orchestrator), plan.cluster.ssh_user, plan.user_key.path,
-                       plan.host_keys.known_hosts, jump=plan.jump)
-    return shlex.join(["ssh", *ssh_options(target), *options, f"{target.user}@{target.address}", *command])
+    target = plan.ssh_policy().target(plan.address(plan.cluster.orchestrator))
+    return shlex.join(ssh_command_line(target, *command, options=options))
 
 
 if __name__ == "__main__":

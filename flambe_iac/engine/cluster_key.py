@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flambe_iac.ssh.user_key import public_key_fingerprint
+from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, RETIRED_KEYS
 from flambe_iac.inputs.names import refuse_line_breaks
+from flambe_iac.ssh.user_key import public_key_fingerprint
 
 KEPT, CREATED, ROTATED = "kept", "created", "rotated"
 
@@ -118,6 +119,46 @@ def decide_cluster_key(held: list[HeldKey], rotate: bool) -> KeyDecision:
     return KeyDecision(KEPT, keep, [member.host for member in eligible[keep]], retired | others, note)
 
 
+@dataclass(frozen=True)
+class SettledKey:
+    """The key this run installs, and what the cluster has retired after it."""
+
+    key: ClusterKey
+    retired: set[str]
+    action: str
+    note: str | None
+
+
+def settle_cluster_key(snapshots: dict, orchestrator, rotate: bool, cluster_name: str, fetch_private) -> SettledKey:
+    """Keep the key the hosts hold (the hosts are the state), or make one; and what is retired.
+
+    SNAPSHOTS maps each reached member's handle to its snapshot; FETCH_PRIVATE(handle) returns the private key file's
+    bytes on that member, or None. A copy that cannot be read or does not match is passed over."""
+    held = [HeldKey(host, host is orchestrator,
+                    (snapshot.contents.get(CLUSTER_PUBLIC_KEY) or b"").decode(errors="replace").strip() or None,
+                    parse_retired_list(snapshot.contents.get(RETIRED_KEYS)))
+            for host, snapshot in snapshots.items()]
+    decision = decide_cluster_key(held, rotate)
+    comment = cluster_key_comment(cluster_name)
+    key = next(filter(None, (matching_key(fetch_private(host), decision.keep, comment) for host in decision.sources)),
+               None)
+    if decision.keep and key is None:
+        decision.note = f"no member could hand over the cluster key {decision.keep}; a new key replaces it"
+        decision.action, decision.retired = ROTATED, decision.retired | {decision.keep}
+    key = key or new_cluster_key(comment)
+    return SettledKey(key, decision.retired - {key.fingerprint}, decision.action, decision.note)
+
+
+def matching_key(private_openssh: bytes | None, fingerprint: str, comment: str) -> ClusterKey | None:
+    if private_openssh is None:
+        return None
+    try:
+        key = cluster_key_from_private(private_openssh, comment)
+    except (ValueError, TypeError):
+        return None  # unreadable or damaged: another host's copy, or a new key, will do
+    return key if key.fingerprint == fingerprint else None
+
+
 # -- authorized_keys
 
 
@@ -168,40 +209,3 @@ def retired_list(fingerprints: set[str]) -> bytes:
 def parse_retired_list(content: bytes | None) -> frozenset[str]:
     lines = (content or b"").decode(errors="replace").split()
     return frozenset(line for line in lines if line.startswith("SHA256:"))
-
-
-# -- one deploy at a time
-
-
-LOCKED, BUSY, NO_LOCK = "LOCKED", "BUSY", "NO-LOCK"
-LOCK_IDLE_SECONDS = 30  # the lock frees itself this long after its holder's heartbeat stops
-
-
-def deploy_lock_command(lock_path: str) -> str:
-    """Hold an flock on LOCK_PATH for as long as a heartbeat line arrives every few seconds; record who holds it.
-
-    Prints LOCKED (then holds), BUSY and the holder's line, or NO-LOCK where the host has no flock or bash.
-    """
-    import shlex
-
-    owner = shlex.quote(f"{lock_path}.owner")
-    script = (
-        f"umask 077; mkdir -p {shlex.quote(lock_path.rsplit('/', 1)[0])}; exec 9>>{shlex.quote(lock_path)}; "
-        f"if flock -n 9; then IFS= read -r holder; printf '%s\\n' \"$holder\" > {owner}; echo {LOCKED}; "
-        f"while IFS= read -r -t {LOCK_IDLE_SECONDS} _; do :; done; rm -f {owner}; "
-        f"else echo {BUSY}; cat {owner} 2>/dev/null; fi"
-    )
-    return (f"if command -v bash >/dev/null 2>&1 && command -v flock >/dev/null 2>&1; "
-            f"then exec bash -c {shlex.quote(script)}; else echo {NO_LOCK}; fi")
-
-
-def lock_holder_line() -> bytes:
-    """Who is deploying, from where and since when: what a second deploy is told."""
-    import datetime
-    import getpass
-    import os
-    import socket
-
-    since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    holder = f"{getpass.getuser()}@{socket.gethostname()} (pid {os.getpid()}) since {since}"
-    return holder.replace("\n", " ").encode() + b"\n"

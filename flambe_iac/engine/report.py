@@ -10,13 +10,14 @@ It holds statuses, durations, addresses and the cluster key's fingerprint; never
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+from flambe_iac.local_files import READABLE, write_atomically
 
 CHANGED, UNCHANGED, FAILED, SKIPPED, PENDING = "changed", "unchanged", "failed", "skipped", "pending"
 DONE = (CHANGED, UNCHANGED)
@@ -76,6 +77,17 @@ class DeployReport:
     def ok(self) -> bool:
         return self.interrupted is None and all(host.ok for host in self.hosts)
 
+    @classmethod
+    def for_plan(cls, plan, steps: tuple[str, ...], run_id: str) -> DeployReport:
+        """Every member, every step not yet asked."""
+        return cls(plan.cluster.name, [HostReport(member.id, member.role, plan.address(member),
+                                                  {name: StepResult() for name in steps})
+                                       for member in plan.cluster.members], run_id=run_id)
+
+    def settled_cluster_key(self, fingerprint: str, action: str, note: str | None) -> None:
+        self.cluster_key_fingerprint, self.cluster_key_action = fingerprint, action
+        self.notes.extend([note] if note else [])
+
     def close(self) -> None:
         """End of the run: whatever is still pending was not done."""
         reason = f"the deploy was interrupted ({self.interrupted})" if self.interrupted else "the run ended before it"
@@ -90,10 +102,7 @@ class DeployReport:
 
     def write(self, path: Path) -> None:
         """Atomically: a reader (CI) never sees half a report."""
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        partial.write_text(self.to_json())
-        partial.replace(path)
+        write_atomically(Path(path), self.to_json(), READABLE)
 
 
 LABELS = {CHANGED: "changed", UNCHANGED: "unchanged", FAILED: "FAILED", SKIPPED: "-", PENDING: "..."}

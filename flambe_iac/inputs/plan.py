@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from flambe_iac.cluster import ADDRESS_KINDS, PRIVATE, PUBLIC, Cluster, Host
-from flambe_iac.ssh.policy import parse_jump
+from flambe_iac.ssh.policy import SshPolicy, parse_jump
 from flambe_iac.errors import InputError
 from flambe_iac.ssh.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
 from flambe_iac.ssh.user_key import UserKey, load_user_key
@@ -18,7 +18,8 @@ EXTENSION_CACHE = Path("~/.flambe/cache/extensions")
 
 @dataclass(frozen=True)
 class DeployRequest:
-    """What the user asked for, as given on the command line."""
+    """What the user asked for, as given on the command line: each field is the `dest` of one flag, so adding a
+    flag is its parser entry and one field here."""
 
     outputs: Path | None = None
     stack: str | None = None
@@ -36,41 +37,46 @@ class DeployRequest:
     run: bool = False
     force: bool = False
     host_key_timeout: float = 300.0
-    wait: float = 0.0
+    wait: float | None = None  # None: 0 for a cluster file, 300 for a stack's instances (they may still boot)
     fan_out: str | None = None  # "direct" or "relay"; None: relay when there is a factory
     jump: str | None = None  # [USER@]HOST[:PORT]: a bastion for every connection
     setup_commands: list[str] = field(default_factory=list)
     stack_directory: Path | None = None  # --cwd: the Pulumi project's directory
-    ray: bool = False
+    ray: bool = False  # start Ray (head on the orchestrator, workers on the factories), or keep it
     ray_stop: bool = False
     ray_python: str | None = None
+
+    @classmethod
+    def from_arguments(cls, arguments) -> DeployRequest:
+        """The request an argparse namespace holds: every field that is one of its attributes."""
+        return cls(**{item.name: getattr(arguments, item.name) for item in fields(cls) if hasattr(arguments, item.name)})
 
 
 @dataclass(frozen=True)
 class DeployPlan:
+    """The request, and what was read and checked from it. Flags that need no reading are read from `request`."""
+
+    request: DeployRequest
     cluster: Cluster
-    address_kind: str
     user_key: UserKey
     host_keys: HostKeyPolicy
     secrets: HiddenBytes | None
     resources: list[Resource]
-    rotate_cluster_key: bool = False
-    connect_timeout: int = 10
     runnable: object | None = None  # a runnable_file.RunnableFile
     extensions: list = field(default_factory=list)  # extensions.Checkout, in the runnable file's order
-    install_extensions: bool = False
-    run: bool = False
-    force: bool = False
     wait: float = 0.0  # how long to keep retrying hosts whose sshd is not answering yet
     fan_out: str = "direct"  # "relay": trees cross the uplink once, to the orchestrator, which serves the factories
-    jump: str | None = None
     setup_commands: tuple[str, ...] = ()
-    ray: bool = False  # start Ray (head on the orchestrator, workers on the factories), or keep it
-    ray_stop: bool = False
     ray_python: str = "python3"  # the hosts' Python that has Ray
 
+    def ssh_policy(self) -> SshPolicy:
+        """How this machine reaches the members: the one SSH policy, with this plan's key, pins and bastion."""
+        return SshPolicy(self.cluster.ssh_user, self.user_key.path.resolve(), self.user_key.passphrase,
+                         self.host_keys.known_hosts.resolve(), self.request.connect_timeout,
+                         self.host_keys.strict_host_key_checking, jump=self.request.jump)
+
     def address(self, host: Host) -> str:
-        return host.address(self.address_kind)
+        return host.address(self.request.address_kind)
 
     @property
     def extension_requirements(self) -> list[str]:
@@ -117,29 +123,23 @@ def access_parts(request: DeployRequest):
 def build_plan(request: DeployRequest) -> DeployPlan:
     if (request.install_extensions or request.run) and request.runnable_file is None:
         raise InputError("-i and --run need a runnable file: flambe-deploy runnable.yaml --outputs ... --run")
+    if request.known_hosts is not None and request.trust_on_first_use:
+        raise InputError("--known-hosts pins the keys you hold; --trust-on-first-use accepts what hosts show: give one")
     ray_python = check_ray_request(request)
     cluster, user_key, host_keys, source = access_parts(request)
     runnable, extensions, runnable_resources = load_runnable(request.runnable_file)
     return DeployPlan(
+        request=request,
         cluster=cluster,
-        address_kind=request.address_kind,
         user_key=user_key,
         host_keys=host_keys,
         secrets=HiddenBytes(read_secrets_file(request.secrets)) if request.secrets else None,
         resources=parse_resources([*request.resources, *runnable_resources]),
-        rotate_cluster_key=request.rotate_cluster_key,
-        connect_timeout=request.connect_timeout,
         runnable=runnable,
         extensions=extensions,
-        install_extensions=request.install_extensions,
-        run=request.run,
-        force=request.force,
-        wait=request.wait,
+        wait=request.wait if request.wait is not None else (0.0 if request.cluster_file else 300.0),
         fan_out=request.fan_out or ("relay" if cluster.factories else "direct"),
-        jump=request.jump,
         setup_commands=(*source.setup_commands, *request.setup_commands),
-        ray=request.ray,
-        ray_stop=request.ray_stop,
         ray_python=ray_python,
     )
 

@@ -68,7 +68,7 @@ def pin_from_console(path: Path, console: ConsoleSource) -> None:
     made for another instance (the address was reused after a `pulumi destroy` and `up`) is dropped, and the new
     instance is pinned afresh from its own console output.
     """
-    from flambe_iac.ssh.console_pins import console_keys_by_address
+    from flambe_iac.aws.console import console_keys_by_address
 
     forget_other_instances(path, console.members)
     entries = read_known_hosts(path) if path.exists() else []

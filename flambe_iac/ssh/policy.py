@@ -5,14 +5,13 @@
   start (rsync's ssh) get the same policy.
 - Between members: the managed block of ~/.ssh/config that names the cluster key, IdentitiesOnly and strict
   host keys against the members' pinned keys.
-- Transfers use the exec channel only (`run_remote` with the bytes on stdin): a host whose sshd has no SFTP
-  subsystem gets everything, and no content ever appears on a command line.
 
 pyinfra, paramiko and gevent are imported inside the functions that need them, to keep start-up fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import shlex
@@ -37,6 +36,9 @@ class SshTarget:
     batch_mode: bool = True  # off only when an askpass helper must supply the key's passphrase
     jump: str | None = None  # [USER@]HOST[:PORT] of a bastion, reached under the same policy
 
+    def with_address(self, address: str) -> SshTarget:
+        return dataclasses.replace(self, address=address)
+
 
 def ssh_options(target: SshTarget) -> list[str]:
     """OpenSSH client options for TARGET: only its key, no agent, no config, strict pinned host keys; through the
@@ -57,6 +59,23 @@ def ssh_options(target: SshTarget) -> list[str]:
     if target.jump:
         options += ["-o", f"ProxyCommand={proxy_command(target)}"]
     return options
+
+
+def ssh_command_line(target: SshTarget, *command: str, options: tuple[str, ...] = ()) -> list[str]:
+    """ssh to TARGET under the policy, with extra OPTIONS (such as a port forward) and the remote COMMAND."""
+    return ["ssh", *ssh_options(target), *options, f"{target.user}@{target.address}", *command]
+
+
+def printed_config_block(alias: str, target: SshTarget) -> str:
+    """A Host block for the user's own ssh: the same policy as every connection flambe-deploy makes."""
+    refuse_line_breaks("ssh config", alias, target.address, target.user, str(target.key), str(target.known_hosts))
+    lines = [f"Host {alias}", f"    HostName {target.address}", f"    User {target.user}",
+             f"    IdentityFile {target.key}", "    IdentitiesOnly yes", "    IdentityAgent none",
+             "    ForwardAgent no", "    StrictHostKeyChecking yes", f"    UserKnownHostsFile {target.known_hosts}",
+             f"    ConnectTimeout {target.connect_timeout}"]
+    if target.jump:
+        lines.append(f"    ProxyCommand {proxy_command(target.with_address('%h'))}")
+    return "\n".join(lines) + "\n"
 
 
 def proxy_command(target: SshTarget) -> str:
@@ -226,80 +245,6 @@ def describe_connect_error(message: str, policy: SshPolicy, address: str) -> str
     return message or "could not connect"
 
 
-# -- the exec channel
-
-
-class RemoteCommandError(Exception):
-    """The connection failed while a command ran: the host's state after it is unknown."""
-
-
-@dataclass(frozen=True)
-class RemoteResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes = field(repr=False)
-
-    @property
-    def reason(self) -> str:
-        """The command's last error lines, for a cause in words."""
-        lines = [line.strip() for line in self.stderr.decode(errors="replace").splitlines() if line.strip()]
-        return "; ".join(lines[-3:]) or f"exit code {self.exit_code}"
-
-
-def run_remote(host, command: str, stdin: bytes = b"", timeout: float | None = None) -> RemoteResult:
-    """Run COMMAND on a connected pyinfra HOST over a fresh exec channel, with STDIN's bytes as its input.
-
-    Nothing is logged: STDIN may hold secrets, and stdout may hold the cluster's private key.
-    Raises RemoteCommandError when the channel cannot be opened or the connection drops.
-    """
-    import gevent
-
-    client = getattr(host.connector, "client", None)
-    transport = client.get_transport() if client is not None else None
-    if transport is None or not transport.is_active():
-        raise RemoteCommandError("the SSH connection is closed")
-    try:
-        channel = transport.open_session(timeout=30)
-    except Exception as error:  # paramiko raises SSHException, EOFError or socket errors here
-        raise RemoteCommandError(describe_channel_error(error)) from None
-    try:
-        with gevent.Timeout(timeout, RemoteCommandError(f"no answer within {timeout:g} s")):
-            channel.exec_command(command)
-            stderr_reader = gevent.spawn(_read_all, channel.recv_stderr)
-            if stdin:
-                channel.sendall(stdin)
-            channel.shutdown_write()
-            stdout = _read_all(channel.recv)
-            stderr = stderr_reader.get()
-            exit_code = channel.recv_exit_status()
-    except RemoteCommandError:
-        raise
-    except Exception as error:
-        raise RemoteCommandError(describe_channel_error(error)) from None
-    finally:
-        channel.close()
-    if exit_code == -1:
-        raise RemoteCommandError("the connection dropped before the command finished")
-    return RemoteResult(exit_code, stdout, stderr)
-
-
-def _read_all(receive) -> bytes:
-    chunks = []
-    while chunk := receive(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def describe_channel_error(error: BaseException) -> str:
-    text = str(error).strip()
-    if "administratively prohibited" in text or "Connect failed" in text or "ChannelException" in type(error).__name__:
-        return ("the host refused a new SSH session (is its sshd's MaxSessions too low? flambe-deploy needs 2): "
-                + (text or type(error).__name__))
-    if isinstance(error, EOFError) or not text:
-        return f"the connection dropped ({type(error).__name__})"
-    return f"the connection failed: {text}"
-
-
 # -- host to host
 
 
@@ -340,64 +285,3 @@ def updated_ssh_config(current: bytes, block: str, cluster_name: str) -> bytes:
         stop = len(text) if stop == -1 else text.find("\n", stop) + 1 or len(text)
         text = text[:start] + text[stop:]
     return (block + text).encode("utf-8", errors="surrogateescape")
-
-
-class HeldCommand:
-    """A remote command kept running for as long as we hold it, fed a heartbeat line every few seconds.
-
-    The remote side stops when the heartbeat stops (this process died, the network went away) or when `release`
-    closes its input: what it holds, such as a lock, never outlives its holder for long.
-    """
-
-    HEARTBEAT_SECONDS = 5.0
-
-    def __init__(self, host, command: str, first_input: bytes, timeout: float):
-        import gevent
-
-        client = getattr(host.connector, "client", None)
-        transport = client.get_transport() if client is not None else None
-        if transport is None or not transport.is_active():
-            raise RemoteCommandError("the SSH connection is closed")
-        try:
-            self.channel = transport.open_session(timeout=30)
-            self.channel.exec_command(command)
-            self.channel.sendall(first_input)
-            with gevent.Timeout(timeout, RemoteCommandError(f"no answer within {timeout:g} s")):
-                self.first_line = _read_line(self.channel)
-        except RemoteCommandError:
-            raise
-        except Exception as error:
-            raise RemoteCommandError(describe_channel_error(error)) from None
-        self.heartbeat = gevent.spawn(self._beat)
-
-    def _beat(self) -> None:
-        import gevent
-
-        while True:
-            gevent.sleep(self.HEARTBEAT_SECONDS)
-            try:
-                self.channel.sendall(b"\n")
-            except Exception:  # the channel is gone: the remote side has stopped by itself
-                return
-
-    def rest_of_output(self) -> bytes:
-        """Everything the command printed after its first line; it has ended by then."""
-        return _read_all(self.channel.recv)
-
-    def release(self) -> None:
-        self.heartbeat.kill(block=False)
-        try:
-            self.channel.shutdown_write()
-            self.channel.close()
-        except Exception:  # a connection that already dropped has released the remote side too
-            return
-
-
-def _read_line(channel) -> bytes:
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = channel.recv(1)
-        if not chunk:
-            break
-        line += chunk
-    return line.strip()

@@ -132,7 +132,7 @@ def test_status_names_every_host_and_says_when_one_is_not_healthy(day_two, tmp_p
 
 
 def test_every_command_answers_version():
-    for module in ("flambe_iac.cli.deploy", "flambe_iac.lab", "flambe_iac.cli.run"):
+    for module in ("flambe_iac.cli.deploy", "flambe_iac.cli.lab", "flambe_iac.cli.run"):
         result = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
         assert result.returncode == 0 and result.stdout.startswith("flambe-iac "), (module, result.stderr)
 

@@ -164,7 +164,7 @@ def test_max_sessions_one_on_the_orchestrator_is_named_without_verbose(make_lab,
 
 def test_two_deploys_at_once_leave_one_cluster_key(make_lab, tmp_path, deploy_inputs):
     lab = make_lab(4)
-    command = [sys.executable, "-m", "flambe_iac.lab", "exec", "--dir", str(lab.directory), "--",
+    command = [sys.executable, "-m", "flambe_iac.cli.lab", "exec", "--dir", str(lab.directory), "--",
                sys.executable, "-m", "flambe_iac.cli.deploy", *lab.lab_arguments(),
                "--secrets", str(deploy_inputs["secrets"])]
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -183,7 +183,7 @@ def test_two_deploys_at_once_leave_one_cluster_key(make_lab, tmp_path, deploy_in
 def test_a_second_deploy_without_wait_names_the_one_under_way(make_lab, tmp_path, deploy_inputs):
     lab = make_lab(2)
     holder = subprocess.Popen(  # a deploy that holds the lock for a while: a slow, large resource
-        [sys.executable, "-m", "flambe_iac.lab", "exec", "--dir", str(lab.directory), "--", "sh", "-c",
+        [sys.executable, "-m", "flambe_iac.cli.lab", "exec", "--dir", str(lab.directory), "--", "sh", "-c",
          f"exec {sys.executable} -m flambe_iac.cli.deploy {' '.join(lab.lab_arguments())} "
          f"--resource data={big_resource(tmp_path, 40)}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -219,7 +219,7 @@ def test_an_interrupt_mid_transfer_exits_130_or_143_and_the_next_run_converges(m
     throttle(lab, "100mbit")
     report = tmp_path / "report.json"
     deploy = subprocess.Popen(
-        [sys.executable, "-m", "flambe_iac.lab", "exec", "--dir", str(lab.directory), "--", sys.executable, "-m",
+        [sys.executable, "-m", "flambe_iac.cli.lab", "exec", "--dir", str(lab.directory), "--", sys.executable, "-m",
          "flambe_iac.cli.deploy", *lab.lab_arguments(), "--resource", f"data={resource}", "--report", str(report)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     time.sleep(1.0)

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from flambe_iac import lab as lab_module
+from flambe_iac.errors import LabError
 from flambe_iac.inputs.outputs import load_outputs
+from flambe_iac.lab import build, hosts, teardown
 from lab_session import LabSession, flambe_lab, lab_leftovers, machine_snapshot, require_lab_support
 
 pytestmark = pytest.mark.lab
@@ -128,7 +129,7 @@ def test_down_cleans_up_after_up_crashed_halfway(tmp_path, monkeypatch):
     """An `up` killed after starting two sshds, before it could clean up: `down` still removes it all."""
     require_lab_support()
     started = []
-    real_start_sshd = lab_module.start_sshd
+    real_start_sshd = build.start_sshd
 
     def start_two_then_crash(lab_dir, host):
         if len(started) == 2:
@@ -136,14 +137,14 @@ def test_down_cleans_up_after_up_crashed_halfway(tmp_path, monkeypatch):
         started.append(real_start_sshd(lab_dir, host))
         return started[-1]
 
-    monkeypatch.setattr(lab_module, "start_sshd", start_two_then_crash)
-    monkeypatch.setattr(lab_module, "down", lambda lab_dir: None)  # the crashed process never cleans up
+    monkeypatch.setattr(build, "start_sshd", start_two_then_crash)
+    monkeypatch.setattr(build, "down", lambda lab_dir: None)  # the crashed process never cleans up
     with pytest.raises(KeyboardInterrupt):
-        lab_module.up(tmp_path, 4)
+        build.up(tmp_path, 4)
     monkeypatch.undo()
     lab_id = json.loads((tmp_path / "lab.json").read_text())["lab_id"]
     deadline = time.monotonic() + 10
-    while not all(lab_module.pid_alive(pid) for pid in started) and time.monotonic() < deadline:
+    while not all(teardown.pid_alive(pid) for pid in started) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(lab_leftovers(lab_id)) >= 6
 
@@ -154,8 +155,8 @@ def test_down_cleans_up_after_up_crashed_halfway(tmp_path, monkeypatch):
 
 def test_a_failing_up_removes_what_it_made(tmp_path, monkeypatch):
     require_lab_support()
-    monkeypatch.setattr(lab_module, "boot_script", lambda directory, host: "exit 3\n")
-    with pytest.raises(lab_module.LabError, match="sshd on orchestrator exited"):
-        lab_module.up(tmp_path, 2)
+    monkeypatch.setattr(hosts, "boot_script", lambda directory, host: "exit 3\n")
+    with pytest.raises(LabError, match="sshd on orchestrator exited"):
+        build.up(tmp_path, 2)
     lab_id = json.loads((tmp_path / "lab.json").read_text())["lab_id"]
     assert lab_leftovers(lab_id) == []

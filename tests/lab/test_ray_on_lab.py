@@ -66,7 +66,7 @@ def client_ray_init(lab, python, address, environment: dict, ray_client: bool = 
     if ray_client:
         code = (f"import ray\nray.init({'ray://' + address + ':10001'!r})\n"
                 "print('CLIENT CONNECTED', ray.cluster_resources()['CPU'])")
-    return subprocess.Popen([sys.executable, "-m", "flambe_iac.lab", "exec", "--dir", str(lab.directory), "--",
+    return subprocess.Popen([sys.executable, "-m", "flambe_iac.cli.lab", "exec", "--dir", str(lab.directory), "--",
                              "env", "-i", "PATH=/usr/bin:/bin", "HOME=/nonexistent", *(f"{k}={v}" for k, v in
                                                                                        environment.items()),
                              python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -141,7 +141,7 @@ def test_the_runnable_spreads_one_task_per_host_and_only_token_holders_get_in(fr
     # The dashboard answers on the orchestrator's 127.0.0.1 only, through the printed tunnel.
     assert not answers(lab, orchestrator, 8265)
     tunnel_line = result.stdout.split("reach it at http://localhost:8265 with:\n", 1)[1].splitlines()[0]
-    tunnel = subprocess.Popen([sys.executable, "-m", "flambe_iac.lab", "exec", "--dir", str(lab.directory), "--",
+    tunnel = subprocess.Popen([sys.executable, "-m", "flambe_iac.cli.lab", "exec", "--dir", str(lab.directory), "--",
                                "bash", "-c", f"exec {tunnel_line.strip()}"], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

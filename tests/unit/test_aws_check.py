@@ -9,9 +9,13 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from flambe_iac.cli.check import main as check_main
+from flambe_iac.cli.deploy import main as deploy_main
 
 FROM = "203.0.113.7/32"
+
+
+def check_main(argv):
+    return deploy_main(["check", *argv])
 
 
 @pytest.fixture
@@ -152,7 +156,7 @@ def test_a_network_acl_without_return_traffic_fails(ec2, tmp_path, capsys):
 
 
 def test_without_from_and_no_way_to_find_the_address_those_checks_are_skipped(ec2, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("flambe_iac.cli.check.this_machines_address", lambda: None)
+    monkeypatch.setattr("flambe_iac.aws.network.this_machines_address", lambda: None)
     network = open_network(ec2, ssh=False)
     code, out, _ = run(capsys, "--config", str(write_config(tmp_path, network)))
     assert code == 0

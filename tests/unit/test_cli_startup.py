@@ -19,7 +19,7 @@ print("LOADED", loaded, file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("module", ["flambe_iac.cli.deploy", "flambe_iac.lab"])
+@pytest.mark.parametrize("module", ["flambe_iac.cli.deploy", "flambe_iac.cli.lab"])
 def test_help_loads_no_heavy_module(module):
     result = subprocess.run([sys.executable, "-c", PROBE.format(module=module, heavy=HEAVY)],
                             capture_output=True, text=True, check=True)
@@ -53,7 +53,7 @@ class NoPulumi:
 sys.meta_path.insert(0, NoPulumi())
 from gevent import monkey
 monkey.patch_all()
-import flambe_iac.cli.deploy, flambe_iac.cli.check, flambe_iac.engine.driver, flambe_iac.lab, flambe_iac.cli.run
+import flambe_iac.cli.deploy, flambe_iac.cli.check, flambe_iac.engine.driver, flambe_iac.cli.lab, flambe_iac.cli.run
 import flambe_iac.deploys.steps, flambe_iac.ssh.console_pins, flambe_iac.aws.preflight, flambe_iac.aws.client
 print("deploy side imported")
 """

@@ -4,7 +4,8 @@ import subprocess
 
 import pytest
 
-from flambe_iac.ssh.console_pins import fetch_console_host_keys, parse_console_host_keys
+from flambe_iac.aws.console import fetch_console_host_keys
+from flambe_iac.ssh.console_pins import parse_console_host_keys
 
 
 @pytest.fixture(scope="module")

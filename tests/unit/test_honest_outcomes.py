@@ -12,7 +12,7 @@ from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.ssh.host_keys import HostKeyPolicy
 from flambe_iac.ssh.user_key import UserKey
-from flambe_iac.inputs.plan import DeployPlan
+from flambe_iac.inputs.plan import DeployPlan, DeployRequest
 from flambe_iac.engine.report import CHANGED, FAILED, SKIPPED, summary
 from flambe_iac.inputs.secrets_file import HiddenBytes
 
@@ -23,17 +23,27 @@ def plan_for(tmp_path, factories=2) -> DeployPlan:
     members = [Host(f"h{index}", ORCHESTRATOR if index == 0 else FACTORY, f"10.0.0.{index + 1}", f"10.0.0.{index + 1}")
                for index in range(factories + 1)]
     cluster = Cluster("c1", "ubuntu", "lab", members[0], tuple(members[1:]))
-    return DeployPlan(cluster=cluster, address_kind="private", user_key=UserKey(tmp_path / "key"),
-                      host_keys=HostKeyPolicy(known_hosts, False), secrets=HiddenBytes(b"[a]\nk = v\n"),
+    return DeployPlan(request=DeployRequest(address_kind="private"), cluster=cluster,
+                      user_key=UserKey(tmp_path / "key"), host_keys=HostKeyPolicy(known_hosts, False), secrets=HiddenBytes(b"[a]\nk = v\n"),
                       resources=[])
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """Hosts that 'connect' and show an empty home, without any network."""
-    monkeypatch.setattr(driver.Deployment, "connect", lambda self, host: host)
-    monkeypatch.setattr(driver.Deployment, "take_lock", lambda self, host: True)
-    monkeypatch.setattr(driver.Deployment, "read_state", lambda self, host, request: HostSnapshot())
+class HeldLock:
+    first_line = b"LOCKED"
+
+    def release(self):
+        pass
+
+
+def connected(host, entry, wait, policy, view):
+    return True
+
+
+def offline(operations, connect=connected, snapshot=HostSnapshot):
+    """Stand-ins for everything that reaches a host: hosts that 'connect', hand over the lock and show an empty
+    home, without any network; OPERATIONS stands in for pyinfra's run_host_op."""
+    return dict(connect=connect, open_lock=lambda host: HeldLock(), read=lambda host, request, timeout: snapshot(),
+                run_operation=operations)
 
 
 def operations_that(behaviour):
@@ -55,12 +65,11 @@ def operations_that(behaviour):
 
 @pytest.mark.parametrize("error", [EOFError(), RuntimeError("boom"), OSError(28, "No space left on device"),
                                    KeyError("x")])
-def test_an_exception_on_one_host_fails_that_host_only_with_its_cause(tmp_path, offline, monkeypatch, error):
+def test_an_exception_on_one_host_fails_that_host_only_with_its_cause(tmp_path, error):
     def behaviour(host, call):
         if host == "h1" and call == 2:  # its second operation: the secrets, after the cluster key
             raise error
-    monkeypatch.setattr(driver, "run_host_op", operations_that(behaviour))
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False)
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False, **offline(operations_that(behaviour)))
 
     failed = report.hosts[1]
     assert failed.steps["cluster key"].status == CHANGED
@@ -77,9 +86,9 @@ def test_an_exception_on_one_host_fails_that_host_only_with_its_cause(tmp_path, 
         assert "connection to the host dropped" in failed.error
 
 
-def test_an_operation_that_fails_without_a_word_still_gets_a_cause(tmp_path, offline, monkeypatch):
-    monkeypatch.setattr(driver, "run_host_op", operations_that(lambda host, call: False if host == "h0" else None))
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False)
+def test_an_operation_that_fails_without_a_word_still_gets_a_cause(tmp_path):
+    silent_on_h0 = operations_that(lambda host, call: False if host == "h0" else None)
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False, **offline(silent_on_h0))
     orchestrator = report.hosts[0]
     assert orchestrator.steps["cluster key"].status == FAILED
     assert orchestrator.steps["cluster key"].cause  # never empty
@@ -88,37 +97,41 @@ def test_an_operation_that_fails_without_a_word_still_gets_a_cause(tmp_path, off
     assert [entry.ok for entry in report.hosts] == [False, True, True]
 
 
-def test_every_host_failing_is_a_failed_run_not_an_empty_success(tmp_path, offline, monkeypatch):
+def test_every_host_failing_is_a_failed_run_not_an_empty_success(tmp_path):
     def behaviour(host, call):
         raise ConnectionResetError("reset")
-    monkeypatch.setattr(driver, "run_host_op", operations_that(behaviour))
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False)
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False, **offline(operations_that(behaviour)))
     assert not report.ok
     assert all(entry.error for entry in report.hosts)
     assert "0 of 3 hosts done" in summary(report)
 
 
-def test_an_internal_error_before_the_steps_fails_every_asked_step(tmp_path, offline, monkeypatch):
-    def broken(self, snapshots):
-        raise RuntimeError("settling broke")
-    monkeypatch.setattr(driver.Deployment, "settle_cluster_key", broken)
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False)
+def test_an_internal_error_before_the_steps_fails_every_asked_step(tmp_path):
+    class Unreadable(HostSnapshot):
+        @property
+        def contents(self):
+            raise RuntimeError("settling broke")
+
+        @contents.setter
+        def contents(self, value):
+            pass
+
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False,
+                               **offline(operations_that(lambda host, call: None), snapshot=Unreadable))
     assert not report.ok
     assert any("internal error" in note for note in report.notes)
     assert {entry.steps["secrets"].status for entry in report.hosts} == {FAILED}
 
 
-def test_a_host_that_does_not_connect_fails_its_asked_steps(tmp_path, monkeypatch):
-    def connect(self, host):
+def test_a_host_that_does_not_connect_fails_its_asked_steps(tmp_path):
+    def connect(host, entry, wait, policy, view):
         if host.name == "h2":
-            self.entries[host].fail("no route to host")
-            return None
-        return host
-    monkeypatch.setattr(driver.Deployment, "connect", connect)
-    monkeypatch.setattr(driver.Deployment, "take_lock", lambda self, host: True)
-    monkeypatch.setattr(driver.Deployment, "read_state", lambda self, host, request: HostSnapshot())
-    monkeypatch.setattr(driver, "run_host_op", operations_that(lambda host, call: None))
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False)
+            entry.fail("no route to host")
+            return False
+        return True
+
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False,
+                               **offline(operations_that(lambda host, call: None), connect=connect))
     down = report.hosts[2]
     assert down.error == "no route to host"
     assert down.steps["secrets"].status == FAILED and down.steps["resources"].status == SKIPPED

@@ -2,12 +2,13 @@
 
 import pytest
 
-from flambe_iac import lab
+from flambe_iac.cli import lab as lab_cli
 from flambe_iac.errors import EXIT_BAD_INPUT, InputError
+from flambe_iac.lab import build, model, teardown
 
 
 def test_plans_an_orchestrator_then_factories_on_distinct_addresses():
-    state = lab.plan_lab(4, "ubuntu", "10.213.0.0/16", None)
+    state = model.plan_lab(4, "ubuntu", "10.213.0.0/16", None)
     assert [host.hostname for host in state.hosts] == ["orchestrator", "factory-1", "factory-2", "factory-3"]
     assert [host.role for host in state.hosts] == ["orchestrator", "factory", "factory", "factory"]
     assert state.client_address == "10.213.0.1"
@@ -17,19 +18,20 @@ def test_plans_an_orchestrator_then_factories_on_distinct_addresses():
 
 
 def test_two_plans_never_share_namespace_names():
-    first, second = lab.plan_lab(2, "ubuntu", "10.213.0.0/16", None), lab.plan_lab(2, "ubuntu", "10.213.0.0/16", None)
+    first = model.plan_lab(2, "ubuntu", "10.213.0.0/16", None)
+    second = model.plan_lab(2, "ubuntu", "10.213.0.0/16", None)
     assert not set(first.namespaces) & set(second.namespaces)
 
 
 def test_takes_exact_addresses():
-    state = lab.plan_lab(2, "ubuntu", "10.0.0.0/16", ["10.0.1.20", "10.0.1.9"])
+    state = model.plan_lab(2, "ubuntu", "10.0.0.0/16", ["10.0.1.20", "10.0.1.9"])
     assert [host.address for host in state.hosts] == ["10.0.1.20", "10.0.1.9"]
 
 
 def test_the_login_user_gets_a_uid_no_account_here_has():
     import pwd
 
-    state = lab.plan_lab(1, "ubuntu", "10.213.0.0/16", None)
+    state = model.plan_lab(1, "ubuntu", "10.213.0.0/16", None)
     assert state.uid not in {entry.pw_uid for entry in pwd.getpwall()}
 
 
@@ -47,12 +49,12 @@ def test_the_login_user_gets_a_uid_no_account_here_has():
 ])
 def test_rejects_bad_input_with_a_message_naming_the_option(hosts, user, subnet, addresses, expected):
     with pytest.raises(InputError, match=expected):
-        lab.plan_lab(hosts, user, subnet, addresses)
+        model.plan_lab(hosts, user, subnet, addresses)
 
 
 def test_refuses_without_root_in_one_line(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(lab.os, "geteuid", lambda: 1000)
-    assert lab.main(["up", "--hosts", "1", "--dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    monkeypatch.setattr(build.os, "geteuid", lambda: 1000)
+    assert lab_cli.main(["up", "--hosts", "1", "--dir", str(tmp_path)]) == EXIT_BAD_INPUT
     error = capsys.readouterr().err
     assert error.count("\n") == 1
     assert "needs root" in error
@@ -60,18 +62,18 @@ def test_refuses_without_root_in_one_line(monkeypatch, capsys, tmp_path):
 
 
 def test_refuses_on_other_systems(monkeypatch):
-    monkeypatch.setattr(lab.sys, "platform", "darwin")
+    monkeypatch.setattr(build.sys, "platform", "darwin")
     with pytest.raises(InputError, match="needs Linux"):
-        lab.check_can_run_lab()
+        build.check_can_run_lab()
 
 
 def test_down_on_a_directory_without_a_lab_does_nothing(tmp_path):
-    assert lab.down(tmp_path) == []
+    assert teardown.down(tmp_path) == []
 
 
 def test_help_explains_every_command(capsys):
     with pytest.raises(SystemExit):
-        lab.main(["--help"])
+        lab_cli.main(["--help"])
     text = capsys.readouterr().out
     for command in ("up", "down", "show", "exec"):
         assert command in text

@@ -9,7 +9,8 @@ import pytest
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Host
 from flambe_iac.deploys import ray as ray_step
-from flambe_iac.deploys.ray import RayCluster, RayUnavailable
+from flambe_iac.engine import ray_settlement
+from flambe_iac.engine.ray_settlement import RayCluster, RayUnavailable
 from flambe_iac.deploys.snapshot import HostSnapshot, parse_snapshot, snapshot_command, SnapshotRequest
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.plan import DeployRequest, check_ray_request
@@ -176,7 +177,7 @@ def test_ray_is_an_extra_pinned_exactly():
 
 
 def test_status_says_whether_the_ray_a_deploy_started_still_runs():
-    from flambe_iac.day_two import parse_status
+    from flambe_iac.day_two.status import parse_status
 
     def status(ray_lines):
         output = "@pub\n@manifest\n{}\n@sums\n@run\n@ray\n" + "".join(f"{line}\n" for line in ray_lines) + "@end\n"
@@ -192,7 +193,7 @@ def test_status_says_whether_the_ray_a_deploy_started_still_runs():
 
 
 def test_a_wait_that_never_ends_is_a_cause_not_an_escape(monkeypatch):
-    monkeypatch.setattr(ray_step, "MEMBERS_WAIT_TIMEOUT", 0.01)
+    monkeypatch.setattr(ray_settlement, "MEMBERS_WAIT_TIMEOUT", 0.01)
     cluster = RayCluster.plan(TOKEN, "python3", ORCH, FACTORIES, snapshot(None), "run-1")
     causes = {}
     assert ray_step._start_worker(None, FakeHost("f1"), cluster, FACTORIES[0], causes, {}) is False

@@ -1,0 +1,88 @@
+"""What every day-two command needs: the cluster, its members' aliases, and how to reach each one.
+
+Each command takes the deploy's cluster sources and SSH policy (only your key, pinned host keys, no agent, an
+optional --jump host) and starts OpenSSH's own ssh and rsync, formed by the SSH policy, one per host, all at once.
+Hosts are named as SkyPilot and Ray users expect: CLUSTER-orchestrator, CLUSTER-factory-0, CLUSTER-factory-1, ...
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from flambe_iac.cluster import ORCHESTRATOR, Cluster, Host
+from flambe_iac.inputs.plan import DeployRequest, build_plan
+from flambe_iac.ssh.policy import SshPolicy, SshTarget, ssh_command_line
+
+ROLES = ("all", "orchestrator", "factories")
+
+
+@dataclass(frozen=True)
+class Access:
+    """A cluster and how to reach its members."""
+
+    cluster: Cluster
+    policy: SshPolicy
+    address_kind: str
+
+    def alias(self, member: Host) -> str:
+        if member.role == ORCHESTRATOR:
+            return f"{self.cluster.name}-orchestrator"
+        return f"{self.cluster.name}-factory-{self.cluster.factories.index(member)}"
+
+    def target(self, member: Host) -> SshTarget:
+        return self.policy.target(member.address(self.address_kind))
+
+    def chosen(self, role: str) -> list[Host]:
+        if role == "orchestrator":
+            return [self.cluster.orchestrator]
+        if role == "factories":
+            return list(self.cluster.factories)
+        return list(self.cluster.members)
+
+    def ssh_argv(self, member: Host, command: str) -> list[str]:
+        return ssh_command_line(self.target(member), command)
+
+
+def load_access(arguments) -> Access:
+    """The cluster and the SSH policy, read and checked as the deploy reads them (no console wait: the deploy
+    pinned the host keys already)."""
+    plan = build_plan(DeployRequest.from_arguments(arguments))
+    return Access(plan.cluster, plan.ssh_policy(), plan.request.address_kind)
+
+
+class PrefixedOutput:
+    """Lines from many hosts at once, each whole and prefixed with its host's alias."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def pump(self, stream, alias: str, to) -> None:
+        for line in iter(stream.readline, b""):
+            with self.lock:
+                to.write(f"{alias}: {line.decode(errors='replace').rstrip()}\n")
+                to.flush()
+
+
+def run_everywhere(access: Access, members: list[Host], argv_for) -> dict[str, int]:
+    """ARGV_FOR(member) on every member at once; their output prefixed; {alias: exit code}."""
+    output = PrefixedOutput()
+
+    def run(member: Host) -> int:
+        alias = access.alias(member)
+        process = subprocess.Popen(argv_for(member), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=access.policy.environment())
+        pumps = [threading.Thread(target=output.pump, args=(process.stdout, alias, sys.stdout)),
+                 threading.Thread(target=output.pump, args=(process.stderr, alias, sys.stderr))]
+        for pump in pumps:
+            pump.start()
+        for pump in pumps:
+            pump.join()
+        return process.wait()
+
+    with ThreadPoolExecutor(max_workers=max(1, len(members))) as pool:
+        codes = list(pool.map(run, members))
+    return {access.alias(member): code for member, code in zip(members, codes)}

@@ -1,0 +1,83 @@
+"""One deploy of a cluster at a time: an flock on the orchestrator, held while a heartbeat arrives.
+
+A second deploy waits within --wait, then fails every host and names the deploy under way. The lock frees itself
+LOCK_IDLE_SECONDS after its holder's heartbeat stops (the holder died, the network went away).
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import os
+import shlex
+import socket
+import time
+from dataclasses import dataclass
+
+import gevent
+
+from flambe_iac.engine.remote_layout import DEPLOY_LOCK
+from flambe_iac.ssh.channel import ANSWER_TIMEOUT, HeldCommand, RemoteCommandError
+
+LOCKED, BUSY, NO_LOCK = "LOCKED", "BUSY", "NO-LOCK"
+LOCK_IDLE_SECONDS = 30  # the lock frees itself this long after its holder's heartbeat stops
+
+
+def deploy_lock_command(lock_path: str) -> str:
+    """Hold an flock on LOCK_PATH for as long as a heartbeat line arrives every few seconds; record who holds it.
+
+    Prints LOCKED (then holds), BUSY and the holder's line, or NO-LOCK where the host has no flock or bash.
+    """
+    owner = shlex.quote(f"{lock_path}.owner")
+    script = (
+        f"umask 077; mkdir -p {shlex.quote(lock_path.rsplit('/', 1)[0])}; exec 9>>{shlex.quote(lock_path)}; "
+        f"if flock -n 9; then IFS= read -r holder; printf '%s\\n' \"$holder\" > {owner}; echo {LOCKED}; "
+        f"while IFS= read -r -t {LOCK_IDLE_SECONDS} _; do :; done; rm -f {owner}; "
+        f"else echo {BUSY}; cat {owner} 2>/dev/null; fi"
+    )
+    return (f"if command -v bash >/dev/null 2>&1 && command -v flock >/dev/null 2>&1; "
+            f"then exec bash -c {shlex.quote(script)}; else echo {NO_LOCK}; fi")
+
+
+def lock_holder_line() -> bytes:
+    """Who is deploying, from where and since when: what a second deploy is told."""
+    since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    holder = f"{getpass.getuser()}@{socket.gethostname()} (pid {os.getpid()}) since {since}"
+    return holder.replace("\n", " ").encode() + b"\n"
+
+
+def open_deploy_lock(host) -> HeldCommand:
+    """Start the lock command on HOST: its first line says whether we hold the lock."""
+    return HeldCommand(host, deploy_lock_command(DEPLOY_LOCK), lock_holder_line(), ANSWER_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class LockOutcome:
+    held: HeldCommand | None = None  # the lock, held until released
+    failure: str | None = None  # why no deploy may go on: every host fails with it
+    note: str | None = None  # the deploy goes on unguarded, and the report says why
+
+
+def take_deploy_lock(open_lock, address: str, cluster_name: str, wait: float, on_wait, clock=time.monotonic,
+                     sleep=gevent.sleep) -> LockOutcome:
+    """Hold the lock OPEN_LOCK() starts on the member at ADDRESS; while another deploy holds it, wait up to WAIT
+    seconds (ON_WAIT(words) each time), then give up."""
+    deadline = clock() + wait
+    while True:
+        try:
+            lock = open_lock()
+        except RemoteCommandError as error:
+            return LockOutcome(failure=f"could not take the deploy lock on {address}: {error}")
+        answer = lock.first_line.decode(errors="replace")
+        if answer == LOCKED:
+            return LockOutcome(held=lock)
+        holder = lock.rest_of_output().decode(errors="replace").strip() or "someone (holder unknown)"
+        lock.release()
+        if answer != BUSY:
+            return LockOutcome(note=f"{address} has no flock or bash: concurrent deploys of this cluster are not "
+                                    "prevented (install util-linux)")
+        cause = f"another deploy of {cluster_name} is under way, from {holder}"
+        if clock() + 2 > deadline:
+            return LockOutcome(failure=cause + " (wait for it, or give --wait SECONDS)")
+        on_wait(f"waiting: {cause}")
+        sleep(2)

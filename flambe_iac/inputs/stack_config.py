@@ -1,0 +1,64 @@
+"""Where the preflight finds a cluster's network: a stack's config, a stack config file, or the outputs' instances."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+from pathlib import Path
+
+import yaml
+
+from flambe_iac.errors import InputError
+from flambe_iac.inputs.outputs import load_outputs
+from flambe_iac.inputs.pulumi_cli import stack_config
+
+
+def parse_cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise InputError(f"--from {text!r} is not an address or CIDR such as 203.0.113.7/32") from None
+
+
+def read_source(arguments: argparse.Namespace) -> dict:
+    """{region, subnet_id, group_ids, key_name} from a stack, a stack config file, or the outputs' instances."""
+    if arguments.config is not None:
+        return source_from_config(arguments.config)
+    if arguments.stack is not None:
+        return source_from_stack(arguments.stack)
+    cluster = load_outputs(arguments.outputs)
+    return {"region": cluster.region, "instance_ids": [host.id for host in cluster.members]}
+
+
+def source_from_config(path: Path) -> dict:
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(f"cannot read stack config {path}: {getattr(error, 'strerror', None) or 'not valid YAML'}") \
+            from None
+    return config_values(document.get("config") or {}, str(path))
+
+
+def source_from_stack(stack: str) -> dict:
+    return config_values(stack_config(stack), f"stack {stack!r}")
+
+
+def config_values(config: dict, source: str) -> dict:
+    def value(key):
+        item = config.get(key)
+        if isinstance(item, dict) and "secure" in item:
+            raise InputError(f"{source}: {key} is encrypted; check needs it in clear")
+        return item
+
+    groups = value("flambe:securityGroupIds")
+    if isinstance(groups, str):
+        try:
+            groups = json.loads(groups)
+        except json.JSONDecodeError:
+            groups = [groups]
+    subnet = value("flambe:subnetId")
+    if not subnet or not groups:
+        raise InputError(f"{source}: flambe:subnetId and flambe:securityGroupIds are needed for the check")
+    return {"region": value("aws:region"), "subnet_id": subnet, "group_ids": list(groups),
+            "key_name": value("flambe:keyName")}
