@@ -29,6 +29,7 @@ from flambe_iac.inputs.plan import DeployPlan
 from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, manifest as manifest_content
 from flambe_iac.engine.remote_layout import members_known_hosts, run_staging_dir
 from flambe_iac.inputs.resources import Resource, checksums, local_tree
+import flambe_iac
 
 
 @dataclass(frozen=True)
@@ -121,14 +122,14 @@ class StepContext:
     @cached_property
     def runner_library(self) -> Resource:
         """This machine's flambe_iac package, for the runner on the orchestrator: the same version, always."""
-        import flambe_iac
 
         return Resource("flambe_iac", Path(flambe_iac.__file__).parent, parent=RUNNER_LIBRARY,
                         excludes=("__pycache__",))
 
     @cached_property
     def expected_trees(self) -> dict[str, set]:
-        trees = [*self.plan.resources, *self.plan.extension_trees] + ([self.runner_library] if self.plan.request.run else [])
+        runner = [self.runner_library] if self.plan.request.run else []
+        trees = [*self.plan.resources, *self.plan.extension_trees, *runner]
         return {tree.remote_directory: local_tree(tree) for tree in trees}
 
     def transfers(self, member: Member, trees: list[Resource], relayed: bool = True) -> list[Transfer]:

@@ -134,7 +134,9 @@ def check_idle_hours(values: ClusterConfig) -> None:
         )
 
 
-class _Reader:
+class _Values:
+    """Typed values of the stack's config: each missing or malformed one is a StackConfigError with its fix."""
+
     def __init__(self, config: pulumi.Config):
         self.config = config
 
@@ -151,26 +153,22 @@ class _Reader:
             raise self.fail(key, f"is required ({what})", f"pulumi config set {NAMESPACE}:{key} VALUE")
         return value
 
-    def name(self, key: str) -> str:
-        value = self.required(key, "the cluster's name, used in instance names and tags")
-        try:
-            return check_cluster_name(value)
-        except InputError:
-            raise self.fail(key, f"is {value!r}", f"use {CLUSTER_NAME_RULE}") from None
-
-    def username(self, key: str) -> str:
-        value = self.optional(key) or ClusterConfig.username
-        try:
-            return check_ssh_user(value)
-        except InputError as error:
-            raise self.fail(key, f"is {value!r}", str(error)) from None
-
     def _object(self, key: str) -> Any:
         try:
             return self.config.get_object(key)
         except Exception:
             raise self.fail(key, "is not valid JSON or YAML",
                             f"set lists with --path, e.g. pulumi config set --path '{NAMESPACE}:{key}[0]' VALUE") from None
+
+    def _number(self, key: str) -> tuple[str | None, float | None]:
+        """(the value as set, or None if unset; the number it is, or None if it is not one)."""
+        value = self.config.get(key)
+        if value is None or value == "":
+            return None, None
+        try:
+            return value, float(value)
+        except ValueError:
+            return value, None
 
     def optional_string_list(self, key: str) -> list[str] | None:
         value = self._object(key)
@@ -190,16 +188,6 @@ class _Reader:
                             f"pulumi config set --path '{NAMESPACE}:{key}[0]' sg-0abc")
         return value
 
-    def _number(self, key: str) -> tuple[str | None, float | None]:
-        """(the value as set, or None if unset; the number it is, or None if it is not one)."""
-        value = self.config.get(key)
-        if value is None or value == "":
-            return None, None
-        try:
-            return value, float(value)
-        except ValueError:
-            return value, None
-
     def integer(self, key: str, default: int, minimum: int) -> int:
         value, number = self._number(key)
         if value is None:
@@ -207,6 +195,43 @@ class _Reader:
         if number is None or number != int(number) or number < minimum:
             raise self.fail(key, f"is {value!r}", f"give a whole number >= {minimum}")
         return int(number)
+
+    def optional_integer(self, key: str, minimum: int) -> int | None:
+        if self.config.get(key) in (None, ""):
+            return None
+        return self.integer(key, minimum, minimum)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.config.get(key)
+        if value is None or value == "":
+            return default
+        if value.lower() not in ("true", "false"):
+            raise self.fail(key, f"is {value!r}", "give true or false")
+        return value.lower() == "true"
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.optional(key) or default
+        if value not in choices:
+            raise self.fail(key, f"is {value!r}", f"use one of {', '.join(choices)}")
+        return value
+
+
+class _Reader(_Values):
+    """The stack's own settings: names, sizes, volumes, spot and tags, each checked as AWS will check it."""
+
+    def name(self, key: str) -> str:
+        value = self.required(key, "the cluster's name, used in instance names and tags")
+        try:
+            return check_cluster_name(value)
+        except InputError:
+            raise self.fail(key, f"is {value!r}", f"use {CLUSTER_NAME_RULE}") from None
+
+    def username(self, key: str) -> str:
+        value = self.optional(key) or ClusterConfig.username
+        try:
+            return check_ssh_user(value)
+        except InputError as error:
+            raise self.fail(key, f"is {value!r}", str(error)) from None
 
     def hours(self, key: str) -> float | None:
         value, hours = self._number(key)
@@ -219,25 +244,12 @@ class _Reader:
                             f"give at most {MAX_IDLE_HOURS} hours (7 days)")
         return hours
 
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.config.get(key)
-        if value is None or value == "":
-            return default
-        if value.lower() not in ("true", "false"):
-            raise self.fail(key, f"is {value!r}", "give true or false")
-        return value.lower() == "true"
-
     def volume_type(self, key: str) -> str:
         value = self.optional(key) or ClusterConfig.volume_type
         if value in ("st1", "sc1"):
             raise self.fail(key, f"is {value!r}, which AWS cannot boot from",
                             f"use one of {', '.join(BOOT_VOLUME_TYPES)} for the root volume")
         return self.choice(key, BOOT_VOLUME_TYPES, ClusterConfig.volume_type)
-
-    def optional_integer(self, key: str, minimum: int) -> int | None:
-        if self.config.get(key) in (None, ""):
-            return None
-        return self.integer(key, minimum, minimum)
 
     def percent(self, key: str, default: float) -> float:
         value, number = self._number(key)
@@ -246,12 +258,6 @@ class _Reader:
         if number is None or not 0 < number <= 100:
             raise self.fail(key, f"is {value!r}", "give a CPU percentage above 0 and at most 100")
         return number
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.optional(key) or default
-        if value not in choices:
-            raise self.fail(key, f"is {value!r}", f"use one of {', '.join(choices)}")
-        return value
 
     def spot(self, key: str) -> str | None:
         value = self.optional(key)

@@ -11,7 +11,6 @@ from flambe_iac.ssh.console_pins import parse_console_host_keys
 POLL_SECONDS = 10.0
 
 
-
 def fetch_console_host_keys(ec2, instance_ids: list[str], timeout: float,
                             poll_seconds: float = POLL_SECONDS) -> dict[str, list[str]]:
     """Poll every instance's console output at once until each shows its host keys or TIMEOUT passes.
@@ -32,7 +31,6 @@ def fetch_console_host_keys(ec2, instance_ids: list[str], timeout: float,
             time.sleep(poll_seconds)
 
 
-
 def console_output(ec2, instance_id: str) -> str:
     """The newest console output (Latest needs a Nitro instance; older types give the buffered output)."""
     from botocore.exceptions import ClientError  # boto3 stays off the CLI's start-up path
@@ -43,7 +41,6 @@ def console_output(ec2, instance_id: str) -> str:
         if error.response.get("Error", {}).get("Code") != "UnsupportedOperation":
             raise
     return ec2.get_console_output(InstanceId=instance_id).get("Output") or ""
-
 
 
 def console_keys_by_address(region: str, members: list[tuple[str, str]], timeout: float) -> dict[str, list[str]]:

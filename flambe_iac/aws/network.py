@@ -1,4 +1,4 @@
-"""What the preflight reads of a cluster's network: the subnet, the security groups, the key pair and the network ACL."""
+"""What the preflight reads of a network: the subnet, the security groups, the key pair and the network ACL."""
 
 from __future__ import annotations
 

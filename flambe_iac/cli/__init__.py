@@ -1,1 +1,1 @@
-"""The command lines: flambe-deploy's one argparse tree (deploy, check and the day-two commands), flambe-run, flambe-lab."""
+"""Command lines: flambe-deploy's one argparse tree (deploy, check, day two), flambe-run and flambe-lab."""

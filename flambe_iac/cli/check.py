@@ -9,6 +9,9 @@ from flambe_iac import __version__
 from flambe_iac.engine.ray_cluster import MEMBER_PORT_RANGES
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, exit_code_of
 from flambe_iac.inputs.stack_config import parse_cidr, read_source
+from flambe_iac.aws.client import ec2_client
+from flambe_iac.aws.network import read_network, this_machines_address
+from flambe_iac.aws.preflight import FAIL, check_network
 
 EPILOG = """\
 It reads, and never changes: the subnet, the security groups (and that they are in the subnet's VPC), the key pair,
@@ -42,10 +45,6 @@ def add_command(commands) -> argparse.ArgumentParser:
 
 
 def run_check(arguments: argparse.Namespace) -> int:
-    from flambe_iac.aws.client import ec2_client  # boto3 stays off the start-up path
-    from flambe_iac.aws.network import read_network, this_machines_address
-    from flambe_iac.aws.preflight import FAIL, check_network
-
     deploy_cidr = parse_cidr(arguments.from_cidr) if arguments.from_cidr else None
     source = read_source(arguments)
     network = read_network(ec2_client(arguments.region or source.get("region")), source)

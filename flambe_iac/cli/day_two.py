@@ -32,7 +32,7 @@ def add_commands(commands) -> None:
         "ssh-config", print_ssh_config,
         help="print an ssh_config for the cluster's hosts; --write includes it from ~/.ssh/config",
         description="Print a Host block per member (CLUSTER-orchestrator, CLUSTER-factory-0, ...) with the key, "
-                    "IdentitiesOnly, no agent and strict pinned host keys. --write saves it to "
+                    "no other key, no agent and strict pinned host keys. --write saves it to "
                     "~/.flambe/ssh/CLUSTER.conf and adds an Include of it at the top of ~/.ssh/config once (a "
                     "backup of the old file first). Then `ssh CLUSTER-orchestrator` just works.")
     config.add_argument("--write", action="store_true")

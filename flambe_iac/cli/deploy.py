@@ -25,6 +25,7 @@ from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_INTERRUPTED, EXIT_OK, Input
 from flambe_iac.inputs.plan import DeployRequest, build_plan
 from flambe_iac.local_files import write_json_atomically
 from flambe_iac.ssh.policy import ssh_command_line
+from flambe_iac.engine.report import summary
 
 DEFAULT_COMMAND = "deploy"
 
@@ -72,7 +73,7 @@ An encrypted --key is unlocked with $FLAMBE_KEY_PASSPHRASE, or by asking on a te
 
 
 class CommandTree(argparse.ArgumentParser):
-    """flambe-deploy's parser. A bare `flambe-deploy ARGS...` (no command word first) is the deploy, as it always was."""
+    """flambe-deploy's parser. `flambe-deploy ARGS...` with no command word first is the deploy, as it always was."""
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
@@ -207,8 +208,7 @@ def configure_logging(verbosity: int) -> None:
 
 
 def deploy(arguments: argparse.Namespace, early_sigterm) -> int:
-    from flambe_iac.engine.driver import run_deploy
-    from flambe_iac.engine.report import summary
+    from flambe_iac.engine.driver import run_deploy  # pyinfra, paramiko and gevent: only once a deploy runs
 
     try:
         plan = build_plan(DeployRequest.from_arguments(arguments))

@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Needs Linux and root. Nothing changes in the machine's own network, /etc or accounts.",
         epilog="example:\n"
                "  flambe-lab up --hosts 3 --dir /tmp/lab\n"
-               "  flambe-lab exec --dir /tmp/lab -- ssh -i /tmp/lab/id_ed25519 -o IdentitiesOnly=yes \\\n"
-               "      -o UserKnownHostsFile=/tmp/lab/known_hosts ubuntu@10.213.0.2 hostname\n"
+               "  flambe-lab exec --dir /tmp/lab -- flambe-deploy exec --outputs /tmp/lab/outputs.json \\\n"
+               "      --key /tmp/lab/id_ed25519 --known-hosts /tmp/lab/known_hosts -- hostname\n"
                "  flambe-lab down --dir /tmp/lab",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -8,6 +8,11 @@ from pathlib import Path
 
 from flambe_iac import __version__
 from flambe_iac.errors import EXIT_BAD_INPUT, EXIT_OK, InputError, exit_code_of
+from flambe_iac.inputs.plan import load_runnable
+from flambe_iac.inputs.resources import parse_resources
+from flambe_iac.runnable import RunnableError, run_runnable, secrets_config
+from flambe_iac.inputs.runnable_file import import_paths
+from flambe_iac.inputs.secrets_file import read_secrets_file
 
 DEFAULT_SECRETS = Path("~/.flambe/secrets.ini")
 
@@ -40,12 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(arguments: argparse.Namespace) -> int:
-    from flambe_iac.inputs.plan import load_runnable
-    from flambe_iac.inputs.resources import parse_resources
-    from flambe_iac.runnable import RunnableError, run_runnable, secrets_config
-    from flambe_iac.inputs.runnable_file import import_paths
-    from flambe_iac.inputs.secrets_file import read_secrets_file
-
     secrets = choose_secrets(arguments.secrets)
     if secrets is not None:
         read_secrets_file(secrets)  # the same checks, and line numbers without contents, as flambe-deploy

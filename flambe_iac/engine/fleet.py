@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import gevent
 
+from flambe_iac.deploys.operations import stop_children
 from flambe_iac.engine.report import DeployReport
 from flambe_iac.inputs.plan import DeployPlan
 from flambe_iac.ssh.policy import make_state
+
+
+class Interrupted(gevent.GreenletExit):
+    """Thrown into the phase's greenlets on SIGINT or SIGTERM: a BaseException, so no host's handler takes it,
+    and a GreenletExit, so the greenlet ends quietly."""
 
 
 class Fleet:
@@ -47,8 +53,11 @@ class Fleet:
         self.phase = []
         return results
 
-    def stop_phase(self, exception) -> None:
-        gevent.killall(self.phase, exception, block=False)
+    def interrupt(self, signal_name: str) -> None:
+        """SIGINT or SIGTERM: stop every child and every host's work; the report says the run was interrupted."""
+        self.report.interrupted = signal_name
+        stop_children()
+        gevent.killall(self.phase, Interrupted, block=False)
 
     def disconnect(self) -> None:
         self.policy.close()

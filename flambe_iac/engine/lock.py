@@ -81,3 +81,17 @@ def take_deploy_lock(open_lock, address: str, cluster_name: str, wait: float, on
             return LockOutcome(failure=cause + " (wait for it, or give --wait SECONDS)")
         on_wait(f"waiting: {cause}")
         sleep(2)
+
+
+def lock_cluster(fleet, host, wait: float, view, open_lock=open_deploy_lock):
+    """Take the deploy lock on HOST for the run FLEET is in: (whether the run may go on, the lock held if any). A host
+    that cannot lock lets it go on with a note in the report; a lock that cannot be had fails every host."""
+    entry = fleet.entries[host]
+    outcome = take_deploy_lock(lambda: open_lock(host), entry.address, fleet.plan.cluster.name, wait,
+                               lambda words: view.note(entry, words))
+    if outcome.failure:
+        for other in fleet.report.hosts:
+            other.fail(outcome.failure)
+        return False, None
+    fleet.report.notes.extend([outcome.note] if outcome.note else [])
+    return True, outcome.held

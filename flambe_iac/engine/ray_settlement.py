@@ -31,10 +31,8 @@ from flambe_iac.inputs.secrets_file import HiddenBytes
 MEMBERS_WAIT_TIMEOUT = 8 * 3600.0  # the head may come after hours of setup commands
 
 
-
 class RayUnavailable(Exception):
     pass
-
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,6 @@ class Head:
     address: str
     version: str
     started_by: str
-
 
 
 @dataclass
@@ -92,7 +89,6 @@ class RayCluster:
             self.head.set_exception(RayUnavailable(f"the orchestrator failed: {cause}"))
         elif member.id in self.workers and not self.workers[member.id].ready():
             self.workers[member.id].set(cause)
-
 
 
 def outcome_of(result: AsyncResult, what: str):

@@ -2,7 +2,7 @@
 with the cluster key.
 
 The hop runs on the orchestrator, over the cluster's own key and pinned host keys (~/.ssh/flambe_known_hosts),
-strict host key checking, IdentitiesOnly, no agent: the same `ssh_options` as every connection we make. The user's
+strict host key checking, that key only, no agent: the same `ssh_options` as every connection we make. The user's
 key never leaves this machine and no agent is forwarded. If the orchestrator cannot serve a tree (it is down, or its
 own copy failed), each factory falls back to a direct transfer, and the report says so.
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.errors import InputError
+import yaml
 
 KNOWN_KEYS = {"name", "orchestrator_ip", "factories_ips", "key", "username", "setup_cmds"}
 
@@ -31,8 +32,6 @@ class ClusterSource:
 
 
 def load_cluster_file(path: Path) -> ClusterSource:
-    import yaml
-
     class SafeLoaderWithFlambeTags(yaml.SafeLoader):
         pass
 

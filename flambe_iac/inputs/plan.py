@@ -12,6 +12,13 @@ from flambe_iac.ssh.host_keys import ConsoleSource, HostKeyPolicy, choose_host_k
 from flambe_iac.ssh.user_key import UserKey, load_user_key
 from flambe_iac.inputs.resources import Resource, parse_resources
 from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file
+from flambe_iac.inputs.cluster_file import ClusterSource
+from flambe_iac.inputs.cluster_file import load_cluster_file
+from flambe_iac.inputs.outputs import load_outputs
+from flambe_iac.inputs.pulumi_cli import load_stack
+from flambe_iac.engine.ray_cluster import DEFAULT_RAY_PYTHON, check_ray_python
+from flambe_iac.inputs.extensions import checkout
+from flambe_iac.inputs.runnable_file import check_runnable_class, import_paths, load_runnable_file
 
 EXTENSION_CACHE = Path("~/.flambe/cache/extensions")
 
@@ -49,7 +56,8 @@ class DeployRequest:
     @classmethod
     def from_arguments(cls, arguments) -> DeployRequest:
         """The request an argparse namespace holds: every field that is one of its attributes."""
-        return cls(**{item.name: getattr(arguments, item.name) for item in fields(cls) if hasattr(arguments, item.name)})
+        given = {item.name: getattr(arguments, item.name) for item in fields(cls) if hasattr(arguments, item.name)}
+        return cls(**given)
 
 
 @dataclass(frozen=True)
@@ -92,17 +100,13 @@ class DeployPlan:
 
 def load_cluster(request: DeployRequest):
     """The cluster as a ClusterSource: with the key and setup commands its source names (only a cluster file)."""
-    from flambe_iac.inputs.cluster_file import ClusterSource
 
     if request.outputs is not None:
-        from flambe_iac.inputs.outputs import load_outputs
 
         return ClusterSource(load_outputs(request.outputs), None)
     if request.stack is not None:
-        from flambe_iac.inputs.pulumi_cli import load_stack
 
         return ClusterSource(load_stack(request.stack, request.stack_directory), None)
-    from flambe_iac.inputs.cluster_file import load_cluster_file
 
     return load_cluster_file(request.cluster_file)
 
@@ -145,8 +149,6 @@ def build_plan(request: DeployRequest) -> DeployPlan:
 
 
 def check_ray_request(request: DeployRequest) -> str:
-    from flambe_iac.engine.ray_cluster import DEFAULT_RAY_PYTHON, check_ray_python
-
     if request.ray and request.ray_stop:
         raise InputError("--ray starts Ray and --ray-stop stops it: give one of them")
     if request.ray_python is not None and not (request.ray or request.ray_stop):
@@ -169,8 +171,6 @@ def load_runnable(path: Path | None) -> tuple[object | None, list, list[str]]:
     """The runnable file, its extensions fetched locally with the user's git, and its resources as NAME=PATH."""
     if path is None:
         return None, [], []
-    from flambe_iac.inputs.extensions import checkout
-    from flambe_iac.inputs.runnable_file import check_runnable_class, import_paths, load_runnable_file
 
     runnable = load_runnable_file(path)
     cache = EXTENSION_CACHE.expanduser()

@@ -18,6 +18,9 @@ from typing import Any
 
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.extensions import ExtensionLocation, parse_location
+import yaml
+import ast
+import importlib.util
 
 RUNNABLE_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 RUNNABLE_KEYS = {"runnable", "args", "resources"}
@@ -33,8 +36,6 @@ class RunnableFile:
 
 
 def load_runnable_file(path: Path) -> RunnableFile:
-    import yaml
-
     path = Path(path)
     try:
         documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
@@ -94,8 +95,6 @@ def check_runnable_class(spec: str, paths: list[Path]) -> None:
     It reads the module's source instead of importing it: nothing of the user's code runs, and its heavy
     dependencies need not be installed on this machine.
     """
-    import ast
-    import importlib.util
 
     module_name, _, class_name = spec.partition(":")
     relative = Path(*module_name.split("."))

@@ -66,8 +66,6 @@ def start_key_generation(lab_dir: Path, state: LabState) -> list[subprocess.Pope
     ]
 
 
-
-
 def prepare_host_files(lab_dir: Path, state: LabState, host: LabHost, user_public_key: str) -> None:
     """Home, tmp, accounts and sshd config of one host; the sshd boot script binds them in place."""
     directory = host_dir(lab_dir, host)

@@ -16,7 +16,6 @@ class RemoteCommandError(Exception):
     """The connection failed while a command ran: the host's state after it is unknown."""
 
 
-
 @dataclass(frozen=True)
 class RemoteResult:
     exit_code: int
@@ -28,7 +27,6 @@ class RemoteResult:
         """The command's last error lines, for a cause in words."""
         lines = [line.strip() for line in self.stderr.decode(errors="replace").splitlines() if line.strip()]
         return "; ".join(lines[-3:]) or f"exit code {self.exit_code}"
-
 
 
 def run_remote(host, command: str, stdin: bytes = b"", timeout: float | None = None) -> RemoteResult:
@@ -68,7 +66,6 @@ def run_remote(host, command: str, stdin: bytes = b"", timeout: float | None = N
     return RemoteResult(exit_code, stdout, stderr)
 
 
-
 def read_file(host, path: str) -> bytes | None:
     """The bytes of PATH on HOST (relative to the home), or None if it cannot be read."""
     try:
@@ -85,7 +82,6 @@ def _read_all(receive) -> bytes:
     return b"".join(chunks)
 
 
-
 def describe_channel_error(error: BaseException) -> str:
     text = str(error).strip()
     if "administratively prohibited" in text or "Connect failed" in text or "ChannelException" in type(error).__name__:
@@ -94,7 +90,6 @@ def describe_channel_error(error: BaseException) -> str:
     if isinstance(error, EOFError) or not text:
         return f"the connection dropped ({type(error).__name__})"
     return f"the connection failed: {text}"
-
 
 
 class HeldCommand:
@@ -146,7 +141,6 @@ class HeldCommand:
             self.channel.close()
         except Exception:  # a connection that already dropped has released the remote side too
             return
-
 
 
 def _read_line(channel) -> bytes:

@@ -48,5 +48,3 @@ def _fingerprint(key: str) -> str:
         return public_key_fingerprint(key)
     except (binascii.Error, ValueError):
         return ""  # garbled: matches no printed fingerprint
-
-

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flambe_iac.errors import InputError
+from flambe_iac.aws.console import console_keys_by_address
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,6 @@ def pin_from_console(path: Path, console: ConsoleSource) -> None:
     made for another instance (the address was reused after a `pulumi destroy` and `up`) is dropped, and the new
     instance is pinned afresh from its own console output.
     """
-    from flambe_iac.aws.console import console_keys_by_address
 
     forget_other_instances(path, console.members)
     entries = read_known_hosts(path) if path.exists() else []

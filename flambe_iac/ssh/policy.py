@@ -22,6 +22,8 @@ from pathlib import Path
 from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE
 from flambe_iac.inputs.names import refuse_line_breaks
 from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
+from flambe_iac.errors import InputError
+from flambe_iac.inputs.names import check_address, check_ssh_user
 
 ASKPASS_SCRIPT = f'#!/bin/sh\nprintf "%s\\n" "${PASSPHRASE_VARIABLE}"\n'
 
@@ -92,8 +94,6 @@ def parse_jump(text: str | None) -> str | None:
     """--jump [USER@]HOST[:PORT], checked like every name that reaches a command line."""
     if text is None:
         return None
-    from flambe_iac.errors import InputError
-    from flambe_iac.inputs.names import check_address, check_ssh_user
 
     user, _, rest = text.rpartition("@")
     host, _, port = rest.partition(":")

@@ -1,0 +1,28 @@
+"""After every snapshot is read: what the members share for this run (the cluster key, Ray's token and plan)."""
+
+from __future__ import annotations
+
+from flambe_iac.deploys.steps import StepContext, extension_sources
+from flambe_iac.engine.cluster_key import settle_cluster_key
+from flambe_iac.engine.ray_cluster import RAY_TOKEN
+from flambe_iac.engine.ray_settlement import settle_ray
+from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY
+from flambe_iac.engine.report import DeployReport
+from flambe_iac.ssh.channel import read_file
+
+
+def settle(context: StepContext, report: DeployReport, fleet, snapshots: dict) -> None:
+    """Settle from SNAPSHOTS (pyinfra host -> snapshot) into CONTEXT and REPORT; then release whatever other members
+    would wait for from a member that was not reached."""
+    plan = context.plan
+    orchestrator = fleet.host_of(plan.cluster.orchestrator)
+    settled = settle_cluster_key(snapshots, orchestrator, plan.request.rotate_cluster_key, plan.cluster.name,
+                                 lambda host: read_file(host, CLUSTER_PRIVATE_KEY))
+    context.key, context.retired = settled.key, settled.retired
+    report.settled_cluster_key(settled.key.fingerprint, settled.action, settled.note)
+    if plan.request.ray:
+        context.ray = settle_ray(snapshots, orchestrator, plan, report.run_id, lambda host: read_file(host, RAY_TOKEN))
+    report.extensions = extension_sources(plan)
+    for host, member in fleet.members.items():
+        if host not in snapshots:
+            context.member_finished(member, f"it was not reached: {fleet.entries[host].error}")
