@@ -11,15 +11,16 @@ Flambé's `!SSHCluster` tag is accepted; the file is read with a safe loader.
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.errors import InputError
-import yaml
+from flambe_iac.inputs.names import check_address
 
 KNOWN_KEYS = {"name", "orchestrator_ip", "factories_ips", "key", "username", "setup_cmds"}
 
@@ -86,8 +87,8 @@ def _host(entry: Any, field: str, role: str, source: str) -> Host:
         raise InputError(f"{source}: {field!r} must be an address or a [public, private] pair")
     for address in addresses:
         try:
-            ipaddress.ip_address(str(address))
-        except ValueError:
+            check_address(str(address), field)
+        except InputError:
             raise InputError(f"{source}: {field!r} has {address!r}, which is not an IP address") from None
     public, private = str(addresses[0]), str(addresses[-1])
     return Host(id=private, role=role, private_ip=private, public_ip=public)

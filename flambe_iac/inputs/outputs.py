@@ -8,14 +8,13 @@ It is what `pulumi stack output --json --show-secrets` prints, and what `flambe-
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from pathlib import Path
 from typing import Any
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import check_host_id
+from flambe_iac.inputs.names import check_address, check_host_id
 
 VERSION_KEY = "flambe_outputs_version"
 VERSION = 1
@@ -145,8 +144,8 @@ class _Reader:
     def address(self, value: Any, field: str) -> str:
         text = self.text(value, field)
         try:
-            ipaddress.ip_address(text)
-        except ValueError:
+            check_address(text, field)
+        except InputError:
             raise self.fail(field, f"must be an IP address, not {text!r}") from None
         return text
 

@@ -68,12 +68,17 @@ def ssh_command_line(target: SshTarget, *command: str, options: tuple[str, ...] 
     return ["ssh", *ssh_options(target), *options, f"{target.user}@{target.address}", *command]
 
 
+def config_policy_lines(user: str, key: str, known_hosts: str) -> list[str]:
+    """The policy in ssh_config words, for every block we write: that key only, no agent, strict pinned host keys."""
+    return [f"    User {user}", f"    IdentityFile {key}", "    IdentitiesOnly yes", "    IdentityAgent none",
+            "    ForwardAgent no", "    StrictHostKeyChecking yes", f"    UserKnownHostsFile {known_hosts}"]
+
+
 def printed_config_block(alias: str, target: SshTarget) -> str:
     """A Host block for the user's own ssh: the same policy as every connection flambe-deploy makes."""
     refuse_line_breaks("ssh config", alias, target.address, target.user, str(target.key), str(target.known_hosts))
-    lines = [f"Host {alias}", f"    HostName {target.address}", f"    User {target.user}",
-             f"    IdentityFile {target.key}", "    IdentitiesOnly yes", "    IdentityAgent none",
-             "    ForwardAgent no", "    StrictHostKeyChecking yes", f"    UserKnownHostsFile {target.known_hosts}",
+    lines = [f"Host {alias}", f"    HostName {target.address}",
+             *config_policy_lines(target.user, str(target.key), str(target.known_hosts)),
              f"    ConnectTimeout {target.connect_timeout}"]
     if target.jump:
         lines.append(f"    ProxyCommand {proxy_command(target.with_address('%h'))}")
@@ -260,13 +265,7 @@ def ssh_config_block(cluster_name: str, ssh_user: str, private_addresses: list[s
     return "\n".join([
         begin,
         f"Host {' '.join(private_addresses)}",
-        f"    User {ssh_user}",
-        f"    IdentityFile ~/{CLUSTER_PRIVATE_KEY}",
-        "    IdentitiesOnly yes",
-        "    IdentityAgent none",
-        "    ForwardAgent no",
-        "    StrictHostKeyChecking yes",
-        f"    UserKnownHostsFile ~/{MEMBERS_KNOWN_HOSTS}",
+        *config_policy_lines(ssh_user, f"~/{CLUSTER_PRIVATE_KEY}", f"~/{MEMBERS_KNOWN_HOSTS}"),
         # Ends the Host block, so the user's own options that follow keep applying to every host.
         "Host *",
         end,
