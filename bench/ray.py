@@ -19,10 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from relay import timed  # bench/, the script's own directory
+
+from flambe_iac.engine.ray_cluster import GCS_PORT, new_ray_token, start_command
 from flambe_iac.lab import build, model, teardown
 from flambe_iac.ssh.policy import SshTarget, ssh_options
-from flambe_iac.engine.ray_cluster import GCS_PORT, new_ray_token, start_command
-from relay import timed  # bench/, the script's own directory
 
 ROOT = Path(__file__).resolve().parents[1]
 

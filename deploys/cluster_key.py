@@ -3,10 +3,9 @@ and the list of retired keys that keeps a replaced key out for good."""
 
 from __future__ import annotations
 
-from flambe_iac.engine.cluster_key import retired_list, updated_authorized_keys
-from flambe_iac.ssh.policy import ssh_config_block, updated_ssh_config
 from flambe_iac.deploys.operations import staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.engine.cluster_key import retired_list, updated_authorized_keys
 from flambe_iac.engine.remote_layout import (
     AUTHORIZED_KEYS,
     CLUSTER_PRIVATE_KEY,
@@ -16,6 +15,7 @@ from flambe_iac.engine.remote_layout import (
     SSH_CONFIG,
 )
 from flambe_iac.inputs.secrets_file import HiddenBytes
+from flambe_iac.ssh.policy import ssh_config_block, updated_ssh_config
 
 READS = SnapshotRequest(
     files=(CLUSTER_PRIVATE_KEY, CLUSTER_PUBLIC_KEY, AUTHORIZED_KEYS, MEMBERS_KNOWN_HOSTS, SSH_CONFIG, RETIRED_KEYS),
@@ -28,7 +28,7 @@ READS = SnapshotRequest(
 def install_cluster_key(context, member, snapshot: HostSnapshot) -> list:
     plan, key = context.plan, context.key
     authorized_keys = updated_authorized_keys(snapshot.contents.get(AUTHORIZED_KEYS) or b"", key.public_line,
-                                              plan.cluster.name, context.retired)
+                                              plan.cluster.name, plan.user_key.public_key)
     ssh_config = updated_ssh_config(snapshot.contents.get(SSH_CONFIG) or b"",
                                     ssh_config_block(plan.cluster.name, plan.cluster.ssh_user,
                                                      context.private_addresses),

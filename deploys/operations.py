@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from gevent.fileobject import FileObjectPosix
 from pyinfra.api import FunctionCommand, operation
 
+from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine.relay import Relay
 from flambe_iac.engine.remote_probes import checksums_command, parse_checksums
+from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 from flambe_iac.ssh.policy import RsyncJob
-from flambe_iac.engine.relay import Relay
-from flambe_iac.deploys.snapshot import HostSnapshot
-from flambe_iac.inputs.secrets_file import HiddenBytes
 
 UPLOAD_TIMEOUT = 600.0
 VERIFY_TIMEOUT = 6 * 3600.0

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pyinfra.api import FunctionCommand, operation
 
 from flambe_iac.cluster import ORCHESTRATOR
-from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 from flambe_iac.deploys.operations import staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import (
@@ -21,6 +20,7 @@ from flambe_iac.engine.ray_cluster import (
     stop_command,
 )
 from flambe_iac.engine.ray_settlement import Head, RayCluster, RayUnavailable, outcome_of
+from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 READS = SnapshotRequest(files=(RAY_TOKEN,), contents=(RAY_STATE,), processes=(*HEAD_PROCESSES,),
                         tools=("pgrep", "tar"))

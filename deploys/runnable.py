@@ -10,8 +10,8 @@ from flambe_iac.deploys.operations import staged_files, synced_tree
 from flambe_iac.deploys.ray import wait_for_workers
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import runner_environment
-from flambe_iac.engine.remote_probes import RUNNABLE_RUNNING
 from flambe_iac.engine.remote_layout import RUN_EXIT, RUN_LOG, RUN_PID, RUN_PLAN, RUNNER_LIBRARY
+from flambe_iac.engine.remote_probes import RUNNABLE_RUNNING
 from flambe_iac.inputs.secrets_file import HiddenBytes
 
 

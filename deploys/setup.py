@@ -7,8 +7,8 @@ import shlex
 
 from pyinfra.api import FunctionCommand, operation
 
-from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 SETUP_TIMEOUT = 6 * 3600.0
 

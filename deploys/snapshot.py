@@ -12,8 +12,8 @@ import base64
 import shlex
 from dataclasses import dataclass, field
 
-from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 from flambe_iac.inputs.resources import REMOTE_TREE_LISTING, parse_tree_line
+from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 END = "@end-of-snapshot"
 

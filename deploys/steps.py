@@ -14,22 +14,23 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+import flambe_iac
 from flambe_iac import __version__
-from flambe_iac.cluster import ORCHESTRATOR, Host as Member
-from flambe_iac.engine.cluster_key import ClusterKey
-from flambe_iac.ssh.policy import SshPolicy
+from flambe_iac.cluster import ORCHESTRATOR
+from flambe_iac.cluster import Host as Member
 from flambe_iac.deploys import cluster_key, extensions, manifest, ray, resources, runnable, secrets, setup
 from flambe_iac.deploys.operations import Transfer
 from flambe_iac.deploys.ray import RayCluster as Ray
-from flambe_iac.engine.relay import RELAY, Relay
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.engine.cluster_key import ClusterKey
+from flambe_iac.engine.relay import RELAY, Relay
+from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, members_known_hosts, run_staging_dir
+from flambe_iac.engine.remote_layout import manifest as manifest_content
 from flambe_iac.inputs.extensions import redact_url
-from flambe_iac.ssh.host_keys import keys_in, read_known_hosts
 from flambe_iac.inputs.plan import DeployPlan
-from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, manifest as manifest_content
-from flambe_iac.engine.remote_layout import members_known_hosts, run_staging_dir
 from flambe_iac.inputs.resources import Resource, checksums, local_tree
-import flambe_iac
+from flambe_iac.ssh.host_keys import keys_in, read_known_hosts
+from flambe_iac.ssh.policy import SshPolicy
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,6 @@ class StepContext:
     @cached_property
     def runner_library(self) -> Resource:
         """This machine's flambe_iac package, for the runner on the orchestrator: the same version, always."""
-
         return Resource("flambe_iac", Path(flambe_iac.__file__).parent, parent=RUNNER_LIBRARY,
                         excludes=("__pycache__",))
 

@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
 from flambe_iac.inputs.secrets_file import secrets_parser
 
 
@@ -47,7 +48,6 @@ class RunnableError(Exception):
 
 def secrets_config(path: Path | None) -> configparser.ConfigParser:
     """The secrets ini as the runnable sees it, read by the same parser that checked it before the deploy."""
-
     config = secrets_parser()
     if path is not None:
         with open(path, encoding="utf-8") as stream:

@@ -9,7 +9,7 @@ import json
 from typing import Any, Callable
 
 import pulumi
-from pulumi.runtime import Mocks, MockCallArgs, MockResourceArgs
+from pulumi.runtime import MockCallArgs, MockResourceArgs, Mocks
 
 INSTANCE = "aws:ec2/instance:Instance"
 ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"

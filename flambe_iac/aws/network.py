@@ -14,7 +14,6 @@ PUBLIC_ADDRESS_URL = "https://checkip.amazonaws.com"
 
 def read_network(ec2, source: dict) -> Network:
     """What EC2 says of the subnet, groups, key pair and network ACL that SOURCE names (or its instances use)."""
-
     with aws_errors("reading the network (ec2:Describe*)"):
         if "instance_ids" in source:
             source = {**source, **instances_network(ec2, source["instance_ids"])}
@@ -69,7 +68,6 @@ def subnet_network_acl(ec2, subnet: dict) -> dict | None:
 
 def this_machines_address() -> str | None:
     """This machine's public address as AWS sees it, or None if it cannot be found quickly."""
-
     try:
         with urllib.request.urlopen(PUBLIC_ADDRESS_URL, timeout=3) as response:
             address = response.read().decode().strip()

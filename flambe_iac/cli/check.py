@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 
 from flambe_iac import __version__
-from flambe_iac.engine.ray_cluster import MEMBER_PORT_RANGES
-from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, exit_code_of
-from flambe_iac.inputs.stack_config import parse_cidr, read_source
 from flambe_iac.aws.client import ec2_client
 from flambe_iac.aws.network import read_network, this_machines_address
 from flambe_iac.aws.preflight import FAIL, check_network
+from flambe_iac.engine.ray_cluster import MEMBER_PORT_RANGES
+from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, exit_code_of
+from flambe_iac.inputs.stack_config import parse_cidr, read_source
 
 EPILOG = """\
 It reads, and never changes: the subnet, the security groups (and that they are in the subnet's VPC), the key pair,

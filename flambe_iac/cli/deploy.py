@@ -21,11 +21,11 @@ from flambe_iac.cli import check, day_two
 from flambe_iac.cli.source import add_source_options, non_negative_number
 from flambe_iac.engine.ray_cluster import DASHBOARD_PORT
 from flambe_iac.engine.remote_layout import RUN_LOG
+from flambe_iac.engine.report import summary
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError, exit_code_of
 from flambe_iac.inputs.plan import DeployRequest, build_plan
 from flambe_iac.local_files import write_json_atomically
 from flambe_iac.ssh.policy import ssh_command_line
-from flambe_iac.engine.report import summary
 
 DEFAULT_COMMAND = "deploy"
 

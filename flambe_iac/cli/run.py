@@ -10,9 +10,9 @@ from flambe_iac import __version__
 from flambe_iac.errors import EXIT_BAD_INPUT, EXIT_OK, InputError, exit_code_of
 from flambe_iac.inputs.plan import load_runnable
 from flambe_iac.inputs.resources import parse_resources
-from flambe_iac.runnable import RunnableError, run_runnable, secrets_config
 from flambe_iac.inputs.runnable_file import import_paths
 from flambe_iac.inputs.secrets_file import read_secrets_file
+from flambe_iac.runnable import RunnableError, run_runnable, secrets_config
 
 DEFAULT_SECRETS = Path("~/.flambe/secrets.ini")
 

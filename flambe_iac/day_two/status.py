@@ -14,7 +14,6 @@ from flambe_iac.engine.ray_cluster import RAY_STATE
 from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, RESOURCES_DIR, RUN_EXIT, RUN_LOG, RUN_PID
 from flambe_iac.engine.remote_probes import RUNNABLE_RUNNING, checksums_command, parse_checksums
 
-
 STATUS_SCRIPT = f"""\
 cd ~ || exit 3
 printf '@pub\\n'; cat {CLUSTER_PUBLIC_KEY} 2>/dev/null

@@ -7,13 +7,16 @@ chosen again, so no re-run, from any machine, can bring back a key a rotation re
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, RETIRED_KEYS
-from flambe_iac.inputs.names import refuse_line_breaks
+from flambe_iac.errors import InputError
+from flambe_iac.inputs.names import refuse_unsafe_fields
 from flambe_iac.ssh.user_key import public_key_fingerprint
 
 KEPT, CREATED, ROTATED = "kept", "created", "rotated"
+FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 
 
 @dataclass(frozen=True)
@@ -171,21 +174,23 @@ def key_fields(line: bytes) -> tuple[str, str] | None:
     return None
 
 
-def updated_authorized_keys(current: bytes, public_line: str, cluster_name: str,
-                            retired_fingerprints: set[str] | frozenset[str] = frozenset()) -> bytes:
+def updated_authorized_keys(current: bytes, public_line: str, cluster_name: str, protected: str | None = None) -> bytes:
     """authorized_keys with exactly one key of this cluster, the given one; every other line byte-identical.
 
-    Lines of this cluster (by comment) with another key, and lines holding a retired cluster key, are old
-    cluster keys and are removed.
+    Only lines flambe wrote are ever removed: those that end with this cluster's comment and hold another key (an
+    old cluster key, a retired one included). A line without the comment is the user's, whatever its key; and the
+    PROTECTED key (the user's own, "type base64") is never removed, whatever its line says.
     """
     comment = cluster_key_comment(cluster_name)
-    refuse_line_breaks("authorized_keys", public_line, comment)
+    refuse_unsafe_fields("authorized_keys", comment, *public_line.split())
+    if public_line.split()[2:] != [comment]:
+        raise InputError(f"refusing to write authorized_keys: {public_line!r} is not a key with the comment {comment}")
     wanted = public_line.strip().encode()
     kept, has_wanted = [], False
     for line in current.splitlines(keepends=True):
-        fields = key_fields(line)
-        fingerprint = fingerprint_or_none(" ".join(fields)) if fields else None
-        ours = line.strip().split()[-1:] == [comment.encode()] or fingerprint in retired_fingerprints
+        ours = line.strip().split()[-1:] == [comment.encode()]
+        if ours and protected and key_fields(line) == tuple(protected.split()[:2]):
+            ours = False
         if ours:
             if line.strip() == wanted and not has_wanted:
                 kept.append(line)
@@ -202,10 +207,11 @@ def updated_authorized_keys(current: bytes, public_line: str, cluster_name: str,
 def retired_list(fingerprints: set[str]) -> bytes:
     """~/.flambe/retired_cluster_keys: one fingerprint a line, sorted, so every host's copy is identical."""
     for fingerprint in fingerprints:
-        refuse_line_breaks("retired cluster keys", fingerprint)
+        refuse_unsafe_fields("retired cluster keys", fingerprint)
     return "".join(f"{fingerprint}\n" for fingerprint in sorted(fingerprints)).encode()
 
 
 def parse_retired_list(content: bytes | None) -> frozenset[str]:
-    lines = (content or b"").decode(errors="replace").split()
-    return frozenset(line for line in lines if line.startswith("SHA256:"))
+    """The fingerprints a host lists as retired; anything else on it is ignored."""
+    words = (content or b"").decode(errors="replace").split()
+    return frozenset(word for word in words if FINGERPRINT.fullmatch(word))

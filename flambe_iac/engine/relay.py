@@ -20,9 +20,9 @@ from pathlib import Path
 from gevent.event import AsyncResult
 from gevent.lock import BoundedSemaphore
 
+from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 from flambe_iac.ssh.policy import SshTarget, rsync_command
-from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 
 DIRECT, RELAY = "direct", "relay"
 FAN_OUT_MODES = (DIRECT, RELAY)

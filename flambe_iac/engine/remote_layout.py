@@ -1,14 +1,14 @@
 """Where everything lives on a host, relative to the SSH user's home; and the manifest's content.
 
 Nothing here talks to a host. The cluster key's files are edited by `cluster_key`, the ssh config block is
-`connection`'s.
+`ssh.policy`'s.
 """
 
 from __future__ import annotations
 
 import json
 
-from flambe_iac.inputs.names import refuse_line_breaks
+from flambe_iac.inputs.names import refuse_unsafe_fields
 
 CLUSTER_PRIVATE_KEY = "ray_bootstrap_key.pem"
 CLUSTER_PUBLIC_KEY = "ray_bootstrap_key.pub"
@@ -36,15 +36,15 @@ def run_staging_dir(run_id: str) -> str:
 
 def members_known_hosts(host_keys: dict[str, list[str]]) -> bytes:
     """known_hosts lines for every member, by private address: {address: ["ssh-ed25519 AAAA...", ...]}."""
-    lines = [f"{address} {key}\n" for address, keys in host_keys.items() for key in keys]
-    refuse_line_breaks("members' known hosts", *(line[:-1] for line in lines))
-    return "".join(lines).encode()
+    for address, keys in host_keys.items():
+        refuse_unsafe_fields("members' known hosts", address, *(field for key in keys for field in key.split()))
+    return "".join(f"{address} {key}\n" for address, keys in host_keys.items() for key in keys).encode()
 
 
 def manifest(cluster_name: str, role: str, host_id: str, members: list[dict], key_fingerprint: str,
              resources: dict[str, dict[str, str]], version: str, extensions: dict[str, dict]) -> bytes:
     """~/.flambe/cluster.json: what this host is part of. It never holds a secret."""
-    refuse_line_breaks("the manifest", cluster_name, role, host_id, key_fingerprint)
+    refuse_unsafe_fields("the manifest", cluster_name, role, host_id, key_fingerprint)
     document = {
         "cluster_name": cluster_name,
         "role": role,

@@ -85,10 +85,12 @@ def _host(entry: Any, field: str, role: str, source: str) -> Host:
     addresses = entry if isinstance(entry, list) else [entry]
     if not 1 <= len(addresses) <= 2:
         raise InputError(f"{source}: {field!r} must be an address or a [public, private] pair")
+    normalized = []
     for address in addresses:
         try:
-            check_address(str(address), field)
+            normalized.append(check_address(str(address), field))
         except InputError:
-            raise InputError(f"{source}: {field!r} has {address!r}, which is not an IP address") from None
-    public, private = str(addresses[0]), str(addresses[-1])
+            raise InputError(f"{source}: {field!r} has {address!r}, which is not an IP address (IPv4, or IPv6 "
+                             "without a zone id)") from None
+    public, private = normalized[0], normalized[-1]
     return Host(id=private, role=role, private_ip=private, public_ip=public)

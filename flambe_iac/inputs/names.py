@@ -2,7 +2,8 @@
 
 Strict allow-lists, applied before anything connects: the cluster name, the SSH user, resource and extension
 names, addresses and host ids. The stack, the outputs file, the cluster file and the lab all use these.
-Writers of authorized_keys, the ssh config and the manifest also call `refuse_line_breaks`, as a second defence.
+Writers of line-based files (authorized_keys, ssh configs, known_hosts pins, the manifest) also call
+`refuse_unsafe_fields` on every field they interpolate, as a second defence.
 
 Standard library only: `stacks/` imports this too.
 """
@@ -44,8 +45,12 @@ def check_tree_name(name: object, what: str) -> str:
 
 
 def check_address(address: object, where: str) -> str:
+    """An IPv4 address, or an IPv6 one without a zone id, in its normal form: the form every writer uses."""
+    text = address if isinstance(address, str) else ""
+    if "%" in text:  # ipaddress lets a zone id hold almost any byte, a newline included
+        raise InputError(f"{where} {_shown(address)} has an IPv6 zone id (%...): give the address without it")
     try:
-        return str(ipaddress.ip_address(address if isinstance(address, str) else ""))
+        return str(ipaddress.ip_address(text))
     except ValueError:
         raise InputError(f"{where} must be an IP address, not {_shown(address)}") from None
 
@@ -56,11 +61,14 @@ def check_host_id(host_id: object, where: str) -> str:
     return host_id
 
 
-def refuse_line_breaks(what: str, *values: str) -> None:
-    """The second defence: a value about to be written into a line-based file must be one line."""
+def refuse_unsafe_fields(what: str, *values: object) -> None:
+    """The second defence: a field about to be written into a line-based file holds no whitespace and no control
+    character, so it can neither end its line nor add a word to it."""
     for value in values:
-        if any(character in str(value) for character in "\r\n\0"):
-            raise ValueError(f"refusing to write {what}: a value holds a line break")
+        text = str(value)
+        if not text or any(character.isspace() or not character.isprintable() for character in text):
+            raise InputError(f"refusing to write {what}: the field {_shown(value)} holds whitespace or a control "
+                             "character (or is empty)")
 
 
 def _shown(value: object) -> str:

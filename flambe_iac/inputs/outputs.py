@@ -76,7 +76,6 @@ def contract_document(cluster_name: Any, ssh_user: Any, region: Any, orchestrato
 
 def outputs_document(cluster: Cluster) -> dict[str, Any]:
     """The contract v1 document for a cluster: the inverse of `parse_outputs`."""
-
     def host_entry(host: Host) -> dict[str, Any]:
         return {key: getattr(host, key) for key in HOST_KEYS}
 
@@ -144,10 +143,9 @@ class _Reader:
     def address(self, value: Any, field: str) -> str:
         text = self.text(value, field)
         try:
-            check_address(text, field)
-        except InputError:
-            raise self.fail(field, f"must be an IP address, not {text!r}") from None
-        return text
+            return check_address(text, field)
+        except InputError as error:
+            raise self.fail(field, str(error).removeprefix(f"{field} ")) from None
 
     def host(self, value: Any, field: str, role: str) -> Host:
         entry = self.mapping(value, field)

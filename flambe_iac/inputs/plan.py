@@ -6,19 +6,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from flambe_iac.cluster import ADDRESS_KINDS, PRIVATE, PUBLIC, Cluster, Host
-from flambe_iac.ssh.policy import SshPolicy, parse_jump
+from flambe_iac.engine.ray_cluster import DEFAULT_RAY_PYTHON, check_ray_python
 from flambe_iac.errors import InputError
-from flambe_iac.ssh.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
-from flambe_iac.ssh.user_key import UserKey, load_user_key
-from flambe_iac.inputs.resources import Resource, parse_resources
-from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file
-from flambe_iac.inputs.cluster_file import ClusterSource
-from flambe_iac.inputs.cluster_file import load_cluster_file
+from flambe_iac.inputs.cluster_file import ClusterSource, load_cluster_file
+from flambe_iac.inputs.extensions import LOCAL, checkout
 from flambe_iac.inputs.outputs import load_outputs
 from flambe_iac.inputs.pulumi_cli import load_stack
-from flambe_iac.engine.ray_cluster import DEFAULT_RAY_PYTHON, check_ray_python
-from flambe_iac.inputs.extensions import checkout
+from flambe_iac.inputs.resources import Resource, parse_resources, refuse_secrets
 from flambe_iac.inputs.runnable_file import check_runnable_class, import_paths, load_runnable_file
+from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file
+from flambe_iac.ssh.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
+from flambe_iac.ssh.policy import SshPolicy, parse_jump
+from flambe_iac.ssh.user_key import UserKey, load_user_key
 
 EXTENSION_CACHE = Path("~/.flambe/cache/extensions")
 
@@ -76,12 +75,13 @@ class DeployPlan:
     fan_out: str = "direct"  # "relay": trees cross the uplink once, to the orchestrator, which serves the factories
     setup_commands: tuple[str, ...] = ()
     ray_python: str = "python3"  # the hosts' Python that has Ray
+    jump: str | None = None  # --jump, checked and in its normal form
 
     def ssh_policy(self) -> SshPolicy:
         """How this machine reaches the members: the one SSH policy, with this plan's key, pins and bastion."""
         return SshPolicy(self.cluster.ssh_user, self.user_key.path.resolve(), self.user_key.passphrase,
                          self.host_keys.known_hosts.resolve(), self.request.connect_timeout,
-                         self.host_keys.strict_host_key_checking, jump=self.request.jump)
+                         self.host_keys.strict_host_key_checking, jump=self.jump)
 
     def address(self, host: Host) -> str:
         return host.address(self.request.address_kind)
@@ -94,18 +94,20 @@ class DeployPlan:
     @property
     def extension_trees(self) -> list[Resource]:
         """The extensions that have files, as trees for ~/extensions/NAME/, without .git."""
-        return [Resource(checkout.location.name, checkout.directory, parent="extensions", excludes=(".git",))
-                for checkout in self.extensions if checkout.directory is not None]
+        return [tree for tree in extension_trees(self.extensions) if tree is not None]
+
+
+def extension_trees(extensions: list) -> list[Resource | None]:
+    """Each extension's tree for ~/extensions/NAME/, without .git; None for a PyPI requirement (nothing to push)."""
+    return [Resource(checkout.location.name, checkout.directory, parent="extensions", excludes=(".git",))
+            if checkout.directory is not None else None for checkout in extensions]
 
 
 def load_cluster(request: DeployRequest):
     """The cluster as a ClusterSource: with the key and setup commands its source names (only a cluster file)."""
-
     if request.outputs is not None:
-
         return ClusterSource(load_outputs(request.outputs), None)
     if request.stack is not None:
-
         return ClusterSource(load_stack(request.stack, request.stack_directory), None)
 
     return load_cluster_file(request.cluster_file)
@@ -113,7 +115,6 @@ def load_cluster(request: DeployRequest):
 
 def access_parts(request: DeployRequest):
     """What every command that reaches the hosts needs: (cluster, user key, host key policy, its ClusterSource)."""
-    parse_jump(request.jump)
     source = load_cluster(request)
     key = request.key or source.key
     if key is None:
@@ -130,21 +131,27 @@ def build_plan(request: DeployRequest) -> DeployPlan:
     if request.known_hosts is not None and request.trust_on_first_use:
         raise InputError("--known-hosts pins the keys you hold; --trust-on-first-use accepts what hosts show: give one")
     ray_python = check_ray_request(request)
+    jump = parse_jump(request.jump)
     cluster, user_key, host_keys, source = access_parts(request)
     runnable, extensions, runnable_resources = load_runnable(request.runnable_file)
+    resources = parse_resources([*request.resources, *runnable_resources])
+    refuse_secrets(resources, user_key.path)
+    refuse_secrets([tree for checkout, tree in zip(extensions, extension_trees(extensions))
+                    if checkout.location.kind == LOCAL], user_key.path, "extension")
     return DeployPlan(
         request=request,
         cluster=cluster,
         user_key=user_key,
         host_keys=host_keys,
         secrets=HiddenBytes(read_secrets_file(request.secrets)) if request.secrets else None,
-        resources=parse_resources([*request.resources, *runnable_resources]),
+        resources=resources,
         runnable=runnable,
         extensions=extensions,
         wait=request.wait if request.wait is not None else (0.0 if request.cluster_file else 300.0),
         fan_out=request.fan_out or ("relay" if cluster.factories else "direct"),
         setup_commands=(*source.setup_commands, *request.setup_commands),
         ray_python=ray_python,
+        jump=jump,
     )
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.names import check_tree_name
 
-
 # One entry of a tree: ("f", path, size, mtime) for a file, ("d", path) for a directory, ("l", path, target).
 # `local_tree` lists a tree here; REMOTE_TREE_LISTING, run inside a directory on a host, lists it in the lines
 # `parse_tree_line` reads. The two must agree, entry for entry.
@@ -75,6 +74,46 @@ def refuse_special_files(tree: Resource, what: str) -> None:
             raise InputError(f"{what}: {path} is {kind}; a resource holds only files, directories and symlinks")
 
 
+SECRET_PLACES = ("~/.ssh", "~/.aws", "~/.flambe", "~/.config/gcloud")
+
+
+def refuse_secrets(trees: list[Resource], key: Path, what: str = "resource") -> None:
+    """No tree lies in or holds a place where credentials live (~/.ssh, ~/.aws, ~/.flambe, ~/.config/gcloud, the
+    directory of KEY), and no file in a tree has KEY's bytes: the user's key and credentials never leave this
+    machine, whatever a runnable file or a --resource names."""
+    key = key.expanduser().resolve()
+    key_bytes = key.read_bytes()
+    places = [Path(place).expanduser().resolve() for place in SECRET_PLACES] + [key.parent]
+    for tree in trees:
+        path = tree.path.resolve()
+        for place in places:
+            if path == place or place in path.parents:
+                raise InputError(f"{what} {tree.name}: {tree.path} lies in {place}, where keys and credentials live; "
+                                 "nothing there is ever sent to the hosts")
+            if path in place.parents and not _excluded(tree, place):
+                raise InputError(f"{what} {tree.name}: {tree.path} holds {place}, where keys and credentials live; "
+                                 "give a directory that does not hold it")
+        for file in _files(tree):
+            if file.stat().st_size == len(key_bytes) and file.read_bytes() == key_bytes:
+                raise InputError(f"{what} {tree.name}: {file} is your SSH key (--key); it never leaves this machine")
+
+
+def _excluded(tree: Resource, place: Path) -> bool:
+    return any(part in tree.excludes for part in place.relative_to(tree.path.resolve()).parts)
+
+
+def _files(tree: Resource):
+    """Every regular file a tree sends (symlinks travel as links, never as the bytes they point to)."""
+    if tree.path.is_file():
+        yield tree.path
+        return
+    for directory, _, names in _walk(tree):
+        for name in names:
+            path = Path(directory, name)
+            if name not in tree.excludes and path.is_file() and not path.is_symlink():
+                yield path
+
+
 def local_tree(resource: Resource) -> set[TreeEntry]:
     """What ~/resources/NAME/ holds once rsync -a has copied the resource (mtimes to the second)."""
     if resource.path.is_file():
@@ -108,10 +147,7 @@ def parse_tree_line(line: str) -> TreeEntry | None:
 
 def checksums(resource: Resource) -> dict[str, str]:
     """sha256 of every file, by path inside the resource: recorded in ~/.flambe/cluster.json."""
-    files = [resource.path] if resource.path.is_file() else sorted(
-        Path(directory, name) for directory, _, names in _walk(resource) for name in names
-        if name not in resource.excludes and not Path(directory, name).is_symlink()
-    )
+    files = sorted(_files(resource))
     base = resource.path.parent if resource.path.is_file() else resource.path
     return {str(path.relative_to(base)): _sha256(path) for path in files}
 

@@ -11,16 +11,17 @@ Read with a safe loader only. Errors name the document and the key.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.extensions import ExtensionLocation, parse_location
-import yaml
-import ast
-import importlib.util
 
 RUNNABLE_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 RUNNABLE_KEYS = {"runnable", "args", "resources"}

@@ -12,8 +12,10 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from flambe_iac.errors import InputError
 from flambe_iac.aws.console import console_keys_by_address
+from flambe_iac.errors import InputError
+from flambe_iac.inputs.names import refuse_unsafe_fields
+from flambe_iac.local_files import write_atomically
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ def pin_from_console(path: Path, console: ConsoleSource) -> None:
             "or pass --known-hosts FILE or --trust-on-first-use"
         )
     ids = dict((address, instance_id) for instance_id, address in missing)
+    for address, keys in found.items():
+        refuse_unsafe_fields("pinned host keys", address, ids[address], *(field for key in keys for field in key.split()))
     create_private_file(path)
     with open(path, "a") as pinned:
         pinned.writelines(f"{address} {key} {ids[address]}\n" for address, keys in found.items() for key in keys)
@@ -103,7 +107,7 @@ def forget_other_instances(path: Path, members: list[tuple[str, str]]) -> None:
             continue  # pinned for an instance that no longer holds this address
         kept.append(line)
     if kept != lines:
-        path.write_text("".join(kept))
+        write_atomically(path, "".join(kept))
 
 
 def create_private_file(path: Path) -> None:
@@ -148,9 +152,10 @@ def _pattern_matches(pattern: str, address: str) -> bool:
     names = (address, f"[{address}]:22")
     if not pattern.startswith("|1|"):
         return pattern in names
-    salt, digest = pattern[3:].split("|", 1)
-    return any(
-        hmac.compare_digest(
-            base64.b64encode(hmac.new(base64.b64decode(salt), name.encode(), hashlib.sha1).digest()).decode(), digest)
-        for name in names
-    )
+    salt, _, digest = pattern[3:].partition("|")
+    try:
+        key = base64.b64decode(salt, validate=True)
+    except ValueError:  # binascii.Error: a damaged hashed entry matches nothing
+        return False
+    return any(hmac.compare_digest(base64.b64encode(hmac.new(key, name.encode(), hashlib.sha1).digest()),
+                                   digest.encode()) for name in names)

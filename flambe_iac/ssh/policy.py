@@ -19,11 +19,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE
-from flambe_iac.inputs.names import refuse_line_breaks
 from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import check_address, check_ssh_user
+from flambe_iac.inputs.names import check_address, check_ssh_user, refuse_unsafe_fields
+from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE
 
 ASKPASS_SCRIPT = f'#!/bin/sh\nprintf "%s\\n" "${PASSPHRASE_VARIABLE}"\n'
 
@@ -76,7 +75,7 @@ def config_policy_lines(user: str, key: str, known_hosts: str) -> list[str]:
 
 def printed_config_block(alias: str, target: SshTarget) -> str:
     """A Host block for the user's own ssh: the same policy as every connection flambe-deploy makes."""
-    refuse_line_breaks("ssh config", alias, target.address, target.user, str(target.key), str(target.known_hosts))
+    refuse_unsafe_fields("ssh config", alias, target.address, target.user, str(target.key), str(target.known_hosts))
     lines = [f"Host {alias}", f"    HostName {target.address}",
              *config_policy_lines(target.user, str(target.key), str(target.known_hosts)),
              f"    ConnectTimeout {target.connect_timeout}"]
@@ -87,27 +86,37 @@ def printed_config_block(alias: str, target: SshTarget) -> str:
 
 def proxy_command(target: SshTarget) -> str:
     """ssh -W through the bastion, with TARGET's own key, pins and options: the key is used, never copied there."""
-    user, _, rest = target.jump.rpartition("@")
-    host, _, port = rest.partition(":")
+    user, host, port = split_jump(target.jump)
     bastion = SshTarget(address=host, user=user or target.user, key=target.key, known_hosts=target.known_hosts,
                         connect_timeout=target.connect_timeout, batch_mode=target.batch_mode)
     return shlex.join(["ssh", *ssh_options(bastion), "-p", port or "22", "-W", "%h:%p",
                        f"{bastion.user}@{bastion.address}"])
 
 
+def split_jump(text: str) -> tuple[str, str, str]:
+    """[USER@]HOST[:PORT], with an IPv6 HOST bare or in brackets: (user or "", host, port or "")."""
+    user, _, rest = text.rpartition("@")
+    if rest.startswith("["):
+        host, _, port = rest[1:].partition("]")
+        return user, host, port[1:] if port.startswith(":") else port
+    if rest.count(":") > 1:
+        return user, rest, ""
+    host, _, port = rest.partition(":")
+    return user, host, port
+
+
 def parse_jump(text: str | None) -> str | None:
-    """--jump [USER@]HOST[:PORT], checked like every name that reaches a command line."""
+    """--jump [USER@]HOST[:PORT], checked like every name that reaches a command line; in its normal form."""
     if text is None:
         return None
-
-    user, _, rest = text.rpartition("@")
-    host, _, port = rest.partition(":")
+    user, host, port = split_jump(text)
     if user:
         check_ssh_user(user, "--jump user")
-    check_address(host, "--jump host")
-    if port and not (port.isdigit() and 0 < int(port) < 65536):
+    address = check_address(host, "--jump host")
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise InputError(f"--jump port must be a number from 1 to 65535, not {port!r}")
-    return text
+    where = f"[{address}]" if ":" in address and port else address
+    return (f"{user}@" if user else "") + where + (f":{port}" if port else "")
 
 
 @dataclass(frozen=True)
@@ -260,7 +269,7 @@ def _config_markers(cluster_name: str) -> tuple[str, str]:
 
 def ssh_config_block(cluster_name: str, ssh_user: str, private_addresses: list[str]) -> str:
     """The managed ~/.ssh/config block that lets members reach each other with the cluster key only."""
-    refuse_line_breaks("ssh config", cluster_name, ssh_user, *private_addresses)
+    refuse_unsafe_fields("ssh config", cluster_name, ssh_user, *private_addresses)
     begin, end = _config_markers(cluster_name)
     return "\n".join([
         begin,

@@ -24,6 +24,7 @@ OPENSSH_MAGIC = b"openssh-key-v1\0"
 class UserKey:
     path: Path
     passphrase: str | None = None
+    public_key: str | None = None  # "type base64": never removed from any authorized_keys by flambe
 
     def __repr__(self) -> str:  # the passphrase must never reach a log
         return f"UserKey({str(self.path)!r}, passphrase={'set' if self.passphrase else 'none'})"
@@ -40,16 +41,14 @@ def load_user_key(path: Path) -> UserKey:
         hint = " (that is a public key: give the private key, without .pub)" if path.suffix == ".pub" else ""
         raise InputError(f"{path} is not an SSH private key{hint}")
     if not is_encrypted(text):
-        check_key_body(path, None)
-        return UserKey(path)
+        return UserKey(path, None, check_key_body(path, None))
     passphrase = os.environ.get(PASSPHRASE_VARIABLE) or ask_passphrase(path)
     if not passphrase:
         raise InputError(
             f"SSH key {path} is protected by a passphrase and there is no way to unlock it here: "
             f"set {PASSPHRASE_VARIABLE}, or run on a terminal to be asked (flambe-deploy never uses an ssh-agent)"
         )
-    check_key_body(path, passphrase)
-    return UserKey(path, passphrase)
+    return UserKey(path, passphrase, check_key_body(path, passphrase))
 
 
 def is_encrypted(key_text: bytes) -> bool:
@@ -75,12 +74,13 @@ def ask_passphrase(path: Path) -> str | None:
     return getpass.getpass(f"Passphrase for {path}: ") or None
 
 
-def check_key_body(path: Path, passphrase: str | None) -> None:
-    """Load the key as ssh would, so a damaged file or a wrong passphrase is bad input, found before connecting."""
+def check_key_body(path: Path, passphrase: str | None) -> str:
+    """Load the key as ssh would, so a damaged file or a wrong passphrase is bad input, found before connecting;
+    its public key ("type base64")."""
     import paramiko
 
     try:
-        paramiko.PKey.from_path(path, passphrase=passphrase.encode() if passphrase else None)
+        key = paramiko.PKey.from_path(path, passphrase=passphrase.encode() if passphrase else None)
     except paramiko.PasswordRequiredException:
         raise InputError(f"SSH key {path} is protected by a passphrase: set {PASSPHRASE_VARIABLE}") from None
     except Exception:  # paramiko raises SSHException, ValueError or its own errors for a body it cannot read
@@ -88,6 +88,7 @@ def check_key_body(path: Path, passphrase: str | None) -> None:
             raise InputError(f"the passphrase does not unlock SSH key {path} "
                              f"(from {PASSPHRASE_VARIABLE} or the prompt)") from None
         raise InputError(f"SSH key {path} is damaged: its body is not a private key ssh can read") from None
+    return f"{key.get_name()} {key.get_base64()}"
 
 
 def public_key_fingerprint(public_line: str) -> str:

@@ -1,5 +1,4 @@
 import pytest
-
 from lab_session import LabSession, require_lab_support
 
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from lab_session import LabSession, home_environment, require_lab_support
 
 pytestmark = pytest.mark.lab

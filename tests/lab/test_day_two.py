@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from lab_session import LabSession, home_environment, require_lab_support
 
 pytestmark = pytest.mark.lab

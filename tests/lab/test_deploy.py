@@ -6,7 +6,6 @@ import stat
 import subprocess
 
 import pytest
-
 from conftest import CANARY_SECRETS
 
 pytestmark = pytest.mark.lab

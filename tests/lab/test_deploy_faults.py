@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from lab_session import home_environment
 
 pytestmark = pytest.mark.lab

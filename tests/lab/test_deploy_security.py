@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-
 from conftest import CANARY
+from cryptography.hazmat.primitives import serialization
 from lab_session import LabSession, home_environment, require_lab_support
 
 pytestmark = pytest.mark.lab

@@ -5,13 +5,13 @@ import json
 
 import boto3
 import pytest
-from moto import mock_aws
-
 from conftest import CANARY_SECRETS
+from lab_session import LabSession, home_environment, require_lab_support
+from moto import mock_aws
+from pulumi_harness import MotoMocks, moto_network, run_program
+
 from flambe_iac.stacks.cluster import declare_cluster
 from flambe_iac.stacks.cluster_config import load_config
-from lab_session import LabSession, home_environment, require_lab_support
-from pulumi_harness import MotoMocks, moto_network, run_program
 
 pytestmark = pytest.mark.lab
 

@@ -5,11 +5,11 @@ import subprocess
 import time
 
 import pytest
+from lab_session import LabSession, flambe_lab, lab_leftovers, machine_snapshot, require_lab_support
 
 from flambe_iac.errors import LabError
 from flambe_iac.inputs.outputs import load_outputs
 from flambe_iac.lab import build, hosts, teardown
-from lab_session import LabSession, flambe_lab, lab_leftovers, machine_snapshot, require_lab_support
 
 pytestmark = pytest.mark.lab
 

@@ -8,7 +8,6 @@ import signal
 
 import pytest
 
-
 pytestmark = pytest.mark.lab
 
 

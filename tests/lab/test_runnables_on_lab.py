@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from lab_session import home_environment
-
 from conftest import CANARY
+from lab_session import home_environment
 from runnable_fixtures import bare_clone, make_repository, runnable_yaml
 
 pytestmark = pytest.mark.lab

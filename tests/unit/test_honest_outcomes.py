@@ -7,14 +7,14 @@ import pytest
 from pyinfra.api.command import StringCommand
 from pyinfra.connectors.util import CommandOutput
 
-from flambe_iac.engine import driver
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine import driver
+from flambe_iac.engine.report import CHANGED, FAILED, SKIPPED, summary
+from flambe_iac.inputs.plan import DeployPlan, DeployRequest
+from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.ssh.host_keys import HostKeyPolicy
 from flambe_iac.ssh.user_key import UserKey
-from flambe_iac.inputs.plan import DeployPlan, DeployRequest
-from flambe_iac.engine.report import CHANGED, FAILED, SKIPPED, summary
-from flambe_iac.inputs.secrets_file import HiddenBytes
 
 
 def plan_for(tmp_path, factories=2) -> DeployPlan:

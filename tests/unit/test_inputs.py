@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from flambe_iac.inputs.cluster_file import load_cluster_file
-from flambe_iac.errors import InputError
-from flambe_iac.ssh.host_keys import choose_host_key_policy, keys_in, read_known_hosts
 from flambe_iac.engine.cluster_key import cluster_key_from_private, new_cluster_key
-from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE, is_encrypted, load_user_key, public_key_fingerprint
+from flambe_iac.errors import InputError
+from flambe_iac.inputs.cluster_file import load_cluster_file
 from flambe_iac.inputs.plan import connect_addresses
+from flambe_iac.inputs.pulumi_cli import load_stack
 from flambe_iac.inputs.resources import checksums, local_tree, parse_resources
 from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file, secrets_parser
+from flambe_iac.ssh.host_keys import choose_host_key_policy, keys_in, read_known_hosts
 from flambe_iac.ssh.policy import SshTarget, rsync_command, ssh_options
-from flambe_iac.inputs.pulumi_cli import load_stack
+from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE, is_encrypted, load_user_key, public_key_fingerprint
 
 SECRET = "s3cr3t-value-%-with-percent"
 

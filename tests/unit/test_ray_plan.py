@@ -9,11 +9,8 @@ import pytest
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Host
 from flambe_iac.deploys import ray as ray_step
+from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest, parse_snapshot, snapshot_command
 from flambe_iac.engine import ray_settlement
-from flambe_iac.engine.ray_settlement import RayCluster, RayUnavailable
-from flambe_iac.deploys.snapshot import HostSnapshot, parse_snapshot, snapshot_command, SnapshotRequest
-from flambe_iac.errors import InputError
-from flambe_iac.inputs.plan import DeployRequest, check_ray_request
 from flambe_iac.engine.ray_cluster import (
     EMPTY_SHA256,
     RAY_STATE,
@@ -26,6 +23,9 @@ from flambe_iac.engine.ray_cluster import (
     stop_command,
     token_sources,
 )
+from flambe_iac.engine.ray_settlement import RayCluster, RayUnavailable
+from flambe_iac.errors import InputError
+from flambe_iac.inputs.plan import DeployRequest, check_ray_request
 
 ORCH = Host("i-0", ORCHESTRATOR, "10.0.0.1", "54.0.0.1")
 FACTORIES = [Host(f"i-{n}", FACTORY, f"10.0.0.{n + 1}", f"54.0.0.{n + 1}") for n in (1, 2)]

@@ -1,8 +1,9 @@
 import pytest
 
 from flambe_iac.engine.cluster_key import new_cluster_key, updated_authorized_keys
-from flambe_iac.ssh.policy import ssh_config_block, updated_ssh_config
 from flambe_iac.engine.remote_layout import manifest, members_known_hosts
+from flambe_iac.errors import InputError
+from flambe_iac.ssh.policy import ssh_config_block, updated_ssh_config
 
 NEW = "ssh-ed25519 AAAANEW flambe-cluster:c1"
 OLD = "ssh-ed25519 AAAAOLD flambe-cluster:c1"
@@ -24,21 +25,41 @@ def test_replaces_an_old_key_of_the_same_cluster_only():
     assert updated_authorized_keys(current, NEW, "c1") == USER + other_cluster + NEW.encode() + b"\n"
 
 
-def test_removes_a_retired_key_even_without_our_comment_or_behind_options():
+def test_a_line_without_our_comment_is_the_users_whatever_key_it_holds():
+    """Only lines flambe wrote are removed: a cluster key the user copied by hand, renamed or behind options, stays
+    byte-identical (a hostile member's retired list can no longer name the user's key and have it removed)."""
     old = new_cluster_key("flambe-cluster:c1")
     key_only = " ".join(old.public_line.split()[:2]).encode()
     current = USER + key_only + b" renamed-by-hand\n" + b'from="10.0.0.0/8" ' + key_only + b"\n"
-    assert updated_authorized_keys(current, NEW, "c1", {old.fingerprint}) == USER + NEW.encode() + b"\n"
+    assert updated_authorized_keys(current, NEW, "c1") == current + NEW.encode() + b"\n"
 
 
-@pytest.mark.parametrize("hostile", ["c1\nssh-ed25519 AAAAEVIL attacker", "c1\rx", "c1\0"])
-def test_writers_refuse_a_line_break_as_a_second_defence(hostile):
-    with pytest.raises(ValueError, match="line break"):
-        updated_authorized_keys(USER, NEW, hostile)
-    with pytest.raises(ValueError, match="line break"):
+def test_an_old_key_with_our_comment_goes_even_behind_options():
+    old = new_cluster_key("flambe-cluster:c1")
+    current = USER + b'from="10.0.0.0/8" ' + old.public_line.encode() + b"\n"
+    assert updated_authorized_keys(current, NEW, "c1") == USER + NEW.encode() + b"\n"
+
+
+def test_the_users_own_key_is_never_removed_even_with_our_comment():
+    user_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUSERKEY"
+    current = USER + f"{user_key} flambe-cluster:c1\n".encode()
+    assert updated_authorized_keys(current, NEW, "c1", user_key) == current + NEW.encode() + b"\n"
+    assert updated_authorized_keys(current, NEW, "c1") == USER + NEW.encode() + b"\n"
+
+
+@pytest.mark.parametrize("hostile", ["c1\nssh-ed25519 AAAAEVIL attacker", "c1\rx", "c1\0", "c1 x", "c1\tx",
+                                     "c1\x1b[2J", "c1\u2028x", "c1\x85"])
+def test_writers_refuse_whitespace_and_control_characters_as_a_second_defence(hostile):
+    with pytest.raises(InputError, match="whitespace or a control"):
+        updated_authorized_keys(USER, f"ssh-ed25519 AAAANEW flambe-cluster:{hostile}", hostile)
+    with pytest.raises(InputError, match="whitespace or a control"):
         ssh_config_block(hostile, "ubuntu", ["10.0.0.1"])
-    with pytest.raises(ValueError, match="line break"):
+    with pytest.raises(InputError, match="whitespace or a control"):
+        ssh_config_block("c1", "ubuntu", ["10.0.0.1", hostile])
+    with pytest.raises(InputError, match="whitespace or a control"):
         manifest(hostile, "factory", "i-1", [], "SHA256:x", {}, "0", {})
+    with pytest.raises(InputError, match="whitespace or a control"):
+        members_known_hosts({f"10.0.0.1{hostile}": ["ssh-ed25519 AAAAKEY"]})
 
 
 def test_the_members_ssh_config_never_forwards_the_agent():

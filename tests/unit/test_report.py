@@ -1,7 +1,17 @@
 import io
 import json
 
-from flambe_iac.engine.report import CHANGED, FAILED, PENDING, SKIPPED, UNCHANGED, DeployReport, HostReport, ProgressView, summary
+from flambe_iac.engine.report import (
+    CHANGED,
+    FAILED,
+    PENDING,
+    SKIPPED,
+    UNCHANGED,
+    DeployReport,
+    HostReport,
+    ProgressView,
+    summary,
+)
 
 STEPS = ("cluster key", "secrets", "resources", "manifest")
 

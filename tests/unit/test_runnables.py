@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from runnable_fixtures import make_repository, runnable_yaml, write_extension
 
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.extensions import GIT, LOCAL, PYPI, checkout, parse_location, redact_url
-from flambe_iac.runnable import secrets_config
 from flambe_iac.inputs.runnable_file import check_runnable_class, load_runnable_file
-from runnable_fixtures import make_repository, runnable_yaml, write_extension
+from flambe_iac.runnable import secrets_config
 
 CANARY = "canary-%-runnable-secret"
 

@@ -6,11 +6,11 @@ import boto3
 import moto
 import pytest
 from moto import mock_aws
+from pulumi_harness import ALARM, COMPONENT, INSTANCE, MotoMocks, moto_network, run_program
 
 from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
 from flambe_iac.stacks.cluster_config import load_config
-from pulumi_harness import COMPONENT, ALARM, INSTANCE, MotoMocks, moto_network, run_program
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pulumi
 import pytest
+from pulumi_harness import ALARM, BASE_CONFIG, COMPONENT, INSTANCE, RecordingMocks, run_program
 
 from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
 from flambe_iac.stacks.cluster_config import load_config
-from pulumi_harness import ALARM, BASE_CONFIG, COMPONENT, INSTANCE, RecordingMocks, run_program
 
 STACKS_DIR = Path(__file__).resolve().parents[2] / "stacks"
 

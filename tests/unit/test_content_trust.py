@@ -1,0 +1,147 @@
+"""Content is untrusted (invariant 12): what an input file says can never run code here, reach a writer as a new
+line or word, or put the user's key or credentials into a tree that travels to the hosts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flambe_iac.errors import InputError
+from flambe_iac.inputs.cluster_file import load_cluster_file
+from flambe_iac.inputs.names import check_address
+from flambe_iac.inputs.outputs import parse_outputs
+from flambe_iac.inputs.plan import DeployRequest, build_plan
+from flambe_iac.ssh.policy import SshTarget, parse_jump, printed_config_block
+
+ZONED = ["fe80::1%x\nMatch exec \"touch PWNED\"", "fe80::1%eth0", "fe80::1%25", "::1%\t"]
+
+
+@pytest.mark.parametrize("address", ZONED)
+def test_an_ipv6_zone_id_is_never_an_address(address):
+    with pytest.raises(InputError, match="zone id"):
+        check_address(address, "an address")
+
+
+@pytest.mark.parametrize("given, normal", [("10.0.0.1", "10.0.0.1"), ("FE80:0:0::1", "fe80::1"),
+                                           ("2001:db8::0:1", "2001:db8::1")])
+def test_addresses_are_normalised(given, normal):
+    assert check_address(given, "an address") == normal
+
+
+def outputs(**orchestrator) -> dict:
+    return {"flambe_outputs_version": 1, "cluster_name": "c1", "ssh_user": "ubuntu", "region": "lab",
+            "orchestrator": {"id": "o", "public_ip": "10.0.0.1", "private_ip": "10.0.0.1", "public_dns": None,
+                             **orchestrator},
+            "factories": []}
+
+
+@pytest.mark.parametrize("address", ZONED)
+def test_stack_outputs_and_cluster_files_refuse_a_zone_id(tmp_path, address):
+    with pytest.raises(InputError, match="IP address|zone id"):
+        parse_outputs(outputs(public_ip=address), "outputs.json")
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(json.dumps({"name": "c1", "username": "ubuntu", "orchestrator_ip": address,
+                                   "factories_ips": []}))
+    with pytest.raises(InputError, match="not an IP address"):
+        load_cluster_file(cluster)
+
+
+@pytest.mark.parametrize("jump", ["10.0.0.9\nHost *", "10.0.0.9 -oProxyCommand=x", "10.0.0.9;id", "fe80::1%eth0",
+                                  "bad user@10.0.0.9", "10.0.0.9:22\n", "10.0.0.9:²²"])
+def test_jump_refuses_anything_but_user_address_and_port(jump):
+    with pytest.raises(InputError):
+        parse_jump(jump)
+
+
+@pytest.mark.parametrize("given, normal", [("ops@FE80:0::1", "ops@fe80::1"), ("[FE80::1]:2222", "[fe80::1]:2222"),
+                                           ("ops@10.0.0.9:2222", "ops@10.0.0.9:2222"), ("10.0.0.9", "10.0.0.9")])
+def test_jump_is_normalised(given, normal):
+    assert parse_jump(given) == normal
+
+
+@pytest.mark.parametrize("field", ["address", "user", "key", "known_hosts"])
+def test_the_printed_ssh_config_refuses_a_field_that_would_add_a_word_or_a_line(tmp_path, field):
+    values = {"address": "10.0.0.1", "user": "ubuntu", "key": tmp_path / "k", "known_hosts": tmp_path / "kh"}
+    values[field] = f"{values[field]}\n    ProxyCommand touch PWNED" if field != "key" else tmp_path / "my key"
+    with pytest.raises(InputError, match="whitespace or a control"):
+        printed_config_block("c1-orchestrator", SshTarget(**values))
+
+
+# -- nothing secret goes into a tree
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def cluster(tmp_path: Path, home: Path):
+    """A cluster file, a key in ~/.ssh and pinned host keys: enough for a plan, with nothing reached."""
+    key = home / ".ssh" / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(json.dumps({"name": "c1", "username": "ubuntu", "orchestrator_ip": "10.0.0.1",
+                                "factories_ips": [], "key": str(key)}))
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("10.0.0.1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHOSTKEY\n")
+    return path, key, known_hosts
+
+
+def plan_with(tmp_path, home, **request):
+    path, key, known_hosts = cluster(tmp_path, home)
+    return build_plan(DeployRequest(cluster_file=path, known_hosts=known_hosts, **request)), key
+
+
+def test_a_resource_holding_a_copy_of_the_key_is_bad_input(tmp_path, home):
+    data = tmp_path / "data"
+    (data / "deep").mkdir(parents=True)
+    path, key, known_hosts = cluster(tmp_path, home)
+    (data / "deep" / "innocent.txt").write_bytes(key.read_bytes())
+    with pytest.raises(InputError, match="is your SSH key"):
+        build_plan(DeployRequest(cluster_file=path, known_hosts=known_hosts, resources=[f"data={data}"]))
+
+
+@pytest.mark.parametrize("place", [".ssh", ".aws", ".flambe/known_hosts", ".config/gcloud", "."])
+def test_a_resource_in_or_holding_a_credentials_directory_is_bad_input(tmp_path, home, place):
+    (home / place).mkdir(parents=True, exist_ok=True)
+    (home / ".aws").mkdir(exist_ok=True)
+    with pytest.raises(InputError, match="where keys and credentials live"):
+        plan_with(tmp_path, home, resources=[f"stuff={home / place}"])
+
+
+def test_a_runnable_file_cannot_ship_the_key(tmp_path, home):
+    path, key, known_hosts = cluster(tmp_path, home)
+    runnable = tmp_path / "runnable.yaml"
+    runnable.write_text(f"runnable: flambe_iac.runnable:Runnable\nresources: {{k: {key}}}\n")
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "flambe_iac.cli.deploy", str(runnable), "--cluster", str(path),
+                             "--known-hosts", str(known_hosts), "--report", str(report)],
+                            capture_output=True, text=True, env={**os.environ, "HOME": str(home)})
+    assert result.returncode == 2, result.stderr
+    assert "where keys and credentials live" in json.loads(report.read_text())["input_error"]
+
+
+def test_a_local_extension_holding_the_key_is_bad_input(tmp_path, home):
+    path, key, known_hosts = cluster(tmp_path, home)
+    extension = tmp_path / "my_ext"
+    extension.mkdir()
+    (extension / "setup.py").write_text("")
+    (extension / "stolen").write_bytes(key.read_bytes())
+    runnable = tmp_path / "runnable.yaml"
+    runnable.write_text(f"my_ext: {extension}\n---\nrunnable: flambe_iac.runnable:Runnable\n")
+    with pytest.raises(InputError, match="extension my_ext: .* is your SSH key"):
+        build_plan(DeployRequest(cluster_file=path, known_hosts=known_hosts, runnable_file=runnable))
+
+
+def test_an_ordinary_resource_still_goes(tmp_path, home):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("hello")
+    plan, _ = plan_with(tmp_path, home, resources=[f"data={data}"])
+    assert [resource.name for resource in plan.resources] == ["data"]
