@@ -95,13 +95,22 @@ def read_snapshot(host, request: SnapshotRequest, timeout: float) -> HostSnapsho
 
 
 def parse_snapshot(output: list[str]) -> HostSnapshot:
+    """The host's state from the read's lines; a line that is not as the read prints it is a SnapshotError."""
+    try:
+        return _parse_snapshot(output)
+    except (ValueError, IndexError) as error:  # binascii.Error is a ValueError: damaged base64
+        raise SnapshotError(f"unreadable host state ({type(error).__name__}: the read printed a malformed line); "
+                            "is the host's shell clean?") from None
+
+
+def _parse_snapshot(output: list[str]) -> HostSnapshot:
     snapshot = HostSnapshot()
     modes, digests = {}, {}
     section, path, lines = None, None, []
 
     def close_section():
         if section == "@read":
-            snapshot.contents[path] = base64.b64decode("".join(lines))
+            snapshot.contents[path] = base64.b64decode("".join(lines), validate=True)
         elif section == "@tree":
             snapshot.trees[path] = {entry for entry in map(parse_tree_line, lines) if entry}
 

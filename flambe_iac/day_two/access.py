@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from flambe_iac.cluster import ORCHESTRATOR, Cluster, Host
 from flambe_iac.inputs.plan import DeployRequest, build_plan
 from flambe_iac.ssh.policy import SshPolicy, SshTarget, ssh_command_line
+from flambe_iac.terminal import safe_line
 
 ROLES = ("all", "orchestrator", "factories")
 
@@ -55,21 +56,24 @@ def load_access(arguments) -> Access:
 
 
 class PrefixedOutput:
-    """Lines from many hosts at once, each whole and prefixed with its host's alias."""
+    """Lines from many hosts at once, each whole, prefixed with its host's alias, its control characters escaped.
+    A line that CONSUMES(alias, line) takes is not shown."""
 
-    def __init__(self):
+    def __init__(self, consumes=lambda alias, line: False):
         self.lock = threading.Lock()
+        self.consumes = consumes
 
     def pump(self, stream, alias: str, to) -> None:
         for line in iter(stream.readline, b""):
             with self.lock:
-                to.write(f"{alias}: {line.decode(errors='replace').rstrip()}\n")
-                to.flush()
+                if not self.consumes(alias, line):
+                    to.write(f"{alias}: {safe_line(line)}\n")
+                    to.flush()
 
 
-def run_everywhere(access: Access, members: list[Host], argv_for) -> dict[str, int]:
+def run_everywhere(access: Access, members: list[Host], argv_for, consumes=lambda alias, line: False) -> dict[str, int]:
     """ARGV_FOR(member) on every member at once; their output prefixed; {alias: exit code}."""
-    output = PrefixedOutput()
+    output = PrefixedOutput(consumes)
 
     def run(member: Host) -> int:
         alias = access.alias(member)

@@ -13,6 +13,7 @@ from flambe_iac.engine.cluster_key import fingerprint_or_none
 from flambe_iac.engine.ray_cluster import RAY_STATE
 from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, RESOURCES_DIR, RUN_EXIT, RUN_LOG, RUN_PID
 from flambe_iac.engine.remote_probes import RUNNABLE_RUNNING, checksums_command, parse_checksums
+from flambe_iac.terminal import safe_field
 
 STATUS_SCRIPT = f"""\
 cd ~ || exit 3
@@ -56,6 +57,7 @@ class HostStatus:
 
 
 def parse_status(alias: str, address: str, returncode: int, output: str, stderr: str) -> HostStatus:
+    """What the status script printed, read as untrusted: anything malformed is a problem in words, never a crash."""
     sections: dict[str, list[str]] = {}
     current = None
     for line in output.splitlines():
@@ -71,31 +73,50 @@ def parse_status(alias: str, address: str, returncode: int, output: str, stderr:
     status.fingerprint = fingerprint_or_none(" ".join(sections.get("pub", []))) if sections.get("pub") else None
     if status.fingerprint is None:
         status.problems.append("no cluster key")
-    try:
-        manifest = json.loads("\n".join(sections.get("manifest", [])) or "null")
-    except json.JSONDecodeError:
-        manifest = None
-    if manifest is None:
-        status.problems.append("no manifest: never deployed, or the last deploy failed here")
-    recorded = {f"{name}/{path}": digest for name, files in ((manifest or {}).get("resources") or {}).items()
-                for path, digest in files.items()}
+    recorded = recorded_checksums(sections.get("manifest", []), status.problems)
     found = parse_checksums(sections.get("sums", []))
     if recorded:
         status.resources_match = all(found.get(path) == digest for path, digest in recorded.items())
         if not status.resources_match:
             status.problems.append("resources differ from the manifest's checksums")
-    run = (sections.get("run") or [""])[0].split()
-    if run:
-        if run[0] == "running":
-            status.runnable = f"running (pid {run[1]})"
-        elif run[0] == "exited" and run[1:] == ["0"]:
-            status.runnable = "finished"
-        else:
-            status.runnable = f"failed (exit {run[1]})" if run[0] == "exited" else "failed (it vanished)"
-            status.problems.append(f"runnable {status.runnable}")
+    if sections.get("run"):
+        status.runnable = runnable_state(sections["run"][0], status.problems)
         status.log_tail = sections.get("log", [])
     status.ray = ray_status(sections.get("ray", []), status.problems)
     return status
+
+
+def recorded_checksums(lines: list[str], problems: list[str]) -> dict[str, str]:
+    """{resource/path: sha256} from the manifest; a missing or unreadable manifest is a problem."""
+    try:
+        manifest = json.loads("\n".join(lines) or "null")
+    except json.JSONDecodeError:
+        manifest = "unreadable"
+    if manifest is None:
+        problems.append("no manifest: never deployed, or the last deploy failed here")
+        return {}
+    resources = manifest.get("resources") if isinstance(manifest, dict) else None
+    if not isinstance(resources, dict) or not all(isinstance(files, dict) for files in resources.values()):
+        problems.append("unreadable manifest (~/.flambe/cluster.json): re-run flambe-deploy")
+        return {}
+    return {f"{name}/{path}": digest for name, files in resources.items() for path, digest in files.items()}
+
+
+def runnable_state(line: str, problems: list[str]) -> str:
+    """"running PID", "exited CODE" or "gone", as the script prints them; anything else is unreadable."""
+    words = line.split()
+    if words[:1] == ["running"] and len(words) == 2 and words[1].isdigit():
+        return f"running (pid {words[1]})"
+    if words == ["exited", "0"]:
+        return "finished"
+    if words[:1] == ["exited"] and len(words) == 2 and words[1].lstrip("-").isdigit():
+        state = f"failed (exit {words[1]})"
+    elif words == ["gone"]:
+        state = "failed (it vanished)"
+    else:
+        state = "unknown (unreadable run record: an empty ~/.flambe/run.exit is what a full disk leaves)"
+    problems.append(f"runnable {state}")
+    return state
 
 
 def ray_status(lines: list[str], problems: list[str]) -> str | None:
@@ -103,10 +124,11 @@ def ray_status(lines: list[str], problems: list[str]) -> str | None:
     if not lines:
         return None
     try:
-        role = json.loads(lines[0]).get("role", "?")
+        role = json.loads(lines[0]).get("role")
     except (json.JSONDecodeError, AttributeError):
-        role = "?"
-    running = {line.split()[1] for line in lines[1:] if line.startswith("@running ")}
+        role = None
+    role = role if role in ("head", "worker") else "?"
+    running = {line.removeprefix("@running ") for line in lines[1:] if line.startswith("@running ")}
     needed = {"gcs_server", "raylet"} if role == "head" else {"raylet"}
     if needed <= running:
         return f"{role} running"
@@ -117,9 +139,9 @@ def ray_status(lines: list[str], problems: list[str]) -> str | None:
 def cluster_status(access: Access) -> list[HostStatus]:
     def probe(member: Host) -> HostStatus:
         result = subprocess.run(access.ssh_argv(member, STATUS_SCRIPT), stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True, env=access.policy.environment())
-        return parse_status(access.alias(member), access.target(member).address, result.returncode, result.stdout,
-                            result.stderr)
+                                capture_output=True, env=access.policy.environment())
+        return parse_status(access.alias(member), access.target(member).address, result.returncode,
+                            result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"))
 
     with ThreadPoolExecutor(max_workers=len(access.cluster.members)) as pool:
         statuses = list(pool.map(probe, access.cluster.members))
@@ -134,11 +156,12 @@ def cluster_status(access: Access) -> list[HostStatus]:
 def show_status(statuses: list[HostStatus]) -> str:
     lines = []
     for status in statuses:
-        state = "ok" if status.healthy else "PROBLEM: " + "; ".join(status.problems or [])
+        state = "ok" if status.healthy else "PROBLEM: " + safe_field("; ".join(status.problems or []))
         key = status.fingerprint or "-"
         resources = {None: "-", True: "match", False: "DIFFER"}[status.resources_match]
-        lines.append(f"{status.alias:<32} {status.address:<16} key {key[:20]:<20} resources {resources:<6} "
-                     f"runnable {status.runnable or '-'} ray {status.ray or '-'}: {state}")
+        lines.append(safe_field(f"{status.alias:<32} {status.address:<16} key {key[:20]:<20} "
+                                f"resources {resources:<6} runnable {status.runnable or '-'} ray {status.ray or '-'}: "
+                                f"{state}"))
         for line in status.log_tail or []:
-            lines.append(f"    | {line}")
+            lines.append(f"    | {safe_field(line)}")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 from flambe_iac.local_files import READABLE, write_atomically
+from flambe_iac.terminal import safe_field
 
 CHANGED, UNCHANGED, FAILED, SKIPPED, PENDING = "changed", "unchanged", "failed", "skipped", "pending"
 DONE = (CHANGED, UNCHANGED)
@@ -122,13 +123,13 @@ class ProgressView:
         if self.live:
             self.redraw()
         elif host.error:
-            print(f"{host.host_id} ({host.address}): not connected: {host.error}", file=self.stream, flush=True)
+            self.say(f"{host.host_id} ({host.address}): not connected: {host.error}")
 
     def note(self, host: HostReport, text: str) -> None:
         if self.live:
             self.redraw()
         else:
-            print(f"{host.host_id} ({host.address}): {text}", file=self.stream, flush=True)
+            self.say(f"{host.host_id} ({host.address}): {text}")
 
     def step_done(self, host: HostReport, step: str) -> None:
         if self.live:
@@ -140,7 +141,11 @@ class ProgressView:
         line = f"{host.host_id} ({host.address}): {step} {LABELS[result.status]} ({result.seconds:.2f} s)"
         if result.status == FAILED and result.cause:
             line += f": {result.cause}"
-        print(line, file=self.stream, flush=True)
+        self.say(line)
+
+    def say(self, line: str) -> None:
+        """One line about a host: whatever the host put in it is shown, never acted on by the terminal."""
+        print(safe_field(line), file=self.stream, flush=True)
 
     def columns(self) -> list[str]:
         """The steps some host was asked: a column of dashes helps nobody."""
@@ -156,7 +161,7 @@ class ProgressView:
             lines.append(f"{host.host_id[:24]:<24} {host.address:<16} {cells}")
         lines.append(f"{time.monotonic() - self.started:.1f} s")
         width = shutil.get_terminal_size((120, 24)).columns
-        lines = [line[:width - 1] for line in lines]  # a wrapped line would break the redraw's line count
+        lines = [safe_field(line)[:width - 1] for line in lines]  # a wrapped line would break the redraw's count
         if self.drawn_lines:
             self.stream.write(f"\x1b[{self.drawn_lines}F\x1b[J")
         self.stream.write("\n".join(lines) + "\n")
@@ -172,11 +177,11 @@ def summary(report: DeployReport) -> str:
         lines[0] += f" (INTERRUPTED by {report.interrupted})"
     if report.cluster_key_fingerprint:
         lines.append(f"cluster key {report.cluster_key_fingerprint} ({report.cluster_key_action})")
-    lines += [f"note: {note}" for note in report.notes]
+    lines += [f"note: {safe_field(note)}" for note in report.notes]
     for host in report.hosts:
         changed = [step for step, result in host.steps.items() if result.status == CHANGED]
         if not host.ok:
-            state = f"FAILED: {host.error or 'see above'}"
+            state = f"FAILED: {safe_field(host.error or 'see above')}"
         else:
             state = f"changed: {', '.join(changed)}" if changed else "unchanged"
         lines.append(f"  {host.role:<13} {host.host_id:<24} {host.address:<16} {state}")

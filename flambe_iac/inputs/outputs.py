@@ -26,8 +26,9 @@ def load_outputs(path: Path) -> Cluster:
     """Read a contract v1 file into a `Cluster`, or raise an InputError that says what to fix."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise InputError(f"cannot read stack outputs {path}: {error.strerror}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read stack outputs {path}: {getattr(error, 'strerror', None) or 'not UTF-8'}") \
+            from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:

@@ -40,8 +40,9 @@ def load_runnable_file(path: Path) -> RunnableFile:
     path = Path(path)
     try:
         documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
-    except OSError as error:
-        raise InputError(f"cannot read runnable file {path}: {error.strerror}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read runnable file {path}: {getattr(error, 'strerror', None) or 'not UTF-8'}") \
+            from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -110,6 +111,9 @@ def check_runnable_class(spec: str, paths: list[Path]) -> None:
         if found is None or not found.origin or not found.origin.endswith(".py"):
             raise InputError(f"runnable {spec!r}: no module {module_name!r} in the extensions or installed here")
         source_file = Path(found.origin)
-    tree = ast.parse(source_file.read_text(encoding="utf-8"), filename=str(source_file))
+    try:
+        tree = ast.parse(source_file.read_text(encoding="utf-8"), filename=str(source_file))
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as error:
+        raise InputError(f"runnable {spec!r}: cannot read {source_file} ({type(error).__name__})") from None
     if not any(isinstance(node, ast.ClassDef) and node.name == class_name for node in tree.body):
         raise InputError(f"runnable {spec!r}: {source_file} defines no class {class_name!r}")

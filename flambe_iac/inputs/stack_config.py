@@ -34,10 +34,13 @@ def read_source(arguments: argparse.Namespace) -> dict:
 def source_from_config(path: Path) -> dict:
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise InputError(f"cannot read stack config {path}: {getattr(error, 'strerror', None) or 'not valid YAML'}") \
             from None
-    return config_values(document.get("config") or {}, str(path))
+    config = document.get("config") if isinstance(document, dict) else None
+    if not isinstance(config, dict):
+        raise InputError(f"stack config {path} has no `config:` mapping: give a Pulumi.<stack>.yaml")
+    return config_values(config, str(path))
 
 
 def source_from_stack(stack: str) -> dict:
@@ -49,6 +52,8 @@ def config_values(config: dict, source: str) -> dict:
         item = config.get(key)
         if isinstance(item, dict) and "secure" in item:
             raise InputError(f"{source}: {key} is encrypted; check needs it in clear")
+        if item is not None and not isinstance(item, (str, list)):
+            raise InputError(f"{source}: {key} must be a string, not {type(item).__name__}")
         return item
 
     groups = value("flambe:securityGroupIds")
@@ -58,7 +63,11 @@ def config_values(config: dict, source: str) -> dict:
         except json.JSONDecodeError:
             groups = [groups]
     subnet = value("flambe:subnetId")
-    if not subnet or not groups:
+    if not subnet or not groups or not isinstance(subnet, str):
         raise InputError(f"{source}: flambe:subnetId and flambe:securityGroupIds are needed for the check")
-    return {"region": value("aws:region"), "subnet_id": subnet, "group_ids": list(groups),
-            "key_name": value("flambe:keyName")}
+    if not isinstance(groups, list) or not all(isinstance(group, str) and group for group in groups):
+        raise InputError(f"{source}: flambe:securityGroupIds must be a list of group ids")
+    region, key_name = value("aws:region"), value("flambe:keyName")
+    if isinstance(region, list) or isinstance(key_name, list):
+        raise InputError(f"{source}: aws:region and flambe:keyName must be strings")
+    return {"region": region, "subnet_id": subnet, "group_ids": groups, "key_name": key_name}

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+import re
 import shlex
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,10 +153,34 @@ def rsync_command(source: str, destination: str, target: SshTarget, delete: bool
 
 
 def rsync_pull_command(remote_path: str, local_directory: str, target: SshTarget) -> list[str]:
-    """rsync with delta transfer of REMOTE_PATH (relative to the remote home, or absolute) into LOCAL_DIRECTORY."""
+    """rsync with delta transfer of REMOTE_PATH (relative to the remote home, or absolute) into LOCAL_DIRECTORY.
+
+    A host's tree is not trusted here: only plain files and directories come home (no -l, -D: symlinks, devices,
+    FIFOs and sockets are skipped, and rsync says so), owned by whoever runs this, even root (no -o, -g), with no
+    setuid, setgid or sticky bit and nothing writable by group or others."""
     remote_shell = shlex.join(["ssh", *ssh_options(target)])
-    return ["rsync", "--archive", "--protect-args", "--rsh", remote_shell, "--",
-            f"{target.user}@{target.address}:{remote_path}", local_directory]
+    return ["rsync", "--recursive", "--times", "--perms", "--chmod=ug-s,a-t,go-w", "--protect-args",
+            "--rsh", remote_shell, "--", f"{target.user}@{target.address}:{remote_path}", local_directory]
+
+
+SAFE_RSYNC = (3, 4, 0)  # older clients have holes a hostile server can use (CVE-2024-12086, CVE-2024-12087)
+
+
+def require_safe_rsync(version_text: str | None = None) -> None:
+    """Refuse a local rsync older than SAFE_RSYNC, or none: every command that runs rsync asks first."""
+    if version_text is None:
+        try:
+            version_text = subprocess.run(["rsync", "--version"], capture_output=True, text=True,
+                                          stdin=subprocess.DEVNULL, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            raise InputError("rsync is not installed here (or does not answer): install rsync 3.4.0 or newer") \
+                from None
+    found = re.search(r"version\s+v?(\d+)\.(\d+)\.(\d+)", version_text)
+    version = tuple(int(part) for part in found.groups()) if found else None
+    if version is None or version < SAFE_RSYNC:
+        shown = ".".join(map(str, version)) if version else "of an unknown version"
+        raise InputError(f"this machine's rsync is {shown}; rsync before 3.4.0 lets a hostile host read or write "
+                         "files here (CVE-2024-12086, CVE-2024-12087): install rsync 3.4.0 or newer")
 
 
 class SshPolicy:
