@@ -14,15 +14,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+import gevent
+
 import flambe_iac
 from flambe_iac import __version__
 from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.cluster import Host as Member
 from flambe_iac.deploys import cluster_key, extensions, manifest, ray, resources, runnable, secrets, setup
 from flambe_iac.deploys.operations import Transfer
-from flambe_iac.deploys.ray import RayCluster as Ray
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import ClusterKey
+from flambe_iac.engine.ray_settlement import RayCluster as Ray
 from flambe_iac.engine.relay import RELAY, Relay
 from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, members_known_hosts, run_staging_dir
 from flambe_iac.engine.remote_layout import manifest as manifest_content
@@ -126,11 +128,16 @@ class StepContext:
         return Resource("flambe_iac", Path(flambe_iac.__file__).parent, parent=RUNNER_LIBRARY,
                         excludes=("__pycache__",))
 
+    def prepare_trees(self) -> None:
+        """List and hash every tree once, before any host's steps start: they all compare against these."""
+        _ = self.expected_trees, self.resource_checksums
+
     @cached_property
     def expected_trees(self) -> dict[str, set]:
         runner = [self.runner_library] if self.plan.request.run else []
         trees = [*self.plan.resources, *self.plan.extension_trees, *runner]
-        return {tree.remote_directory: local_tree(tree) for tree in trees}
+        threads = gevent.get_hub().threadpool  # off the event loop: the lock's heartbeats beat through a long walk
+        return {tree.remote_directory: threads.apply(local_tree, (tree,)) for tree in trees}
 
     def transfers(self, member: Member, trees: list[Resource], relayed: bool = True) -> list[Transfer]:
         """How each tree gets to one member, and how its copy is checked."""
@@ -151,7 +158,10 @@ class StepContext:
 
     @cached_property
     def resource_checksums(self) -> dict[str, dict[str, str]]:
-        return {resource.name: checksums(resource) for resource in self.plan.resources}
+        """sha256 of every resource file, several files at once in OS threads (hashlib lets go of the GIL): the
+        event loop, and with it every deploy lock's heartbeat, runs on through tens of gigabytes."""
+        threads = gevent.get_hub().threadpool
+        return {resource.name: checksums(resource, hash_files=threads.map) for resource in self.plan.resources}
 
     def manifest_for(self, member: Member) -> bytes:
         members = [{"id": other.id, "role": other.role, "private_ip": other.private_ip}

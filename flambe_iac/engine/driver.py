@@ -17,7 +17,7 @@ from flambe_iac.deploys.steps import STEP_NAMES, StepContext, asked_steps, snaps
 from flambe_iac.engine.connecting import connect_with_wait
 from flambe_iac.engine.fleet import Fleet, describe_exception
 from flambe_iac.engine.host_steps import HostSteps, remove_staging
-from flambe_iac.engine.lock import lock_cluster, open_deploy_lock
+from flambe_iac.engine.lock import ClusterLock, open_deploy_lock
 from flambe_iac.engine.report import DeployReport, ProgressView
 from flambe_iac.engine.settlement import settle
 
@@ -49,12 +49,11 @@ class Deployment:
     """One run: its fleet of hosts, what the steps share, and the deploy lock."""
 
     def __init__(self, plan, report: DeployReport, view: ProgressView, connect, open_lock, host_steps: dict):
-        self.plan, self.report, self.view, self.connect, self.open_lock = plan, report, view, connect, open_lock
+        self.plan, self.report, self.view, self.connect = plan, report, view, connect
         self.fleet = Fleet(plan, report)
         self.context = StepContext(plan, self.fleet.policy, report.run_id)
-        self.steps = HostSteps(self.fleet, self.context, view, **host_steps)
-        self.locked: bool | None = None  # None until tried: right after the orchestrator connects
-        self.lock = None  # the lock held, released at the end
+        self.lock = ClusterLock(self.fleet, plan.wait, view, open_lock)
+        self.steps = HostSteps(self.fleet, self.context, view, lock_lost=self.lock.lost, **host_steps)
         for host, member in self.fleet.members.items():
             for step in asked_steps(plan, member):
                 self.fleet.entries[host].ask(step.name)
@@ -62,9 +61,7 @@ class Deployment:
     def run(self) -> None:
         fleet = self.fleet
         connected = [host for host, ok in zip(fleet.hosts, fleet.each_host(self.connect_host, fleet.hosts)) if ok]
-        if connected and self.locked is None:  # the orchestrator was not reached: lock on the first member that was
-            fleet.each_host(self.take_lock, connected[:1])
-        if not connected or not self.locked:
+        if not connected or not self.lock.take_in_order(connected):
             return
         request = snapshot_request(self.context)
         read = fleet.each_host(lambda host: self.steps.read_state(host, request), connected)
@@ -85,15 +82,11 @@ class Deployment:
         if connected and self.fleet.members[host].role == ORCHESTRATOR:  # lock at once, while the others connect
             if self.context.relay is not None:
                 self.context.relay.orchestrator_host = host
-            self.take_lock(host)
+            self.lock.take(host)
         return connected
 
-    def take_lock(self, host) -> None:
-        self.locked, self.lock = lock_cluster(self.fleet, host, self.plan.wait, self.view, self.open_lock)
-
     def close(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
+        self.lock.release()
         if self.report.interrupted:
             remove_staging([host for host in self.fleet.hosts if host.connected], self.context.staging)
         self.fleet.disconnect()

@@ -22,10 +22,12 @@ class HostSteps:
     """Reads each member's state and runs its steps. READ and RUN_OPERATION reach the hosts: pyinfra's by default,
     stand-ins in tests."""
 
-    def __init__(self, fleet: Fleet, context: StepContext, view, read=read_snapshot, run_operation=run_host_op):
+    def __init__(self, fleet: Fleet, context: StepContext, view, lock_lost=lambda: None, read=read_snapshot,
+                 run_operation=run_host_op):
         self.fleet = fleet
         self.context = context
         self.view = view
+        self.lock_lost = lock_lost  # why this run may write no more (the deploy lock is gone), or None
         self.read = read
         self.run_operation = run_operation
 
@@ -70,6 +72,9 @@ class HostSteps:
         self.context.causes.pop(host.name, None)
         changed = False
         for meta in metas:
+            lost = self.lock_lost()
+            if lost:
+                return FAILED, lost
             try:
                 with ctx_state.use(self.fleet.state), ctx_host.use(host):
                     succeeded = self.run_operation(self.fleet.state, host, meta._hash)

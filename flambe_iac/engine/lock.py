@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import gevent
 
+from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.engine.remote_layout import DEPLOY_LOCK
 from flambe_iac.ssh.channel import ANSWER_TIMEOUT, HeldCommand, RemoteCommandError
 
@@ -71,7 +72,7 @@ def take_deploy_lock(open_lock, address: str, cluster_name: str, wait: float, on
         answer = lock.first_line.decode(errors="replace")
         if answer == LOCKED:
             return LockOutcome(held=lock)
-        holder = lock.rest_of_output().decode(errors="replace").strip() or "someone (holder unknown)"
+        holder = lock.rest_of_output().decode(errors="replace").strip()[:200] or "someone (holder unknown)"
         lock.release()
         if answer != BUSY:
             return LockOutcome(note=f"{address} has no flock or bash: concurrent deploys of this cluster are not "
@@ -83,15 +84,52 @@ def take_deploy_lock(open_lock, address: str, cluster_name: str, wait: float, on
         sleep(2)
 
 
-def lock_cluster(fleet, host, wait: float, view, open_lock=open_deploy_lock):
-    """Take the deploy lock on HOST for the run FLEET is in: (whether the run may go on, the lock held if any). A host
-    that cannot lock lets it go on with a note in the report; a lock that cannot be had fails every host."""
-    entry = fleet.entries[host]
-    outcome = take_deploy_lock(lambda: open_lock(host), entry.address, fleet.plan.cluster.name, wait,
-                               lambda words: view.note(entry, words))
-    if outcome.failure:
-        for other in fleet.report.hosts:
-            other.fail(outcome.failure)
-        return False, None
-    fleet.report.notes.extend([outcome.note] if outcome.note else [])
-    return True, outcome.held
+class ClusterLock:
+    """The deploy lock on every member reached, taken one member at a time in one fixed order (the orchestrator,
+    then the others by private address): two deploys of one cluster always meet on the first member both reach, and
+    neither goes on holding part of the cluster while the other holds the rest. A fence: once any member's lock has
+    ended (its heartbeat starved, the lock freed and maybe taken by another deploy), `lost` says so, and this run
+    writes nothing more anywhere."""
+
+    def __init__(self, fleet, wait: float, view, open_lock=open_deploy_lock):
+        self.fleet, self.wait, self.view, self.open_lock = fleet, wait, view, open_lock
+        self.held: dict = {}  # pyinfra host -> HeldCommand
+        self.settled: set = set()  # hosts locked, or that cannot lock (with a note)
+        self.refused = False
+
+    def take(self, host) -> bool:
+        """Lock HOST; False (every host failed with the reason) if another deploy holds it past --wait."""
+        if self.refused or host in self.settled:
+            return not self.refused
+        entry = self.fleet.entries[host]
+        outcome = take_deploy_lock(lambda: self.open_lock(host), entry.address, self.fleet.plan.cluster.name,
+                                   self.wait, lambda words: self.view.note(entry, words))
+        if outcome.failure:
+            self.refused = True
+            for other in self.fleet.report.hosts:
+                other.fail(outcome.failure)
+            return False
+        self.fleet.report.notes.extend([outcome.note] if outcome.note else [])
+        self.settled.add(host)
+        if outcome.held is not None:
+            self.held[host] = outcome.held
+        return True
+
+    def take_in_order(self, hosts: list) -> bool:
+        return all(self.take(host) for host in sorted(hosts, key=self.order))
+
+    def order(self, host) -> tuple:
+        member = self.fleet.members[host]
+        return member.role != ORCHESTRATOR, member.private_ip
+
+    def lost(self) -> str | None:
+        """Why this run may write no more, or None while it holds every lock it took."""
+        for host, lock in self.held.items():
+            if lock.ended:
+                return (f"lost the deploy lock on {self.fleet.entries[host].address} (its heartbeat stopped, or the "
+                        "lock was taken over): nothing more was written; run the deploy again")
+        return None
+
+    def release(self) -> None:
+        for lock in self.held.values():
+            lock.release()

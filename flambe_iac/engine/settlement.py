@@ -23,6 +23,7 @@ def settle(context: StepContext, report: DeployReport, fleet, snapshots: dict) -
     if plan.request.ray:
         context.ray = settle_ray(snapshots, orchestrator, plan, report.run_id, lambda host: read_file(host, RAY_TOKEN))
     report.extensions = extension_sources(plan)
+    context.prepare_trees()
     for host, member in fleet.members.items():
         if host not in snapshots:
             context.member_finished(member, f"it was not reached: {fleet.entries[host].error}")

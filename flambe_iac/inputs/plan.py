@@ -16,7 +16,7 @@ from flambe_iac.inputs.resources import Resource, parse_resources, refuse_secret
 from flambe_iac.inputs.runnable_file import check_runnable_class, import_paths, load_runnable_file
 from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file
 from flambe_iac.ssh.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
-from flambe_iac.ssh.policy import SshPolicy, parse_jump
+from flambe_iac.ssh.policy import SshPolicy, parse_jump, require_safe_rsync
 from flambe_iac.ssh.user_key import UserKey, load_user_key
 
 EXTENSION_CACHE = Path("~/.flambe/cache/extensions")
@@ -138,6 +138,8 @@ def build_plan(request: DeployRequest) -> DeployPlan:
     refuse_secrets(resources, user_key.path)
     refuse_secrets([tree for checkout, tree in zip(extensions, extension_trees(extensions))
                     if checkout.location.kind == LOCAL], user_key.path, "extension")
+    if resources or any(extension_trees(extensions)) or request.run:
+        require_safe_rsync()  # the trees travel by rsync
     return DeployPlan(
         request=request,
         cluster=cluster,

@@ -145,11 +145,12 @@ def parse_tree_line(line: str) -> TreeEntry | None:
     return None
 
 
-def checksums(resource: Resource) -> dict[str, str]:
-    """sha256 of every file, by path inside the resource: recorded in ~/.flambe/cluster.json."""
+def checksums(resource: Resource, hash_files=map) -> dict[str, str]:
+    """sha256 of every file, by path inside the resource: recorded in ~/.flambe/cluster.json. HASH_FILES(function,
+    paths) maps the hashing over the files (a thread pool's map hashes several at once)."""
     files = sorted(_files(resource))
     base = resource.path.parent if resource.path.is_file() else resource.path
-    return {str(path.relative_to(base)): _sha256(path) for path in files}
+    return {str(path.relative_to(base)): digest for path, digest in zip(files, hash_files(sha256_of_file, files))}
 
 
 def _walk(resource: Resource):
@@ -158,7 +159,7 @@ def _walk(resource: Resource):
         yield directory, subdirectories, files
 
 
-def _sha256(path: Path) -> str:
+def sha256_of_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):

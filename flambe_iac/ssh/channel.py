@@ -130,6 +130,11 @@ class HeldCommand:
             except Exception:  # the channel is gone: the remote side has stopped by itself
                 return
 
+    @property
+    def ended(self) -> bool:
+        """The remote command is over (or we can no longer feed it): whatever it held is no longer ours."""
+        return self.channel.closed or self.channel.exit_status_ready() or self.heartbeat.dead
+
     def rest_of_output(self) -> bytes:
         """Everything the command printed after its first line; it has ended by then."""
         return _read_all(self.channel.recv)

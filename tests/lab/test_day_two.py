@@ -2,6 +2,8 @@
 bastion that is the client's only way in."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -114,6 +116,48 @@ def test_download_brings_back_a_file_from_every_host(day_two, tmp_path):
     assert {path.read_text() for path in files} == {f"setup ran on {name}\n" for name in lab.hostnames}
 
 
+def test_download_brings_home_only_plain_files_and_directories_from_a_hostile_tree(day_two, tmp_path):
+    """A compromised orchestrator offers a symlink to a secret of this machine, a FIFO, a setuid file and a
+    world-writable directory: none of them arrives as such, and the destination is the user's alone."""
+    lab, source, env, _ = day_two
+    tree = lab.home("orchestrator") / "hostile"
+    (tree / "wide").mkdir(parents=True)
+    (tree / "plain.txt").write_text("data\n")
+    (tree / "wide" / "inner.txt").write_text("inner\n")
+    (tree / "secret").symlink_to("/etc/shadow")
+    os.mkfifo(tree / "pipe")
+    (tree / "setuid").write_text("#!/bin/sh\n")
+    os.chmod(tree / "setuid", 0o6777)
+    os.chmod(tree / "wide", 0o777)
+    owner = (lab.home("orchestrator") / "setup.txt").stat()
+    for path in (tree, tree / "wide", tree / "wide" / "inner.txt", tree / "plain.txt", tree / "setuid"):
+        os.chown(path, owner.st_uid, owner.st_gid)
+    back = tmp_path / "back"
+    result = day_two_command(lab, "download", *source, "--role", "orchestrator", "--remote", "hostile",
+                             "--to", str(back), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "dt-orchestrator: skipped 2 symlink(s), device(s), FIFO(s) or socket(s)" in result.stderr
+    home = back / "dt-orchestrator"
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    arrived = {str(path.relative_to(home)): path.lstat() for path in home.rglob("*")}
+    assert sorted(arrived) == ["hostile", "hostile/plain.txt", "hostile/setuid", "hostile/wide",
+                               "hostile/wide/inner.txt"]
+    for name, info in arrived.items():
+        assert stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode), name
+        assert not info.st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | 0o022), (name, oct(info.st_mode))
+        assert info.st_uid == os.getuid(), name
+    assert (home / "hostile" / "plain.txt").read_text() == "data\n"
+
+
+def test_exec_shows_a_hosts_escape_sequences_as_text(day_two):
+    lab, source, env, _ = day_two
+    result = day_two_command(lab, "exec", *source, "--role", "orchestrator", "--", "printf",
+                             "\\033[2J\\033[1Adt-factory-0: forged\\r\\n", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+    assert result.stdout == "dt-orchestrator: \\x1b[2J\\x1b[1Adt-factory-0: forged\n"
+
+
 def test_status_names_every_host_and_says_when_one_is_not_healthy(day_two, tmp_path):
     lab, source, env, _ = day_two
     result = day_two_command(lab, "status", *source, "--report", str(tmp_path / "status.json"), env=env)
@@ -128,6 +172,23 @@ def test_status_names_every_host_and_says_when_one_is_not_healthy(day_two, tmp_p
     finally:
         (lab.home("factory-1") / "manifest.moved").rename(lab.home("factory-1") / ".flambe" / "cluster.json")
     assert broken.returncode == 1 and "no manifest" in broken.stdout
+
+
+def test_status_reads_a_truncated_run_record_as_a_problem_not_a_crash(day_two, tmp_path):
+    """A full disk leaves ~/.flambe/run.exit empty (and a hostile host can write anything there)."""
+    lab, source, env, _ = day_two
+    flambe = lab.home("orchestrator") / ".flambe"
+    (flambe / "run.pid").write_text("999999\n")
+    (flambe / "run.exit").write_text("")
+    report = tmp_path / "status.json"
+    try:
+        result = day_two_command(lab, "status", *source, "--report", str(report), env=env)
+    finally:
+        (flambe / "run.pid").unlink()
+        (flambe / "run.exit").unlink()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "unreadable run record" in result.stdout
+    assert json.loads(report.read_text())["ok"] is False
 
 
 def test_every_command_answers_version():

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from flambe_iac.day_two.download import destination_for
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.cluster_file import load_cluster_file
 from flambe_iac.inputs.names import check_address
 from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.inputs.plan import DeployRequest, build_plan
-from flambe_iac.ssh.policy import SshTarget, parse_jump, printed_config_block
+from flambe_iac.ssh.policy import SshTarget, parse_jump, printed_config_block, require_safe_rsync, rsync_pull_command
 
 ZONED = ["fe80::1%x\nMatch exec \"touch PWNED\"", "fe80::1%eth0", "fe80::1%25", "::1%\t"]
 
@@ -145,3 +146,36 @@ def test_an_ordinary_resource_still_goes(tmp_path, home):
     (data / "a.txt").write_text("hello")
     plan, _ = plan_with(tmp_path, home, resources=[f"data={data}"])
     assert [resource.name for resource in plan.resources] == ["data"]
+
+
+# -- rsync and downloads
+
+
+@pytest.mark.parametrize("text, allowed", [
+    ("rsync  version 3.5.0  protocol version 32\n", True), ("rsync  version v3.4.0  protocol version 32", True),
+    ("rsync  version 3.2.7  protocol version 31\n", False), ("rsync  version 3.3.99  protocol version 31", False),
+    ("openrsync: protocol version 29", False), ("", False)])
+def test_an_rsync_older_than_3_4_0_is_refused_with_the_version_and_the_fix(text, allowed):
+    if allowed:
+        require_safe_rsync(text)
+        return
+    with pytest.raises(InputError, match="install rsync 3.4.0 or newer"):
+        require_safe_rsync(text)
+
+
+def test_download_refuses_a_destination_that_is_a_symlink_or_a_file(tmp_path):
+    (tmp_path / "c1-orchestrator").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "c1-factory-0").write_text("")
+    for alias in ("c1-orchestrator", "c1-factory-0"):
+        with pytest.raises(InputError, match="symlink or not a directory"):
+            destination_for(tmp_path, alias)
+    made = destination_for(tmp_path / "new", "c1-factory-1")
+    assert made.is_dir() and (made.stat().st_mode & 0o777) == 0o700
+
+
+def test_download_asks_rsync_for_plain_files_without_special_bits():
+    argv = rsync_pull_command("out", "dir/", SshTarget("10.0.0.1", "ubuntu", Path("k"), Path("kh")))
+    options = argv[:argv.index("--")]
+    assert "--archive" not in options and not {"-a", "-l", "--links", "-D", "--devices", "--specials", "-o", "-g",
+                                                "--owner", "--group"} & set(options)
+    assert "--chmod=ug-s,a-t,go-w" in options and "--protect-args" in options

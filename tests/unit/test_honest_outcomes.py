@@ -3,6 +3,7 @@ that host fails with a cause, the others finish, and `ok` agrees with the table 
 
 import io
 
+import gevent
 import pytest
 from pyinfra.api.command import StringCommand
 from pyinfra.connectors.util import CommandOutput
@@ -30,6 +31,7 @@ def plan_for(tmp_path, factories=2) -> DeployPlan:
 
 class HeldLock:
     first_line = b"LOCKED"
+    ended = False
 
     def release(self):
         pass
@@ -39,10 +41,10 @@ def connected(host, entry, wait, policy, view):
     return True
 
 
-def offline(operations, connect=connected, snapshot=HostSnapshot):
+def offline(operations, connect=connected, snapshot=HostSnapshot, lock=HeldLock):
     """Stand-ins for everything that reaches a host: hosts that 'connect', hand over the lock and show an empty
     home, without any network; OPERATIONS stands in for pyinfra's run_host_op."""
-    return dict(connect=connect, open_lock=lambda host: HeldLock(), read=lambda host, request, timeout: snapshot(),
+    return dict(connect=connect, open_lock=lambda host: lock(), read=lambda host, request, timeout: snapshot(),
                 run_operation=operations)
 
 
@@ -136,3 +138,30 @@ def test_a_host_that_does_not_connect_fails_its_asked_steps(tmp_path):
     assert down.error == "no route to host"
     assert down.steps["secrets"].status == FAILED and down.steps["resources"].status == SKIPPED
     assert [entry.ok for entry in report.hosts] == [True, True, False]
+
+
+def test_a_lost_lock_stops_every_write_on_every_host(tmp_path):
+    """The lock is a fence: once any member's lock has ended (its heartbeat starved, or another deploy took it
+    over), no host runs another operation, and each says why."""
+    ran = []
+    locks = []
+
+    class EndingLock(HeldLock):
+        def __init__(self):
+            locks.append(self)
+
+    def operations(host, call):
+        ran.append(host)
+        if len(ran) == 3:  # the cluster key went to every host; then the orchestrator's lock ends
+            locks[0].ended = True
+        gevent.sleep(0.01)  # the hosts' operations interleave, as over a network
+
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False,
+                               **offline(operations_that(operations), lock=EndingLock))
+    assert len(locks) == 3  # one lock on every member reached
+    assert len(ran) == 3
+    for host in report.hosts:
+        assert host.steps["cluster key"].status == CHANGED
+        assert host.steps["secrets"].status == FAILED
+        assert "lost the deploy lock on 10.0.0.1" in host.steps["secrets"].cause
+    assert not report.ok
