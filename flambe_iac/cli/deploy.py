@@ -12,6 +12,7 @@ import argparse
 import logging
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -251,10 +252,24 @@ def follow_log_hint(plan) -> str:
 
 
 def dashboard_hint(plan) -> str:
-    forward = f"{DASHBOARD_PORT}:localhost:{DASHBOARD_PORT}"
-    command = orchestrator_ssh_command(plan, options=("-N", "-L", forward))
+    port = free_local_port(DASHBOARD_PORT)
+    command = orchestrator_ssh_command(plan, options=("-N", "-o", "ExitOnForwardFailure=yes",
+                                                      "-L", f"127.0.0.1:{port}:localhost:{DASHBOARD_PORT}"))
     return (f"Ray runs (head on the orchestrator). Its dashboard listens only on the orchestrator's 127.0.0.1; "
-            f"reach it at http://localhost:{DASHBOARD_PORT} with:\n  {command}")
+            f"reach it at http://localhost:{port} with:\n  {command}")
+
+
+def free_local_port(preferred: int) -> int:
+    """PREFERRED if no one here listens on it yet, else a port the system finds free: another local user who took
+    8265 first must not receive what the user types into the dashboard (ssh refuses a port taken meanwhile)."""
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise InputError("no free local port for the dashboard's tunnel")
 
 
 def orchestrator_ssh_command(plan, *command: str, options: tuple[str, ...] = ()) -> str:

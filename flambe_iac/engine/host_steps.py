@@ -13,7 +13,7 @@ from flambe_iac.deploys.snapshot import SnapshotError, read_snapshot
 from flambe_iac.deploys.steps import StepContext, asked_steps
 from flambe_iac.engine.fleet import Fleet, describe_exception
 from flambe_iac.engine.report import CHANGED, FAILED, UNCHANGED
-from flambe_iac.ssh.channel import ANSWER_TIMEOUT, RemoteCommandError, run_remote
+from flambe_iac.ssh.channel import ANSWER_TIMEOUT, RemoteCommandError, connection_alive, run_remote
 
 CLEANUP_TIMEOUT = 10.0
 
@@ -92,8 +92,7 @@ class HostSteps:
         stderr = " ".join(meta.stderr_lines[-3:]).strip() if meta.is_complete() else ""
         if stderr:
             return stderr
-        transport = host.connector.client.get_transport() if getattr(host.connector, "client", None) else None
-        if transport is None or not transport.is_active():
+        if not connection_alive(host):
             return "the connection to the host dropped"
         return "the command failed without saying why (run with -v to see pyinfra's log)"
 

@@ -123,9 +123,11 @@ class ClusterLock:
         return member.role != ORCHESTRATOR, member.private_ip
 
     def lost(self) -> str | None:
-        """Why this run may write no more, or None while it holds every lock it took."""
+        """Why this run may write no more, or None while it holds every lock it took on a member still connected.
+        A member whose connection dropped took its lock with it: nothing more can be written there, and another
+        deploy still meets this one on the members before it in the order."""
         for host, lock in self.held.items():
-            if lock.ended:
+            if lock.taken_away:
                 return (f"lost the deploy lock on {self.fleet.entries[host].address} (its heartbeat stopped, or the "
                         "lock was taken over): nothing more was written; run the deploy again")
         return None

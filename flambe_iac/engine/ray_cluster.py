@@ -23,6 +23,7 @@ from flambe_iac.errors import InputError
 RAY_TOKEN = ".ray/auth_token"  # where Ray itself looks (RAY_AUTH_TOKEN_PATH's default)
 RAY_STATE = ".flambe/ray.json"
 RAY_START_LOG = ".flambe/ray-start.log"
+RAY_TEMP = ".flambe/ray"  # Ray's sessions, sockets and logs: 0700, the SSH user's alone (not the shared /tmp/ray)
 DEFAULT_RAY_PYTHON = "python3"
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
@@ -88,7 +89,7 @@ def token_sources(held: list[HeldToken], rotate: bool) -> list[HeldToken]:
 def desired_state(role: str, python: str, head_address: str, token: bytes, head_started_by: str = "") -> str:
     """The first line of ~/.flambe/ray.json: equal on a re-run means Ray there is already as asked."""
     document = {"role": role, "python": python, "head": f"{head_address}:{GCS_PORT}",
-                "token_sha256": token_sha256(token), "ports": NODE_PORT_OPTIONS}
+                "token_sha256": token_sha256(token), "ports": NODE_PORT_OPTIONS, "temp_dir": RAY_TEMP}
     if head_started_by:
         document["head_started_by"] = head_started_by  # a restarted head needs its workers restarted
     return json.dumps(document, sort_keys=True)
@@ -131,7 +132,9 @@ def start_command(python: str, node_address: str, head_address: str, desired: st
         f"|| {{ printf '@no-ray %s\\n' \"$(printf '%s' \"$version\" | tail -n 1)\"; exit 0; }}; "
         f"printf '@version %s\\n' \"$version\"; {version_check}"
         f"{ray} stop >/dev/null 2>&1; rm -f {RAY_STATE}; mkdir -p .flambe; "
-        f"if {ray} start {' '.join(shlex.quote(option) for option in options)} > {RAY_START_LOG} 2>&1 "
+        f"mkdir -p -m 700 {RAY_TEMP} && chmod 700 {RAY_TEMP} || {{ echo @failed; exit 0; }}; "
+        f"if {ray} start {' '.join(shlex.quote(option) for option in options)} "
+        f'--temp-dir="$HOME/{RAY_TEMP}" > {RAY_START_LOG} 2>&1 '
         f'&& pgrep -u "$(id -u)" -x raylet >/dev/null; then '
         f"{{ printf '%s' {record}; printf 'ray_version %s\\n' \"$version\"; }} > {RAY_STATE}; echo @started; "
         f"else echo @failed; tail -n 5 {RAY_START_LOG}; fi"

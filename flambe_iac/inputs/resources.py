@@ -78,19 +78,20 @@ SECRET_PLACES = ("~/.ssh", "~/.aws", "~/.flambe", "~/.config/gcloud")
 
 
 def refuse_secrets(trees: list[Resource], key: Path, what: str = "resource") -> None:
-    """No tree lies in or holds a place where credentials live (~/.ssh, ~/.aws, ~/.flambe, ~/.config/gcloud, the
-    directory of KEY), and no file in a tree has KEY's bytes: the user's key and credentials never leave this
-    machine, whatever a runnable file or a --resource names."""
+    """No tree lies in or holds a place where credentials live (~/.ssh, ~/.aws, ~/.flambe, ~/.config/gcloud), none is
+    or holds the directory of KEY, and no file in a tree has KEY's bytes: the user's key and credentials never leave
+    this machine, whatever a runnable file or a --resource names."""
     key = key.expanduser().resolve()
     key_bytes = key.read_bytes()
-    places = [Path(place).expanduser().resolve() for place in SECRET_PLACES] + [key.parent]
+    places = [Path(place).expanduser().resolve() for place in SECRET_PLACES]
     for tree in trees:
         path = tree.path.resolve()
         for place in places:
             if path == place or place in path.parents:
                 raise InputError(f"{what} {tree.name}: {tree.path} lies in {place}, where keys and credentials live; "
                                  "nothing there is ever sent to the hosts")
-            if path in place.parents and not _excluded(tree, place):
+        for place in [*places, key.parent]:  # the key's neighbours are keys too; beside it, a tree is fine
+            if (path == place or path in place.parents) and not _excluded(tree, place):
                 raise InputError(f"{what} {tree.name}: {tree.path} holds {place}, where keys and credentials live; "
                                  "give a directory that does not hold it")
         for file in _files(tree):
@@ -99,7 +100,8 @@ def refuse_secrets(trees: list[Resource], key: Path, what: str = "resource") -> 
 
 
 def _excluded(tree: Resource, place: Path) -> bool:
-    return any(part in tree.excludes for part in place.relative_to(tree.path.resolve()).parts)
+    return place != tree.path.resolve() and any(part in tree.excludes
+                                                for part in place.relative_to(tree.path.resolve()).parts)
 
 
 def _files(tree: Resource):

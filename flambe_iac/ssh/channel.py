@@ -37,10 +37,7 @@ def run_remote(host, command: str, stdin: bytes = b"", timeout: float | None = N
     """
     import gevent
 
-    client = getattr(host.connector, "client", None)
-    transport = client.get_transport() if client is not None else None
-    if transport is None or not transport.is_active():
-        raise RemoteCommandError("the SSH connection is closed")
+    transport = active_transport(host)
     try:
         channel = transport.open_session(timeout=30)
     except Exception as error:  # paramiko raises SSHException, EOFError or socket errors here
@@ -64,6 +61,23 @@ def run_remote(host, command: str, stdin: bytes = b"", timeout: float | None = N
     if exit_code == -1:
         raise RemoteCommandError("the connection dropped before the command finished")
     return RemoteResult(exit_code, stdout, stderr)
+
+
+def active_transport(host):
+    """HOST's SSH transport; RemoteCommandError if its connection is closed."""
+    client = getattr(host.connector, "client", None)
+    transport = client.get_transport() if client is not None else None
+    if transport is None or not transport.is_active():
+        raise RemoteCommandError("the SSH connection is closed")
+    return transport
+
+
+def connection_alive(host) -> bool:
+    try:
+        active_transport(host)
+    except RemoteCommandError:
+        return False
+    return True
 
 
 def read_file(host, path: str) -> bytes | None:
@@ -104,10 +118,7 @@ class HeldCommand:
     def __init__(self, host, command: str, first_input: bytes, timeout: float):
         import gevent
 
-        client = getattr(host.connector, "client", None)
-        transport = client.get_transport() if client is not None else None
-        if transport is None or not transport.is_active():
-            raise RemoteCommandError("the SSH connection is closed")
+        transport = active_transport(host)
         try:
             self.channel = transport.open_session(timeout=30)
             self.channel.exec_command(command)
@@ -131,9 +142,12 @@ class HeldCommand:
                 return
 
     @property
-    def ended(self) -> bool:
-        """The remote command is over (or we can no longer feed it): whatever it held is no longer ours."""
-        return self.channel.closed or self.channel.exit_status_ready() or self.heartbeat.dead
+    def taken_away(self) -> bool:
+        """The command ended while its connection lives on: what it held was released under us (a heartbeat that
+        starved, a kill), not lost with the host."""
+        ended = self.channel.closed or self.channel.exit_status_ready() or self.heartbeat.dead
+        transport = self.channel.get_transport()
+        return ended and transport is not None and transport.is_active()
 
     def rest_of_output(self) -> bytes:
         """Everything the command printed after its first line; it has ended by then."""

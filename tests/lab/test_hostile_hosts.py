@@ -145,12 +145,16 @@ def test_no_rsync_on_a_host_says_install_rsync(make_lab, tmp_path, deploy_inputs
     assert assert_holds_everything_but_secrets == ["orchestrator", "factory-1"]
 
 
-def test_max_sessions_one_on_a_factory_still_deploys(make_lab, tmp_path, deploy_inputs):
+def test_max_sessions_one_on_a_factory_is_named_and_the_others_deploy(make_lab, tmp_path, deploy_inputs):
+    """Every member holds the deploy lock on one session while the deploy works on another: a factory whose sshd
+    allows one session fails with that cause; the orchestrator still gets everything."""
     lab = faulty_lab(make_lab, 2, "1:max-sessions=1")
     result, report = deploy_with_report(lab, tmp_path, "--secrets", str(deploy_inputs["secrets"]),
                                         "--resource", f"data={deploy_inputs['resource']}")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert_holds_everything(lab, "factory-1", deploy_inputs)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert_honest(result, report)
+    assert "MaxSessions" in entries_by_address(report)[lab.addresses[1]]["error"]
+    assert_holds_everything(lab, "orchestrator", deploy_inputs)
 
 
 def test_max_sessions_one_on_the_orchestrator_is_named_without_verbose(make_lab, tmp_path, deploy_inputs):

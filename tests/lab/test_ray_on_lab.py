@@ -129,8 +129,8 @@ def test_the_runnable_spreads_one_task_per_host_and_only_token_holders_get_in(fr
     for name in ("no token", "a wrong token"):
         assert REFUSED in outputs[name] and ADMITTED not in outputs[name], outputs[name][-2000:]
     assert "CLIENT CONNECTED" not in outputs["Ray Client, no token"], outputs["Ray Client, no token"][-2000:]
-    client_server_log = "".join(path.read_text() for path in (lab.directory / "hosts" / "orchestrator" / "tmp" / "ray")
-                                .glob("session_2*/logs/ray_client_server.err"))
+    ray_temp = lab.home("orchestrator") / ".flambe" / "ray"
+    client_server_log = "".join(path.read_text() for path in ray_temp.glob("session_2*/logs/ray_client_server.err"))
     assert "Authentication required but no authorization header provided" in client_server_log
     # The same clients with the token get in (so the refusals above are the token's doing, not the network's).
     admitted = client_ray_init(lab, ray_python, orchestrator, the_token).communicate(timeout=180)[0]
@@ -139,15 +139,16 @@ def test_the_runnable_spreads_one_task_per_host_and_only_token_holders_get_in(fr
 
     # The dashboard answers on the orchestrator's 127.0.0.1 only, through the printed tunnel.
     assert not answers(lab, orchestrator, 8265)
-    tunnel_line = result.stdout.split("reach it at http://localhost:8265 with:\n", 1)[1].splitlines()[0]
+    local_port, tunnel_line = re.search(r"reach it at http://localhost:(\d+) with:\n  (.*)", result.stdout).groups()
     tunnel = subprocess.Popen([sys.executable, "-m", "flambe_iac.cli.lab", "exec", "--dir", str(lab.directory), "--",
                                "bash", "-c", f"exec {tunnel_line.strip()}"], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
-        while not answers(lab, "127.0.0.1", 8265) and time.monotonic() < deadline:
+        while not answers(lab, "127.0.0.1", int(local_port)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        probe = lab.run_in_client("curl", "-s", "-m", "5", "-w", " %{http_code}", "http://127.0.0.1:8265/api/version")
+        probe = lab.run_in_client("curl", "-s", "-m", "5", "-w", " %{http_code}",
+                                  f"http://127.0.0.1:{local_port}/api/version")
         assert probe.stdout.endswith(" 401"), probe.stdout  # the dashboard itself, asking for the token
     finally:
         tunnel.terminate()

@@ -140,6 +140,21 @@ def test_a_local_extension_holding_the_key_is_bad_input(tmp_path, home):
         build_plan(DeployRequest(cluster_file=path, known_hosts=known_hosts, runnable_file=runnable))
 
 
+def test_a_tree_holding_the_keys_directory_is_bad_input_but_a_tree_beside_the_key_goes(tmp_path, home):
+    path, key, known_hosts = cluster(tmp_path, home)
+    keys = tmp_path / "project" / "keys"
+    keys.mkdir(parents=True)
+    moved = keys / "cluster.pem"
+    moved.write_bytes(key.read_bytes())
+    (keys / "other.pem").write_text("another key")
+    (tmp_path / "project" / "data").mkdir()
+    request = dict(cluster_file=path, known_hosts=known_hosts, key=moved)
+    with pytest.raises(InputError, match="holds .*keys, where keys and credentials live"):
+        build_plan(DeployRequest(resources=[f"everything={tmp_path / 'project'}"], **request))
+    plan = build_plan(DeployRequest(resources=[f"data={tmp_path / 'project' / 'data'}"], **request))
+    assert [resource.name for resource in plan.resources] == ["data"]
+
+
 def test_an_ordinary_resource_still_goes(tmp_path, home):
     data = tmp_path / "data"
     data.mkdir()

@@ -31,7 +31,7 @@ def plan_for(tmp_path, factories=2) -> DeployPlan:
 
 class HeldLock:
     first_line = b"LOCKED"
-    ended = False
+    taken_away = False
 
     def release(self):
         pass
@@ -153,7 +153,7 @@ def test_a_lost_lock_stops_every_write_on_every_host(tmp_path):
     def operations(host, call):
         ran.append(host)
         if len(ran) == 3:  # the cluster key went to every host; then the orchestrator's lock ends
-            locks[0].ended = True
+            locks[0].taken_away = True
         gevent.sleep(0.01)  # the hosts' operations interleave, as over a network
 
     report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False,

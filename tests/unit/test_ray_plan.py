@@ -1,12 +1,14 @@
 """--ray without hosts: which token is kept, what counts as already running, what a start command says, and that no
 member waits forever for one that stopped."""
 
+import socket
 import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from flambe_iac.cli.deploy import free_local_port
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Host
 from flambe_iac.deploys import ray as ray_step
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest, parse_snapshot, snapshot_command
@@ -200,3 +202,18 @@ def test_a_wait_that_never_ends_is_a_cause_not_an_escape(monkeypatch):
     assert "the head's start did not come within" in causes["f1"]
     assert ray_step._wait_for_workers(None, FakeHost("o"), cluster, causes) is False
     assert "i-2 (its worker's start did not come within" in causes["o"]
+
+
+def test_the_dashboard_tunnel_takes_a_local_port_no_one_holds():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        held = taken.getsockname()[1]
+        assert free_local_port(held) != held
+    assert free_local_port(held) == held  # free again: the port users know is kept when it can be
+
+
+def test_ray_keeps_its_files_in_a_private_directory():
+    command = start_command("python3", "10.0.0.2", "10.0.0.1", "{}", "run-1", expected_version="2.60.0")
+    assert 'mkdir -p -m 700 .flambe/ray && chmod 700 .flambe/ray' in command
+    assert '--temp-dir="$HOME/.flambe/ray"' in command
