@@ -23,7 +23,10 @@ from flambe_iac.errors import InputError
 RAY_TOKEN = ".ray/auth_token"  # where Ray itself looks (RAY_AUTH_TOKEN_PATH's default)
 RAY_STATE = ".flambe/ray.json"
 RAY_START_LOG = ".flambe/ray-start.log"
-RAY_TEMP = ".flambe/ray"  # Ray's sessions, sockets and logs: 0700, the SSH user's alone (not the shared /tmp/ray)
+# Ray's sessions, sockets and logs, not in the shared /tmp/ray: Ray makes every directory it creates 0777, so its own
+# lies inside one of ours that stays 0700, the SSH user's alone.
+RAY_PRIVATE = ".flambe/ray"
+RAY_TEMP = f"{RAY_PRIVATE}/tmp"
 DEFAULT_RAY_PYTHON = "python3"
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
@@ -132,7 +135,7 @@ def start_command(python: str, node_address: str, head_address: str, desired: st
         f"|| {{ printf '@no-ray %s\\n' \"$(printf '%s' \"$version\" | tail -n 1)\"; exit 0; }}; "
         f"printf '@version %s\\n' \"$version\"; {version_check}"
         f"{ray} stop >/dev/null 2>&1; rm -f {RAY_STATE}; mkdir -p .flambe; "
-        f"mkdir -p -m 700 {RAY_TEMP} && chmod 700 {RAY_TEMP} || {{ echo @failed; exit 0; }}; "
+        f"mkdir -p -m 700 {RAY_PRIVATE} && chmod 700 {RAY_PRIVATE} || {{ echo @failed; exit 0; }}; "
         f"if {ray} start {' '.join(shlex.quote(option) for option in options)} "
         f'--temp-dir="$HOME/{RAY_TEMP}" > {RAY_START_LOG} 2>&1 '
         f'&& pgrep -u "$(id -u)" -x raylet >/dev/null; then '

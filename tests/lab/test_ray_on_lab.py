@@ -88,6 +88,87 @@ def answers(lab, address, port) -> bool:
     return lab.run_in_client(sys.executable, "-c", probe).stdout.startswith("OPEN")
 
 
+# Every port Ray listens on, and what a client without the token must get there. The gRPC ports answer a call with
+# UNAUTHENTICATED; the HTTP agents answer 401. Ray's Prometheus metrics (the node's 6384, the autoscaler's 44217 and
+# the dashboard's 44227 on the orchestrator) answer anyone: Ray has no option to guard or to rebind them (README).
+GRPC_METHODS = {6379: "/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", 6380: "/ray.rpc.NodeManagerService/GetNodeStats",
+                6381: "/ray.rpc.ObjectManagerService/Pull", 6383: "/ray.rpc.ReporterService/GetTraceback",
+                10001: "/ray.rpc.RayletDriver/ClusterInfo"}
+WORKER_METHOD = "/ray.rpc.CoreWorkerService/NumPendingTasks"
+HTTP_PATHS = {6382: "/get_or_create_runtime_env", 52365: "/api/job_agent/jobs/", 6384: "/metrics",
+              44217: "/metrics", 44227: "/metrics"}
+METRICS_PORTS = {6384, 44217, 44227}
+PROBE = """
+import sys, urllib.request, urllib.error
+import grpc
+address = sys.argv[1]
+for argument in sys.argv[2:]:
+    kind, port, path = argument.split(",", 2)
+    if kind == "grpc":
+        try:
+            grpc.insecure_channel(f"{address}:{port}").unary_unary(path)(b"", timeout=20)
+            print(port, "ANSWERED")
+        except grpc.RpcError as error:
+            print(port, error.code().name)
+        continue
+    try:
+        with urllib.request.urlopen(f"http://{address}:{port}{path}", timeout=20) as response:
+            print(port, response.status)
+    except urllib.error.HTTPError as error:
+        print(port, error.code)
+    except OSError as error:
+        print(port, "CLOSED")
+"""
+HOLD_ACTORS = """
+import time, ray
+ray.init("ray://{address}:10001")
+@ray.remote(num_cpus=0)
+class Hold:
+    def ping(self):
+        return 1
+holders = [Hold.options(scheduling_strategy="SPREAD").remote() for _ in range(6)]
+ray.get([holder.ping.remote() for holder in holders])
+print("HELD", flush=True)
+time.sleep(90)
+"""
+
+
+def listening_ports(lab, address) -> set[int]:
+    listing = lab.ssh(address, "ss -ltnH").stdout.split()
+    return {int(word.rsplit(":", 1)[1]) for word in listing if ":" in word and word.rsplit(":", 1)[1].isdigit()}
+
+
+def probe_without_token(lab, python, address, ports: set[int]) -> dict[int, str]:
+    arguments = [f"grpc,{port},{GRPC_METHODS.get(port, WORKER_METHOD)}" if port not in HTTP_PATHS
+                 else f"http,{port},{HTTP_PATHS[port]}" for port in sorted(ports)]
+    result = lab.run_in_client("env", "-i", "PATH=/usr/bin:/bin", "HOME=/nonexistent", python, "-c", PROBE, address,
+                               *arguments, timeout=300)
+    return {int(port): answer for port, answer in (line.split() for line in result.stdout.splitlines())}
+
+
+def assert_every_ray_port_refuses_a_client_without_the_token(lab, python, token):
+    """Worker processes listen too (10002-19999): actors held on every member first, so there are some to probe."""
+    holder = subprocess.Popen([sys.executable, "-m", "flambe_iac.cli.lab", "exec", "--dir", str(lab.directory), "--",
+                               "env", "-i", "PATH=/usr/bin:/bin", "HOME=/nonexistent", "RAY_AUTH_MODE=token",
+                               f"RAY_AUTH_TOKEN={token}", python, "-c", HOLD_ACTORS.format(address=lab.addresses[0])],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert holder.stdout.readline().startswith("HELD") or "HELD" in holder.stdout.readline()
+        workers = 0
+        for address in lab.addresses:
+            ports = listening_ports(lab, address) - {22, 8265}
+            workers += len({port for port in ports if 10002 <= port <= 19999})
+            answers_without = probe_without_token(lab, python, address, ports)
+            assert set(answers_without) == ports, (address, ports, answers_without)
+            for port, answer in answers_without.items():
+                expected = "200" if port in METRICS_PORTS else "401" if port in HTTP_PATHS else "UNAUTHENTICATED"
+                assert answer == expected, (address, port, answer)
+        assert workers, "no Ray worker listened anywhere"
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
 def wait_for_file(path: Path, seconds: float = 120) -> str:
     deadline = time.monotonic() + seconds
     while not path.exists() and time.monotonic() < deadline:
@@ -129,13 +210,20 @@ def test_the_runnable_spreads_one_task_per_host_and_only_token_holders_get_in(fr
     for name in ("no token", "a wrong token"):
         assert REFUSED in outputs[name] and ADMITTED not in outputs[name], outputs[name][-2000:]
     assert "CLIENT CONNECTED" not in outputs["Ray Client, no token"], outputs["Ray Client, no token"][-2000:]
-    ray_temp = lab.home("orchestrator") / ".flambe" / "ray"
+    ray_temp = lab.home("orchestrator") / ".flambe" / "ray" / "tmp"
     client_server_log = "".join(path.read_text() for path in ray_temp.glob("session_2*/logs/ray_client_server.err"))
     assert "Authentication required but no authorization header provided" in client_server_log
     # The same clients with the token get in (so the refusals above are the token's doing, not the network's).
     admitted = client_ray_init(lab, ray_python, orchestrator, the_token).communicate(timeout=180)[0]
     assert ADMITTED in admitted and REFUSED not in admitted, admitted[-2000:]
     assert ray_client_connects(lab, ray_python, orchestrator, the_token)
+    assert_every_ray_port_refuses_a_client_without_the_token(lab, ray_python, token)
+
+    # Ray's sessions, sockets and logs: in ~/.flambe/ray (0700), none in the hosts' shared /tmp.
+    for name in lab.hostnames:
+        assert oct((lab.home(name) / ".flambe" / "ray").stat().st_mode & 0o777) == "0o700"
+        assert any((lab.home(name) / ".flambe" / "ray" / "tmp").glob("session_2*"))
+        assert not (lab.directory / "hosts" / name / "tmp" / "ray").exists()
 
     # The dashboard answers on the orchestrator's 127.0.0.1 only, through the printed tunnel.
     assert not answers(lab, orchestrator, 8265)

@@ -216,4 +216,4 @@ def test_the_dashboard_tunnel_takes_a_local_port_no_one_holds():
 def test_ray_keeps_its_files_in_a_private_directory():
     command = start_command("python3", "10.0.0.2", "10.0.0.1", "{}", "run-1", expected_version="2.60.0")
     assert 'mkdir -p -m 700 .flambe/ray && chmod 700 .flambe/ray' in command
-    assert '--temp-dir="$HOME/.flambe/ray"' in command
+    assert '--temp-dir="$HOME/.flambe/ray/tmp"' in command
