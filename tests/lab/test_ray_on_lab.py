@@ -134,8 +134,14 @@ time.sleep(90)
 
 
 def listening_ports(lab, address) -> set[int]:
-    listing = lab.ssh(address, "ss -ltnH").stdout.split()
-    return {int(word.rsplit(":", 1)[1]) for word in listing if ":" in word and word.rsplit(":", 1)[1].isdigit()}
+    """The TCP ports the host listens on beyond its loopback (what another machine could reach)."""
+    ports = set()
+    for line in lab.ssh(address, "ss -ltnH").stdout.splitlines():
+        local = line.split()[3]
+        where, _, port = local.rpartition(":")
+        if port.isdigit() and "127.0.0.1" not in where and "::1]" not in where:
+            ports.add(int(port))
+    return ports
 
 
 def probe_without_token(lab, python, address, ports: set[int]) -> dict[int, str]:
@@ -146,14 +152,28 @@ def probe_without_token(lab, python, address, ports: set[int]) -> dict[int, str]
     return {int(port): answer for port, answer in (line.split() for line in result.stdout.splitlines())}
 
 
+def hold_actors(lab, python, token, attempts: int = 3) -> subprocess.Popen:
+    """A Ray Client with the token holding actors on every member (retried as ray_client_connects is)."""
+    for _ in range(attempts):
+        holder = subprocess.Popen([sys.executable, "-m", "flambe_iac.cli.lab", "exec", "--dir", str(lab.directory),
+                                   "--", "env", "-i", "PATH=/usr/bin:/bin", "HOME=/nonexistent", "RAY_AUTH_MODE=token",
+                                   f"RAY_AUTH_TOKEN={token}", python, "-c",
+                                   HOLD_ACTORS.format(address=lab.addresses[0])],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = []
+        for line in holder.stdout:
+            output.append(line)
+            if line.startswith("HELD"):
+                return holder
+        holder.wait(timeout=30)
+        assert "Starting Ray client server failed" in "".join(output), "".join(output)[-2000:]
+    raise AssertionError("the Ray Client never started")
+
+
 def assert_every_ray_port_refuses_a_client_without_the_token(lab, python, token):
     """Worker processes listen too (10002-19999): actors held on every member first, so there are some to probe."""
-    holder = subprocess.Popen([sys.executable, "-m", "flambe_iac.cli.lab", "exec", "--dir", str(lab.directory), "--",
-                               "env", "-i", "PATH=/usr/bin:/bin", "HOME=/nonexistent", "RAY_AUTH_MODE=token",
-                               f"RAY_AUTH_TOKEN={token}", python, "-c", HOLD_ACTORS.format(address=lab.addresses[0])],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    holder = hold_actors(lab, python, token)
     try:
-        assert holder.stdout.readline().startswith("HELD") or "HELD" in holder.stdout.readline()
         workers = 0
         for address in lab.addresses:
             ports = listening_ports(lab, address) - {22, 8265}
