@@ -5,7 +5,8 @@ Every operation is called with an explicit `name=`: pyinfra would otherwise name
 and an argument may be a secret. A failure records its cause in words in CAUSES[host name], for the report.
 
 Why not pyinfra's `files.put` and `files.rsync`: `files.put` uploads over SFTP (hosts without an SFTP subsystem
-get nothing) and chmods only after the upload; `files.rsync` does not hold ssh to the one key given, and sets no ConnectTimeout.
+get nothing) and chmods only after the upload; `files.rsync` does not hold ssh to the one key given, and sets no
+ConnectTimeout.
 """
 
 from __future__ import annotations

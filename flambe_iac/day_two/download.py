@@ -1,4 +1,4 @@
-"""`flambe-deploy download`: rsync a path back from each chosen host into DIR/ALIAS/, plain files and directories only."""
+"""`flambe-deploy download`: a path rsynced back from each chosen host into DIR/ALIAS/, plain files and folders only."""
 
 from __future__ import annotations
 

@@ -87,7 +87,8 @@ def pin_from_console(path: Path, console: ConsoleSource) -> None:
         )
     ids = dict((address, instance_id) for instance_id, address in missing)
     for address, keys in found.items():
-        refuse_unsafe_fields("pinned host keys", address, ids[address], *(field for key in keys for field in key.split()))
+        fields = [field for key in keys for field in key.split()]
+        refuse_unsafe_fields("pinned host keys", address, ids[address], *fields)
     create_private_file(path)
     with open(path, "a") as pinned:
         pinned.writelines(f"{address} {key} {ids[address]}\n" for address, keys in found.items() for key in keys)

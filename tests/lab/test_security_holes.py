@@ -38,7 +38,8 @@ HOSTILE_OUTPUTS = {
 def test_hostile_names_are_bad_input_and_reach_no_host(lab, tmp_path, case):
     outputs = outputs_with(lab, tmp_path, **HOSTILE_OUTPUTS[case])
     before = lab.snapshot_hosts()
-    arguments = ["--outputs", str(outputs), "--key", str(lab.user_key), "--trust-on-first-use"] if "traversal" in case else \
+    trusting = ["--outputs", str(outputs), "--key", str(lab.user_key), "--trust-on-first-use"]
+    arguments = trusting if "traversal" in case else \
         ["--outputs", str(outputs), "--key", str(lab.user_key), "--known-hosts", str(lab.known_hosts)]
     result = lab.deploy(*arguments, env=home_environment(tmp_path / "home"))
     assert result.returncode == 2, result.stdout + result.stderr

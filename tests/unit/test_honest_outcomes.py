@@ -25,7 +25,8 @@ def plan_for(tmp_path, factories=2) -> DeployPlan:
                for index in range(factories + 1)]
     cluster = Cluster("c1", "ubuntu", "lab", members[0], tuple(members[1:]))
     return DeployPlan(request=DeployRequest(address_kind="private"), cluster=cluster,
-                      user_key=UserKey(tmp_path / "key"), host_keys=HostKeyPolicy(known_hosts, False), secrets=HiddenBytes(b"[a]\nk = v\n"),
+                      user_key=UserKey(tmp_path / "key"), host_keys=HostKeyPolicy(known_hosts, False),
+                      secrets=HiddenBytes(b"[a]\nk = v\n"),
                       resources=[])
 
 
