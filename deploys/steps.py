@@ -30,7 +30,7 @@ from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRE
 from flambe_iac.engine.remote_layout import manifest as manifest_content
 from flambe_iac.inputs.extensions import redact_url
 from flambe_iac.inputs.plan import DeployPlan
-from flambe_iac.inputs.resources import Resource, checksums, local_tree
+from flambe_iac.inputs.resources import Resource, checksums, local_tree, resource_files
 from flambe_iac.ssh.host_keys import keys_in, read_known_hosts
 from flambe_iac.ssh.policy import SshPolicy
 
@@ -160,8 +160,9 @@ class StepContext:
     def resource_checksums(self) -> dict[str, dict[str, str]]:
         """sha256 of every resource file, several files at once in OS threads (hashlib lets go of the GIL): the
         event loop, and with it every deploy lock's heartbeat, runs on through tens of gigabytes."""
-        threads = gevent.get_hub().threadpool
-        return {resource.name: checksums(resource, hash_files=threads.map) for resource in self.plan.resources}
+        threads = gevent.get_hub().threadpool  # the walk of a million files, too, off the event loop
+        return {resource.name: checksums(resource, threads.map, threads.apply(resource_files, (resource,)))
+                for resource in self.plan.resources}
 
     def manifest_for(self, member: Member) -> bytes:
         members = [{"id": other.id, "role": other.role, "private_ip": other.private_ip}

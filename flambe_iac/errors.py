@@ -6,6 +6,8 @@ Every message says what was wrong and what to do about it.
 import sys
 from typing import Callable
 
+from flambe_iac.terminal import safe_field
+
 EXIT_OK = 0
 EXIT_HOST_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -40,5 +42,5 @@ def exit_code_of(program: str, action: Callable[[], int]) -> int:
     try:
         return action()
     except FlambeError as error:
-        print(f"{program}: {error}", file=sys.stderr)
+        print(f"{program}: {safe_field(str(error))}", file=sys.stderr)
         return error.exit_code

@@ -12,6 +12,7 @@ from flambe_iac.aws.preflight import FAIL, check_network
 from flambe_iac.engine.ray_cluster import MEMBER_PORT_RANGES
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, exit_code_of
 from flambe_iac.inputs.stack_config import parse_cidr, read_source
+from flambe_iac.terminal import safe_field
 
 EPILOG = """\
 It reads, and never changes: the subnet, the security groups (and that they are in the subnet's VPC), the key pair,
@@ -52,9 +53,9 @@ def run_check(arguments: argparse.Namespace) -> int:
         deploy_cidr = this_machines_address()
     findings = check_network(network, deploy_cidr, MEMBER_PORT_RANGES if arguments.ray else ())
     for finding in findings:
-        print(f"{finding.status}  {finding.check}: {finding.detail}")
+        print(safe_field(f"{finding.status}  {finding.check}: {finding.detail}"))
         for fix in finding.fixes:
-            print(f"      fix: {fix}")
+            print(safe_field(f"      fix: {fix}"))
     failed = sum(finding.status == FAIL for finding in findings)
     print(f"{len(findings) - failed} of {len(findings)} checks passed" + (f", {failed} failed" if failed else ""))
     return EXIT_HOST_FAILED if failed else EXIT_OK

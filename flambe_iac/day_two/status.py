@@ -90,7 +90,7 @@ def recorded_checksums(lines: list[str], problems: list[str]) -> dict[str, str]:
     """{resource/path: sha256} from the manifest; a missing or unreadable manifest is a problem."""
     try:
         manifest = json.loads("\n".join(lines) or "null")
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, too deep, or a number too long to read
         manifest = "unreadable"
     if manifest is None:
         problems.append("no manifest: never deployed, or the last deploy failed here")
@@ -125,7 +125,7 @@ def ray_status(lines: list[str], problems: list[str]) -> str | None:
         return None
     try:
         role = json.loads(lines[0]).get("role")
-    except (json.JSONDecodeError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):
         role = None
     role = role if role in ("head", "worker") else "?"
     running = {line.removeprefix("@running ") for line in lines[1:] if line.startswith("@running ")}

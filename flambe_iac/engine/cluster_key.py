@@ -166,12 +166,29 @@ def matching_key(private_openssh: bytes | None, fingerprint: str, comment: str) 
 
 
 def key_fields(line: bytes) -> tuple[str, str] | None:
-    """(type, base64) of the key on an authorized_keys line, options or not."""
-    fields = line.strip().split()
-    for index, value in enumerate(fields[:-1]):
-        if value.startswith((b"ssh-", b"ecdsa-", b"sk-")) and fields[index + 1].startswith(b"AAAA"):
-            return value.decode(errors="replace"), fields[index + 1].decode(errors="replace")
+    """(type, base64) of the key on an authorized_keys line, after its options if any (sshd's own reading: an options
+    field may hold double-quoted values with spaces, such as command="...")."""
+    text = line.strip()
+    if not text.startswith((b"ssh-", b"ecdsa-", b"sk-")):
+        text = _after_options(text)
+    fields = text.split()
+    if len(fields) >= 2 and fields[0].startswith((b"ssh-", b"ecdsa-", b"sk-")) and fields[1].startswith(b"AAAA"):
+        return fields[0].decode(errors="replace"), fields[1].decode(errors="replace")
     return None
+
+
+def _after_options(text: bytes) -> bytes:
+    quoted, escaped = False, False
+    for index, byte in enumerate(text):
+        if escaped:
+            escaped = False
+        elif byte == ord("\\"):
+            escaped = True
+        elif byte == ord('"'):
+            quoted = not quoted
+        elif byte in b" \t" and not quoted:
+            return text[index:]
+    return b""
 
 
 def updated_authorized_keys(current: bytes, public_line: str, cluster_name: str, protected: str | None = None) -> bytes:
@@ -192,8 +209,8 @@ def updated_authorized_keys(current: bytes, public_line: str, cluster_name: str,
         if ours and protected and key_fields(line) == tuple(protected.split()[:2]):
             ours = False
         if ours:
-            if line.strip() == wanted and not has_wanted:
-                kept.append(line)
+            if key_fields(line) == tuple(public_line.split()[:2]) and not has_wanted:
+                kept.append(line)  # the cluster key, as it is, the user's restrictions (from="...") included
                 has_wanted = True
             continue
         kept.append(line)

@@ -13,6 +13,7 @@ import time
 import gevent
 
 from flambe_iac.cluster import ORCHESTRATOR
+from flambe_iac.deploys.operations import stop_children
 from flambe_iac.deploys.steps import STEP_NAMES, StepContext, asked_steps, snapshot_request
 from flambe_iac.engine.connecting import connect_with_wait
 from flambe_iac.engine.fleet import Fleet, describe_exception
@@ -53,6 +54,7 @@ class Deployment:
         self.fleet = Fleet(plan, report)
         self.context = StepContext(plan, self.fleet.policy, report.run_id)
         self.lock = ClusterLock(self.fleet, plan.wait, view, open_lock)
+        self.watchdog = None
         self.steps = HostSteps(self.fleet, self.context, view, lock_lost=self.lock.lost, **host_steps)
         for host, member in self.fleet.members.items():
             for step in asked_steps(plan, member):
@@ -63,6 +65,7 @@ class Deployment:
         connected = [host for host, ok in zip(fleet.hosts, fleet.each_host(self.connect_host, fleet.hosts)) if ok]
         if not connected or not self.lock.take_in_order(connected):
             return
+        self.watchdog = gevent.spawn(self.lock.watch, stop_children)
         request = snapshot_request(self.context)
         read = fleet.each_host(lambda host: self.steps.read_state(host, request), connected)
         snapshots = {host: snapshot for host, snapshot in zip(connected, read) if snapshot is not None}
@@ -86,6 +89,8 @@ class Deployment:
         return connected
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.kill()
         self.lock.release()
         if self.report.interrupted:
             remove_staging([host for host in self.fleet.hosts if host.connected], self.context.staging)

@@ -23,13 +23,14 @@ class HostSteps:
     stand-ins in tests."""
 
     def __init__(self, fleet: Fleet, context: StepContext, view, lock_lost=lambda: None, read=read_snapshot,
-                 run_operation=run_host_op):
+                 run_operation=run_host_op, alive=connection_alive):
         self.fleet = fleet
         self.context = context
         self.view = view
         self.lock_lost = lock_lost  # why this run may write no more (the deploy lock is gone), or None
         self.read = read
         self.run_operation = run_operation
+        self.alive = alive  # a host whose connection dropped gets nothing more: its lock went with it
 
     def read_state(self, host, request):
         """The host's snapshot, or None (the host failed) if it cannot be read or lacks a tool an asked step needs."""
@@ -75,6 +76,8 @@ class HostSteps:
             lost = self.lock_lost()
             if lost:
                 return FAILED, lost
+            if not self.alive(host):
+                return FAILED, "the connection to the host dropped (and its deploy lock with it): nothing more sent"
             try:
                 with ctx_state.use(self.fleet.state), ctx_host.use(host):
                     succeeded = self.run_operation(self.fleet.state, host, meta._hash)

@@ -132,6 +132,12 @@ class ClusterLock:
                         "lock was taken over): nothing more was written; run the deploy again")
         return None
 
+    def watch(self, on_lost, every: float = 2.0) -> None:
+        """ON_LOST() (stop every transfer under way) as soon as a lock is taken away: a long rsync does not run on."""
+        while not self.lost():
+            gevent.sleep(every)
+        on_lost()
+
     def release(self) -> None:
         for lock in self.held.values():
             lock.release()

@@ -48,13 +48,15 @@ def load_cluster_file(path: Path) -> ClusterSource:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise InputError(f"cluster file {path} is not valid YAML{where}") from None
+    except (RecursionError, ValueError, TypeError):  # nested too deep, or keys no mapping can hold
+        raise InputError(f"cluster file {path} is not a Flambé cluster file: nested too deep") from None
     return parse_cluster_file(document, str(path))
 
 
 def parse_cluster_file(document: Any, source: str) -> ClusterSource:
     if not isinstance(document, dict):
         raise InputError(f"{source}: expected a mapping with name, orchestrator_ip, factories_ips, key, username")
-    for unknown in sorted(set(document) - KNOWN_KEYS):
+    for unknown in sorted(set(document) - KNOWN_KEYS, key=str):
         # Flambé's SSHCluster has keys that mean nothing here (and a typo looks the same): say so, go on.
         print(f"flambe-deploy: warning: {source}: ignoring {unknown!r} (flambe-deploy reads "
               f"{', '.join(sorted(KNOWN_KEYS))})", file=sys.stderr)
@@ -78,6 +80,8 @@ def parse_cluster_file(document: Any, source: str) -> ClusterSource:
     except InputError as error:
         raise InputError(f"{source}: {error}") from None
     key = document.get("key")
+    if key is not None and not (isinstance(key, str) and key and "\0" not in key):
+        raise InputError(f"{source}: 'key' must be the path of a private key, not {key!r}")
     return ClusterSource(cluster, Path(key).expanduser() if key else None, tuple(setup))
 
 

@@ -136,6 +136,10 @@ def checkout(location: ExtensionLocation, cache: Path) -> Checkout:
     directory = repository / location.subdirectory if location.subdirectory else repository
     if not directory.is_dir():
         raise InputError(f"extension {location.name!r}: {location.subdirectory!r} is not a directory at {commit[:12]}")
+    inside = directory.resolve()
+    if inside != repository.resolve() and repository.resolve() not in inside.parents:
+        raise InputError(f"extension {location.name!r}: {location.subdirectory!r} leads out of the repository (a "
+                         f"symlink?) at {commit[:12]}; only the repository's own files are sent")
     return Checkout(location, directory, commit)
 
 

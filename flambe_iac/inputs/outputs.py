@@ -36,6 +36,8 @@ def load_outputs(path: Path) -> Cluster:
             f"{path} is not JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
             "write it with `pulumi stack output --json --show-secrets > outputs.json`"
         ) from None
+    except (ValueError, RecursionError):
+        raise InputError(f"{path} is not stack outputs: nested too deep, or a number too long to read") from None
     return parse_outputs(document, source=str(path))
 
 

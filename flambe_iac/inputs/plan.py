@@ -9,7 +9,7 @@ from flambe_iac.cluster import ADDRESS_KINDS, PRIVATE, PUBLIC, Cluster, Host
 from flambe_iac.engine.ray_cluster import DEFAULT_RAY_PYTHON, check_ray_python
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.cluster_file import ClusterSource, load_cluster_file
-from flambe_iac.inputs.extensions import LOCAL, checkout
+from flambe_iac.inputs.extensions import checkout
 from flambe_iac.inputs.outputs import load_outputs
 from flambe_iac.inputs.pulumi_cli import load_stack
 from flambe_iac.inputs.resources import Resource, parse_resources, refuse_secrets
@@ -136,8 +136,8 @@ def build_plan(request: DeployRequest) -> DeployPlan:
     runnable, extensions, runnable_resources = load_runnable(request.runnable_file)
     resources = parse_resources([*request.resources, *runnable_resources])
     refuse_secrets(resources, user_key.path)
-    refuse_secrets([tree for checkout, tree in zip(extensions, extension_trees(extensions))
-                    if checkout.location.kind == LOCAL], user_key.path, "extension")
+    refuse_secrets([tree for tree in extension_trees(extensions) if tree is not None], user_key.path, "extension",
+                   own_cache=EXTENSION_CACHE.expanduser())
     if resources or any(extension_trees(extensions)) or request.run:
         require_safe_rsync()  # the trees travel by rsync
     return DeployPlan(

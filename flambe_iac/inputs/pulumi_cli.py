@@ -46,7 +46,7 @@ def pulumi_json(argv: list[str]) -> Any:
         raise InputError(f"`{shown}` failed ({result.returncode}): {detail[0]}")
     try:
         return json.loads(result.stdout)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         raise InputError(f"`{shown}` did not print JSON") from None
 
 

@@ -74,10 +74,11 @@ def refuse_special_files(tree: Resource, what: str) -> None:
             raise InputError(f"{what}: {path} is {kind}; a resource holds only files, directories and symlinks")
 
 
-SECRET_PLACES = ("~/.ssh", "~/.aws", "~/.flambe", "~/.config/gcloud")
+SECRET_PLACES = ("~/.ssh", "~/.aws", "~/.flambe", "~/.config/gcloud", "~/.azure", "~/.kube", "~/.docker", "~/.gnupg",
+                 "~/.config/gh", "~/.netrc", "~/.git-credentials", "~/.pypirc")
 
 
-def refuse_secrets(trees: list[Resource], key: Path, what: str = "resource") -> None:
+def refuse_secrets(trees: list[Resource], key: Path, what: str = "resource", own_cache: Path | None = None) -> None:
     """No tree lies in or holds a place where credentials live (~/.ssh, ~/.aws, ~/.flambe, ~/.config/gcloud), none is
     or holds the directory of KEY, and no file in a tree has KEY's bytes: the user's key and credentials never leave
     this machine, whatever a runnable file or a --resource names."""
@@ -86,8 +87,8 @@ def refuse_secrets(trees: list[Resource], key: Path, what: str = "resource") -> 
     places = [Path(place).expanduser().resolve() for place in SECRET_PLACES]
     for tree in trees:
         path = tree.path.resolve()
-        for place in places:
-            if path == place or place in path.parents:
+        for place in places:  # flambe's own checkouts of git extensions live in ~/.flambe/cache
+            if (path == place or place in path.parents) and not (own_cache and own_cache.resolve() in path.parents):
                 raise InputError(f"{what} {tree.name}: {tree.path} lies in {place}, where keys and credentials live; "
                                  "nothing there is ever sent to the hosts")
         for place in [*places, key.parent]:  # the key's neighbours are keys too; beside it, a tree is fine
@@ -95,8 +96,19 @@ def refuse_secrets(trees: list[Resource], key: Path, what: str = "resource") -> 
                 raise InputError(f"{what} {tree.name}: {tree.path} holds {place}, where keys and credentials live; "
                                  "give a directory that does not hold it")
         for file in _files(tree):
-            if file.stat().st_size == len(key_bytes) and file.read_bytes() == key_bytes:
+            if is_key_copy(file, key_bytes):
                 raise InputError(f"{what} {tree.name}: {file} is your SSH key (--key); it never leaves this machine")
+
+
+def resource_files(resource: Resource) -> list[Path]:
+    return sorted(_files(resource))
+
+
+def is_key_copy(file: Path, key_bytes: bytes) -> bool:
+    """FILE holds the key, whatever its line endings or whitespace around it."""
+    if abs(file.stat().st_size - len(key_bytes)) > 64:
+        return False
+    return b"".join(file.read_bytes().split()) == b"".join(key_bytes.split())
 
 
 def _excluded(tree: Resource, place: Path) -> bool:
@@ -147,10 +159,11 @@ def parse_tree_line(line: str) -> TreeEntry | None:
     return None
 
 
-def checksums(resource: Resource, hash_files=map) -> dict[str, str]:
+def checksums(resource: Resource, hash_files=map, files: list[Path] | None = None) -> dict[str, str]:
     """sha256 of every file, by path inside the resource: recorded in ~/.flambe/cluster.json. HASH_FILES(function,
-    paths) maps the hashing over the files (a thread pool's map hashes several at once)."""
-    files = sorted(_files(resource))
+    paths) maps the hashing over the files (a thread pool's map hashes several at once); FILES, the resource's files
+    as `resource_files` lists them, if they were listed already."""
+    files = resource_files(resource) if files is None else files
     base = resource.path.parent if resource.path.is_file() else resource.path
     return {str(path.relative_to(base)): digest for path, digest in zip(files, hash_files(sha256_of_file, files))}
 

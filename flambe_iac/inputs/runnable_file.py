@@ -48,6 +48,8 @@ def load_runnable_file(path: Path) -> RunnableFile:
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "not valid YAML"
         raise InputError(f"runnable file {path}{where}: {problem} (only plain YAML, no Python tags)") from None
+    except (RecursionError, ValueError, TypeError):
+        raise InputError(f"runnable file {path}: nested too deep, or keys no mapping can hold") from None
     if len(documents) not in (1, 2):
         raise InputError(f"runnable file {path} has {len(documents)} documents: give the runnable, "
                          "optionally after a first document of extensions and a `---` line")
@@ -57,7 +59,7 @@ def load_runnable_file(path: Path) -> RunnableFile:
     where = f"runnable file {path}, document {len(documents)} (the runnable)"
     if not isinstance(runnable_document, dict):
         raise InputError(f"{where}: expected keys runnable, args, resources")
-    unknown = sorted(set(runnable_document) - RUNNABLE_KEYS)
+    unknown = sorted(set(runnable_document) - RUNNABLE_KEYS, key=str)
     if unknown:
         raise InputError(f"{where}, key {unknown[0]!r}: unknown (known: {', '.join(sorted(RUNNABLE_KEYS))})")
     spec = runnable_document.get("runnable")

@@ -34,6 +34,10 @@ def read_source(arguments: argparse.Namespace) -> dict:
 def source_from_config(path: Path) -> dict:
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (RecursionError, ValueError) as error:  # too deep, a number too long; UnicodeDecodeError is a ValueError
+        if isinstance(error, UnicodeDecodeError):
+            raise InputError(f"cannot read stack config {path}: not UTF-8") from None
+        raise InputError(f"cannot read stack config {path}: nested too deep, or a number too long") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise InputError(f"cannot read stack config {path}: {getattr(error, 'strerror', None) or 'not valid YAML'}") \
             from None
@@ -60,7 +64,7 @@ def config_values(config: dict, source: str) -> dict:
     if isinstance(groups, str):
         try:
             groups = json.loads(groups)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             groups = [groups]
     subnet = value("flambe:subnetId")
     if not subnet or not groups or not isinstance(subnet, str):

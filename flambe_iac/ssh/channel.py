@@ -149,9 +149,16 @@ class HeldCommand:
         transport = self.channel.get_transport()
         return ended and transport is not None and transport.is_active()
 
-    def rest_of_output(self) -> bytes:
-        """Everything the command printed after its first line; it has ended by then."""
-        return _read_all(self.channel.recv)
+    def rest_of_output(self, limit: int = 4096, timeout: float = 10.0) -> bytes:
+        """What the command printed after its first line, up to LIMIT bytes and TIMEOUT seconds: a hostile host
+        can neither hang us here nor fill our memory."""
+        import gevent
+
+        received = b""
+        with gevent.Timeout(timeout, False):
+            while len(received) < limit and (chunk := self.channel.recv(limit - len(received))):
+                received += chunk
+        return received
 
     def release(self) -> None:
         self.heartbeat.kill(block=False)

@@ -149,7 +149,7 @@ def rsync_command(source: str, destination: str, target: SshTarget, delete: bool
     if delete:
         command.append("--delete")
     command += [f"--exclude={name}" for name in excludes]
-    return [*command, "--", source, f"{target.user}@{target.address}:{destination}"]
+    return [*command, "--", source, f"{target.user}@{rsync_host(target.address)}:{destination}"]
 
 
 def rsync_pull_command(remote_path: str, local_directory: str, target: SshTarget) -> list[str]:
@@ -160,7 +160,12 @@ def rsync_pull_command(remote_path: str, local_directory: str, target: SshTarget
     setuid, setgid or sticky bit and nothing writable by group or others."""
     remote_shell = shlex.join(["ssh", *ssh_options(target)])
     return ["rsync", "--recursive", "--times", "--perms", "--chmod=ug-s,a-t,go-w", "--protect-args",
-            "--rsh", remote_shell, "--", f"{target.user}@{target.address}:{remote_path}", local_directory]
+            "--rsh", remote_shell, "--", f"{target.user}@{rsync_host(target.address)}:{remote_path}", local_directory]
+
+
+def rsync_host(address: str) -> str:
+    """An IPv6 address in brackets: rsync would otherwise read its first colon as the end of the host."""
+    return f"[{address}]" if ":" in address else address
 
 
 SAFE_RSYNC = (3, 4, 0)  # older clients have holes a hostile server can use (CVE-2024-12086, CVE-2024-12087)

@@ -35,8 +35,9 @@ def load_user_key(path: Path) -> UserKey:
     path = Path(path).expanduser()
     try:
         text = path.read_bytes()
-    except OSError as error:
-        raise InputError(f"cannot read SSH key {path}: {error.strerror}; give the private key with --key") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        raise InputError(f"cannot read SSH key {path}: {getattr(error, 'strerror', None) or error}; give the "
+                         "private key with --key") from None
     if b"PRIVATE KEY-----" not in text:
         hint = " (that is a public key: give the private key, without .pub)" if path.suffix == ".pub" else ""
         raise InputError(f"{path} is not an SSH private key{hint}")

@@ -9,6 +9,8 @@ import time
 import pytest
 from lab_session import home_environment
 
+from flambe_iac.ssh.user_key import public_key_fingerprint
+
 pytestmark = pytest.mark.lab
 
 EVIL_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostileHostileHostileHostileHostileHostile evil@attacker"
@@ -184,3 +186,30 @@ def test_a_retired_key_put_back_by_hand_is_refused_and_removed(fresh_lab, tmp_pa
     for name in fresh_lab.hostnames:
         assert held_key(fresh_lab, name) == new_key
         assert authorized_cluster_keys(fresh_lab, name) == {new_key}
+
+
+def test_a_compromised_factory_cannot_retire_the_users_key_or_an_admins(fresh_lab):
+    """factory-1, compromised, lists the user's key and an admin's as retired cluster keys. Two plain deploys later,
+    every member's authorized_keys still holds both lines, byte for byte: only lines flambe wrote are ever removed."""
+    lab = fresh_lab
+    admin = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAdminKeyOfTheTeamxxxxxxxxxxxxxxxxxxxxxxxx admin@ops"
+    for name in lab.hostnames:
+        with open(lab.home(name) / ".ssh" / "authorized_keys", "a") as keys:
+            keys.write(admin + "\n")
+    before = {name: (lab.home(name) / ".ssh" / "authorized_keys").read_bytes() for name in lab.hostnames}
+    user_line = lab.user_key.with_suffix(".pub").read_text().strip()
+    retired = lab.home("factory-1") / ".flambe" / "retired_cluster_keys"
+    retired.parent.mkdir(exist_ok=True)
+    retired.write_text("".join(f"{public_key_fingerprint(line)}\n" for line in (user_line, admin)))
+    for _ in range(2):
+        result = lab.deploy(*lab.lab_arguments())
+        assert result.returncode == 0, result.stdout + result.stderr
+    for name, address in zip(lab.hostnames, lab.addresses):
+        now = (lab.home(name) / ".ssh" / "authorized_keys").read_bytes()
+        assert users_lines(now) == users_lines(before[name]) and admin.encode() + b"\n" in now, name
+        assert user_line.split()[1] in now.decode()
+        assert lab.ssh(address, "true").returncode == 0  # the user still gets in
+
+
+def users_lines(authorized_keys: bytes) -> list[bytes]:
+    return [line for line in authorized_keys.splitlines(keepends=True) if b"flambe-cluster:" not in line]

@@ -10,12 +10,19 @@ from pathlib import Path
 import pytest
 
 from flambe_iac.day_two.download import destination_for
-from flambe_iac.errors import InputError
+from flambe_iac.errors import InputError, exit_code_of
 from flambe_iac.inputs.cluster_file import load_cluster_file
 from flambe_iac.inputs.names import check_address
 from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.inputs.plan import DeployRequest, build_plan
-from flambe_iac.ssh.policy import SshTarget, parse_jump, printed_config_block, require_safe_rsync, rsync_pull_command
+from flambe_iac.ssh.policy import (
+    SshTarget,
+    parse_jump,
+    printed_config_block,
+    require_safe_rsync,
+    rsync_command,
+    rsync_pull_command,
+)
 
 ZONED = ["fe80::1%x\nMatch exec \"touch PWNED\"", "fe80::1%eth0", "fe80::1%25", "::1%\t"]
 
@@ -194,3 +201,66 @@ def test_download_asks_rsync_for_plain_files_without_special_bits():
     assert "--archive" not in options and not {"-a", "-l", "--links", "-D", "--devices", "--specials", "-o", "-g",
                                                 "--owner", "--group"} & set(options)
     assert "--chmod=ug-s,a-t,go-w" in options and "--protect-args" in options
+
+
+def test_ssh_config_write_with_a_hostile_cluster_file_writes_nothing(tmp_path, home):
+    """The first probe that worked: a zone id carrying a newline and `Match exec` into the file ~/.ssh/config
+    Includes. Now the cluster file is bad input: exit 2, and neither file exists or changes."""
+    (home / ".ssh" / "config").write_text("Host work\n    User me\n")
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(json.dumps({"name": "c1", "username": "ubuntu", "orchestrator_ip": ZONED[0],
+                                   "factories_ips": [], "key": str(tmp_path / "k")}))
+    result = subprocess.run([sys.executable, "-m", "flambe_iac.cli.deploy", "ssh-config", "--cluster", str(cluster),
+                             "--write"], capture_output=True, text=True, env={**os.environ, "HOME": str(home)})
+    assert result.returncode == 2, result.stderr
+    assert "not an IP address" in result.stderr and "Traceback" not in result.stderr
+    assert (home / ".ssh" / "config").read_text() == "Host work\n    User me\n"
+    assert not (home / ".flambe" / "ssh").exists()
+
+
+def test_a_git_extension_whose_subdirectory_leads_out_of_the_repository_is_bad_input(tmp_path, home):
+    """A repository with `ext -> ../../../../.ssh`, named with #subdirectory=ext: its checkout would send ~/.ssh."""
+    path, key, known_hosts = cluster(tmp_path, home)
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    (repository / "ext").symlink_to("../../../../.ssh")
+    for command in (["init", "-q"], ["add", "-A"], ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x"]):
+        subprocess.run(["git", "-C", str(repository), *command], check=True, capture_output=True)
+    runnable = tmp_path / "runnable.yaml"
+    runnable.write_text(f"evil: file://{repository}#subdirectory=ext\n---\nrunnable: flambe_iac.runnable:Runnable\n")
+    with pytest.raises(InputError, match="leads out of the repository|where keys and credentials live|SSH key"):
+        build_plan(DeployRequest(cluster_file=path, known_hosts=known_hosts, runnable_file=runnable))
+
+
+def test_a_copy_of_the_key_with_other_line_endings_is_still_the_key(tmp_path, home):
+    path, key, known_hosts = cluster(tmp_path, home)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "k.txt").write_bytes(key.read_bytes().replace(b"\n", b"\r\n") + b"\n\n")
+    with pytest.raises(InputError, match="is your SSH key"):
+        build_plan(DeployRequest(cluster_file=path, known_hosts=known_hosts, resources=[f"data={data}"]))
+
+
+@pytest.mark.parametrize("place", [".kube", ".docker", ".gnupg", ".netrc"])
+def test_other_credentials_stay_here_too(tmp_path, home, place):
+    target = home / place
+    if place == ".netrc":
+        target.write_text("machine x password y\n")
+    else:
+        target.mkdir()
+    with pytest.raises(InputError, match="where keys and credentials live"):
+        plan_with(tmp_path, home, resources=[f"stuff={target}"])
+
+
+def test_error_messages_reach_the_terminal_escaped(capsys):
+    def hostile():
+        raise InputError("extension 'x': https://e.com/\x1b]0;PWNED\x07\x1b[2J is not a repository")
+
+    assert exit_code_of("flambe-deploy", hostile) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\\x1b]0;PWNED\\x07" in err
+
+
+def test_rsync_reaches_an_ipv6_member_in_brackets():
+    argv = rsync_command("src/", "resources/d/", SshTarget("fd00::1", "ubuntu", Path("k"), Path("kh")))
+    assert argv[-1] == "ubuntu@[fd00::1]:resources/d/"

@@ -142,3 +142,26 @@ def test_every_input_file_is_read_or_refused_in_words(tmp_path_factory, data):
         except InputError:
             pass
     keys_in(read_known_hosts(path), "10.0.0.1")
+
+
+DEEP = "[" * 100000
+HUGE = "1" * 5000
+
+
+@pytest.mark.parametrize("text", [DEEP, HUGE, '{"a": ' * 50000, "- " * 50000 + "x", "{1: x, z: y}",
+                                  "name: c\nkey: \"a\\0b\"\n"])
+def test_deep_nesting_huge_numbers_and_odd_keys_are_input_errors(tmp_path, text):
+    path = tmp_path / "file"
+    path.write_text(text)
+    for read in (load_outputs, load_cluster_file, load_runnable_file, source_from_config):
+        try:
+            read(path)
+        except InputError:
+            pass
+
+
+@pytest.mark.parametrize("manifest", [DEEP, HUGE, "[]", '{"resources": [1]}', '{"resources": {"d": 1}}'])
+def test_a_hostile_manifest_is_a_problem_not_a_crash(manifest):
+    status = parse_status("c-orchestrator", "10.0.0.1", 0, f"@pub\n@manifest\n{manifest}\n@sums\n@ray\n{DEEP}\n@end\n",
+                          "")
+    assert not status.healthy

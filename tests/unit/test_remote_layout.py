@@ -102,3 +102,14 @@ def test_other_clusters_blocks_are_kept():
 def test_members_known_hosts_lists_every_key_by_private_address():
     text = members_known_hosts({"10.0.0.1": ["ssh-ed25519 AAAA1"], "10.0.0.2": ["ssh-ed25519 AAAA2", "ssh-rsa B"]})
     assert text == b"10.0.0.1 ssh-ed25519 AAAA1\n10.0.0.2 ssh-ed25519 AAAA2\n10.0.0.2 ssh-rsa B\n"
+
+
+def test_the_users_key_behind_quoted_options_is_read_as_sshd_reads_it():
+    user_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUSERKEY"
+    current = USER + f'command="echo ssh-rsa AAAAFAKE" {user_key} flambe-cluster:c1\n'.encode()
+    assert updated_authorized_keys(current, NEW, "c1", user_key) == current + NEW.encode() + b"\n"
+
+
+def test_the_cluster_key_restricted_by_the_user_stays_as_the_user_wrote_it():
+    restricted = b'from="10.0.0.0/8" ' + NEW.encode() + b"\n"
+    assert updated_authorized_keys(USER + restricted, NEW, "c1") == USER + restricted
