@@ -144,7 +144,11 @@ def cluster_status(access: Access) -> list[HostStatus]:
                             result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"))
 
     with ThreadPoolExecutor(max_workers=len(access.cluster.members)) as pool:
-        statuses = list(pool.map(probe, access.cluster.members))
+        return flag_split_keys(list(pool.map(probe, access.cluster.members)))
+
+
+def flag_split_keys(statuses: list[HostStatus]) -> list[HostStatus]:
+    """Members that hold different cluster keys are each a problem: one cluster, one key."""
     fingerprints = {status.fingerprint for status in statuses if status.fingerprint}
     if len(fingerprints) > 1:
         for status in statuses:

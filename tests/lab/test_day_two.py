@@ -230,3 +230,26 @@ def test_a_deploy_through_a_bastion_that_is_the_clients_only_way_in(bastion_lab,
     status = day_two_command(lab, "status", "--outputs", str(outputs), "--key", str(lab.user_key), "--known-hosts",
                              str(lab.known_hosts), "--jump", jump, env=env)
     assert status.returncode == 0, status.stdout + status.stderr
+
+
+def test_a_bastion_whose_host_key_is_not_the_pinned_one_is_refused_and_nothing_goes_past_it(bastion_lab, tmp_path,
+                                                                                             deploy_inputs):
+    """The bastion's own ssh (the ProxyCommand's) checks its host key strictly: with the bastion's pin swapped for
+    another host's key, the deploy is refused, and the hosts behind it see no connection at all."""
+    lab = bastion_lab
+    outputs = lab.outputs_with(tmp_path / "three.json", 3)
+    lines = lab.known_hosts.read_text().splitlines()
+    other_key = next(line.split(None, 1)[1] for line in lines if line.startswith(f"{lab.addresses[0]} "))
+    swapped = tmp_path / "known_hosts"
+    swapped.write_text("".join(f"{lab.addresses[3]} {other_key}\n" if line.startswith(f"{lab.addresses[3]} ")
+                               else f"{line}\n" for line in lines))
+    before = lab.snapshot_hosts()
+    result = lab.deploy("--outputs", str(outputs), "--key", str(lab.user_key), "--known-hosts", str(swapped),
+                        "--jump", f"{lab.user}@{lab.addresses[3]}", "--secrets", str(deploy_inputs["secrets"]),
+                        "--wait", "0", env=home_environment(tmp_path / "home"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    after = lab.snapshot_hosts()
+    for name in lab.hostnames[:3]:
+        assert "Accepted publickey" not in after[f"{name} sshd.log"]
+        assert {path: content for path, content in after.items() if f"/{name}/" in path} == \
+            {path: content for path, content in before.items() if f"/{name}/" in path}

@@ -290,3 +290,46 @@ def test_a_replaced_host_key_is_refused_and_that_host_receives_nothing(make_lab,
     assert refused["error"].startswith("REFUSED") and "ssh-keygen -R" in refused["error"]
     assert refused["connect_seconds"] < 30  # a wrong key is not waited for
     assert sorted(path.name for path in lab.home("factory-1").rglob("*")) == before
+
+
+def deploy_in_background(lab, *arguments) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flambe_iac.cli.lab", "exec", "--dir", str(lab.directory), "--", sys.executable, "-m",
+         "flambe_iac.cli.deploy", *lab.lab_arguments(), *arguments],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def test_an_interrupt_while_an_upload_is_held_open_removes_the_staging_everywhere(make_lab, tmp_path, deploy_inputs):
+    """factory-1's shell holds every upload open for 8 s right after making its staging directory (a busy disk, a
+    slow host). An interrupt then: the staging is gone from every host when flambe-deploy exits, and when the held
+    command wakes it finds nothing to install: the secrets never land there from the interrupted run."""
+    lab = make_lab(2)
+    (lab.home("factory-1") / ".bashrc").write_text(
+        'mkdir() { command mkdir "$@"; case "$*" in *staging*) sleep 8;; esac; }\n')
+    staging = lab.home("factory-1") / ".flambe" / "staging"
+    deploy = deploy_in_background(lab, "--secrets", str(deploy_inputs["secrets"]))
+    deadline = time.monotonic() + 60
+    while not (staging.is_dir() and any(staging.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert staging.is_dir() and any(staging.iterdir()), "the upload never started"
+    deploy.send_signal(signal.SIGINT)
+    stdout, stderr = deploy.communicate(timeout=60)
+    assert deploy.returncode == 130, stdout + stderr
+    for name in lab.hostnames:
+        assert staging_left(lab, name) == [], name
+    time.sleep(9)  # the held command wakes
+    assert staging_left(lab, "factory-1") == []
+    assert not (lab.home("factory-1") / "secret.ini").exists()
+
+
+def test_a_deploy_held_past_the_takeover_time_keeps_its_lock(make_lab, tmp_path):
+    """The lock frees itself 30 s after its holder's heartbeat stops. A deploy whose setup takes 40 s keeps it: a
+    second deploy with --wait 0, 35 s in, is refused, naming the first; the first ends as if nothing happened."""
+    lab = make_lab(2)
+    first = deploy_in_background(lab, "--setup", "sleep 40")
+    time.sleep(35)
+    second = lab.deploy(*lab.lab_arguments(), "--wait", "0")
+    stdout, stderr = first.communicate(timeout=120)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "another deploy of" in second.stdout + second.stderr
+    assert first.returncode == 0, stdout + stderr

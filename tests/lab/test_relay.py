@@ -49,6 +49,12 @@ def test_a_swapped_host_key_at_a_factorys_private_address_refuses_the_hop(make_l
     the orchestrator's strict check refuses the hop, B fails with that cause, and nothing lands on either host."""
     lab = make_lab(4)
     cluster = tmp_path / "cluster.yaml"
+    # First the cluster as it was, h3 a member: h3 authorizes the cluster key, so only its host key can refuse a hop.
+    cluster.write_text(json.dumps({"name": "swapped", "username": lab.user, "orchestrator_ip": lab.addresses[0],
+                                   "factories_ips": lab.addresses[1:]}))
+    first = lab.deploy("--cluster", str(cluster), "--key", str(lab.user_key), "--known-hosts", str(lab.known_hosts))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "flambe-cluster:swapped" in (lab.home("factory-3") / ".ssh" / "authorized_keys").read_text()
     cluster.write_text(json.dumps({
         "name": "swapped", "username": lab.user,
         "orchestrator_ip": lab.addresses[0],
@@ -89,6 +95,25 @@ def test_with_the_orchestrator_down_factories_fall_back_to_direct_with_a_note(ma
     again = lab.deploy(*lab.lab_arguments(), "--resource", f"data={deploy_inputs['resource']}")
     assert again.returncode == 0, again.stdout + again.stderr
     assert holds_the_resource(lab, "orchestrator", deploy_inputs)
+
+
+def test_a_failed_orchestrator_copy_is_never_relayed_the_factories_get_theirs_directly(make_lab, tmp_path,
+                                                                                         deploy_inputs):
+    """The orchestrator's rsync damages what it receives: its copy fails its checksums, and no factory is served from
+    it. Each falls back to a direct transfer, with a note, and ends up intact."""
+    lab = make_lab(3, "--fault", "0:corrupt-rsync")
+    report = tmp_path / "report.json"
+    result = lab.deploy(*lab.lab_arguments(), "--resource", f"data={deploy_inputs['resource']}", "--fan-out", "relay",
+                        "--report", str(report))
+    assert result.returncode == 1, result.stdout + result.stderr
+    document = json.loads(report.read_text())
+    entries = {entry["address"]: entry for entry in document["hosts"]}
+    assert "integrity check failed" in entries[lab.addresses[0]]["error"]
+    assert any("relay unavailable" in note and "sent directly" in note for note in document["notes"])
+    for name, address in zip(lab.hostnames[1:], lab.addresses[1:]):
+        assert entries[address]["error"] is None, entries[address]
+        assert holds_the_resource(lab, name, deploy_inputs), name
+        assert not any(source == lab.addresses[0] for source, _ in logins(lab, name))  # no hop came
 
 
 @pytest.mark.parametrize("fan_out", ["relay", "direct"])

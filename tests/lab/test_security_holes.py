@@ -9,6 +9,7 @@ import time
 import pytest
 from lab_session import home_environment
 
+from flambe_iac.engine.cluster_key import new_cluster_key
 from flambe_iac.ssh.user_key import public_key_fingerprint
 
 pytestmark = pytest.mark.lab
@@ -192,7 +193,7 @@ def test_a_compromised_factory_cannot_retire_the_users_key_or_an_admins(fresh_la
     """factory-1, compromised, lists the user's key and an admin's as retired cluster keys. Two plain deploys later,
     every member's authorized_keys still holds both lines, byte for byte: only lines flambe wrote are ever removed."""
     lab = fresh_lab
-    admin = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAdminKeyOfTheTeamxxxxxxxxxxxxxxxxxxxxxxxx admin@ops"
+    admin = new_cluster_key("admin@ops").public_line  # any ed25519 key, with an admin's comment
     for name in lab.hostnames:
         with open(lab.home(name) / ".ssh" / "authorized_keys", "a") as keys:
             keys.write(admin + "\n")

@@ -2,6 +2,7 @@
 line or word, or put the user's key or credentials into a tree that travels to the hosts."""
 
 import json
+import shlex
 import os
 import subprocess
 import sys
@@ -264,3 +265,18 @@ def test_error_messages_reach_the_terminal_escaped(capsys):
 def test_rsync_reaches_an_ipv6_member_in_brackets():
     argv = rsync_command("src/", "resources/d/", SshTarget("fd00::1", "ubuntu", Path("k"), Path("kh")))
     assert argv[-1] == "ubuntu@[fd00::1]:resources/d/"
+
+
+def test_the_bastions_own_ssh_checks_its_host_key_against_the_pins():
+    """ssh takes the first value of an option: the ProxyCommand's ssh must say strict, pinned, only the key, first."""
+    target = SshTarget("10.0.0.2", "ubuntu", Path("/k"), Path("/kh"), jump="ops@10.0.0.9:2222")
+    option = printed_config_block("c1-orchestrator", target).split("ProxyCommand ", 1)[1].strip()
+    argv = shlex.split(option)
+    values = {}
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "-o":
+            name, _, setting = value.partition("=")
+            values.setdefault(name, setting)
+    assert values["StrictHostKeyChecking"] == "yes" and values["UserKnownHostsFile"] == "/kh"
+    assert values["IdentitiesOnly"] == "yes" and values["IdentityAgent"] == "none"
+    assert argv[-1] == "ops@10.0.0.9" and argv[argv.index("-p") + 1] == "2222"

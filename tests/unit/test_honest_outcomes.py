@@ -2,6 +2,9 @@
 that host fails with a cause, the others finish, and `ok` agrees with the table of outcomes."""
 
 import io
+import json
+import os
+import signal
 
 import gevent
 import pytest
@@ -166,3 +169,17 @@ def test_a_lost_lock_stops_every_write_on_every_host(tmp_path):
         assert host.steps["secrets"].status == FAILED
         assert "lost the deploy lock on 10.0.0.1" in host.steps["secrets"].cause
     assert not report.ok
+
+
+def test_a_signal_mid_run_stops_every_host_and_marks_the_report_interrupted(tmp_path):
+    def operations(host, call):
+        if host == "h1" and call == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a CI runner cancelling the job does
+        gevent.sleep(0.05)
+
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False, **offline(operations_that(operations)))
+    document = json.loads(report.to_json())
+    assert report.interrupted == "SIGTERM" and document["interrupted"] == "SIGTERM" and document["ok"] is False
+    assert "INTERRUPTED by SIGTERM" in summary(report)
+    assert all(host.steps["manifest"].status == FAILED for host in report.hosts)
+    assert any("interrupted (SIGTERM)" in (host.steps["manifest"].cause or "") for host in report.hosts)

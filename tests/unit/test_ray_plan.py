@@ -4,6 +4,7 @@ member waits forever for one that stopped."""
 import socket
 import subprocess
 import tomllib
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,10 @@ from flambe_iac.engine.ray_cluster import (
     parse_state,
     start_command,
     stop_command,
+    token_sha256,
     token_sources,
 )
-from flambe_iac.engine.ray_settlement import RayCluster, RayUnavailable
+from flambe_iac.engine.ray_settlement import RayCluster, RayUnavailable, settle_ray
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.plan import DeployRequest, check_ray_request
 
@@ -217,3 +219,23 @@ def test_ray_keeps_its_files_in_a_private_directory():
     command = start_command("python3", "10.0.0.2", "10.0.0.1", "{}", "run-1", expected_version="2.60.0")
     assert 'mkdir -p -m 700 .flambe/ray && chmod 700 .flambe/ray' in command
     assert '--temp-dir="$HOME/.flambe/ray/tmp"' in command
+
+
+def test_rotation_makes_a_new_token_and_a_plain_run_keeps_the_held_one():
+    """--rotate-cluster-key --ray: the token the members hold is not even fetched; without it, it is kept."""
+    held = snapshot(None)
+    held.files[".ray/auth_token"] = ("600", token_sha256(TOKEN))
+    snapshots = {"o": held, "f1": snapshot(None)}
+    fetched = []
+
+    def fetch(member):
+        fetched.append(member)
+        return TOKEN
+
+    def plan(rotate):
+        return SimpleNamespace(request=SimpleNamespace(rotate_cluster_key=rotate), ray_python="python3",
+                               cluster=SimpleNamespace(orchestrator=ORCH, factories=FACTORIES))
+
+    assert settle_ray(snapshots, "o", plan(False), "run-1", fetch).token.data == TOKEN and fetched == ["o"]
+    rotated = settle_ray(snapshots, "o", plan(True), "run-2", fetch)
+    assert rotated.token.data != TOKEN and fetched == ["o"]
