@@ -20,18 +20,20 @@ from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.engine.remote_layout import DEPLOY_LOCK
 from flambe_iac.ssh.channel import ANSWER_TIMEOUT, HeldCommand, RemoteCommandError
 
-LOCKED, BUSY, NO_LOCK = "LOCKED", "BUSY", "NO-LOCK"
+LOCKED, BUSY, UNWRITABLE, NO_LOCK = "LOCKED", "BUSY", "UNWRITABLE", "NO-LOCK"
 LOCK_IDLE_SECONDS = 30  # the lock frees itself this long after its holder's heartbeat stops
 
 
 def deploy_lock_command(lock_path: str) -> str:
     """Hold an flock on LOCK_PATH for as long as a heartbeat line arrives every few seconds; record who holds it.
 
-    Prints LOCKED (then holds), BUSY and the holder's line, or NO-LOCK where the host has no flock or bash.
+    Prints LOCKED (then holds), BUSY and the holder's line, UNWRITABLE where the lock file cannot be opened, or
+    NO-LOCK where the host has no flock or bash.
     """
     owner = shlex.quote(f"{lock_path}.owner")
     script = (
-        f"umask 077; mkdir -p {shlex.quote(lock_path.rsplit('/', 1)[0])}; exec 9>>{shlex.quote(lock_path)}; "
+        f"umask 077; mkdir -p {shlex.quote(lock_path.rsplit('/', 1)[0])}; "
+        f"exec 9>>{shlex.quote(lock_path)} || {{ echo {UNWRITABLE}; exit 0; }}; "
         f"if flock -n 9; then IFS= read -r holder; printf '%s\\n' \"$holder\" > {owner}; echo {LOCKED}; "
         f"while IFS= read -r -t {LOCK_IDLE_SECONDS} _; do :; done; rm -f {owner}; "
         f"else echo {BUSY}; cat {owner} 2>/dev/null; fi"
@@ -72,6 +74,10 @@ def take_deploy_lock(open_lock, address: str, cluster_name: str, wait: float, on
         answer = lock.first_line.decode(errors="replace")
         if answer == LOCKED:
             return LockOutcome(held=lock)
+        if answer == UNWRITABLE:
+            lock.release()
+            return LockOutcome(failure=f"cannot open the deploy lock ~/{DEPLOY_LOCK} on {address}: the SSH user "
+                                       "cannot write there (is ~/.flambe someone else's?)")
         holder = lock.rest_of_output().decode(errors="replace").strip()[:200] or "someone (holder unknown)"
         lock.release()
         if answer != BUSY:

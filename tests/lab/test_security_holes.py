@@ -202,6 +202,9 @@ def test_a_compromised_factory_cannot_retire_the_users_key_or_an_admins(fresh_la
     retired = lab.home("factory-1") / ".flambe" / "retired_cluster_keys"
     retired.parent.mkdir(exist_ok=True)
     retired.write_text("".join(f"{public_key_fingerprint(line)}\n" for line in (user_line, admin)))
+    owner = lab.home("factory-1").stat()
+    for path in (retired.parent, retired):  # the factory's own user wrote them
+        os.chown(path, owner.st_uid, owner.st_gid)
     for _ in range(2):
         result = lab.deploy(*lab.lab_arguments())
         assert result.returncode == 0, result.stdout + result.stderr

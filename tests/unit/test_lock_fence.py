@@ -4,6 +4,8 @@ off the event loop), so a long deploy keeps its lock; a lost lock stops every wr
 import subprocess
 import sys
 
+from flambe_iac.engine.lock import deploy_lock_command, take_deploy_lock
+
 HASH_WHILE_TICKING = r"""
 import sys, time
 from gevent import monkey
@@ -47,3 +49,37 @@ def test_a_long_hash_leaves_the_heartbeat_beating(tmp_path):
     assert files == "4"
     # Hashed inside the event loop, not one beat could happen until the last file was done.
     assert int(beats) >= 3, f"{beats} heartbeats in {seconds} s of hashing"
+
+
+class AnsweringLock:
+    def __init__(self, first_line: bytes, rest: bytes = b""):
+        self.first_line, self.rest, self.released = first_line, rest, False
+
+    def rest_of_output(self):
+        return self.rest
+
+    def release(self):
+        self.released = True
+
+
+def test_a_lock_file_that_cannot_be_opened_fails_at_once_instead_of_waiting_for_a_holder():
+    waits = []
+    outcome = take_deploy_lock(lambda: AnsweringLock(b"UNWRITABLE"), "10.0.0.1", "c1", 300, waits.append,
+                               sleep=lambda seconds: waits.append(seconds))
+    assert outcome.failure and "cannot open the deploy lock" in outcome.failure and waits == []
+
+
+def test_a_busy_lock_waits_within_wait_then_names_the_holder():
+    clock = iter(range(0, 1000, 2)).__next__
+    outcome = take_deploy_lock(lambda: AnsweringLock(b"BUSY", b"ci@runner (pid 7) since now\n"), "10.0.0.1", "c1",
+                               10, lambda words: None, clock=clock, sleep=lambda seconds: None)
+    assert "another deploy of c1 is under way, from ci@runner (pid 7) since now" in outcome.failure
+
+
+def test_the_lock_script_tells_an_unwritable_lock_file_from_a_busy_one(tmp_path):
+    locked_out = tmp_path / "home"
+    (locked_out / ".flambe").mkdir(parents=True)
+    (locked_out / ".flambe" / "deploy.lock").mkdir()  # cannot be opened as a file, even by root
+    result = subprocess.run(["bash", "-c", deploy_lock_command(".flambe/deploy.lock")], cwd=locked_out,
+                            input="me\n", capture_output=True, text=True, timeout=30)
+    assert result.stdout.splitlines()[0] == "UNWRITABLE"
