@@ -120,7 +120,7 @@ for argument in sys.argv[2:]:
         print(port, "CLOSED")
 """
 HOLD_ACTORS = """
-import time, ray
+import sys, ray
 ray.init("ray://{address}:10001")
 @ray.remote(num_cpus=0)
 class Hold:
@@ -129,7 +129,10 @@ class Hold:
 holders = [Hold.options(scheduling_strategy="SPREAD").remote() for _ in range(6)]
 ray.get([holder.ping.remote() for holder in holders])
 print("HELD", flush=True)
-time.sleep(90)
+sys.stdin.read()  # until the test is done probing
+for holder in holders:
+    ray.kill(holder)
+ray.shutdown()
 """
 
 
@@ -159,7 +162,7 @@ def hold_actors(lab, python, token, attempts: int = 3) -> subprocess.Popen:
                                    "--", "env", "-i", "PATH=/usr/bin:/bin", "HOME=/nonexistent", "RAY_AUTH_MODE=token",
                                    f"RAY_AUTH_TOKEN={token}", python, "-c",
                                    HOLD_ACTORS.format(address=lab.addresses[0])],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         output = []
         for line in holder.stdout:
             output.append(line)
@@ -184,9 +187,13 @@ def assert_every_ray_port_refuses_a_client_without_the_token(lab, python, token)
                 expected = "200" if port in METRICS_PORTS else "401" if port in HTTP_PATHS else "UNAUTHENTICATED"
                 assert answer == expected, (address, port, answer)
         assert workers, "no Ray worker listened anywhere"
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
+    finally:  # the actors end and the client leaves before anything else restarts Ray
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait(timeout=30)
 
 
 def wait_for_file(path: Path, seconds: float = 120) -> str:
