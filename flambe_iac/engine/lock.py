@@ -1,4 +1,4 @@
-"""One deploy of a cluster at a time: an flock on the orchestrator, held while a heartbeat arrives.
+"""One deploy of a cluster at a time: an flock on every member reached, each held while a heartbeat arrives.
 
 A second deploy waits within --wait, then fails every host and names the deploy under way. The lock frees itself
 LOCK_IDLE_SECONDS after its holder's heartbeat stops (the holder died, the network went away).
