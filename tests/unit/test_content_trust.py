@@ -142,10 +142,14 @@ def test_a_local_extension_holding_the_key_is_bad_input(tmp_path, home):
     extension.mkdir()
     (extension / "setup.py").write_text("")
     (extension / "stolen").write_bytes(key.read_bytes())
-    runnable = tmp_path / "runnable.yaml"
-    runnable.write_text(f"my_ext: {extension}\n---\nrunnable: flambe_iac.runnable:Runnable\n")
     with pytest.raises(InputError, match="extension my_ext: .* is your SSH key"):
-        build_plan(DeployRequest(cluster_file=path, known_hosts=known_hosts, runnable_file=runnable))
+        plan_with_extension(tmp_path, path, known_hosts, "my_ext", extension)
+
+
+def plan_with_extension(tmp_path, path, known_hosts, name, location):
+    runnable = tmp_path / "runnable.yaml"
+    runnable.write_text(f"{name}: {location}\n---\nrunnable: flambe_iac.runnable:Runnable\n")
+    return build_plan(DeployRequest(cluster_file=path, known_hosts=known_hosts, runnable_file=runnable))
 
 
 def test_a_tree_holding_the_keys_directory_is_bad_input_but_a_tree_beside_the_key_goes(tmp_path, home):
@@ -227,10 +231,8 @@ def test_a_git_extension_whose_subdirectory_leads_out_of_the_repository_is_bad_i
     (repository / "ext").symlink_to("../../../../.ssh")
     for command in (["init", "-q"], ["add", "-A"], ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x"]):
         subprocess.run(["git", "-C", str(repository), *command], check=True, capture_output=True)
-    runnable = tmp_path / "runnable.yaml"
-    runnable.write_text(f"evil: file://{repository}#subdirectory=ext\n---\nrunnable: flambe_iac.runnable:Runnable\n")
     with pytest.raises(InputError, match="leads out of the repository|where keys and credentials live|SSH key"):
-        build_plan(DeployRequest(cluster_file=path, known_hosts=known_hosts, runnable_file=runnable))
+        plan_with_extension(tmp_path, path, known_hosts, "evil", f"file://{repository}#subdirectory=ext")
 
 
 def test_a_copy_of_the_key_with_other_line_endings_is_still_the_key(tmp_path, home):
