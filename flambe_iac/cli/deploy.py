@@ -78,13 +78,13 @@ class CommandTree(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
-        if not args or args[0] not in self.command_names:
+        if not args or args[0] not in self.commands.choices:
             args = [DEFAULT_COMMAND, *args]
         return super().parse_known_args(args, namespace)
 
-    @property
-    def command_names(self) -> tuple[str, ...]:
-        return tuple(self._subparsers._group_actions[0].choices)
+    def add_subparsers(self, **options):
+        self.commands = super().add_subparsers(**options)
+        return self.commands
 
 
 def build_parser() -> CommandTree:

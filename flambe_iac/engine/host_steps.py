@@ -95,7 +95,7 @@ class HostSteps:
         stderr = " ".join(meta.stderr_lines[-3:]).strip() if meta.is_complete() else ""
         if stderr:
             return stderr
-        if not connection_alive(host):
+        if not self.alive(host):
             return "the connection to the host dropped"
         return "the command failed without saying why (run with -v to see pyinfra's log)"
 

@@ -79,8 +79,8 @@ SECRET_PLACES = ("~/.ssh", "~/.aws", "~/.flambe", "~/.config/gcloud", "~/.azure"
 
 
 def refuse_secrets(trees: list[Resource], key: Path, what: str = "resource", own_cache: Path | None = None) -> None:
-    """No tree lies in or holds a place where credentials live (~/.ssh, ~/.aws, ~/.flambe, ~/.config/gcloud), none is
-    or holds the directory of KEY, and no file in a tree has KEY's bytes: the user's key and credentials never leave
+    """No tree lies in or holds a place where credentials live (SECRET_PLACES; flambe's own extension checkouts in
+    OWN_CACHE may lie in ~/.flambe), none is or holds the directory of KEY, and no file in a tree has KEY's bytes: the user's key and credentials never leave
     this machine, whatever a runnable file or a --resource names."""
     key = key.expanduser().resolve()
     key_bytes = key.read_bytes()

@@ -34,13 +34,11 @@ def read_source(arguments: argparse.Namespace) -> dict:
 def source_from_config(path: Path) -> dict:
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (RecursionError, ValueError) as error:  # too deep, a number too long; UnicodeDecodeError is a ValueError
-        if isinstance(error, UnicodeDecodeError):
-            raise InputError(f"cannot read stack config {path}: not UTF-8") from None
-        raise InputError(f"cannot read stack config {path}: nested too deep, or a number too long") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise InputError(f"cannot read stack config {path}: {getattr(error, 'strerror', None) or 'not valid YAML'}") \
             from None
+    except (RecursionError, ValueError):  # nested too deep, or a number too long to read
+        raise InputError(f"cannot read stack config {path}: nested too deep, or a number too long") from None
     config = document.get("config") if isinstance(document, dict) else None
     if not isinstance(config, dict):
         raise InputError(f"stack config {path} has no `config:` mapping: give a Pulumi.<stack>.yaml")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import check_ssh_user
+from flambe_iac.inputs.names import SSH_USER
 from flambe_iac.local_files import write_json_atomically
 
 # Layout of one lab (all names carry the lab's random id, so labs never collide):
@@ -120,11 +120,8 @@ def lab_cluster(state: LabState) -> Cluster:
 def plan_lab(host_count: int, user: str, subnet: str, addresses: list[str] | None) -> LabState:
     if host_count < 1:
         raise InputError(f"--hosts must be at least 1 (one orchestrator), not {host_count}")
-    try:
-        if check_ssh_user(user) == "root":
-            raise InputError("root")
-    except InputError:
-        raise InputError(f"--user must be a plain login name other than root, not {user!r}") from None
+    if user == "root" or not SSH_USER.fullmatch(user):
+        raise InputError(f"--user must be a plain login name other than root, not {user!r}")
     network = _parse_network(subnet)
     usable = network.hosts()
     client_address = str(next(usable))
