@@ -25,7 +25,8 @@ from pyinfra.api import FunctionCommand, operation
 
 from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.engine.relay import Relay
-from flambe_iac.engine.remote_probes import checksums_command, parse_checksums
+from flambe_iac.engine.remote_probes import listed_checksums_command, listed_paths, parse_checksums
+from flambe_iac.inputs.resources import REMOTE_TREE_LISTING, RemoteTree, parse_tree_listing
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 from flambe_iac.ssh.policy import RsyncJob
@@ -125,11 +126,12 @@ class Transfer:
 def synced_tree(transfer: Transfer, causes: dict, notes: list, snapshot: HostSnapshot):
     """Make the host's copy hold exactly what it should, if it does not: by a relay hop from the orchestrator, or
     by rsync from here; then check it against the checksums."""
-    if snapshot.trees.get(transfer.destination) == transfer.expected:
+    before = snapshot.trees.get(transfer.destination)
+    if before is not None and before.entries == transfer.expected:
         if transfer.serves_relay:
             transfer.relay.orchestrator_has(transfer.destination)
         return
-    yield FunctionCommand(_transfer_tree, (transfer, causes, notes), {})
+    yield FunctionCommand(_transfer_tree, (transfer, before, causes, notes), {})
 
 
 def synced_trees(transfers: list[Transfer], causes: dict, notes: list, snapshot: HostSnapshot) -> list:
@@ -138,7 +140,7 @@ def synced_trees(transfers: list[Transfer], causes: dict, notes: list, snapshot:
             for transfer in transfers]
 
 
-def _transfer_tree(state, host, transfer: Transfer, causes: dict, notes: list) -> bool:
+def _transfer_tree(state, host, transfer: Transfer, before: RemoteTree | None, causes: dict, notes: list) -> bool:
     cause = None
     if transfer.relay_to is not None:
         unavailable = transfer.relay.wait_for(transfer.destination)
@@ -155,7 +157,7 @@ def _transfer_tree(state, host, transfer: Transfer, causes: dict, notes: list) -
     else:
         cause = run_rsync(host, transfer)
     if cause is None and transfer.checksums is not None:
-        cause = verify_tree(host, transfer.destination, transfer.checksums)
+        cause = verify_tree(host, transfer, before)
     if transfer.serves_relay:
         if cause is None:
             transfer.relay.orchestrator_has(transfer.destination)
@@ -167,16 +169,34 @@ def _transfer_tree(state, host, transfer: Transfer, causes: dict, notes: list) -
     return True
 
 
-def verify_tree(host, destination: str, checksums: dict[str, str]) -> str | None:
-    """None if the host's copy holds exactly the files CHECKSUMS names, with those sha256; else what differs."""
+def verify_tree(host, transfer: Transfer, before: RemoteTree | None) -> str | None:
+    """None if the host's copy holds what was sent: every entry as listed here, and each file this run wrote (new
+    since BEFORE, the copy as the snapshot found it) with the sha256 the manifest records; else what differs.
+    A file the run did not write was checked when a run wrote it; `flambe-deploy status` checks every file."""
+    destination = transfer.destination
     try:
-        result = run_remote(host, checksums_command(destination), timeout=VERIFY_TIMEOUT)
+        listing = run_remote(host, f"cd {shlex.quote(destination)} && {REMOTE_TREE_LISTING}", timeout=VERIFY_TIMEOUT)
+        after = parse_tree_listing(listing.stdout) if listing.exit_code == 0 else None
+    except (RemoteCommandError, ValueError) as error:
+        return f"could not list ~/{destination} to check it: {error}"
+    if after is None:
+        return f"could not list ~/{destination} to check it: {listing.reason}"
+    if after.entries != transfer.expected:
+        differing = sorted({entry[1] for entry in after.entries ^ transfer.expected})
+        return (f"integrity check failed: ~/{destination} does not hold what was sent ({len(differing)} path(s) "
+                f"differ, first: {differing[0]})")
+    written = sorted(path for path, stamp in after.stamps.items() if before is None or before.stamps.get(path) != stamp)
+    if not written:
+        return None
+    try:
+        result = run_remote(host, listed_checksums_command(destination), stdin=listed_paths(written),
+                            timeout=VERIFY_TIMEOUT)
     except RemoteCommandError as error:
         return f"could not check ~/{destination} against its checksums: {error}"
     if result.exit_code != 0:
         return f"could not check ~/{destination} against its checksums: {result.reason}"
-    found = parse_checksums(result.stdout.decode(errors="surrogateescape").splitlines())
-    differing = sorted(path for path in set(found) | set(checksums) if found.get(path) != checksums.get(path))
+    found = parse_checksums(result.stdout)
+    differing = [path for path in written if found.get(path) != transfer.checksums.get(path)]
     if not differing:
         return None
     return (f"integrity check failed: {len(differing)} file(s) in ~/{destination} differ from the checksums the "

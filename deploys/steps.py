@@ -28,9 +28,10 @@ from flambe_iac.engine.ray_settlement import RayCluster as Ray
 from flambe_iac.engine.relay import RELAY, Relay
 from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, members_known_hosts, run_staging_dir
 from flambe_iac.engine.remote_layout import manifest as manifest_content
+from flambe_iac.inputs.checksum_cache import ChecksumCache
 from flambe_iac.inputs.extensions import redact_url
 from flambe_iac.inputs.plan import DeployPlan
-from flambe_iac.inputs.resources import Resource, checksums, local_tree, resource_files
+from flambe_iac.inputs.resources import Resource, checksums, files_in, local_tree
 from flambe_iac.ssh.host_keys import keys_in, read_known_hosts
 from flambe_iac.ssh.policy import SshPolicy
 
@@ -158,10 +159,13 @@ class StepContext:
 
     @cached_property
     def resource_checksums(self) -> dict[str, dict[str, str]]:
-        """sha256 of every resource file, several files at once in OS threads (hashlib lets go of the GIL): the
-        event loop, and with it every deploy lock's heartbeat, runs on through tens of gigabytes."""
-        threads = gevent.get_hub().threadpool  # the walk of a million files, too, off the event loop
-        return {resource.name: checksums(resource, threads.map, threads.apply(resource_files, (resource,)))
+        """sha256 of every resource file that the local cache does not hold as it is now, several files at once in
+        OS threads (hashlib lets go of the GIL): the event loop, and with it every deploy lock's heartbeat, runs on
+        through tens of gigabytes. The files are those the listing found (`expected_trees`)."""
+        threads = gevent.get_hub().threadpool
+        cache = ChecksumCache()
+        return {resource.name: checksums(resource, files_in(resource, self.expected_trees[resource.remote_directory]),
+                                         cache, in_thread=threads.apply, hash_files=threads.map)
                 for resource in self.plan.resources}
 
     def manifest_for(self, member: Member) -> bytes:

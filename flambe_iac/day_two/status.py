@@ -60,7 +60,7 @@ def parse_status(alias: str, address: str, returncode: int, output: str, stderr:
     """What the status script printed, read as untrusted: anything malformed is a problem in words, never a crash."""
     sections: dict[str, list[str]] = {}
     current = None
-    for line in output.splitlines():
+    for line in output.split("\n"):  # only a newline ends a line: a file name may hold \x1c or \x85
         if line.startswith("@") and line[1:] in ("pub", "manifest", "sums", "run", "log", "ray", "end"):
             current = line[1:]
             sections[current] = []
@@ -74,7 +74,7 @@ def parse_status(alias: str, address: str, returncode: int, output: str, stderr:
     if status.fingerprint is None:
         status.problems.append("no cluster key")
     recorded = recorded_checksums(sections.get("manifest", []), status.problems)
-    found = parse_checksums(sections.get("sums", []))
+    found = parse_checksums("\n".join(sections.get("sums", [])).encode(errors="surrogateescape"))
     if recorded:
         status.resources_match = all(found.get(path) == digest for path, digest in recorded.items())
         if not status.resources_match:
@@ -141,7 +141,7 @@ def cluster_status(access: Access) -> list[HostStatus]:
         result = subprocess.run(access.ssh_argv(member, STATUS_SCRIPT), stdin=subprocess.DEVNULL,
                                 capture_output=True, env=access.policy.environment())
         return parse_status(access.alias(member), access.target(member).address, result.returncode,
-                            result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"))
+                            result.stdout.decode(errors="surrogateescape"), result.stderr.decode(errors="replace"))
 
     with ThreadPoolExecutor(max_workers=len(access.cluster.members)) as pool:
         return flag_split_keys(list(pool.map(probe, access.cluster.members)))

@@ -2,22 +2,56 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from flambe_iac.errors import InputError
+from flambe_iac.inputs.checksum_cache import ChecksumCache, cached_checksums
 from flambe_iac.inputs.names import check_tree_name
 
 # One entry of a tree: ("f", path, size, mtime) for a file, ("d", path) for a directory, ("l", path, target).
-# `local_tree` lists a tree here; REMOTE_TREE_LISTING, run inside a directory on a host, lists it in the lines
-# `parse_tree_line` reads. The two must agree, entry for entry.
+# `local_tree` lists a tree here; REMOTE_TREE_LISTING, run inside a directory on a host, lists it as NUL-separated
+# fields (a name may hold any byte but NUL and "/") that `parse_tree_listing` reads. The two agree entry for entry.
+# Names are str, with the bytes that are not UTF-8 kept by os.fsdecode's surrogateescape: lossless both ways.
 TreeEntry = tuple
 
-REMOTE_TREE_LISTING = (r"find . -mindepth 1 \( -type f -printf 'f\t%P\t%s\t%T@\n' \) -o \( -type d -printf 'd\t%P\n' \) "
-                       r"-o \( -type l -printf 'l\t%P\t%l\n' \)")
+REMOTE_TREE_LISTING = (r"find . -mindepth 1 \( -type f -printf 'f\0%P\0%s\0%T@\0%i\0' \) "
+                       r"-o \( -type d -printf 'd\0%P\0' \) -o \( -type l -printf 'l\0%P\0%l\0' \)")
+_FIELDS_AFTER_TYPE = {b"f": 4, b"d": 1, b"l": 2}
+
+
+@dataclass(frozen=True)
+class RemoteTree:
+    """A host's copy of a tree: its entries, as `local_tree` lists them, and each file's stamp (size, mtime,
+    inode). rsync writes a file under a new name and renames it into place, so a file this run wrote has a new
+    inode: the stamps before and after a transfer say which files to check."""
+
+    entries: set
+    stamps: dict[str, tuple[int, int, int]]
+
+
+def parse_tree_listing(data: bytes) -> RemoteTree:
+    """What REMOTE_TREE_LISTING printed; anything else is a ValueError."""
+    fields = data.split(b"\0")
+    if fields[-1] != b"":
+        raise ValueError("the tree listing was cut short")
+    entries, stamps, index = set(), {}, 0
+    while index < len(fields) - 1:
+        kind = fields[index]
+        count = _FIELDS_AFTER_TYPE.get(kind)
+        if count is None or index + count >= len(fields):
+            raise ValueError("a tree listing entry of no known kind")
+        values = [os.fsdecode(field) for field in fields[index + 1:index + 1 + count]]
+        index += 1 + count
+        if kind == b"f":
+            path, size, mtime, inode = values[0], int(values[1]), int(values[2].split(".")[0]), int(values[3])
+            entries.add(("f", path, size, mtime))
+            stamps[path] = (size, mtime, inode)
+        else:
+            entries.add((kind.decode(), *values))
+    return RemoteTree(entries, stamps)
 
 
 @dataclass(frozen=True)
@@ -104,6 +138,12 @@ def resource_files(resource: Resource) -> list[Path]:
     return sorted(_files(resource))
 
 
+def files_in(resource: Resource, entries: set[TreeEntry]) -> list[Path]:
+    """The files `resource_files` lists, from the entries `local_tree` listed: one walk of a large tree, not two."""
+    base = resource.path.parent if resource.path.is_file() else resource.path
+    return sorted(base / entry[1] for entry in entries if entry[0] == "f")
+
+
 def is_key_copy(file: Path, key_bytes: bytes) -> bool:
     """FILE holds the key, whatever its line endings or whitespace around it."""
     if abs(file.stat().st_size - len(key_bytes)) > 64:
@@ -132,7 +172,7 @@ def local_tree(resource: Resource) -> set[TreeEntry]:
     """What ~/resources/NAME/ holds once rsync -a has copied the resource (mtimes to the second)."""
     if resource.path.is_file():
         stat = resource.path.stat()
-        return {("f", resource.path.name, stat.st_size, int(stat.st_mtime))}
+        return {("f", resource.path.name, stat.st_size, whole_seconds(stat.st_mtime_ns))}
     entries: set[TreeEntry] = set()
     for directory, subdirectories, files in _walk(resource):
         for name in subdirectories + [name for name in files if name not in resource.excludes]:
@@ -144,39 +184,28 @@ def local_tree(resource: Resource) -> set[TreeEntry]:
                 entries.add(("d", relative))
             else:
                 stat = full.stat()
-                entries.add(("f", relative, stat.st_size, int(stat.st_mtime)))
+                entries.add(("f", relative, stat.st_size, whole_seconds(stat.st_mtime_ns)))
     return entries
 
 
-def parse_tree_line(line: str) -> TreeEntry | None:
-    fields = line.split("\t")
-    if fields[0] == "f" and len(fields) == 4:
-        return ("f", fields[1], int(fields[2]), int(fields[3].split(".")[0]))
-    if fields[0] == "d" and len(fields) == 2:
-        return ("d", fields[1])
-    if fields[0] == "l" and len(fields) == 3:
-        return ("l", fields[1], fields[2])
-    return None
+def whole_seconds(nanoseconds: int) -> int:
+    """An mtime as the hosts' listing gives it: its whole seconds, the fraction cut off (in integers: a float
+    rounds x.9999999995 up to x+1)."""
+    return nanoseconds // 10**9 if nanoseconds >= 0 else -(-nanoseconds // 10**9)
 
 
-def checksums(resource: Resource, hash_files=map, files: list[Path] | None = None) -> dict[str, str]:
-    """sha256 of every file, by path inside the resource: recorded in ~/.flambe/cluster.json. HASH_FILES(function,
-    paths) maps the hashing over the files (a thread pool's map hashes several at once); FILES, the resource's files
-    as `resource_files` lists them, if they were listed already."""
+def checksums(resource: Resource, files: list[Path] | None = None, cache: ChecksumCache | None = None,
+              **threads) -> dict[str, str]:
+    """sha256 of every file, by path inside the resource: recorded in ~/.flambe/cluster.json. FILES: the resource's
+    files as `resource_files` lists them, if they were listed already. Only files CACHE does not hold as they are
+    now are hashed; THREADS (`in_thread`, `hash_files`) say where the work runs (see `cached_checksums`)."""
     files = resource_files(resource) if files is None else files
     base = resource.path.parent if resource.path.is_file() else resource.path
-    return {str(path.relative_to(base)): digest for path, digest in zip(files, hash_files(sha256_of_file, files))}
+    digests = cached_checksums(resource.path, files, cache, **threads)
+    return {str(path.relative_to(base)): digests[path] for path in files}
 
 
 def _walk(resource: Resource):
     for directory, subdirectories, files in os.walk(resource.path):
         subdirectories[:] = [name for name in subdirectories if name not in resource.excludes]
         yield directory, subdirectories, files
-
-
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+from hostile_names import HOSTILE_NAMES, make_tree, tree_bytes
 
 pytestmark = pytest.mark.lab
 
@@ -129,3 +130,24 @@ def test_a_copy_that_differs_from_the_checksums_fails_that_host(make_lab, tmp_pa
     assert entries[lab.addresses[0]]["error"] is None and entries[lab.addresses[1]]["error"] is None
     assert "cluster_key_fingerprint" in lab.manifest("factory-1")
     assert not (lab.home("factory-2") / ".flambe" / "cluster.json").exists()  # no manifest vouches for it
+
+
+@pytest.mark.parametrize("fan_out", ["relay", "direct"])
+def test_files_with_any_names_deliver_verify_and_rerun_unchanged(make_lab, tmp_path, fan_out):
+    """Names with a newline, a tab, a backslash, a leading dash, bytes that are not UTF-8, 255 bytes: every host
+    holds them byte for byte, the check after the transfer passes, and a re-run changes nothing."""
+    lab = make_lab(3)
+    tree = make_tree(tmp_path / "data", HOSTILE_NAMES)
+    report = tmp_path / "report.json"
+    arguments = (*lab.lab_arguments(), "--resource", f"data={tree}", "--fan-out", fan_out, "--report", str(report))
+    first = lab.deploy(*arguments)
+    assert first.returncode == 0, first.stdout + first.stderr
+    for name in lab.hostnames:
+        assert tree_bytes(lab.home(name) / "resources" / "data") == tree_bytes(tree), name
+    again = lab.deploy(*arguments)
+    assert again.returncode == 0, again.stdout + again.stderr
+    statuses = {host["address"]: host["steps"]["resources"]["status"] for host in json.loads(report.read_text())["hosts"]}
+    assert statuses == dict.fromkeys(lab.addresses, "unchanged")
+    manifest = json.loads((lab.home("factory-1") / ".flambe" / "cluster.json").read_text())
+    assert {os.fsencode(path) for path in manifest["resources"]["data"]} == {
+        path for path, _ in tree_bytes(tree).items() if not os.path.islink(os.path.join(os.fsencode(tree), path))}

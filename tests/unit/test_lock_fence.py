@@ -1,6 +1,7 @@
 """The deploy lock is a fence: hashing a large resource never starves its heartbeat (the hashing runs in OS threads,
 off the event loop), so a long deploy keeps its lock; a lost lock stops every write (test_honest_outcomes)."""
 
+import os
 import subprocess
 import sys
 
@@ -32,7 +33,8 @@ def heartbeat():
 
 beating = gevent.spawn(heartbeat)
 gevent.sleep(0.1)
-context = StepContext(SimpleNamespace(resources=[Resource("data", data)]), None, "run")
+plan = SimpleNamespace(resources=[Resource("data", data)], extension_trees=[], request=SimpleNamespace(run=False))
+context = StepContext(plan, None, "run")
 started = time.monotonic()
 digests = context.resource_checksums["data"]
 ended = time.monotonic()
@@ -43,8 +45,9 @@ print(len(digests), len(during), f"{ended - started:.2f}")
 
 
 def test_a_long_hash_leaves_the_heartbeat_beating(tmp_path):
+    # A home of its own: an empty checksum cache, so every byte is hashed.
     result = subprocess.run([sys.executable, "-c", HASH_WHILE_TICKING, str(tmp_path / "data")], capture_output=True,
-                            text=True, check=True)
+                            text=True, check=True, env={**os.environ, "HOME": str(tmp_path)})
     files, beats, seconds = result.stdout.split()
     assert files == "4"
     # Hashed inside the event loop, not one beat could happen until the last file was done.

@@ -18,6 +18,7 @@ from flambe_iac.engine.remote_probes import parse_checksums
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.cluster_file import load_cluster_file, parse_cluster_file
 from flambe_iac.inputs.outputs import load_outputs, parse_outputs
+from flambe_iac.inputs.resources import parse_tree_listing
 from flambe_iac.inputs.runnable_file import load_runnable_file
 from flambe_iac.inputs.secrets_file import read_secrets_file
 from flambe_iac.inputs.stack_config import config_values, source_from_config
@@ -47,9 +48,20 @@ def test_the_snapshot_parser_returns_a_snapshot_or_a_cause(lines):
 
 
 @SETTINGS
-@given(hostile_lines)
-def test_checksum_listings_always_parse(lines):
-    assert isinstance(parse_checksums(lines), dict)
+@given(hostile_bytes)
+def test_checksum_listings_always_parse(data):
+    assert isinstance(parse_checksums(data), dict)
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from([b"f", b"d", b"l", b"x", b"", b"12", b"1.5", b"-3", b"a/b"]) | st.binary(max_size=9),
+                max_size=20).map(b"\0".join))
+def test_tree_listings_parse_or_are_named_malformed(data):
+    try:
+        tree = parse_tree_listing(data)
+    except ValueError:
+        return
+    assert set(tree.stamps) <= {entry[1] for entry in tree.entries}
 
 
 @SETTINGS

@@ -1,0 +1,197 @@
+"""Large data, here: file names with any bytes a filesystem allows, the local checksum cache, and a host's copy
+checked by hashing only what a transfer wrote. The hosts' commands run for real, in a shell on this machine (the
+same GNU find, openssl and sha256sum as on the lab's hosts)."""
+
+import os
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from hostile_names import HOSTILE_NAMES, make_tree
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flambe_iac.deploys import operations
+from flambe_iac.deploys.operations import Transfer, verify_tree
+from flambe_iac.engine.remote_probes import checksums_command, listed_checksums_command, listed_paths, parse_checksums
+from flambe_iac.inputs.checksum_cache import ChecksumCache, cached_checksums, sha256_of_file
+from flambe_iac.inputs.resources import REMOTE_TREE_LISTING, Resource, checksums, local_tree, parse_tree_listing
+from flambe_iac.ssh.channel import RemoteResult
+
+
+def in_shell(command: str, directory: Path, stdin: bytes = b"", path: str | None = None) -> bytes:
+    environment = {**os.environ, "PATH": path} if path else None
+    return subprocess.run(["sh", "-c", command], cwd=directory, input=stdin, capture_output=True, check=True,
+                          env=environment).stdout
+
+
+def without_openssl(tmp_path: Path) -> str:
+    """A PATH on which the checksum commands find coreutils' sha256sum and no openssl."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("sh", "find", "xargs", "sha256sum"):
+        os.symlink(shutil.which(tool), tools / tool)
+    return str(tools)
+
+
+def test_the_hosts_listing_of_hostile_names_is_the_local_one(tmp_path):
+    tree = make_tree(tmp_path / "data", HOSTILE_NAMES)
+    listed = parse_tree_listing(in_shell(REMOTE_TREE_LISTING, tree))
+    assert listed.entries == local_tree(Resource("data", tree))
+    assert "line\nbreak" in listed.stamps and os.fsdecode(b"not-utf8-\xff\xfe") in listed.stamps
+
+
+@pytest.mark.parametrize("hasher", ["openssl", "sha256sum"])
+def test_hostile_names_hash_to_the_local_checksums(tmp_path, hasher):
+    tree = make_tree(tmp_path / "data", HOSTILE_NAMES)
+    path = without_openssl(tmp_path) if hasher == "sha256sum" else None
+    expected = checksums(Resource("data", tree))
+    assert parse_checksums(in_shell(checksums_command("data"), tmp_path, path=path)) == expected
+    some = sorted(expected)[:5]
+    listed = in_shell(listed_checksums_command("data"), tmp_path, stdin=listed_paths(some), path=path)
+    with_a_newline = {name for name in expected if "\n" in name}
+    assert parse_checksums(listed) == {name: expected[name] for name in {*some, *with_a_newline}}
+
+
+names = st.binary(min_size=1, max_size=255).filter(lambda name: b"\0" not in name and b"/" not in name
+                                                   and name not in (b".", b".."))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(names, min_size=1, max_size=6, unique=True))
+def test_any_names_list_and_hash_as_they_are_here(tmp_path_factory, generated):
+    root = tmp_path_factory.mktemp("names")
+    tree = make_tree(root / "data", generated)
+    assert parse_tree_listing(in_shell(REMOTE_TREE_LISTING, tree)).entries == local_tree(Resource("data", tree))
+    assert parse_checksums(in_shell(checksums_command("data"), root)) == checksums(Resource("data", tree))
+
+
+def counting_hasher(hashed: list):
+    def hash_files(function, files):
+        files = list(files)
+        hashed.extend(files)
+        return map(function, files)
+    return hash_files
+
+
+def test_a_rerun_hashes_only_what_changed(tmp_path):
+    tree = make_tree(tmp_path / "data", [b"a", b"b", b"c"])
+    files = sorted(path for path in tree.rglob("*") if path.is_file() and not path.is_symlink())
+    cache, hashed = ChecksumCache(tmp_path / "home" / ".flambe" / "checksums.sqlite"), []
+    first = cached_checksums(tree, files, cache, hash_files=counting_hasher(hashed))
+    assert len(hashed) == len(files) == 6
+    hashed.clear()
+    assert cached_checksums(tree, files, cache, hash_files=counting_hasher(hashed)) == first
+    assert hashed == []
+    changed = tree / "b"
+    before = changed.stat()
+    changed.write_bytes(b"X" * before.st_size)  # the same size, and the mtime set back: only the ctime tells
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+    (tree / "sub" / "c").unlink()
+    again = cached_checksums(tree, [file for file in files if file.exists()], cache,
+                             hash_files=counting_hasher(hashed))
+    assert hashed == [changed] and again[changed] == sha256_of_file(changed)
+    assert tree / "sub" / "c" not in cache_paths(cache)
+
+
+def cache_paths(cache: ChecksumCache) -> set[Path]:
+    with sqlite3.connect(cache.path) as database:
+        return {Path(os.fsdecode(row[0])) for row in database.execute("SELECT path FROM files")}
+
+
+def test_the_cache_is_private_and_survives_damage(tmp_path):
+    tree = make_tree(tmp_path / "data", [b"a"])
+    files = [tree / "a"]
+    cache = ChecksumCache(tmp_path / "home" / ".flambe" / "checksums.sqlite")
+    cached_checksums(tree, files, cache)
+    assert cache.path.stat().st_mode & 0o777 == 0o600 and cache.path.parent.stat().st_mode & 0o777 == 0o700
+    cache.path.write_bytes(b"not a database at all" * 100)
+    hashed = []
+    assert cached_checksums(tree, files, cache, hash_files=counting_hasher(hashed))[tree / "a"]
+    assert hashed == files and tree / "a" in cache_paths(cache)
+
+
+def test_the_cache_never_writes_through_a_symlink(tmp_path):
+    tree = make_tree(tmp_path / "data", [b"a"])
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"the user's file")
+    (tmp_path / "home").mkdir()
+    os.symlink(victim, tmp_path / "home" / "checksums.sqlite")
+    digests = cached_checksums(tree, [tree / "a"], ChecksumCache(tmp_path / "home" / "checksums.sqlite"))
+    assert digests[tree / "a"] == sha256_of_file(tree / "a")
+    assert victim.read_bytes() == b"the user's file"
+
+
+def test_a_file_that_changes_while_it_is_hashed_is_not_remembered(tmp_path):
+    tree = make_tree(tmp_path / "data", [b"a"])
+    cache = ChecksumCache(tmp_path / "checksums.sqlite")
+
+    def hash_while_writing(function, files):
+        digests = list(map(function, files))
+        (tree / "a").write_bytes(b"written during the hash")
+        return digests
+    cached_checksums(tree, [tree / "a"], cache, hash_files=hash_while_writing)
+    assert tree / "a" not in cache_paths(cache)
+
+
+class LocalHost:
+    """A host stand-in whose commands run in a shell in HOME, as run_remote would run them over SSH."""
+
+    def __init__(self, home: Path):
+        self.home, self.hashed = home, []
+
+    def run_remote(self, host, command, stdin=b"", timeout=None):
+        result = subprocess.run(["sh", "-c", command], cwd=self.home, input=stdin, capture_output=True)
+        if "$hash" in command:
+            self.hashed += sorted(parse_checksums(result.stdout))
+        return RemoteResult(result.returncode, result.stdout, result.stderr)
+
+
+def copied(tree: Path, home: Path) -> Path:
+    destination = home / "resources" / "data"
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["rsync", "-a", "--delete", f"{tree}/", f"{destination}/"], check=True)
+    return destination
+
+
+def transfer_of(tree: Path) -> Transfer:
+    return Transfer(destination="resources/data", expected=local_tree(Resource("data", tree)), rsync=None,
+                    checksums=checksums(Resource("data", tree)))
+
+
+def test_only_the_files_a_transfer_wrote_are_hashed_on_the_host(tmp_path, monkeypatch):
+    tree = make_tree(tmp_path / "data", HOSTILE_NAMES)
+    host = LocalHost(tmp_path / "home")
+    monkeypatch.setattr(operations, "run_remote", host.run_remote)
+    copy = copied(tree, host.home)
+    assert verify_tree(None, transfer_of(tree), before=None) is None
+    assert len(host.hashed) == len(transfer_of(tree).checksums)
+    before = parse_tree_listing(in_shell(REMOTE_TREE_LISTING, copy))
+    changed = os.path.join(os.fsencode(tree), b"sub", b"back\\slash")
+    with open(changed, "ab") as stream:
+        stream.write(b" and more")
+    copied(tree, host.home)
+    host.hashed.clear()
+    assert verify_tree(None, transfer_of(tree), before=before) is None
+    with_a_newline = [name for name in transfer_of(tree).checksums if "\n" in name]
+    assert sorted(host.hashed) == sorted(["sub/back\\slash", *with_a_newline])
+
+
+def test_a_damaged_or_extra_file_fails_the_host(tmp_path, monkeypatch):
+    tree = make_tree(tmp_path / "data", HOSTILE_NAMES)
+    host = LocalHost(tmp_path / "home")
+    monkeypatch.setattr(operations, "run_remote", host.run_remote)
+    copy = copied(tree, host.home)
+    damaged = os.path.join(os.fsencode(copy), b"not-utf8-\xff\xfe")
+    stamp = os.stat(damaged)
+    with open(damaged, "r+b") as stream:
+        stream.write(b"X")  # same size, same mtime: only its bytes differ
+    os.utime(damaged, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    cause = verify_tree(None, transfer_of(tree), before=None)
+    assert cause and "1 file(s)" in cause and "not-utf8-" in cause
+    copied(tree, host.home)
+    (copy / "planted").write_bytes(b"")
+    cause = verify_tree(None, transfer_of(tree), before=None)
+    assert cause and "does not hold what was sent" in cause and "planted" in cause
