@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"every host notes each command its SSH sessions run, in its own {COMMANDS_LOG}")
     up_parser.add_argument("--uplink-mbit", type=float, metavar="N",
                            help="limit the client's link to N Mbit/s both ways, as a laptop's or a CI runner's uplink")
+    up_parser.add_argument("--host-mbit", type=float, metavar="N",
+                           help="limit every host's link to N Mbit/s both ways, as an instance's network bandwidth "
+                                "(then the orchestrator's own link bounds what it can relay)")
     for name, text in (("down", "stop every sshd and remove every namespace and link of the lab (idempotent)"),
                        ("show", "list the hosts, their addresses and whether their sshd runs")):
         commands.add_parser(name, help=text, description=text).add_argument("--dir", type=Path, required=True)
@@ -104,7 +107,8 @@ def run_command(arguments: argparse.Namespace) -> int:
     if arguments.command == "up":
         started = time.monotonic()
         state = up(arguments.dir, arguments.hosts, arguments.user, arguments.subnet, arguments.addresses,
-                   arguments.fault, arguments.uplink_mbit, arguments.record_commands, arguments.bastion)
+                   arguments.fault, arguments.uplink_mbit, arguments.record_commands, arguments.bastion,
+                   arguments.host_mbit)
         print(describe(arguments.dir.resolve(), state))
         print(f"lab up: {len(state.hosts)} hosts in {time.monotonic() - started:.2f} s")
     elif arguments.command == "down":

@@ -10,7 +10,7 @@ from pathlib import Path
 from flambe_iac.errors import InputError
 from flambe_iac.lab.hosts import prepare_host_files, start_key_generation, start_sshd, wait_for_sshd, write_client_files
 from flambe_iac.lab.model import DEFAULT_SUBNET, DEFAULT_USER, USER_KEY_FILE, LabState, apply_faults, plan_lab
-from flambe_iac.lab.network import create_network, limit_uplink, reach_only_the_bastion, wait_all
+from flambe_iac.lab.network import create_network, limit_links, reach_only_the_bastion, wait_all
 from flambe_iac.lab.teardown import down
 
 REQUIRED_TOOLS = ("ip", "unshare", "ssh-keygen", "/usr/sbin/sshd")
@@ -18,7 +18,7 @@ REQUIRED_TOOLS = ("ip", "unshare", "ssh-keygen", "/usr/sbin/sshd")
 
 def up(lab_dir: Path, host_count: int, user: str = DEFAULT_USER, subnet: str = DEFAULT_SUBNET,
        addresses: list[str] | None = None, faults: list[str] = (), uplink_mbit: float | None = None,
-       record_commands: bool = False, bastion: int | None = None) -> LabState:
+       record_commands: bool = False, bastion: int | None = None, host_mbit: float | None = None) -> LabState:
     """Build the lab; on any failure tear down what was made and raise."""
     check_can_run_lab()
     lab_dir = lab_dir.resolve()
@@ -27,9 +27,8 @@ def up(lab_dir: Path, host_count: int, user: str = DEFAULT_USER, subnet: str = D
         raise InputError(f"a lab is already up in {lab_dir}: run `flambe-lab down --dir {lab_dir}` first")
     state = plan_lab(host_count, user, subnet, addresses)
     apply_faults(state, faults)
-    if uplink_mbit is not None and not 0 < uplink_mbit <= 100000:
-        raise InputError(f"--uplink-mbit must be between 0 and 100000, not {uplink_mbit:g}")
-    state.uplink_mbit = uplink_mbit
+    state.uplink_mbit = link_rate("--uplink-mbit", uplink_mbit)
+    state.host_mbit = link_rate("--host-mbit", host_mbit)
     state.record_commands = record_commands
     if bastion is not None and not 0 <= bastion < host_count:
         raise InputError(f"--bastion must be a host index below {host_count}, not {bastion}")
@@ -44,11 +43,16 @@ def up(lab_dir: Path, host_count: int, user: str = DEFAULT_USER, subnet: str = D
     return state
 
 
+def link_rate(option: str, mbit: float | None) -> float | None:
+    if mbit is not None and not 0 < mbit <= 100000:
+        raise InputError(f"{option} must be between 0 and 100000, not {mbit:g}")
+    return mbit
+
+
 def build_lab(lab_dir: Path, state: LabState) -> None:
     keygens = start_key_generation(lab_dir, state)
     create_network(state)
-    if state.uplink_mbit:
-        limit_uplink(state)
+    limit_links(state)
     if state.bastion is not None:
         reach_only_the_bastion(state)
     wait_all(keygens, "ssh-keygen")

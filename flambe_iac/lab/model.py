@@ -70,6 +70,7 @@ class LabState:
     hosts: list[LabHost]
     status: str = "starting"
     uplink_mbit: float | None = None  # the client's link, limited in both directions
+    host_mbit: float | None = None  # every host's link, limited in both directions
     record_commands: bool = False  # every host notes each command its sessions run, for tests
     bastion: int | None = None  # the client reaches only this host: the others only through it
 

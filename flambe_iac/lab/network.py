@@ -36,14 +36,23 @@ def reach_only_the_bastion(state: LabState) -> None:
                                   f"route add {state.hosts[state.bastion].address}/32 dev eth0"])
 
 
-def limit_uplink(state: LabState) -> None:
-    """The client's link at UPLINK_MBIT both ways: tbf on the client's eth0 (its uploads) and on the switch's port to
-    it (its downloads). Both inside the lab's namespaces; tbf, since this kernel has no netem."""
-    rate = f"{state.uplink_mbit:g}mbit"
-    burst = f"{max(32, int(state.uplink_mbit * 1e6 / 8 / 100 / 1024))}kb"  # at least one timer tick's worth
-    for netns, device in ((state.client_netns, "eth0"), (state.switch_netns, "client")):
-        subprocess.run(["ip", "netns", "exec", netns, "tc", "qdisc", "replace", "dev", device, "root", "tbf",
-                        "rate", rate, "burst", burst, "latency", "100ms"], check=True, capture_output=True)
+def limit_links(state: LabState) -> None:
+    """The client's link at UPLINK_MBIT, and every host's at HOST_MBIT, both ways: tbf on the member's eth0 (what it
+    sends) and on the switch's port to it (what it receives), inside the lab's namespaces; tbf, since this kernel has
+    no netem. Per-host links make the orchestrator's own link a bottleneck for a star fan-out, as on EC2."""
+    if state.uplink_mbit:
+        limit_both_ways(state, state.client_netns, "client", state.uplink_mbit)
+    if state.host_mbit:
+        for host in state.hosts:
+            limit_both_ways(state, host.netns, f"h{host.index}", state.host_mbit)
+
+
+def limit_both_ways(state: LabState, member_netns: str, switch_port: str, mbit: float) -> None:
+    rate = f"{mbit:g}mbit"
+    burst = f"{max(32, int(mbit * 1e6 / 8 / 100 / 1024))}kb"  # at least one timer tick's worth
+    for netns, device in ((member_netns, "eth0"), (state.switch_netns, switch_port)):
+        subprocess.run(["tc", "-n", netns, "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate,
+                        "burst", burst, "latency", "100ms"], check=True, capture_output=True)
 
 
 def start_ip_batch(netns: str | None, commands: list[str]) -> subprocess.Popen:

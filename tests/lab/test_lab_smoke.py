@@ -125,6 +125,28 @@ def test_up_and_down_change_nothing_on_the_machine_and_leave_nothing(tmp_path):
     assert lab_leftovers(lab_id, pids) == []
 
 
+def test_host_links_are_limited_both_ways_inside_the_lab_only(tmp_path):
+    """--host-mbit: a tbf on each host's eth0 (what it sends) and on the switch's port to it (what it receives); the
+    client's link and the machine's root namespace stay as they were."""
+    require_lab_support()
+    before = machine_snapshot()
+    session = LabSession.up(tmp_path / "lab", 2, "--host-mbit", "50")
+    try:
+        lab_id = session.state["lab_id"]
+        for host in session.state["hosts"]:
+            index = host["netns"].rsplit("-h", 1)[1]
+            for netns, device in ((host["netns"], "eth0"), (f"flambe-{lab_id}-sw", f"h{index}")):
+                shown = subprocess.run(["tc", "-n", netns, "qdisc", "show", "dev", device], capture_output=True,
+                                       text=True, check=True).stdout
+                assert "tbf" in shown and "rate 50Mbit" in shown, (netns, device, shown)
+        client = subprocess.run(["tc", "-n", f"flambe-{lab_id}-client", "qdisc", "show", "dev", "eth0"],
+                                capture_output=True, text=True, check=True).stdout
+        assert "tbf" not in client
+        assert machine_snapshot() == before
+    finally:
+        session.down()
+
+
 def test_down_cleans_up_after_up_crashed_halfway(tmp_path, monkeypatch):
     """An `up` killed after starting two sshds, before it could clean up: `down` still removes it all."""
     require_lab_support()
