@@ -17,51 +17,15 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from flambe_iac.lab import build, model, teardown
 
+from lab_runs import reset_hosts, run_measured
+
 SIZES = (1, 4, 16, 32)
-
-
-def machine_cpu_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine so far: the lab's sshds run on the same cores."""
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def run_measured(argv: list[str], environment: dict | None = None) -> tuple[float, int, float, float]:
-    """Wall seconds, peak resident memory (KiB) and CPU seconds of one command with its children (the client
-    side: flambe-deploy, rsync, ssh), and how busy the whole machine was meanwhile."""
-    busy_before, total_before = machine_cpu_ticks()
-    started = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"command failed: {' '.join(argv)}\n{process.stderr.read().decode()}")
-    busy_after, total_after = machine_cpu_ticks()
-    busy = (busy_after - busy_before) / max(total_after - total_before, 1)
-    return elapsed, usage.ru_maxrss, usage.ru_utime + usage.ru_stime, busy
-
-
-def reset_hosts(lab_dir: Path, state: model.LabState) -> None:
-    """Put every home back as `flambe-lab up` left it, so the next deploy is a first run."""
-    user_key = (lab_dir / model.USER_KEY_FILE).with_suffix(".pub").read_text()
-    for host in state.hosts:
-        home = model.host_dir(lab_dir, host) / "home" / state.user
-        for entry in home.iterdir():
-            if entry.name != ".ssh":
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        for entry in (home / ".ssh").iterdir():
-            if entry.name != "authorized_keys":
-                entry.unlink()
-        (home / ".ssh" / "authorized_keys").write_text(user_key)
 
 
 def make_inputs(directory: Path, resource_kib: int) -> tuple[Path, Path]:

@@ -12,41 +12,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from flambe_iac.lab import build, model, teardown
-from flambe_iac.ssh.policy import SshTarget, rsync_command
 
-
-def timed(argv: list[str]) -> float:
-    started = time.perf_counter()
-    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"command failed ({result.returncode}): {' '.join(argv)}\n{result.stderr[-2000:]}")
-    return time.perf_counter() - started
-
-
-def clear_resources(lab_dir: Path, state: model.LabState) -> None:
-    for host in state.hosts:
-        shutil.rmtree(model.host_dir(lab_dir, host) / "home" / state.user / "resources", ignore_errors=True)
-
-
-def in_client(state: model.LabState, *argv: str) -> list[str]:
-    return ["ip", "netns", "exec", state.client_netns, *argv]
-
-
-def plain_parallel_rsync(lab_dir: Path, state: model.LabState, addresses: list[str], resource: Path) -> list[str]:
-    """What a user without flambe-deploy would run: one rsync per host, all at once."""
-    rsyncs = []
-    for address in addresses:
-        target = SshTarget(address, state.user, lab_dir / model.USER_KEY_FILE, lab_dir / model.KNOWN_HOSTS_FILE)
-        rsyncs.append(" ".join(subprocess.list2cmdline([part]) for part in
-                               rsync_command(f"{resource}/", "resources/data/", target)))
-    return in_client(state, "sh", "-c", " & ".join(rsyncs) + " & wait")
+from lab_runs import clear_resources, in_client, plain_parallel_rsync, timed
 
 
 def main() -> int:
