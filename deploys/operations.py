@@ -25,8 +25,7 @@ from pyinfra.api import FunctionCommand, operation
 
 from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.engine.relay import Relay
-from flambe_iac.engine.remote_probes import listed_checksums_command, listed_paths, parse_checksums
-from flambe_iac.inputs.resources import REMOTE_TREE_LISTING, RemoteTree, parse_tree_listing
+from flambe_iac.engine.remote_probes import copy_check_command, parse_copy_check
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 from flambe_iac.ssh.policy import RsyncJob
@@ -126,12 +125,13 @@ class Transfer:
 def synced_tree(transfer: Transfer, causes: dict, notes: list, snapshot: HostSnapshot):
     """Make the host's copy hold exactly what it should, if it does not: by a relay hop from the orchestrator, or
     by rsync from here; then check it against the checksums."""
-    before = snapshot.trees.get(transfer.destination)
-    if before is not None and before.entries == transfer.expected:
+    if snapshot.trees.get(transfer.destination) == transfer.expected:
         if transfer.serves_relay:
             transfer.relay.orchestrator_has(transfer.destination)
         return
-    yield FunctionCommand(_transfer_tree, (transfer, before, causes, notes), {})
+    # Files written in the host's clock tick of the read, or a second before, are checked too.
+    changed_since = None if snapshot.clock is None else snapshot.clock - 2
+    yield FunctionCommand(_transfer_tree, (transfer, changed_since, causes, notes), {})
 
 
 def synced_trees(transfers: list[Transfer], causes: dict, notes: list, snapshot: HostSnapshot) -> list:
@@ -140,7 +140,7 @@ def synced_trees(transfers: list[Transfer], causes: dict, notes: list, snapshot:
             for transfer in transfers]
 
 
-def _transfer_tree(state, host, transfer: Transfer, before: RemoteTree | None, causes: dict, notes: list) -> bool:
+def _transfer_tree(state, host, transfer: Transfer, changed_since: int | None, causes: dict, notes: list) -> bool:
     cause = None
     if transfer.relay_to is not None:
         unavailable = transfer.relay.wait_for(transfer.destination)
@@ -157,7 +157,7 @@ def _transfer_tree(state, host, transfer: Transfer, before: RemoteTree | None, c
     else:
         cause = run_rsync(host, transfer)
     if cause is None and transfer.checksums is not None:
-        cause = verify_tree(host, transfer, before)
+        cause = verify_tree(host, transfer, changed_since)
     if transfer.serves_relay:
         if cause is None:
             transfer.relay.orchestrator_has(transfer.destination)
@@ -169,34 +169,26 @@ def _transfer_tree(state, host, transfer: Transfer, before: RemoteTree | None, c
     return True
 
 
-def verify_tree(host, transfer: Transfer, before: RemoteTree | None) -> str | None:
-    """None if the host's copy holds what was sent: every entry as listed here, and each file this run wrote (new
-    since BEFORE, the copy as the snapshot found it) with the sha256 the manifest records; else what differs.
-    A file the run did not write was checked when a run wrote it; `flambe-deploy status` checks every file."""
+def verify_tree(host, transfer: Transfer, changed_since: int | None) -> str | None:
+    """None if the host's copy holds what was sent: every entry as listed here, and each file written since the
+    host's time CHANGED_SINCE (all of them if None) with the sha256 the manifest records; else what differs. A file
+    the run did not write was checked when a run wrote it; `flambe-deploy status` checks every file."""
     destination = transfer.destination
     try:
-        listing = run_remote(host, f"cd {shlex.quote(destination)} && {REMOTE_TREE_LISTING}", timeout=VERIFY_TIMEOUT)
-        after = parse_tree_listing(listing.stdout) if listing.exit_code == 0 else None
-    except (RemoteCommandError, ValueError) as error:
-        return f"could not list ~/{destination} to check it: {error}"
-    if after is None:
-        return f"could not list ~/{destination} to check it: {listing.reason}"
-    if after.entries != transfer.expected:
-        differing = sorted({entry[1] for entry in after.entries ^ transfer.expected})
+        result = run_remote(host, copy_check_command(destination, changed_since), timeout=VERIFY_TIMEOUT)
+    except RemoteCommandError as error:
+        return f"could not check ~/{destination}: {error}"
+    if result.exit_code != 0:
+        return f"could not check ~/{destination}: {result.reason}"
+    try:
+        entries, found = parse_copy_check(result.stdout)
+    except ValueError as error:
+        return f"could not check ~/{destination}: the host's answer is malformed ({error})"
+    if entries != transfer.expected:
+        differing = sorted({entry[1] for entry in entries ^ transfer.expected})
         return (f"integrity check failed: ~/{destination} does not hold what was sent ({len(differing)} path(s) "
                 f"differ, first: {differing[0]})")
-    written = sorted(path for path, stamp in after.stamps.items() if before is None or before.stamps.get(path) != stamp)
-    if not written:
-        return None
-    try:
-        result = run_remote(host, listed_checksums_command(destination), stdin=listed_paths(written),
-                            timeout=VERIFY_TIMEOUT)
-    except RemoteCommandError as error:
-        return f"could not check ~/{destination} against its checksums: {error}"
-    if result.exit_code != 0:
-        return f"could not check ~/{destination} against its checksums: {result.reason}"
-    found = parse_checksums(result.stdout)
-    differing = [path for path in written if found.get(path) != transfer.checksums.get(path)]
+    differing = sorted(path for path in found if found[path] != transfer.checksums.get(path))
     if not differing:
         return None
     return (f"integrity check failed: {len(differing)} file(s) in ~/{destination} differ from the checksums the "

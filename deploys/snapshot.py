@@ -12,7 +12,7 @@ import base64
 import shlex
 from dataclasses import dataclass, field
 
-from flambe_iac.inputs.resources import REMOTE_TREE_LISTING, RemoteTree, parse_tree_listing
+from flambe_iac.inputs.resources import REMOTE_TREE_LISTING, TreeEntry, parse_tree_listing
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 END = "@end-of-snapshot"
@@ -38,7 +38,8 @@ class SnapshotRequest:
 class HostSnapshot:
     files: dict[str, tuple[str, str]] = field(default_factory=dict)  # regular files: path -> (octal mode, sha256)
     contents: dict[str, bytes] = field(default_factory=dict)  # path -> bytes; absent if the file is
-    trees: dict[str, RemoteTree] = field(default_factory=dict)  # path -> its listing; absent if missing
+    trees: dict[str, set[TreeEntry]] = field(default_factory=dict)  # path -> its listing; absent if missing
+    clock: int | None = None  # the host's time when it was read, in whole seconds
     links: dict[str, tuple[str, bool]] = field(default_factory=dict)  # symlink -> (resolved target, writable)
     missing_tools: set[str] = field(default_factory=set)
     running: set[str] = field(default_factory=set)  # of the processes asked for, those the user runs
@@ -79,7 +80,7 @@ def snapshot_command(request: SnapshotRequest) -> str:
     for name in request.processes:
         parts.append(f'if pgrep -u "$(id -u)" -x {shlex.quote(name)} >/dev/null 2>&1; then '
                      f"printf '@running %s\\n' {shlex.quote(name)}; fi")
-    parts.append(f"echo {END}")
+    parts.append(f"printf '@clock %s\\n' \"$(date +%s)\"; echo {END}")
     return "; ".join(parts)
 
 
@@ -137,6 +138,8 @@ def _parse_snapshot(output: list[str]) -> HostSnapshot:
             snapshot.missing_tools.add(rest)
         elif marker == "@running":
             snapshot.running.add(rest)
+        elif marker == "@clock":
+            snapshot.clock = int(rest)
     close_section()
     snapshot.files = {name: (mode, digests[name]) for name, mode in modes.items() if name in digests}
     return snapshot

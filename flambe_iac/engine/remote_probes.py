@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shlex
 
 from flambe_iac.engine.remote_layout import RUN_PID
+from flambe_iac.inputs.resources import REMOTE_TREE_LISTING, parse_tree_listing
 
 # openssl's sha256 uses the CPU's SHA instructions: five times faster than coreutils' sha256sum here. Both print
-# `HASH *PATH` or `HASH  PATH`. A path with a newline goes to sha256sum, which prints it as `\HASH  ESCAPED` with
-# backslashes and newlines escaped: openssl 3 escapes its newlines only, which cannot be read back.
+# `HASH *PATH` or `HASH  PATH`; sha256sum prints a path with a newline as `\HASH  ESCAPED` (backslashes, newlines and
+# carriage returns escaped).
 _CHOOSE_HASH = ("if command -v openssl >/dev/null 2>&1; then hash='openssl dgst -sha256 -r'; "
                 "else hash='sha256sum --'; fi")
-_HASH_NEWLINE_PATHS = "find . -type f -path '*\n*' -print0 | xargs -0 -r sha256sum --"
+_CHECKSUMS_FOLLOW = b"\n@checksums\n"
 _DIGEST = re.compile(rb"[0-9a-f]{64}")
 _ESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r"}
 
@@ -24,19 +26,32 @@ RUNNABLE_RUNNING = (f'[ -f {RUN_PID} ] && pid=$(cat {RUN_PID}) && kill -0 "$pid"
 
 def checksums_command(directory: str) -> str:
     """The sha256 of every file under DIRECTORY (relative to the home)."""
-    return (f"cd {shlex.quote(directory)} && {_CHOOSE_HASH}; "
-            f"find . -type f ! -path '*\n*' -print0 | xargs -0 -r $hash; {_HASH_NEWLINE_PATHS}")
+    return f"cd {shlex.quote(directory)} && {_hash_files()}"
 
 
-def listed_checksums_command(directory: str) -> str:
-    """The sha256 of each file under DIRECTORY that stdin names (`listed_paths`), and of every file whose path holds
-    a newline (few, and hashed by sha256sum): what a transfer wrote, not the whole tree."""
-    return f"cd {shlex.quote(directory)} && {_CHOOSE_HASH}; xargs -0 -r $hash; {_HASH_NEWLINE_PATHS}"
+def copy_check_command(directory: str, changed_since: int | None) -> str:
+    """The listing of DIRECTORY (base64), then the sha256 of each file in it whose status changed after the host's
+    time CHANGED_SINCE, or of every file if None. rsync writes a file under another name and renames it into place:
+    whatever mtime it then gives the file, its ctime is when it was written, which no one can set back."""
+    return (f"cd {shlex.quote(directory)} && {{ {REMOTE_TREE_LISTING}; }} | base64 && printf '\\n@checksums\\n' "
+            f"&& {_hash_files('' if changed_since is None else f'-newerct @{int(changed_since)}')}")
 
 
-def listed_paths(paths: list[str]) -> bytes:
-    """PATHS as `listed_checksums_command` reads them, NUL-separated; those with a newline it finds itself."""
-    return b"".join(b"./" + os.fsencode(path) + b"\0" for path in paths if "\n" not in path)
+def _hash_files(condition: str = "") -> str:
+    """Hash each file under . that meets CONDITION (find's tests): by openssl, or sha256sum for a path with a
+    newline (openssl 3 escapes newlines but not backslashes, which cannot be read back)."""
+    return (f"{_CHOOSE_HASH}; failed=0; "
+            f"find . -type f {condition} ! -path '*\n*' -print0 | xargs -0 -r $hash || failed=$?; "
+            f"find . -type f {condition} -path '*\n*' -print0 | xargs -0 -r sha256sum -- || failed=$?; "
+            '[ "$failed" = 0 ]')
+
+
+def parse_copy_check(output: bytes) -> tuple[set, dict[str, str]]:
+    """(the tree's entries, {path: sha256} of the files hashed) from `copy_check_command`; ValueError if malformed."""
+    listing, separator, hashes = output.partition(_CHECKSUMS_FOLLOW)
+    if not separator:
+        raise ValueError("the check was cut short")
+    return parse_tree_listing(base64.b64decode(listing.replace(b"\n", b""), validate=True)), parse_checksums(hashes)
 
 
 def parse_checksums(output: bytes) -> dict[str, str]:

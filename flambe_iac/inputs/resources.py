@@ -17,41 +17,29 @@ from flambe_iac.inputs.names import check_tree_name
 # Names are str, with the bytes that are not UTF-8 kept by os.fsdecode's surrogateescape: lossless both ways.
 TreeEntry = tuple
 
-REMOTE_TREE_LISTING = (r"find . -mindepth 1 \( -type f -printf 'f\0%P\0%s\0%T@\0%i\0' \) "
+REMOTE_TREE_LISTING = (r"find . -mindepth 1 \( -type f -printf 'f\0%P\0%s\0%T@\0' \) "
                        r"-o \( -type d -printf 'd\0%P\0' \) -o \( -type l -printf 'l\0%P\0%l\0' \)")
-_FIELDS_AFTER_TYPE = {b"f": 4, b"d": 1, b"l": 2}
+_FIELDS_AFTER_KIND = {b"f": 3, b"d": 1, b"l": 2}
 
 
-@dataclass(frozen=True)
-class RemoteTree:
-    """A host's copy of a tree: its entries, as `local_tree` lists them, and each file's stamp (size, mtime,
-    inode). rsync writes a file under a new name and renames it into place, so a file this run wrote has a new
-    inode: the stamps before and after a transfer say which files to check."""
-
-    entries: set
-    stamps: dict[str, tuple[int, int, int]]
-
-
-def parse_tree_listing(data: bytes) -> RemoteTree:
+def parse_tree_listing(data: bytes) -> set[TreeEntry]:
     """What REMOTE_TREE_LISTING printed; anything else is a ValueError."""
     fields = data.split(b"\0")
     if fields[-1] != b"":
         raise ValueError("the tree listing was cut short")
-    entries, stamps, index = set(), {}, 0
+    entries, index = set(), 0
     while index < len(fields) - 1:
         kind = fields[index]
-        count = _FIELDS_AFTER_TYPE.get(kind)
+        count = _FIELDS_AFTER_KIND.get(kind)
         if count is None or index + count >= len(fields):
             raise ValueError("a tree listing entry of no known kind")
         values = [os.fsdecode(field) for field in fields[index + 1:index + 1 + count]]
         index += 1 + count
         if kind == b"f":
-            path, size, mtime, inode = values[0], int(values[1]), int(values[2].split(".")[0]), int(values[3])
-            entries.add(("f", path, size, mtime))
-            stamps[path] = (size, mtime, inode)
+            entries.add(("f", values[0], int(values[1]), int(values[2].split(".")[0])))
         else:
             entries.add((kind.decode(), *values))
-    return RemoteTree(entries, stamps)
+    return entries
 
 
 @dataclass(frozen=True)

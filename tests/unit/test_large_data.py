@@ -6,19 +6,21 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from hostile_names import HOSTILE_NAMES, make_tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flambe_iac.deploys import operations
 from flambe_iac.deploys.operations import Transfer, verify_tree
-from flambe_iac.engine.remote_probes import checksums_command, listed_checksums_command, listed_paths, parse_checksums
+from flambe_iac.engine.remote_probes import checksums_command, copy_check_command, parse_checksums, parse_copy_check
 from flambe_iac.inputs.checksum_cache import ChecksumCache, cached_checksums, sha256_of_file
 from flambe_iac.inputs.resources import REMOTE_TREE_LISTING, Resource, checksums, local_tree, parse_tree_listing
 from flambe_iac.ssh.channel import RemoteResult
+
+from hostile_names import HOSTILE_NAMES, make_tree
 
 
 def in_shell(command: str, directory: Path, stdin: bytes = b"", path: str | None = None) -> bytes:
@@ -31,7 +33,7 @@ def without_openssl(tmp_path: Path) -> str:
     """A PATH on which the checksum commands find coreutils' sha256sum and no openssl."""
     tools = tmp_path / "tools"
     tools.mkdir()
-    for tool in ("sh", "find", "xargs", "sha256sum"):
+    for tool in ("sh", "find", "xargs", "sha256sum", "base64"):
         os.symlink(shutil.which(tool), tools / tool)
     return str(tools)
 
@@ -39,8 +41,8 @@ def without_openssl(tmp_path: Path) -> str:
 def test_the_hosts_listing_of_hostile_names_is_the_local_one(tmp_path):
     tree = make_tree(tmp_path / "data", HOSTILE_NAMES)
     listed = parse_tree_listing(in_shell(REMOTE_TREE_LISTING, tree))
-    assert listed.entries == local_tree(Resource("data", tree))
-    assert "line\nbreak" in listed.stamps and os.fsdecode(b"not-utf8-\xff\xfe") in listed.stamps
+    assert listed == local_tree(Resource("data", tree))
+    assert {"line\nbreak", os.fsdecode(b"not-utf8-\xff\xfe")} <= {entry[1] for entry in listed}
 
 
 @pytest.mark.parametrize("hasher", ["openssl", "sha256sum"])
@@ -49,10 +51,8 @@ def test_hostile_names_hash_to_the_local_checksums(tmp_path, hasher):
     path = without_openssl(tmp_path) if hasher == "sha256sum" else None
     expected = checksums(Resource("data", tree))
     assert parse_checksums(in_shell(checksums_command("data"), tmp_path, path=path)) == expected
-    some = sorted(expected)[:5]
-    listed = in_shell(listed_checksums_command("data"), tmp_path, stdin=listed_paths(some), path=path)
-    with_a_newline = {name for name in expected if "\n" in name}
-    assert parse_checksums(listed) == {name: expected[name] for name in {*some, *with_a_newline}}
+    entries, found = parse_copy_check(in_shell(copy_check_command("data", None), tmp_path, path=path))
+    assert entries == local_tree(Resource("data", tree)) and found == expected
 
 
 names = st.binary(min_size=1, max_size=255).filter(lambda name: b"\0" not in name and b"/" not in name
@@ -64,7 +64,7 @@ names = st.binary(min_size=1, max_size=255).filter(lambda name: b"\0" not in nam
 def test_any_names_list_and_hash_as_they_are_here(tmp_path_factory, generated):
     root = tmp_path_factory.mktemp("names")
     tree = make_tree(root / "data", generated)
-    assert parse_tree_listing(in_shell(REMOTE_TREE_LISTING, tree)).entries == local_tree(Resource("data", tree))
+    assert parse_tree_listing(in_shell(REMOTE_TREE_LISTING, tree)) == local_tree(Resource("data", tree))
     assert parse_checksums(in_shell(checksums_command("data"), root)) == checksums(Resource("data", tree))
 
 
@@ -144,8 +144,7 @@ class LocalHost:
 
     def run_remote(self, host, command, stdin=b"", timeout=None):
         result = subprocess.run(["sh", "-c", command], cwd=self.home, input=stdin, capture_output=True)
-        if "$hash" in command:
-            self.hashed += sorted(parse_checksums(result.stdout))
+        self.hashed += sorted(parse_copy_check(result.stdout)[1])
         return RemoteResult(result.returncode, result.stdout, result.stderr)
 
 
@@ -165,18 +164,18 @@ def test_only_the_files_a_transfer_wrote_are_hashed_on_the_host(tmp_path, monkey
     tree = make_tree(tmp_path / "data", HOSTILE_NAMES)
     host = LocalHost(tmp_path / "home")
     monkeypatch.setattr(operations, "run_remote", host.run_remote)
-    copy = copied(tree, host.home)
-    assert verify_tree(None, transfer_of(tree), before=None) is None
+    copied(tree, host.home)
+    assert verify_tree(None, transfer_of(tree), changed_since=None) is None
     assert len(host.hashed) == len(transfer_of(tree).checksums)
-    before = parse_tree_listing(in_shell(REMOTE_TREE_LISTING, copy))
-    changed = os.path.join(os.fsencode(tree), b"sub", b"back\\slash")
-    with open(changed, "ab") as stream:
-        stream.write(b" and more")
+    time.sleep(1.1)
+    clock = int(time.time())  # what the host's snapshot records, before the transfer
+    for name in (b"back\\slash", b"line\nbreak"):
+        with open(os.path.join(os.fsencode(tree), b"sub", name), "ab") as stream:
+            stream.write(b" and more")
     copied(tree, host.home)
     host.hashed.clear()
-    assert verify_tree(None, transfer_of(tree), before=before) is None
-    with_a_newline = [name for name in transfer_of(tree).checksums if "\n" in name]
-    assert sorted(host.hashed) == sorted(["sub/back\\slash", *with_a_newline])
+    assert verify_tree(None, transfer_of(tree), changed_since=clock) is None
+    assert sorted(host.hashed) == ["sub/back\\slash", "sub/line\nbreak"]
 
 
 def test_a_damaged_or_extra_file_fails_the_host(tmp_path, monkeypatch):
@@ -189,9 +188,9 @@ def test_a_damaged_or_extra_file_fails_the_host(tmp_path, monkeypatch):
     with open(damaged, "r+b") as stream:
         stream.write(b"X")  # same size, same mtime: only its bytes differ
     os.utime(damaged, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
-    cause = verify_tree(None, transfer_of(tree), before=None)
+    cause = verify_tree(None, transfer_of(tree), changed_since=None)
     assert cause and "1 file(s)" in cause and "not-utf8-" in cause
     copied(tree, host.home)
     (copy / "planted").write_bytes(b"")
-    cause = verify_tree(None, transfer_of(tree), before=None)
+    cause = verify_tree(None, transfer_of(tree), changed_since=None)
     assert cause and "does not hold what was sent" in cause and "planted" in cause

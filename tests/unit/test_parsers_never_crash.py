@@ -14,7 +14,7 @@ from flambe_iac.day_two.status import parse_status
 from flambe_iac.deploys.snapshot import SnapshotError, parse_snapshot
 from flambe_iac.engine.cluster_key import parse_retired_list
 from flambe_iac.engine.ray_cluster import parse_start_output, parse_state
-from flambe_iac.engine.remote_probes import parse_checksums
+from flambe_iac.engine.remote_probes import parse_checksums, parse_copy_check
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.cluster_file import load_cluster_file, parse_cluster_file
 from flambe_iac.inputs.outputs import load_outputs, parse_outputs
@@ -58,10 +58,19 @@ def test_checksum_listings_always_parse(data):
                 max_size=20).map(b"\0".join))
 def test_tree_listings_parse_or_are_named_malformed(data):
     try:
-        tree = parse_tree_listing(data)
+        entries = parse_tree_listing(data)
     except ValueError:
         return
-    assert set(tree.stamps) <= {entry[1] for entry in tree.entries}
+    assert all(entry[0] in "fdl" for entry in entries)
+
+
+@SETTINGS
+@given(hostile_bytes)
+def test_copy_checks_parse_or_are_named_malformed(data):
+    try:
+        parse_copy_check(data)
+    except ValueError:
+        pass
 
 
 @SETTINGS
