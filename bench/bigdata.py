@@ -16,9 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lab_runs import clear_resources, deploy_command, plain_parallel_rsync, reset_hosts, run_measured
-
 from flambe_iac.lab import build, teardown
+
+from lab_runs import clear_resources, deploy_command, plain_parallel_rsync, reset_hosts, run_measured
 
 PART = 512 * 2**20
 CHUNK = 64 * 2**20

@@ -24,9 +24,10 @@ from gevent.fileobject import FileObjectPosix
 from pyinfra.api import FunctionCommand, operation
 
 from flambe_iac.deploys.snapshot import HostSnapshot
-from flambe_iac.engine.relay import Relay
+from flambe_iac.engine.fan_out import FanOut, Hop
 from flambe_iac.engine.remote_probes import copy_check_command, parse_copy_check
 from flambe_iac.inputs.secrets_file import HiddenBytes
+from flambe_iac.inputs.tree_listing import REMOTE_TREE_LISTING, LocalTree, parse_tree_listing
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 from flambe_iac.ssh.policy import RsyncJob
 
@@ -108,26 +109,24 @@ def install_command(files: list[tuple[str, HiddenBytes, str]], snapshot: HostSna
 
 @dataclass(frozen=True)
 class Transfer:
-    """One tree for one host: where it goes, what it should hold, how it gets there, and how it is checked."""
+    """One tree for one member: where it goes, what it should hold, how it gets there, and how it is checked."""
 
     destination: str  # relative to the home
-    expected: set  # as resources.local_tree lists it
+    expected: LocalTree  # what the copy must hold
     rsync: RsyncJob  # the direct transfer, from this machine
     checksums: dict[str, str] | None = None  # sha256 by path, for resources: checked after every transfer
-    relay: Relay | None = None
-    serves_relay: bool = False  # the orchestrator's copy, which the factories then take
-    relay_to: str | None = None  # a factory's private address, for the hop from the orchestrator
-    relay_user: str = ""
-    connect_timeout: int = 10
+    fan_out: FanOut | None = None  # None: directly from this machine
+    member: str = ""  # the member's id, in the fan-out
+    hop: Hop | None = None  # how a serving member reaches this one
 
 
 @operation()
 def synced_tree(transfer: Transfer, causes: dict, notes: list, snapshot: HostSnapshot):
-    """Make the host's copy hold exactly what it should, if it does not: by a relay hop from the orchestrator, or
-    by rsync from here; then check it against the checksums."""
-    if snapshot.trees.get(transfer.destination) == transfer.expected:
-        if transfer.serves_relay:
-            transfer.relay.orchestrator_has(transfer.destination)
+    """Make the host's copy hold exactly what it should, if it does not: from the member that serves it, or by rsync
+    from here; then check it against the checksums."""
+    if snapshot.trees.get(transfer.destination) == transfer.expected.summary:
+        if transfer.fan_out is not None:
+            transfer.fan_out.holds(transfer.destination, transfer.member)
         return
     # Files written in the host's clock tick of the read, or a second before, are checked too.
     changed_since = None if snapshot.clock is None else snapshot.clock - 2
@@ -141,32 +140,39 @@ def synced_trees(transfers: list[Transfer], causes: dict, notes: list, snapshot:
 
 
 def _transfer_tree(state, host, transfer: Transfer, changed_since: int | None, causes: dict, notes: list) -> bool:
-    cause = None
-    if transfer.relay_to is not None:
-        unavailable = transfer.relay.wait_for(transfer.destination)
-        if unavailable is None:
-            hop = (transfer.destination, transfer.relay_user, transfer.relay_to, transfer.connect_timeout)
-            returncode, stderr = transfer.relay.hop(*hop)
-            if returncode in RSYNC_CONNECTION_LOST:
-                returncode, stderr = transfer.relay.hop(*hop)
-            cause = None if returncode == 0 else "relay hop from the orchestrator: " + rsync_failure(
-                host, transfer, returncode, stderr)
-        else:
-            notes.append(f"relay unavailable for ~/{transfer.destination} ({unavailable}): sent directly instead")
-            cause = run_rsync(host, transfer)
-    else:
+    fan_out = transfer.fan_out
+    if fan_out is not None:
+        fan_out.receiving(transfer.destination, transfer.member)
+    cause = taken_from_a_member(host, transfer, notes) if transfer.hop is not None else _FROM_THIS_MACHINE
+    if cause is _FROM_THIS_MACHINE:
         cause = run_rsync(host, transfer)
     if cause is None and transfer.checksums is not None:
         cause = verify_tree(host, transfer, changed_since)
-    if transfer.serves_relay:
+    if fan_out is not None:
         if cause is None:
-            transfer.relay.orchestrator_has(transfer.destination)
+            fan_out.holds(transfer.destination, transfer.member)
         else:
-            transfer.relay.orchestrator_lacks(transfer.destination, f"the orchestrator's copy failed: {cause}")
+            fan_out.lacks(transfer.destination, transfer.member, f"its own copy failed: {cause}")
     if cause is not None:
         causes[host.name] = cause
         return False
     return True
+
+
+_FROM_THIS_MACHINE = "from this machine"
+
+
+def taken_from_a_member(host, transfer: Transfer, notes: list) -> str | None:
+    """The copy from the nearest member that holds it whole (one more try if the connection dropped): None, or why
+    it failed, or _FROM_THIS_MACHINE when no member can serve it."""
+    server, returncode, stderr = transfer.fan_out.take(transfer.destination, transfer.member, transfer.hop, notes)
+    if server is None:
+        return _FROM_THIS_MACHINE
+    if returncode in RSYNC_CONNECTION_LOST:
+        returncode, stderr = transfer.fan_out.hop(server, transfer.hop, last=True)
+    if returncode == 0:
+        return None
+    return f"relay hop from {server}: " + rsync_failure(host, transfer, returncode, stderr)
 
 
 def verify_tree(host, transfer: Transfer, changed_since: int | None) -> str | None:
@@ -181,18 +187,35 @@ def verify_tree(host, transfer: Transfer, changed_since: int | None) -> str | No
     if result.exit_code != 0:
         return f"could not check ~/{destination}: {result.reason}"
     try:
-        entries, found = parse_copy_check(result.stdout)
+        summary, found = parse_copy_check(result.stdout)
     except ValueError as error:
         return f"could not check ~/{destination}: the host's answer is malformed ({error})"
-    if entries != transfer.expected:
-        differing = sorted({entry[1] for entry in entries ^ transfer.expected})
-        return (f"integrity check failed: ~/{destination} does not hold what was sent ({len(differing)} path(s) "
-                f"differ, first: {differing[0]})")
+    if summary != transfer.expected.summary:
+        differing = differing_entries(host, destination, transfer.expected.entries)
+        if differing:
+            return differing
     differing = sorted(path for path in found if found[path] != transfer.checksums.get(path))
     if not differing:
         return None
     return (f"integrity check failed: {len(differing)} file(s) in ~/{destination} differ from the checksums the "
             f"manifest records (first: {differing[0]})")
+
+
+def differing_entries(host, destination: str, expected: set) -> str | None:
+    """What the host's full listing of DESTINATION shows that EXPECTED does not (mtimes to the second: a filesystem
+    with coarser times than this one's is not a difference), or None."""
+    try:
+        result = run_remote(host, f"cd {shlex.quote(destination)} && {REMOTE_TREE_LISTING}", timeout=VERIFY_TIMEOUT)
+        entries = parse_tree_listing(result.stdout) if result.exit_code == 0 else None
+    except (RemoteCommandError, ValueError) as error:
+        return f"could not list ~/{destination}: {error}"
+    if entries is None:
+        return f"could not list ~/{destination}: {result.reason}"
+    if entries == expected:
+        return None
+    differing = sorted({entry[1] for entry in entries ^ expected})
+    return (f"integrity check failed: ~/{destination} does not hold what was sent ({len(differing)} path(s) differ, "
+            f"first: {differing[0]})")
 
 
 # rsync's exit codes that mean the connection, not the data, failed: worth one more try.
@@ -216,7 +239,7 @@ def run_rsync(host, transfer: Transfer) -> str | None:
 
 def rsync_failure(host, transfer: Transfer, returncode: int, stderr: str) -> str:
     """The cause of a failed rsync into HOST, in words, even when rsync's own message was lost."""
-    return (no_space_left(host, transfer.destination, transfer.expected) if returncode == 11 else None) \
+    return (no_space_left(host, transfer.destination, transfer.expected.entries) if returncode == 11 else None) \
         or describe_rsync_failure(returncode, stderr)
 
 

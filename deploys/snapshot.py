@@ -12,7 +12,7 @@ import base64
 import shlex
 from dataclasses import dataclass, field
 
-from flambe_iac.inputs.resources import REMOTE_TREE_LISTING, TreeEntry, parse_tree_listing
+from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY, TreeSummary, parse_tree_summary
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 END = "@end-of-snapshot"
@@ -38,7 +38,7 @@ class SnapshotRequest:
 class HostSnapshot:
     files: dict[str, tuple[str, str]] = field(default_factory=dict)  # regular files: path -> (octal mode, sha256)
     contents: dict[str, bytes] = field(default_factory=dict)  # path -> bytes; absent if the file is
-    trees: dict[str, set[TreeEntry]] = field(default_factory=dict)  # path -> its listing; absent if missing
+    trees: dict[str, TreeSummary] = field(default_factory=dict)  # path -> what it holds; absent if missing
     clock: int | None = None  # the host's time when it was read, in whole seconds
     links: dict[str, tuple[str, bool]] = field(default_factory=dict)  # symlink -> (resolved target, writable)
     missing_tools: set[str] = field(default_factory=set)
@@ -70,9 +70,7 @@ def snapshot_command(request: SnapshotRequest) -> str:
         )
     for path in request.trees:
         quoted = shlex.quote(path)
-        # NUL-separated, as base64 lines: a name may hold a newline or an "@".
-        parts.append(f"if [ -d {quoted} ]; then printf '@tree %s\\n' {quoted}; "
-                     f"(cd {quoted} && {REMOTE_TREE_LISTING}) | base64; fi")
+        parts.append(f"if [ -d {quoted} ]; then printf '@tree %s\\n' {quoted}; (cd {quoted} && {REMOTE_TREE_SUMMARY}); fi")
     for tool in request.tools:
         # bash's `command -v` also names a file it cannot run: check that it is a runnable file.
         parts.append(f"{{ p=$(command -v {shlex.quote(tool)}) && [ -f \"$p\" ] && [ -x \"$p\" ]; }} "
@@ -115,7 +113,7 @@ def _parse_snapshot(output: list[str]) -> HostSnapshot:
         if section == "@read":
             snapshot.contents[path] = base64.b64decode("".join(lines), validate=True)
         elif section == "@tree":
-            snapshot.trees[path] = parse_tree_listing(base64.b64decode("".join(lines), validate=True))
+            snapshot.trees[path] = parse_tree_summary(lines[0], lines[1:])
 
     for line in output:
         if not line.startswith("@"):

@@ -24,14 +24,15 @@ from flambe_iac.deploys import cluster_key, extensions, manifest, ray, resources
 from flambe_iac.deploys.operations import Transfer
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import ClusterKey
+from flambe_iac.engine.fan_out import DIRECT, FanOut, Hop
 from flambe_iac.engine.ray_settlement import RayCluster as Ray
-from flambe_iac.engine.relay import RELAY, Relay
 from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, members_known_hosts, run_staging_dir
 from flambe_iac.engine.remote_layout import manifest as manifest_content
 from flambe_iac.inputs.checksum_cache import ChecksumCache
 from flambe_iac.inputs.extensions import redact_url
 from flambe_iac.inputs.plan import DeployPlan
-from flambe_iac.inputs.resources import Resource, checksums, files_in, local_tree
+from flambe_iac.inputs.resources import Resource, checksums
+from flambe_iac.inputs.tree_listing import LocalTree, walk_tree
 from flambe_iac.ssh.host_keys import keys_in, read_known_hosts
 from flambe_iac.ssh.policy import SshPolicy
 
@@ -101,17 +102,18 @@ class StepContext:
 
     def member_finished(self, member: Member, cause: str | None) -> None:
         """MEMBER's steps ended (done, failed, or never started): release whatever other members wait for from it."""
-        if self.relay is not None and member.role == ORCHESTRATOR:
-            self.relay.orchestrator_stopped(f"the orchestrator failed: {cause or 'it stopped before it'}")
+        if self.fan_out is not None:
+            self.fan_out.stopped(member.id, f"it failed: {cause or 'it stopped before it'}")
         if self.ray is not None:
             self.ray.member_finished(member, cause)
 
     @cached_property
-    def relay(self) -> Relay | None:
-        """The relay fan-out, when asked and there is a factory to relay to."""
-        if self.plan.fan_out != RELAY or not self.plan.cluster.factories:
+    def fan_out(self) -> FanOut | None:
+        """Who serves whom, unless every tree goes directly from here."""
+        if self.plan.fan_out == DIRECT or not self.plan.cluster.factories:
             return None
-        return Relay([tree.remote_directory for tree in [*self.plan.resources, *self.plan.extension_trees]])
+        return FanOut(self.plan.fan_out, [member.id for member in self.plan.cluster.members],
+                      [tree.remote_directory for tree in [*self.plan.resources, *self.plan.extension_trees]])
 
     @cached_property
     def private_addresses(self) -> list[str]:
@@ -130,42 +132,43 @@ class StepContext:
                         excludes=("__pycache__",))
 
     def prepare_trees(self) -> None:
-        """List and hash every tree once, before any host's steps start: they all compare against these."""
-        _ = self.expected_trees, self.resource_checksums
+        """Walk and hash every tree once, before any host's steps start: they all compare against these."""
+        _ = self.local_trees, self.resource_checksums
 
     @cached_property
-    def expected_trees(self) -> dict[str, set]:
+    def local_trees(self) -> dict[str, LocalTree]:
+        """Every tree as the input checks walked it, and the runner library."""
         runner = [self.runner_library] if self.plan.request.run else []
         trees = [*self.plan.resources, *self.plan.extension_trees, *runner]
         threads = gevent.get_hub().threadpool  # off the event loop: the lock's heartbeats beat through a long walk
-        return {tree.remote_directory: threads.apply(local_tree, (tree,)) for tree in trees}
+        return {tree.remote_directory: self.plan.local_trees.get(tree.remote_directory)
+                or threads.apply(walk_tree, (tree.path, tree.excludes)) for tree in trees}
 
     def transfers(self, member: Member, trees: list[Resource], relayed: bool = True) -> list[Transfer]:
         """How each tree gets to one member, and how its copy is checked."""
         address = self.plan.address(member)
-        relay = self.relay if relayed else None
-        is_orchestrator = member.role == ORCHESTRATOR
+        fan_out = self.fan_out if relayed else None
+        hop = fan_out is not None and fan_out.server[member.id] is not None
         return [Transfer(
             destination=tree.remote_directory,
-            expected=self.expected_trees[tree.remote_directory],
+            expected=self.local_trees[tree.remote_directory],
             rsync=self.policy.rsync_job(tree.rsync_source, f"{tree.remote_directory}/", address, tree.excludes),
             checksums=self.resource_checksums.get(tree.name) if tree in self.plan.resources else None,
-            relay=relay,
-            serves_relay=relay is not None and is_orchestrator,
-            relay_to=member.private_ip if relay is not None and not is_orchestrator else None,
-            relay_user=self.plan.cluster.ssh_user,
-            connect_timeout=self.plan.request.connect_timeout,
+            fan_out=fan_out,
+            member=member.id,
+            hop=Hop(tree.remote_directory, self.plan.cluster.ssh_user, member.private_ip,
+                    self.plan.request.connect_timeout) if hop else None,
         ) for tree in trees]
 
     @cached_property
     def resource_checksums(self) -> dict[str, dict[str, str]]:
         """sha256 of every resource file that the local cache does not hold as it is now, several files at once in
         OS threads (hashlib lets go of the GIL): the event loop, and with it every deploy lock's heartbeat, runs on
-        through tens of gigabytes. The files are those the listing found (`expected_trees`)."""
+        through tens of gigabytes. The files are those the walk found (`local_trees`)."""
         threads = gevent.get_hub().threadpool
         cache = ChecksumCache()
-        return {resource.name: checksums(resource, files_in(resource, self.expected_trees[resource.remote_directory]),
-                                         cache, in_thread=threads.apply, hash_files=threads.map)
+        return {resource.name: checksums(resource, self.local_trees[resource.remote_directory], cache,
+                                         in_thread=threads.apply, hash_files=threads.map)
                 for resource in self.plan.resources}
 
     def manifest_for(self, member: Member) -> bytes:

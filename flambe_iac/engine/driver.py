@@ -82,9 +82,9 @@ class Deployment:
         if connected:
             self.fleet.state.activate_host(host)
         self.view.connected(self.fleet.entries[host])
+        if connected and self.context.fan_out is not None:
+            self.context.fan_out.hosts[self.fleet.members[host].id] = host
         if connected and self.fleet.members[host].role == ORCHESTRATOR:  # lock at once, while the others connect
-            if self.context.relay is not None:
-                self.context.relay.orchestrator_host = host
             self.lock.take(host)
         return connected
 

@@ -14,15 +14,11 @@ import sqlite3
 from pathlib import Path
 from typing import Callable, Iterable
 
+from flambe_iac.inputs.tree_listing import Stamp, stamp
+
 CACHE_PATH = Path("~/.flambe/checksums.sqlite")
-Stamp = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, device
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
            "ctime_ns INTEGER, inode INTEGER, device INTEGER, sha256 TEXT) WITHOUT ROWID")
-
-
-def stamp_of(path: Path) -> Stamp:
-    status = os.stat(path, follow_symlinks=False)
-    return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, status.st_dev
 
 
 class ChecksumCache:
@@ -96,22 +92,25 @@ def _under(root: Path) -> tuple[bytes, bytes]:
     return prefix + b"/", prefix + b"0"
 
 
-def cached_checksums(root: Path, files: list[Path], cache: ChecksumCache | None,
+def cached_checksums(root: Path, base: Path, files: list[tuple[str, Stamp]], cache: ChecksumCache | None,
                      in_thread: Callable = lambda function, arguments: function(*arguments),
-                     hash_files: Callable[[Callable, Iterable], Iterable] = map) -> dict[Path, str]:
-    """{file: sha256} of FILES under ROOT, hashing only those the cache does not hold as they are now. IN_THREAD
-    runs the stats and the cache's reads and writes, HASH_FILES the hashing (the deploy gives its thread pool's)."""
+                     hash_files: Callable[[Callable, Iterable], Iterable] = map) -> dict[str, str]:
+    """{path: sha256} of FILES ((path inside BASE, its stamp now), as `walk_tree` lists them), hashing only those the
+    cache does not hold under ROOT with that stamp. IN_THREAD runs the cache's reads and writes and HASH_FILES the
+    hashing (the deploy gives its thread pool's)."""
     known = in_thread(cache.known, (root,)) if cache else {}
-    stamps = in_thread(_stamps, (files,))
-    digests = {file: known[os.fsencode(file)][1] for file, stamp in stamps.items()
-               if known.get(os.fsencode(file), (None,))[0] == stamp}
-    changed = [file for file in files if file not in digests]
-    digests.update(zip(changed, hash_files(sha256_of_file, changed)))
-    if cache:
-        after_hashing = in_thread(_stamps, (changed,))
-        in_thread(cache.remember, (root, {
-            os.fsencode(file): (stamp, digests[file]) for file, stamp in stamps.items()
-            if file not in after_hashing or after_hashing[file] == stamp}))
+    stamps = dict(files)
+    prefix = os.fsencode(base) + b"/"
+    keys = {path: prefix + os.fsencode(path) for path in stamps}
+    digests = {path: known[keys[path]][1] for path, stamp in stamps.items()
+               if known.get(keys[path], (None,))[0] == stamp}
+    changed = [path for path in stamps if path not in digests]
+    digests.update(zip(changed, hash_files(sha256_of_file, [os.path.join(base, path) for path in changed])))
+    if cache and (changed or len(known) != len(stamps)):
+        after_hashing = in_thread(_stamps, ([os.path.join(base, path) for path in changed],))
+        changed_while_hashed = {path for path in changed if after_hashing.get(os.path.join(base, path)) != stamps[path]}
+        in_thread(cache.remember, (root, {keys[path]: (stamp, digests[path]) for path, stamp in stamps.items()
+                                          if path not in changed_while_hashed}))
     return digests
 
 
@@ -123,12 +122,12 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stamps(files: list[Path]) -> dict[Path, Stamp]:
+def _stamps(files: list[str]) -> dict[str, Stamp]:
     """The stamp of each file that is still there."""
     stamps = {}
     for file in files:
         try:
-            stamps[file] = stamp_of(file)
+            stamps[file] = stamp(os.stat(file, follow_symlinks=False))
         except FileNotFoundError:
             continue
     return stamps

@@ -13,6 +13,7 @@ from flambe_iac.inputs.extensions import checkout
 from flambe_iac.inputs.outputs import load_outputs
 from flambe_iac.inputs.pulumi_cli import load_stack
 from flambe_iac.inputs.resources import Resource, parse_resources, refuse_secrets
+from flambe_iac.inputs.tree_listing import LocalTree
 from flambe_iac.inputs.runnable_file import check_runnable_class, import_paths, load_runnable_file
 from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file
 from flambe_iac.ssh.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
@@ -44,7 +45,7 @@ class DeployRequest:
     force: bool = False
     host_key_timeout: float = 300.0
     wait: float | None = None  # None: 0 for a cluster file, 300 for a stack's instances (they may still boot)
-    fan_out: str | None = None  # "direct" or "relay"; None: relay when there is a factory
+    fan_out: str | None = None  # "direct", "relay" or "tree"; None: relay when there is a factory
     jump: str | None = None  # [USER@]HOST[:PORT]: a bastion for every connection
     setup_commands: list[str] = field(default_factory=list)
     stack_directory: Path | None = None  # --cwd: the Pulumi project's directory
@@ -72,10 +73,11 @@ class DeployPlan:
     runnable: object | None = None  # a runnable_file.RunnableFile
     extensions: list = field(default_factory=list)  # extensions.Checkout, in the runnable file's order
     wait: float = 0.0  # how long to keep retrying hosts whose sshd is not answering yet
-    fan_out: str = "direct"  # "relay": trees cross the uplink once, to the orchestrator, which serves the factories
+    fan_out: str = "direct"  # or "relay", "tree": trees cross the uplink once, then members serve members
     setup_commands: tuple[str, ...] = ()
     ray_python: str = "python3"  # the hosts' Python that has Ray
     jump: str | None = None  # --jump, checked and in its normal form
+    local_trees: dict = field(default_factory=dict)  # remote directory -> LocalTree, walked while checking the inputs
 
     def ssh_policy(self) -> SshPolicy:
         """How this machine reaches the members: the one SSH policy, with this plan's key, pins and bastion."""
@@ -134,10 +136,11 @@ def build_plan(request: DeployRequest) -> DeployPlan:
     jump = parse_jump(request.jump)
     cluster, user_key, host_keys, source = access_parts(request)
     runnable, extensions, runnable_resources = load_runnable(request.runnable_file)
-    resources = parse_resources([*request.resources, *runnable_resources])
-    refuse_secrets(resources, user_key.path)
+    walks: dict[Resource, LocalTree] = {}
+    resources = parse_resources([*request.resources, *runnable_resources], walks)
+    refuse_secrets(resources, user_key.path, walks=walks)
     refuse_secrets([tree for tree in extension_trees(extensions) if tree is not None], user_key.path, "extension",
-                   own_cache=EXTENSION_CACHE.expanduser())
+                   own_cache=EXTENSION_CACHE.expanduser(), walks=walks)
     if resources or any(extension_trees(extensions)) or request.run:
         require_safe_rsync()  # the trees travel by rsync
     return DeployPlan(
@@ -154,6 +157,7 @@ def build_plan(request: DeployRequest) -> DeployPlan:
         setup_commands=(*source.setup_commands, *request.setup_commands),
         ray_python=ray_python,
         jump=jump,
+        local_trees={tree.remote_directory: walk for tree, walk in walks.items()},
     )
 
 

@@ -16,8 +16,9 @@ from flambe_iac.errors import InputError
 from flambe_iac.inputs.cluster_file import load_cluster_file
 from flambe_iac.inputs.plan import connect_addresses
 from flambe_iac.inputs.pulumi_cli import load_stack
-from flambe_iac.inputs.resources import checksums, local_tree, parse_resources
+from flambe_iac.inputs.resources import checksums, parse_resources
 from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file, secrets_parser
+from flambe_iac.inputs.tree_listing import walk_tree
 from flambe_iac.ssh.host_keys import choose_host_key_policy, keys_in, read_known_hosts
 from flambe_iac.ssh.policy import SshTarget, rsync_command, ssh_options
 from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE, is_encrypted, load_user_key, public_key_fingerprint
@@ -159,7 +160,7 @@ def test_local_tree_and_checksums(tmp_path):
     write(tmp_path / "d" / "sub" / "b.txt", "bb")
     os.symlink("a.txt", tmp_path / "d" / "link")
     (resource,) = parse_resources([f"d={tmp_path / 'd'}"])
-    tree = local_tree(resource)
+    tree = walk_tree(resource.path).entries
     assert ("d", "sub") in tree and ("l", "link", "a.txt") in tree
     assert {entry[1] for entry in tree if entry[0] == "f"} == {"a.txt", "sub/b.txt"}
     assert checksums(resource) == {

@@ -17,7 +17,14 @@ from flambe_iac.deploys import operations
 from flambe_iac.deploys.operations import Transfer, verify_tree
 from flambe_iac.engine.remote_probes import checksums_command, copy_check_command, parse_checksums, parse_copy_check
 from flambe_iac.inputs.checksum_cache import ChecksumCache, cached_checksums, sha256_of_file
-from flambe_iac.inputs.resources import REMOTE_TREE_LISTING, Resource, checksums, local_tree, parse_tree_listing
+from flambe_iac.inputs.resources import Resource, checksums
+from flambe_iac.inputs.tree_listing import (
+    REMOTE_TREE_LISTING,
+    REMOTE_TREE_SUMMARY,
+    parse_tree_listing,
+    parse_tree_summary,
+    walk_tree,
+)
 from flambe_iac.ssh.channel import RemoteResult
 
 from hostile_names import HOSTILE_NAMES, make_tree
@@ -33,15 +40,20 @@ def without_openssl(tmp_path: Path) -> str:
     """A PATH on which the checksum commands find coreutils' sha256sum and no openssl."""
     tools = tmp_path / "tools"
     tools.mkdir()
-    for tool in ("sh", "find", "xargs", "sha256sum", "base64"):
+    for tool in ("sh", "find", "xargs", "sha256sum", "base64", "sort", "cut"):
         os.symlink(shutil.which(tool), tools / tool)
     return str(tools)
 
 
-def test_the_hosts_listing_of_hostile_names_is_the_local_one(tmp_path):
+def test_the_hosts_listing_and_summary_of_hostile_names_are_the_local_ones(tmp_path):
     tree = make_tree(tmp_path / "data", HOSTILE_NAMES)
+    lines = in_shell(REMOTE_TREE_SUMMARY, tree).decode().split("\n")
+    assert parse_tree_summary(lines[0], lines[1:]) == walk_tree(tree).summary
+    os.utime(tree / "sub" / "tab\there", ns=(0, 1_700_000_000_123_456_789))
+    lines = in_shell(REMOTE_TREE_SUMMARY, tree).decode().split("\n")
+    assert parse_tree_summary(lines[0], lines[1:]) == walk_tree(tree).summary
     listed = parse_tree_listing(in_shell(REMOTE_TREE_LISTING, tree))
-    assert listed == local_tree(Resource("data", tree))
+    assert listed == walk_tree(tree).entries
     assert {"line\nbreak", os.fsdecode(b"not-utf8-\xff\xfe")} <= {entry[1] for entry in listed}
 
 
@@ -51,8 +63,8 @@ def test_hostile_names_hash_to_the_local_checksums(tmp_path, hasher):
     path = without_openssl(tmp_path) if hasher == "sha256sum" else None
     expected = checksums(Resource("data", tree))
     assert parse_checksums(in_shell(checksums_command("data"), tmp_path, path=path)) == expected
-    entries, found = parse_copy_check(in_shell(copy_check_command("data", None), tmp_path, path=path))
-    assert entries == local_tree(Resource("data", tree)) and found == expected
+    summary, found = parse_copy_check(in_shell(copy_check_command("data", None), tmp_path, path=path))
+    assert summary == walk_tree(tree).summary and found == expected
 
 
 names = st.binary(min_size=1, max_size=255).filter(lambda name: b"\0" not in name and b"/" not in name
@@ -64,7 +76,9 @@ names = st.binary(min_size=1, max_size=255).filter(lambda name: b"\0" not in nam
 def test_any_names_list_and_hash_as_they_are_here(tmp_path_factory, generated):
     root = tmp_path_factory.mktemp("names")
     tree = make_tree(root / "data", generated)
-    assert parse_tree_listing(in_shell(REMOTE_TREE_LISTING, tree)) == local_tree(Resource("data", tree))
+    assert parse_tree_listing(in_shell(REMOTE_TREE_LISTING, tree)) == walk_tree(tree).entries
+    lines = in_shell(REMOTE_TREE_SUMMARY, tree).decode().split("\n")
+    assert parse_tree_summary(lines[0], lines[1:]) == walk_tree(tree).summary
     assert parse_checksums(in_shell(checksums_command("data"), root)) == checksums(Resource("data", tree))
 
 
@@ -78,21 +92,19 @@ def counting_hasher(hashed: list):
 
 def test_a_rerun_hashes_only_what_changed(tmp_path):
     tree = make_tree(tmp_path / "data", [b"a", b"b", b"c"])
-    files = sorted(path for path in tree.rglob("*") if path.is_file() and not path.is_symlink())
     cache, hashed = ChecksumCache(tmp_path / "home" / ".flambe" / "checksums.sqlite"), []
-    first = cached_checksums(tree, files, cache, hash_files=counting_hasher(hashed))
-    assert len(hashed) == len(files) == 6
+    first = cached_checksums(tree, tree, walk_tree(tree).files, cache, hash_files=counting_hasher(hashed))
+    assert len(hashed) == len(first) == 6
     hashed.clear()
-    assert cached_checksums(tree, files, cache, hash_files=counting_hasher(hashed)) == first
+    assert cached_checksums(tree, tree, walk_tree(tree).files, cache, hash_files=counting_hasher(hashed)) == first
     assert hashed == []
     changed = tree / "b"
     before = changed.stat()
     changed.write_bytes(b"X" * before.st_size)  # the same size, and the mtime set back: only the ctime tells
     os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
     (tree / "sub" / "c").unlink()
-    again = cached_checksums(tree, [file for file in files if file.exists()], cache,
-                             hash_files=counting_hasher(hashed))
-    assert hashed == [changed] and again[changed] == sha256_of_file(changed)
+    again = cached_checksums(tree, tree, walk_tree(tree).files, cache, hash_files=counting_hasher(hashed))
+    assert hashed == [str(changed)] and again["b"] == sha256_of_file(changed)
     assert tree / "sub" / "c" not in cache_paths(cache)
 
 
@@ -103,14 +115,14 @@ def cache_paths(cache: ChecksumCache) -> set[Path]:
 
 def test_the_cache_is_private_and_survives_damage(tmp_path):
     tree = make_tree(tmp_path / "data", [b"a"])
-    files = [tree / "a"]
+    files = walk_tree(tree).files
     cache = ChecksumCache(tmp_path / "home" / ".flambe" / "checksums.sqlite")
-    cached_checksums(tree, files, cache)
+    cached_checksums(tree, tree, files, cache)
     assert cache.path.stat().st_mode & 0o777 == 0o600 and cache.path.parent.stat().st_mode & 0o777 == 0o700
     cache.path.write_bytes(b"not a database at all" * 100)
     hashed = []
-    assert cached_checksums(tree, files, cache, hash_files=counting_hasher(hashed))[tree / "a"]
-    assert hashed == files and tree / "a" in cache_paths(cache)
+    assert cached_checksums(tree, tree, files, cache, hash_files=counting_hasher(hashed))["a"]
+    assert len(hashed) == 2 and tree / "a" in cache_paths(cache)
 
 
 def test_the_cache_never_writes_through_a_symlink(tmp_path):
@@ -119,8 +131,8 @@ def test_the_cache_never_writes_through_a_symlink(tmp_path):
     victim.write_bytes(b"the user's file")
     (tmp_path / "home").mkdir()
     os.symlink(victim, tmp_path / "home" / "checksums.sqlite")
-    digests = cached_checksums(tree, [tree / "a"], ChecksumCache(tmp_path / "home" / "checksums.sqlite"))
-    assert digests[tree / "a"] == sha256_of_file(tree / "a")
+    digests = cached_checksums(tree, tree, walk_tree(tree).files, ChecksumCache(tmp_path / "home" / "checksums.sqlite"))
+    assert digests["a"] == sha256_of_file(tree / "a")
     assert victim.read_bytes() == b"the user's file"
 
 
@@ -132,8 +144,8 @@ def test_a_file_that_changes_while_it_is_hashed_is_not_remembered(tmp_path):
         digests = list(map(function, files))
         (tree / "a").write_bytes(b"written during the hash")
         return digests
-    cached_checksums(tree, [tree / "a"], cache, hash_files=hash_while_writing)
-    assert tree / "a" not in cache_paths(cache)
+    cached_checksums(tree, tree, walk_tree(tree).files, cache, hash_files=hash_while_writing)
+    assert tree / "a" not in cache_paths(cache) and tree / "sub" / "a" in cache_paths(cache)
 
 
 class LocalHost:
@@ -144,7 +156,8 @@ class LocalHost:
 
     def run_remote(self, host, command, stdin=b"", timeout=None):
         result = subprocess.run(["sh", "-c", command], cwd=self.home, input=stdin, capture_output=True)
-        self.hashed += sorted(parse_copy_check(result.stdout)[1])
+        if "@checksums" in command:
+            self.hashed += sorted(parse_copy_check(result.stdout)[1])
         return RemoteResult(result.returncode, result.stdout, result.stderr)
 
 
@@ -156,7 +169,7 @@ def copied(tree: Path, home: Path) -> Path:
 
 
 def transfer_of(tree: Path) -> Transfer:
-    return Transfer(destination="resources/data", expected=local_tree(Resource("data", tree)), rsync=None,
+    return Transfer(destination="resources/data", expected=walk_tree(tree), rsync=None,
                     checksums=checksums(Resource("data", tree)))
 
 
@@ -194,3 +207,13 @@ def test_a_damaged_or_extra_file_fails_the_host(tmp_path, monkeypatch):
     (copy / "planted").write_bytes(b"")
     cause = verify_tree(None, transfer_of(tree), changed_since=None)
     assert cause and "does not hold what was sent" in cause and "planted" in cause
+
+
+def test_a_tree_that_is_not_there_is_never_hashed_in_its_place(tmp_path):
+    """A failed `cd` ends the command: the home is not listed or hashed instead, and the answer is a failure."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "private.txt").write_text("not part of any tree")
+    for command in (checksums_command("resources/data"), copy_check_command("resources/data", None)):
+        result = subprocess.run(["sh", "-c", command], cwd=home, capture_output=True)
+        assert result.returncode != 0 and b"private" not in result.stdout, command

@@ -33,7 +33,8 @@ def heartbeat():
 
 beating = gevent.spawn(heartbeat)
 gevent.sleep(0.1)
-plan = SimpleNamespace(resources=[Resource("data", data)], extension_trees=[], request=SimpleNamespace(run=False))
+plan = SimpleNamespace(resources=[Resource("data", data)], extension_trees=[], request=SimpleNamespace(run=False),
+                       local_trees={})
 context = StepContext(plan, None, "run")
 started = time.monotonic()
 digests = context.resource_checksums["data"]

@@ -18,10 +18,10 @@ from flambe_iac.engine.remote_probes import parse_checksums, parse_copy_check
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.cluster_file import load_cluster_file, parse_cluster_file
 from flambe_iac.inputs.outputs import load_outputs, parse_outputs
-from flambe_iac.inputs.resources import parse_tree_listing
 from flambe_iac.inputs.runnable_file import load_runnable_file
 from flambe_iac.inputs.secrets_file import read_secrets_file
 from flambe_iac.inputs.stack_config import config_values, source_from_config
+from flambe_iac.inputs.tree_listing import parse_tree_listing
 from flambe_iac.ssh.console_pins import parse_console_host_keys
 from flambe_iac.ssh.host_keys import keys_in, read_known_hosts
 from flambe_iac.terminal import safe_field, safe_line, safe_text

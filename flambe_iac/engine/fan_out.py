@@ -1,0 +1,126 @@
+"""How trees reach the members: each from this machine (direct), or across the uplink once, to the orchestrator, and on
+from member to member (relay: the orchestrator serves every factory; tree: each member serves at most BRANCHING
+others, so no member's own link carries more than BRANCHING copies, whatever the cluster's size).
+
+A member forwards while it receives: from the moment its own copy starts, it rsyncs what it already holds whole to
+the members it serves, pass after pass, and once its copy is whole and checked, one last pass with --delete makes
+theirs exact; then each checks its own copy against the checksums. rsync writes a file under a temporary name
+(`.NAME.XXXXXX`) and renames it, so the passes leave those names out and never forward a partial file.
+
+Each hop runs on the serving member, over the cluster's own key and pinned host keys (~/.ssh/flambe_known_hosts),
+strict host key checking, that key only, no agent: the same `ssh_options` as every connection we make. The user's key
+never leaves this machine. A member that cannot serve a tree (it is down, or its copy failed) hands the members it
+serves to its own server, and those the orchestrator serves to this machine; the report says so.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from gevent.event import AsyncResult, Event
+from gevent.lock import BoundedSemaphore
+
+from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
+from flambe_iac.ssh.channel import RemoteCommandError, run_remote
+from flambe_iac.ssh.policy import SshTarget, rsync_command
+
+DIRECT, RELAY, TREE = "direct", "relay", "tree"
+FAN_OUT_MODES = (DIRECT, RELAY, TREE)
+BRANCHING = 2  # members a member serves in a tree
+# Hops at once on one member's SSH connection: below sshd's default MaxSessions (10), leaving room for the deploy
+# lock and the member's own commands.
+PARALLEL_HOPS = 7
+HOP_TIMEOUT = 6 * 3600.0
+PASS_PAUSE = 0.2  # seconds between forwarding passes, unless the server's copy is whole sooner
+RSYNC_TEMPORARY = ".*.??????"
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One rsync from a serving member to another member's private address."""
+
+    destination: str
+    user: str
+    address: str
+    connect_timeout: int
+
+    def command(self, last: bool) -> str:
+        target = SshTarget(address=self.address, user=self.user, key=Path(CLUSTER_PRIVATE_KEY),
+                           known_hosts=Path(MEMBERS_KNOWN_HOSTS), connect_timeout=self.connect_timeout)
+        if last:
+            return shlex.join(rsync_command(f"{self.destination}/", f"{self.destination}/", target))
+        return shlex.join(rsync_command(f"{self.destination}/", f"{self.destination}/", target, delete=False,
+                                        excludes=(RSYNC_TEMPORARY,)))
+
+
+class FanOut:
+    """Who serves whom, and which members hold which trees whole, for the members waiting to take them."""
+
+    def __init__(self, mode: str, member_ids: list[str], destinations: list[str], branching: int = BRANCHING):
+        """MEMBER_IDS: the orchestrator first, then the factories."""
+        self.mode = mode
+        self.server = {member: server_of(mode, member_ids, index, branching)
+                       for index, member in enumerate(member_ids)}
+        self.hosts: dict[str, object] = {}  # member id -> its connected pyinfra host
+        self.started = {(tree, member): Event() for tree in destinations for member in member_ids}
+        self.whole = {(tree, member): AsyncResult() for tree in destinations for member in member_ids}
+        self.hop_slots = {member: BoundedSemaphore(PARALLEL_HOPS) for member in member_ids}
+
+    def receiving(self, destination: str, member: str) -> None:
+        self.started[destination, member].set()
+
+    def holds(self, destination: str, member: str) -> None:
+        self.started[destination, member].set()
+        self.whole[destination, member].set(None)
+
+    def lacks(self, destination: str, member: str, cause: str) -> None:
+        self.started[destination, member].set()
+        if not self.whole[destination, member].ready():
+            self.whole[destination, member].set(cause)
+
+    def stopped(self, member: str, cause: str) -> None:
+        """MEMBER will serve nothing more: whoever still waits for it goes to another server."""
+        for destination, holder in self.whole:
+            if holder == member:
+                self.lacks(destination, member, cause)
+
+    def take(self, destination: str, member: str, hop: Hop, notes: list) -> tuple[str | None, int, str]:
+        """MEMBER's copy of DESTINATION from the nearest server that holds it whole: (the server, rsync's exit code,
+        its errors), or (None, 0, "") when no member can serve it and it must come from this machine."""
+        server = self.server[member]
+        while server is not None:
+            self.started[destination, server].wait()
+            self.forward_while_receiving(destination, server, hop)
+            unavailable = self.whole[destination, server].get()
+            if unavailable is None:
+                return (server, *self.hop(server, hop, last=True))
+            server, unavailable_server = self.server[server], server
+            notes.append(f"relay unavailable for ~/{destination} from {unavailable_server} ({unavailable}): "
+                         + (f"taken from {server} instead" if server else "sent directly instead"))
+        return None, 0, ""
+
+    def forward_while_receiving(self, destination: str, server: str, hop: Hop) -> None:
+        """Passes of what SERVER already holds whole, until its own copy is whole (or failed)."""
+        while not self.whole[destination, server].ready():
+            code, _ = self.hop(server, hop, last=False)
+            if code != 0:
+                return  # the last pass will say why, once the server's copy is whole
+            self.whole[destination, server].wait(timeout=PASS_PAUSE)
+
+    def hop(self, server: str, hop: Hop, last: bool) -> tuple[int, str]:
+        with self.hop_slots[server]:
+            try:
+                result = run_remote(self.hosts[server], hop.command(last), timeout=HOP_TIMEOUT)
+            except RemoteCommandError as error:
+                return 255, f"the connection to {server} failed: {error}"
+        return result.exit_code, result.stderr.decode(errors="replace")
+
+
+def server_of(mode: str, member_ids: list[str], index: int, branching: int) -> str | None:
+    """Who serves the member at INDEX: none for the orchestrator (it takes from this machine), the orchestrator in a
+    relay, the member at (INDEX - 1) // BRANCHING in a tree."""
+    if index == 0 or mode == DIRECT:
+        return None
+    return member_ids[0] if mode == RELAY else member_ids[(index - 1) // branching]

@@ -1,0 +1,90 @@
+"""The fan-out's plan and its waits, with hops that only record what they would run: who serves whom, passes while
+the server receives, one last pass once its copy is whole, and a failed server handing its members on."""
+
+import gevent
+import pytest
+
+from flambe_iac.engine.fan_out import DIRECT, RELAY, TREE, FanOut, Hop, server_of
+
+MEMBERS = ["orchestrator", *(f"factory-{index}" for index in range(1, 16))]
+HOP = Hop("resources/data", "ubuntu", "10.0.0.9", 10)
+
+
+class RecordingFanOut(FanOut):
+    def __init__(self, *arguments, answer=0, **keywords):
+        super().__init__(*arguments, **keywords)
+        self.hops, self.answer = [], answer
+
+    def hop(self, server, hop, last):
+        self.hops.append((server, last))
+        gevent.sleep(0.01)
+        return self.answer, "" if self.answer == 0 else "rsync: connection refused"
+
+
+@pytest.mark.parametrize("mode, expected", [
+    (DIRECT, [None] * 16),
+    (RELAY, [None] + ["orchestrator"] * 15),
+    (TREE, [None, "orchestrator", "orchestrator", "factory-1", "factory-1", "factory-2", "factory-2", "factory-3",
+            "factory-3", "factory-4", "factory-4", "factory-5", "factory-5", "factory-6", "factory-6", "factory-7"]),
+])
+def test_who_serves_whom(mode, expected):
+    assert [server_of(mode, MEMBERS, index, 2) for index in range(16)] == expected
+
+
+def test_a_tree_member_serves_at_most_branching_others():
+    for branching in (1, 2, 3):
+        servers = [server_of(TREE, MEMBERS, index, branching) for index in range(1, 16)]
+        assert max(servers.count(member) for member in MEMBERS) == branching
+
+
+def test_passes_follow_the_server_while_it_receives_then_one_last_pass():
+    fan_out = RecordingFanOut(TREE, MEMBERS[:3], ["resources/data"])
+    taking = gevent.spawn(fan_out.take, "resources/data", "factory-1", HOP, [])
+    gevent.sleep(0.05)
+    assert fan_out.hops == []  # the orchestrator has not started: nothing to forward yet
+    fan_out.receiving("resources/data", "orchestrator")
+    gevent.sleep(0.5)
+    passes = len(fan_out.hops)
+    assert passes >= 2 and all(not last for _, last in fan_out.hops)
+    fan_out.holds("resources/data", "orchestrator")
+    assert taking.get(timeout=5) == ("orchestrator", 0, "")
+    assert fan_out.hops[-1] == ("orchestrator", True) and len(fan_out.hops) <= passes + 2
+
+
+def test_a_failed_server_hands_its_members_to_its_own_server():
+    fan_out = RecordingFanOut(TREE, MEMBERS[:4], ["resources/data"])
+    notes = []
+    taking = gevent.spawn(fan_out.take, "resources/data", "factory-3", HOP, notes)  # served by factory-1
+    fan_out.lacks("resources/data", "factory-1", "its own copy failed: disk full")
+    fan_out.holds("resources/data", "orchestrator")
+    assert taking.get(timeout=5) == ("orchestrator", 0, "")
+    assert notes == ["relay unavailable for ~/resources/data from factory-1 (its own copy failed: disk full): "
+                     "taken from orchestrator instead"]
+
+
+def test_with_the_orchestrator_gone_a_factory_is_sent_directly():
+    fan_out = RecordingFanOut(RELAY, MEMBERS[:3], ["resources/data"])
+    notes = []
+    taking = gevent.spawn(fan_out.take, "resources/data", "factory-2", HOP, notes)
+    fan_out.stopped("orchestrator", "it failed: unreachable")
+    assert taking.get(timeout=5) == (None, 0, "")
+    assert "sent directly instead" in notes[0] and fan_out.hops == []
+
+
+def test_a_refused_hop_stops_the_passes_and_the_last_pass_says_why():
+    fan_out = RecordingFanOut(RELAY, MEMBERS[:2], ["resources/data"], answer=255)
+    fan_out.receiving("resources/data", "orchestrator")
+    taking = gevent.spawn(fan_out.take, "resources/data", "factory-1", HOP, [])
+    gevent.sleep(0.3)
+    assert fan_out.hops == [("orchestrator", False)]
+    fan_out.holds("resources/data", "orchestrator")
+    assert taking.get(timeout=5) == ("orchestrator", 255, "rsync: connection refused")
+
+
+def test_a_pass_never_deletes_and_leaves_rsyncs_partial_files_out():
+    passing, last = HOP.command(last=False), HOP.command(last=True)
+    assert "--delete" not in passing and "--exclude=.*.??????" in passing
+    assert "--delete" in last and "--exclude" not in last
+    for command in (passing, last):
+        assert "StrictHostKeyChecking=yes" in command and "IdentitiesOnly=yes" in command
+        assert "ForwardAgent=no" in command and ".ssh/flambe_known_hosts" in command
