@@ -24,7 +24,7 @@ from gevent.fileobject import FileObjectPosix
 from pyinfra.api import FunctionCommand, operation
 
 from flambe_iac.deploys.snapshot import HostSnapshot
-from flambe_iac.engine.fan_out import FanOut, Hop
+from flambe_iac.engine.fan_out import RSYNC_CONNECTION_LOST, FanOut, Hop
 from flambe_iac.engine.remote_probes import copy_check_command, parse_copy_check
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.inputs.tree_listing import REMOTE_TREE_LISTING, LocalTree, parse_tree_listing
@@ -144,8 +144,8 @@ def _transfer_tree(state, host, transfer: Transfer, changed_since: int | None, c
     if fan_out is not None:
         fan_out.receiving(transfer.destination, transfer.member)
     cause = taken_from_a_member(host, transfer, notes) if transfer.hop is not None else _FROM_THIS_MACHINE
-    if cause is _FROM_THIS_MACHINE:
-        cause = run_rsync(host, transfer)
+    if cause is _FROM_THIS_MACHINE:  # after a server that failed, its forwarded files are compared by contents
+        cause = run_rsync(host, transfer.rsync.comparing_contents() if transfer.hop else transfer.rsync, transfer)
     if cause is None and transfer.checksums is not None:
         cause = verify_tree(host, transfer, changed_since)
     if fan_out is not None:
@@ -163,13 +163,11 @@ _FROM_THIS_MACHINE = "from this machine"
 
 
 def taken_from_a_member(host, transfer: Transfer, notes: list) -> str | None:
-    """The copy from the nearest member that holds it whole (one more try if the connection dropped): None, or why
-    it failed, or _FROM_THIS_MACHINE when no member can serve it."""
+    """The copy from the nearest member that holds it whole: None, or why it failed, or _FROM_THIS_MACHINE when no
+    member can serve it."""
     server, returncode, stderr = transfer.fan_out.take(transfer.destination, transfer.member, transfer.hop, notes)
     if server is None:
         return _FROM_THIS_MACHINE
-    if returncode in RSYNC_CONNECTION_LOST:
-        returncode, stderr = transfer.fan_out.hop(server, transfer.hop, last=True)
     if returncode == 0:
         return None
     return f"relay hop from {server}: " + rsync_failure(host, transfer, returncode, stderr)
@@ -218,8 +216,6 @@ def differing_entries(host, destination: str, expected: set) -> str | None:
             f"first: {differing[0]})")
 
 
-# rsync's exit codes that mean the connection, not the data, failed: worth one more try.
-RSYNC_CONNECTION_LOST = {12, 30, 35, 255}
 RSYNC_EXIT_MEANINGS = {
     3: "a destination path could not be used", 5: "the remote rsync could not start", 10: "socket I/O error",
     11: "file I/O error on the host (is its disk full?)", 12: "the connection dropped mid-transfer",
@@ -228,9 +224,8 @@ RSYNC_EXIT_MEANINGS = {
 }
 
 
-def run_rsync(host, transfer: Transfer) -> str | None:
+def run_rsync(host, rsync: RsyncJob, transfer: Transfer) -> str | None:
     """The direct transfer, retried once if the connection dropped; None on success, else the cause."""
-    rsync = transfer.rsync
     returncode, stderr = spawn_and_wait(rsync.argv, rsync.environment)
     if returncode in RSYNC_CONNECTION_LOST:
         returncode, stderr = spawn_and_wait(rsync.argv, rsync.environment)

@@ -24,7 +24,7 @@ from gevent.lock import BoundedSemaphore
 
 from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
-from flambe_iac.ssh.policy import SshTarget, rsync_command
+from flambe_iac.ssh.policy import SshTarget, comparing_contents, rsync_command
 
 DIRECT, RELAY, TREE = "direct", "relay", "tree"
 FAN_OUT_MODES = (DIRECT, RELAY, TREE)
@@ -35,6 +35,8 @@ PARALLEL_HOPS = 7
 HOP_TIMEOUT = 6 * 3600.0
 PASS_PAUSE = 0.2  # seconds between forwarding passes, unless the server's copy is whole sooner
 RSYNC_TEMPORARY = ".*.??????"
+# rsync's exit codes that mean the connection, not the data, failed: worth one more try.
+RSYNC_CONNECTION_LOST = {12, 30, 35, 255}
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,13 @@ class Hop:
     address: str
     connect_timeout: int
 
-    def command(self, last: bool) -> str:
+    def command(self, last: bool, by_contents: bool = False) -> str:
+        """A forwarding pass, or the LAST pass (--delete); BY_CONTENTS: deciding by checksums, not sizes and mtimes."""
         target = SshTarget(address=self.address, user=self.user, key=Path(CLUSTER_PRIVATE_KEY),
                            known_hosts=Path(MEMBERS_KNOWN_HOSTS), connect_timeout=self.connect_timeout)
+        if last and by_contents:
+            return shlex.join(comparing_contents(rsync_command(f"{self.destination}/", f"{self.destination}/",
+                                                               target)))
         if last:
             return shlex.join(rsync_command(f"{self.destination}/", f"{self.destination}/", target))
         return shlex.join(rsync_command(f"{self.destination}/", f"{self.destination}/", target, delete=False,
@@ -88,18 +94,27 @@ class FanOut:
 
     def take(self, destination: str, member: str, hop: Hop, notes: list) -> tuple[str | None, int, str]:
         """MEMBER's copy of DESTINATION from the nearest server that holds it whole: (the server, rsync's exit code,
-        its errors), or (None, 0, "") when no member can serve it and it must come from this machine."""
+        its errors), or (None, 0, "") when no member can serve it and it must come from this machine. After a server
+        that failed, the copy is compared by contents: what it forwarded may be damaged, with the right size and
+        mtime."""
         server = self.server[member]
         while server is not None:
             self.started[destination, server].wait()
             self.forward_while_receiving(destination, server, hop)
             unavailable = self.whole[destination, server].get()
             if unavailable is None:
-                return (server, *self.hop(server, hop, last=True))
+                return (server, *self.last_pass(server, hop, by_contents=server != self.server[member]))
             server, unavailable_server = self.server[server], server
             notes.append(f"relay unavailable for ~/{destination} from {unavailable_server} ({unavailable}): "
                          + (f"taken from {server} instead" if server else "sent directly instead"))
         return None, 0, ""
+
+    def last_pass(self, server: str, hop: Hop, by_contents: bool) -> tuple[int, str]:
+        """The pass with --delete, once more if the connection dropped."""
+        code, stderr = self.hop(server, hop, last=True, by_contents=by_contents)
+        if code in RSYNC_CONNECTION_LOST:
+            code, stderr = self.hop(server, hop, last=True, by_contents=by_contents)
+        return code, stderr
 
     def forward_while_receiving(self, destination: str, server: str, hop: Hop) -> None:
         """Passes of what SERVER already holds whole, until its own copy is whole (or failed)."""
@@ -109,10 +124,10 @@ class FanOut:
                 return  # the last pass will say why, once the server's copy is whole
             self.whole[destination, server].wait(timeout=PASS_PAUSE)
 
-    def hop(self, server: str, hop: Hop, last: bool) -> tuple[int, str]:
+    def hop(self, server: str, hop: Hop, last: bool, by_contents: bool = False) -> tuple[int, str]:
         with self.hop_slots[server]:
             try:
-                result = run_remote(self.hosts[server], hop.command(last), timeout=HOP_TIMEOUT)
+                result = run_remote(self.hosts[server], hop.command(last, by_contents), timeout=HOP_TIMEOUT)
             except RemoteCommandError as error:
                 return 255, f"the connection to {server} failed: {error}"
         return result.exit_code, result.stderr.decode(errors="replace")

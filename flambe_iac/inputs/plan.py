@@ -13,9 +13,9 @@ from flambe_iac.inputs.extensions import checkout
 from flambe_iac.inputs.outputs import load_outputs
 from flambe_iac.inputs.pulumi_cli import load_stack
 from flambe_iac.inputs.resources import Resource, parse_resources, refuse_secrets
-from flambe_iac.inputs.tree_listing import LocalTree
 from flambe_iac.inputs.runnable_file import check_runnable_class, import_paths, load_runnable_file
 from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file
+from flambe_iac.inputs.tree_listing import LocalTree
 from flambe_iac.ssh.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
 from flambe_iac.ssh.policy import SshPolicy, parse_jump, require_safe_rsync
 from flambe_iac.ssh.user_key import UserKey, load_user_key

@@ -126,6 +126,16 @@ class RsyncJob:
     argv: list[str]
     environment: dict[str, str] | None = field(default=None, repr=False)  # may carry the key's passphrase
 
+    def comparing_contents(self) -> RsyncJob:
+        """The same transfer, deciding by each file's checksum instead of its size and mtime: after a member that
+        failed may have forwarded a damaged file with the right size and mtime."""
+        return RsyncJob(comparing_contents(self.argv), self.environment)
+
+
+def comparing_contents(argv: list[str]) -> list[str]:
+    end_of_options = argv.index("--")
+    return [*argv[:end_of_options], "--checksum", *argv[end_of_options:]]
+
 
 def askpass_environment(helper: Path, passphrase: str) -> dict[str, str]:
     """What lets ssh unlock an encrypted key without a terminal or an agent: the passphrase stays in the

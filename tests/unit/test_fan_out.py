@@ -15,8 +15,8 @@ class RecordingFanOut(FanOut):
         super().__init__(*arguments, **keywords)
         self.hops, self.answer = [], answer
 
-    def hop(self, server, hop, last):
-        self.hops.append((server, last))
+    def hop(self, server, hop, last, by_contents=False):
+        self.hops.append((server, last, by_contents) if by_contents else (server, last))
         gevent.sleep(0.01)
         return self.answer, "" if self.answer == 0 else "rsync: connection refused"
 
@@ -48,7 +48,7 @@ def test_passes_follow_the_server_while_it_receives_then_one_last_pass():
     assert passes >= 2 and all(not last for _, last in fan_out.hops)
     fan_out.holds("resources/data", "orchestrator")
     assert taking.get(timeout=5) == ("orchestrator", 0, "")
-    assert fan_out.hops[-1] == ("orchestrator", True) and len(fan_out.hops) <= passes + 2
+    assert fan_out.hops[-1] == ("orchestrator", True) and len(fan_out.hops) <= passes + 2  # by size and mtime
 
 
 def test_a_failed_server_hands_its_members_to_its_own_server():
@@ -60,6 +60,7 @@ def test_a_failed_server_hands_its_members_to_its_own_server():
     assert taking.get(timeout=5) == ("orchestrator", 0, "")
     assert notes == ["relay unavailable for ~/resources/data from factory-1 (its own copy failed: disk full): "
                      "taken from orchestrator instead"]
+    assert fan_out.hops[-1] == ("orchestrator", True, True)  # what factory-1 forwarded is compared by contents
 
 
 def test_with_the_orchestrator_gone_a_factory_is_sent_directly():
@@ -79,12 +80,14 @@ def test_a_refused_hop_stops_the_passes_and_the_last_pass_says_why():
     assert fan_out.hops == [("orchestrator", False)]
     fan_out.holds("resources/data", "orchestrator")
     assert taking.get(timeout=5) == ("orchestrator", 255, "rsync: connection refused")
+    assert fan_out.hops[1:] == [("orchestrator", True)] * 2  # the last pass, once more: the connection may have dropped
 
 
 def test_a_pass_never_deletes_and_leaves_rsyncs_partial_files_out():
-    passing, last = HOP.command(last=False), HOP.command(last=True)
+    passing, last, thorough = HOP.command(last=False), HOP.command(last=True), HOP.command(True, by_contents=True)
     assert "--delete" not in passing and "--exclude=.*.??????" in passing
-    assert "--delete" in last and "--exclude" not in last
-    for command in (passing, last):
+    assert "--delete" in last and "--exclude" not in last and "--checksum" not in last
+    assert "--checksum" in thorough.split(" -- ")[0]
+    for command in (passing, last, thorough):
         assert "StrictHostKeyChecking=yes" in command and "IdentitiesOnly=yes" in command
         assert "ForwardAgent=no" in command and ".ssh/flambe_known_hosts" in command
