@@ -140,37 +140,41 @@ def synced_trees(transfers: list[Transfer], causes: dict, notes: list, snapshot:
 
 
 def _transfer_tree(state, host, transfer: Transfer, changed_since: int | None, causes: dict, notes: list) -> bool:
+    """Fetch the copy, let the members this one serves take theirs from it at once, then check it. Each member checks
+    its own copy: one that fails its check after a member served it is sent again from here, compared by contents
+    (a damaged file may have the right size and mtime), and checked again."""
     fan_out = transfer.fan_out
     if fan_out is not None:
         fan_out.receiving(transfer.destination, transfer.member)
-    cause = taken_from_a_member(host, transfer, notes) if transfer.hop is not None else _FROM_THIS_MACHINE
-    if cause is _FROM_THIS_MACHINE:  # after a server that failed, its forwarded files are compared by contents
-        cause = run_rsync(host, transfer.rsync.comparing_contents() if transfer.hop else transfer.rsync, transfer)
-    if cause is None and transfer.checksums is not None:
-        cause = verify_tree(host, transfer, changed_since)
+    served_by, cause = fetched_copy(host, transfer, notes)
     if fan_out is not None:
         if cause is None:
             fan_out.holds(transfer.destination, transfer.member)
         else:
             fan_out.lacks(transfer.destination, transfer.member, f"its own copy failed: {cause}")
+    if cause is None and transfer.checksums is not None:
+        cause = verify_tree(host, transfer, changed_since)
+        if cause is not None and served_by is not None:
+            notes.append(f"the copy of ~/{transfer.destination} from {served_by} failed its check ({cause}): sent "
+                         "again from here, compared by contents")
+            cause = (run_rsync(host, transfer.rsync.comparing_contents(), transfer)
+                     or verify_tree(host, transfer, changed_since))
     if cause is not None:
         causes[host.name] = cause
         return False
     return True
 
 
-_FROM_THIS_MACHINE = "from this machine"
-
-
-def taken_from_a_member(host, transfer: Transfer, notes: list) -> str | None:
-    """The copy from the nearest member that holds it whole: None, or why it failed, or _FROM_THIS_MACHINE when no
-    member can serve it."""
+def fetched_copy(host, transfer: Transfer, notes: list) -> tuple[str | None, str | None]:
+    """(the member that served the copy, or None for this machine; None, or why it failed)."""
+    if transfer.hop is None:
+        return None, run_rsync(host, transfer.rsync, transfer)
     server, returncode, stderr = transfer.fan_out.take(transfer.destination, transfer.member, transfer.hop, notes)
-    if server is None:
-        return _FROM_THIS_MACHINE
+    if server is None:  # after a server that failed, what it forwarded is compared by contents
+        return None, run_rsync(host, transfer.rsync.comparing_contents(), transfer)
     if returncode == 0:
-        return None
-    return f"relay hop from {server}: " + rsync_failure(host, transfer, returncode, stderr)
+        return server, None
+    return server, f"relay hop from {server}: " + rsync_failure(host, transfer, returncode, stderr)
 
 
 def verify_tree(host, transfer: Transfer, changed_since: int | None) -> str | None:

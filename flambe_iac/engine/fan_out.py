@@ -3,15 +3,17 @@ from member to member (relay: the orchestrator serves every factory; tree: each 
 others, so no member's own link carries more than BRANCHING copies, whatever the cluster's size).
 
 A member forwards while it receives: from the moment its own copy starts, it rsyncs what it already holds whole to
-the members it serves, pass after pass, and once its copy is whole and checked, one last pass with --delete makes
-theirs exact; then each checks its own copy against the checksums. rsync writes a file under a temporary name
-(`.NAME.XXXXXX`) and renames it, so the passes leave those names out and never forward a partial file.
+the members it serves, pass after pass over one shared SSH connection, and once its own copy is complete, one last
+pass with --delete makes theirs exact. Each member then checks its own copy against the checksums: its server's
+check is not on the way, so a chain of members costs one pass more a member, not a check. rsync writes a file under
+a temporary name (`.NAME.XXXXXX`) and renames it, so the passes leave those names out and never forward a partial
+file.
 
 Each hop runs on the serving member, over the cluster's own key and pinned host keys (~/.ssh/flambe_known_hosts),
 strict host key checking, that key only, no agent: the same `ssh_options` as every connection we make. The user's key
 never leaves this machine. A member that cannot serve a tree (it is down, or its copy failed) hands the members it
-serves to its own server, and those the orchestrator serves to this machine; the report says so.
-"""
+serves to its own server, and those the orchestrator serves to this machine; the report says so. A copy that fails
+its own check after a member served it is sent again from this machine."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from gevent.lock import BoundedSemaphore
 
 from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
-from flambe_iac.ssh.policy import SshTarget, comparing_contents, rsync_command
+from flambe_iac.ssh.policy import SshTarget, close_shared_connection, comparing_contents, rsync_command
 
 DIRECT, RELAY, TREE = "direct", "relay", "tree"
 FAN_OUT_MODES = (DIRECT, RELAY, TREE)
@@ -35,8 +37,10 @@ PARALLEL_HOPS = 7
 HOP_TIMEOUT = 6 * 3600.0
 PASS_PAUSE = 0.2  # seconds between forwarding passes, unless the server's copy is whole sooner
 RSYNC_TEMPORARY = ".*.??????"
+SHARED_HOP_CONNECTION = "~/.flambe/hop-%C"  # %C: a hash of the hop's host, port and user
 # rsync's exit codes that mean the connection, not the data, failed: worth one more try.
 RSYNC_CONNECTION_LOST = {12, 30, 35, 255}
+SSH_FAILED = 255
 
 
 @dataclass(frozen=True)
@@ -49,20 +53,23 @@ class Hop:
     connect_timeout: int
 
     def command(self, last: bool, by_contents: bool = False) -> str:
-        """A forwarding pass, or the LAST pass (--delete); BY_CONTENTS: deciding by checksums, not sizes and mtimes."""
+        """A forwarding pass, or the LAST pass (--delete); BY_CONTENTS: deciding by checksums, not sizes and mtimes.
+        The passes share one SSH connection, which the last pass closes: a pass then costs no handshake."""
         target = SshTarget(address=self.address, user=self.user, key=Path(CLUSTER_PRIVATE_KEY),
-                           known_hosts=Path(MEMBERS_KNOWN_HOSTS), connect_timeout=self.connect_timeout)
-        if last and by_contents:
-            return shlex.join(comparing_contents(rsync_command(f"{self.destination}/", f"{self.destination}/",
-                                                               target)))
-        if last:
-            return shlex.join(rsync_command(f"{self.destination}/", f"{self.destination}/", target))
-        return shlex.join(rsync_command(f"{self.destination}/", f"{self.destination}/", target, delete=False,
-                                        excludes=(RSYNC_TEMPORARY,)))
+                           known_hosts=Path(MEMBERS_KNOWN_HOSTS), connect_timeout=self.connect_timeout,
+                           shared_connection=SHARED_HOP_CONNECTION)
+        source = destination = f"{self.destination}/"
+        if not last:
+            return shlex.join(rsync_command(source, destination, target, delete=False, excludes=(RSYNC_TEMPORARY,)))
+        argv = rsync_command(source, destination, target)
+        argv = comparing_contents(argv) if by_contents else argv
+        return (f"{shlex.join(argv)}; status=$?; {shlex.join(close_shared_connection(target))} >/dev/null 2>&1; "
+                "exit $status")
 
 
 class FanOut:
-    """Who serves whom, and which members hold which trees whole, for the members waiting to take them."""
+    """Who serves whom, and which members hold which trees whole (every file received; each member then checks its
+    own copy), for the members waiting to take them."""
 
     def __init__(self, mode: str, member_ids: list[str], destinations: list[str], branching: int = BRANCHING):
         """MEMBER_IDS: the orchestrator first, then the factories."""
@@ -117,11 +124,14 @@ class FanOut:
         return code, stderr
 
     def forward_while_receiving(self, destination: str, server: str, hop: Hop) -> None:
-        """Passes of what SERVER already holds whole, until its own copy is whole (or failed)."""
+        """Passes of what SERVER already holds whole, until its own copy is whole (or failed). A pass before the
+        server's directory exists fails (rsync's 23), and so may one while a file is renamed into place (24): the
+        next pass goes on. An ssh that fails (255: refused host key, no route) ends the passes; the last pass will
+        say why."""
         while not self.whole[destination, server].ready():
             code, _ = self.hop(server, hop, last=False)
-            if code != 0:
-                return  # the last pass will say why, once the server's copy is whole
+            if code == SSH_FAILED:
+                return
             self.whole[destination, server].wait(timeout=PASS_PAUSE)
 
     def hop(self, server: str, hop: Hop, last: bool, by_contents: bool = False) -> tuple[int, str]:

@@ -38,6 +38,7 @@ class SshTarget:
     connect_timeout: int = 10
     batch_mode: bool = True  # off only when an askpass helper must supply the key's passphrase
     jump: str | None = None  # [USER@]HOST[:PORT] of a bastion, reached under the same policy
+    shared_connection: str | None = None  # a ControlPath: one connection for a run of commands (forwarding passes)
 
     def with_address(self, address: str) -> SshTarget:
         return dataclasses.replace(self, address=address)
@@ -61,7 +62,19 @@ def ssh_options(target: SshTarget) -> list[str]:
         options += ["-o", "BatchMode=yes"]
     if target.jump:
         options += ["-o", f"ProxyCommand={proxy_command(target)}"]
+    if target.shared_connection:  # the socket is the user's own (0600, in a 0700 directory), as is the key
+        options += ["-o", "ControlMaster=auto", "-o", f"ControlPath={target.shared_connection}",
+                    "-o", f"ControlPersist={SHARED_CONNECTION_LINGERS}"]
     return options
+
+
+SHARED_CONNECTION_LINGERS = 10  # seconds a shared connection stays open after its last command
+
+
+def close_shared_connection(target: SshTarget) -> list[str]:
+    """ssh's command that ends TARGET's shared connection now, instead of SHARED_CONNECTION_LINGERS later."""
+    return ["ssh", "-F", "/dev/null", "-o", f"ControlPath={target.shared_connection}", "-O", "exit",
+            f"{target.user}@{target.address}"]
 
 
 def ssh_command_line(target: SshTarget, *command: str, options: tuple[str, ...] = ()) -> list[str]:

@@ -72,6 +72,17 @@ def test_with_the_orchestrator_gone_a_factory_is_sent_directly():
     assert "sent directly instead" in notes[0] and fan_out.hops == []
 
 
+def test_a_pass_before_the_servers_copy_exists_is_followed_by_more():
+    fan_out = RecordingFanOut(RELAY, MEMBERS[:2], ["resources/data"], answer=23)  # rsync: change_dir failed
+    fan_out.receiving("resources/data", "orchestrator")
+    taking = gevent.spawn(fan_out.take, "resources/data", "factory-1", HOP, [])
+    gevent.sleep(0.5)
+    fan_out.answer = 0
+    fan_out.holds("resources/data", "orchestrator")
+    taking.get(timeout=5)
+    assert len([hop for hop in fan_out.hops if not hop[1]]) >= 2
+
+
 def test_a_refused_hop_stops_the_passes_and_the_last_pass_says_why():
     fan_out = RecordingFanOut(RELAY, MEMBERS[:2], ["resources/data"], answer=255)
     fan_out.receiving("resources/data", "orchestrator")

@@ -26,6 +26,7 @@ from flambe_iac.inputs.tree_listing import (
     walk_tree,
 )
 from flambe_iac.ssh.channel import RemoteResult
+from flambe_iac.ssh.policy import RsyncJob
 
 from hostile_names import HOSTILE_NAMES, make_tree
 
@@ -217,3 +218,37 @@ def test_a_tree_that_is_not_there_is_never_hashed_in_its_place(tmp_path):
     for command in (checksums_command("resources/data"), copy_check_command("resources/data", None)):
         result = subprocess.run(["sh", "-c", command], cwd=home, capture_output=True)
         assert result.returncode != 0 and b"private" not in result.stdout, command
+
+
+def test_a_copy_a_member_served_that_fails_its_check_is_sent_again_by_contents(tmp_path, monkeypatch):
+    """A served copy with a damaged file of the right size and mtime: its own check fails it, it is sent again from
+    here with rsync --checksum (a plain rsync would keep the damaged file), and it ends up intact and checked."""
+    tree = make_tree(tmp_path / "data", [b"a", b"b"])
+    host = LocalHost(tmp_path / "home")
+    host.name = "factory-2"
+    monkeypatch.setattr(operations, "run_remote", host.run_remote)
+    copy = copied(tree, host.home)
+
+    def served_damaged(host_, transfer, notes):
+        status = os.stat(copy / "a")
+        (copy / "a").write_bytes(b"X" * status.st_size)
+        os.utime(copy / "a", ns=(status.st_atime_ns, status.st_mtime_ns))
+        return "factory-1", None
+
+    sent_again = []
+
+    def local_rsync(host_, rsync, transfer):
+        sent_again.append(rsync.argv)
+        by_contents = ["--checksum"] if "--checksum" in rsync.argv else []
+        subprocess.run(["rsync", "-a", *by_contents, "--delete", f"{tree}/", f"{copy}/"], check=True)
+        return None
+
+    monkeypatch.setattr(operations, "fetched_copy", served_damaged)
+    monkeypatch.setattr(operations, "run_rsync", local_rsync)
+    transfer = Transfer(destination="resources/data", expected=walk_tree(tree), checksums=checksums(
+        Resource("data", tree)), rsync=RsyncJob(["rsync", "-a", "--", f"{tree}/", "host:resources/data/"]))
+    causes, notes = {}, []
+    assert operations._transfer_tree(None, host, transfer, None, causes, notes) and causes == {}
+    assert len(sent_again) == 1 and "--checksum" in sent_again[0]
+    assert notes and "from factory-1 failed its check" in notes[0] and "compared by contents" in notes[0]
+    assert (copy / "a").read_bytes() == (tree / "a").read_bytes()
