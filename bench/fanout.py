@@ -39,7 +39,7 @@ def make_resource(directory: Path, megabytes: int, small_files: int = 0) -> Path
 
 
 def measure(work: Path, title: str, host_counts: list[int], resource: Path, repeats: int, alone: bool,
-            **limits) -> None:
+            modes: tuple[str, ...] = MODES, **limits) -> None:
     lab_dir = work / "lab"
     state = build.up(lab_dir, max(host_counts), **limits)
     try:
@@ -50,22 +50,21 @@ def measure(work: Path, title: str, host_counts: list[int], resource: Path, repe
             one = statistics.median([clear_resources(lab_dir, state) or timed(command) for _ in range(repeats)])
             print(f"  one host alone: {one:.2f} s")
         for hosts in host_counts:
-            times = {mode: [] for mode in ("plain", *MODES)}
+            times = {mode: [] for mode in ("plain", *modes)}
             plain = plain_parallel_rsync(lab_dir, state, [host.address for host in state.hosts[:hosts]], resource)
             for _ in range(repeats):
                 clear_resources(lab_dir, state)
                 times["plain"].append(timed(plain))
-                for mode in MODES:
+                for mode in modes:
                     clear_resources(lab_dir, state)
                     times[mode].append(timed(deploy_command(lab_dir, state, work, hosts, "--resource",
                                                             f"data={resource}", "--fan-out", mode)))
             median = {mode: statistics.median(values) for mode, values in times.items()}
-            line = ", ".join(f"{mode} {median[mode]:.2f} s" for mode in ("plain", *MODES))
-            ratios = (f"relay/direct {median['relay'] / median['direct']:.2f}x, tree/direct "
-                      f"{median['tree'] / median['direct']:.2f}x, relay/plain {median['relay'] / median['plain']:.2f}x, "
-                      f"tree/plain {median['tree'] / median['plain']:.2f}x")
+            line = ", ".join(f"{mode} {median[mode]:.2f} s" for mode in ("plain", *modes))
+            ratios = ", ".join(f"{mode}/{other} {median[mode] / median[other]:.2f}x" for mode in modes
+                               for other in ("plain", "direct") if other in median and other != mode)
             if one:
-                ratios += ", / one host: " + ", ".join(f"{mode} {median[mode] / one:.2f}x" for mode in MODES)
+                ratios += ", / one host: " + ", ".join(f"{mode} {median[mode] / one:.2f}x" for mode in modes)
             print(f"  {hosts:>2} hosts: {line}\n            {ratios}")
     finally:
         teardown.down(lab_dir)
@@ -78,6 +77,7 @@ def main() -> int:
     parser.add_argument("--mbit", type=float, default=100.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--settings", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     arguments = parser.parse_args()
     build.check_can_run_lab()
     work = Path(tempfile.mkdtemp(prefix="flambe-bench-fanout-", dir="/var/tmp"))
@@ -88,13 +88,15 @@ def main() -> int:
         if 1 in arguments.settings:
             measure(work, f"1. every link at {mbit:g} Mbit/s, {arguments.megabytes} MB in 1 MB files:",
                     arguments.hosts, make_resource(work / "large", arguments.megabytes), arguments.repeats,
-                    alone=True, uplink_mbit=mbit, host_mbit=mbit)
+                    alone=True, modes=tuple(arguments.modes), uplink_mbit=mbit, host_mbit=mbit)
         if 2 in arguments.settings:
             measure(work, "2. no link limit, 5 MB and 50 small files:", arguments.hosts,
-                    make_resource(work / "small", 5, small_files=50), arguments.repeats, alone=False)
+                    make_resource(work / "small", 5, small_files=50), arguments.repeats, alone=False,
+                    modes=tuple(arguments.modes))
         if 3 in arguments.settings:
             measure(work, f"3. only the client's uplink at {mbit:g} Mbit/s, 20 MB:", [8],
-                    make_resource(work / "uplink", 20), arguments.repeats, alone=False, uplink_mbit=mbit)
+                    make_resource(work / "uplink", 20), arguments.repeats, alone=False, modes=tuple(arguments.modes),
+                    uplink_mbit=mbit)
     finally:
         shutil.rmtree(work)
     return 0

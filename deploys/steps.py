@@ -24,7 +24,7 @@ from flambe_iac.deploys import cluster_key, extensions, manifest, ray, resources
 from flambe_iac.deploys.operations import Transfer
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import ClusterKey
-from flambe_iac.engine.fan_out import DIRECT, FanOut, Hop
+from flambe_iac.engine.fan_out import DIRECT, FanOut, Hop, chosen_mode
 from flambe_iac.engine.ray_settlement import RayCluster as Ray
 from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, members_known_hosts, run_staging_dir
 from flambe_iac.engine.remote_layout import manifest as manifest_content
@@ -109,11 +109,12 @@ class StepContext:
 
     @cached_property
     def fan_out(self) -> FanOut | None:
-        """Who serves whom, unless every tree goes directly from here."""
+        """Who serves whom for each tree, unless every tree goes directly from here."""
         if self.plan.fan_out == DIRECT or not self.plan.cluster.factories:
             return None
-        return FanOut(self.plan.fan_out, [member.id for member in self.plan.cluster.members],
-                      [tree.remote_directory for tree in [*self.plan.resources, *self.plan.extension_trees]])
+        trees = [tree.remote_directory for tree in [*self.plan.resources, *self.plan.extension_trees]]
+        return FanOut([member.id for member in self.plan.cluster.members],
+                      {tree: chosen_mode(self.plan.fan_out, self.local_trees[tree].size) for tree in trees})
 
     @cached_property
     def private_addresses(self) -> list[str]:
@@ -148,7 +149,8 @@ class StepContext:
         """How each tree gets to one member, and how its copy is checked."""
         address = self.plan.address(member)
         fan_out = self.fan_out if relayed else None
-        hop = fan_out is not None and fan_out.server[member.id] is not None
+        def served(tree: Resource) -> bool:
+            return fan_out is not None and fan_out.server[tree.remote_directory, member.id] is not None
         return [Transfer(
             destination=tree.remote_directory,
             expected=self.local_trees[tree.remote_directory],
@@ -157,7 +159,7 @@ class StepContext:
             fan_out=fan_out,
             member=member.id,
             hop=Hop(tree.remote_directory, self.plan.cluster.ssh_user, member.private_ip,
-                    self.plan.request.connect_timeout) if hop else None,
+                    self.plan.request.connect_timeout) if served(tree) else None,
         ) for tree in trees]
 
     @cached_property

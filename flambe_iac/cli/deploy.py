@@ -120,12 +120,13 @@ def add_deploy_command(commands) -> argparse.ArgumentParser:
     parser.add_argument("--host-key-timeout", type=non_negative_number, default=300, metavar="SECONDS",
                         help="EC2 clusters without --known-hosts: how long to wait for each instance's console "
                              "output to show its host keys (default 300)")
-    parser.add_argument("--fan-out", choices=("direct", "relay", "tree"),
-                        help="how resources and extensions reach the factories. relay (the default with factories): "
-                             "each tree crosses your uplink once, to the orchestrator, which forwards each file to "
-                             "every factory as soon as it holds it, with the cluster key; tree: the same, but each "
-                             "member serves at most 2 others, so no instance's own link carries more than 2 copies "
-                             "(for many factories and large data); direct: from here to every host")
+    parser.add_argument("--fan-out", choices=("auto", "relay", "tree", "direct"),
+                        help="how resources and extensions reach the factories. relay: each tree crosses your uplink "
+                             "once, to the orchestrator, which forwards each file to every factory as soon as it "
+                             "holds it, with the cluster key; tree: the same, but each member serves at most 2 "
+                             "others, so no instance's own link carries more than 2 copies; auto (the default with "
+                             "factories): tree for a tree of 32 MiB or more, else relay; direct: from here to every "
+                             "host")
     parser.add_argument("--rotate-cluster-key", action="store_true",
                         help="replace the cluster key everywhere and remove the old one from every authorized_keys; "
                              "with --ray, also make a new Ray token and restart Ray")

@@ -28,14 +28,18 @@ from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_H
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 from flambe_iac.ssh.policy import SshTarget, close_shared_connection, comparing_contents, rsync_command
 
-DIRECT, RELAY, TREE = "direct", "relay", "tree"
-FAN_OUT_MODES = (DIRECT, RELAY, TREE)
+DIRECT, RELAY, TREE, AUTO = "direct", "relay", "tree", "auto"
 BRANCHING = 2  # members a member serves in a tree
+# AUTO: a tree of this many bytes or more goes by TREE, a smaller one by RELAY. Measured (bench/fanout.py): with every
+# link at 100 Mbit/s, 50 MB to 16 hosts takes 2.5x one host's time by TREE and 12.8x by RELAY (a star: the
+# orchestrator's link carries 15 copies); with no link limit, 5 MB takes 1.10x a direct transfer by RELAY and 1.28x by
+# TREE (each level of the tree costs a pass and a check). 32 MiB crosses a 1 Gbit/s link in 0.27 s, about one level.
+TREE_ABOVE_BYTES = 32 * 2**20
 # Hops at once on one member's SSH connection: below sshd's default MaxSessions (10), leaving room for the deploy
 # lock and the member's own commands.
 PARALLEL_HOPS = 7
 HOP_TIMEOUT = 6 * 3600.0
-PASS_PAUSE = 0.2  # seconds between forwarding passes, unless the server's copy is whole sooner
+PASS_PAUSE = 0.05  # seconds between forwarding passes, unless the server's copy is whole sooner
 RSYNC_TEMPORARY = ".*.??????"
 SHARED_HOP_CONNECTION = "~/.flambe/hop-%C"  # %C: a hash of the hop's host, port and user
 # rsync's exit codes that mean the connection, not the data, failed: worth one more try.
@@ -71,11 +75,12 @@ class FanOut:
     """Who serves whom, and which members hold which trees whole (every file received; each member then checks its
     own copy), for the members waiting to take them."""
 
-    def __init__(self, mode: str, member_ids: list[str], destinations: list[str], branching: int = BRANCHING):
-        """MEMBER_IDS: the orchestrator first, then the factories."""
-        self.mode = mode
-        self.server = {member: server_of(mode, member_ids, index, branching)
-                       for index, member in enumerate(member_ids)}
+    def __init__(self, member_ids: list[str], modes: dict[str, str], branching: int = BRANCHING):
+        """MEMBER_IDS: the orchestrator first, then the factories; MODES: each tree's (RELAY or TREE), by its
+        destination."""
+        destinations = list(modes)
+        self.server = {(tree, member): server_of(modes[tree], member_ids, index, branching)
+                       for tree in destinations for index, member in enumerate(member_ids)}
         self.hosts: dict[str, object] = {}  # member id -> its connected pyinfra host
         self.started = {(tree, member): Event() for tree in destinations for member in member_ids}
         self.whole = {(tree, member): AsyncResult() for tree in destinations for member in member_ids}
@@ -104,14 +109,15 @@ class FanOut:
         its errors), or (None, 0, "") when no member can serve it and it must come from this machine. After a server
         that failed, the copy is compared by contents: what it forwarded may be damaged, with the right size and
         mtime."""
-        server = self.server[member]
+        server = self.server[destination, member]
         while server is not None:
             self.started[destination, server].wait()
             self.forward_while_receiving(destination, server, hop)
             unavailable = self.whole[destination, server].get()
             if unavailable is None:
-                return (server, *self.last_pass(server, hop, by_contents=server != self.server[member]))
-            server, unavailable_server = self.server[server], server
+                return (server, *self.last_pass(server, hop,
+                                                by_contents=server != self.server[destination, member]))
+            server, unavailable_server = self.server[destination, server], server
             notes.append(f"relay unavailable for ~/{destination} from {unavailable_server} ({unavailable}): "
                          + (f"taken from {server} instead" if server else "sent directly instead"))
         return None, 0, ""
@@ -141,6 +147,13 @@ class FanOut:
             except RemoteCommandError as error:
                 return 255, f"the connection to {server} failed: {error}"
         return result.exit_code, result.stderr.decode(errors="replace")
+
+
+def chosen_mode(asked: str, tree_bytes: int) -> str:
+    """The fan-out of a tree of TREE_BYTES when ASKED (AUTO: by its size)."""
+    if asked != AUTO:
+        return asked
+    return TREE if tree_bytes >= TREE_ABOVE_BYTES else RELAY
 
 
 def server_of(mode: str, member_ids: list[str], index: int, branching: int) -> str | None:

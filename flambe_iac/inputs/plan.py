@@ -45,7 +45,7 @@ class DeployRequest:
     force: bool = False
     host_key_timeout: float = 300.0
     wait: float | None = None  # None: 0 for a cluster file, 300 for a stack's instances (they may still boot)
-    fan_out: str | None = None  # "direct", "relay" or "tree"; None: relay when there is a factory
+    fan_out: str | None = None  # "auto", "relay", "tree" or "direct"; None: auto when there is a factory
     jump: str | None = None  # [USER@]HOST[:PORT]: a bastion for every connection
     setup_commands: list[str] = field(default_factory=list)
     stack_directory: Path | None = None  # --cwd: the Pulumi project's directory
@@ -73,7 +73,7 @@ class DeployPlan:
     runnable: object | None = None  # a runnable_file.RunnableFile
     extensions: list = field(default_factory=list)  # extensions.Checkout, in the runnable file's order
     wait: float = 0.0  # how long to keep retrying hosts whose sshd is not answering yet
-    fan_out: str = "direct"  # or "relay", "tree": trees cross the uplink once, then members serve members
+    fan_out: str = "direct"  # or "auto", "relay", "tree": trees cross the uplink once, then members serve members
     setup_commands: tuple[str, ...] = ()
     ray_python: str = "python3"  # the hosts' Python that has Ray
     jump: str | None = None  # --jump, checked and in its normal form
@@ -153,7 +153,7 @@ def build_plan(request: DeployRequest) -> DeployPlan:
         runnable=runnable,
         extensions=extensions,
         wait=request.wait if request.wait is not None else (0.0 if request.cluster_file else 300.0),
-        fan_out=request.fan_out or ("relay" if cluster.factories else "direct"),
+        fan_out=request.fan_out or ("auto" if cluster.factories else "direct"),
         setup_commands=(*source.setup_commands, *request.setup_commands),
         ray_python=ray_python,
         jump=jump,

@@ -50,6 +50,10 @@ class LocalTree:
     files: list[tuple[str, Stamp]]  # (path inside the tree, stamp), sorted by path
     special: list[tuple[str, int]]  # (path, st_mode) of what is not a file, directory or symlink: FIFOs, devices
 
+    @property
+    def size(self) -> int:
+        return sum(stamp[0] for _, stamp in self.files)
+
 
 def walk_tree(root: Path, excludes: tuple[str, ...] = ()) -> LocalTree:
     """ROOT (a directory, or one file) as rsync -a copies it into a directory; names in EXCLUDES left out at any

@@ -4,7 +4,7 @@ the server receives, one last pass once its copy is whole, and a failed server h
 import gevent
 import pytest
 
-from flambe_iac.engine.fan_out import DIRECT, RELAY, TREE, FanOut, Hop, server_of
+from flambe_iac.engine.fan_out import AUTO, DIRECT, RELAY, TREE, TREE_ABOVE_BYTES, FanOut, Hop, chosen_mode, server_of
 
 MEMBERS = ["orchestrator", *(f"factory-{index}" for index in range(1, 16))]
 HOP = Hop("resources/data", "ubuntu", "10.0.0.9", 10)
@@ -31,6 +31,17 @@ def test_who_serves_whom(mode, expected):
     assert [server_of(mode, MEMBERS, index, 2) for index in range(16)] == expected
 
 
+def test_auto_sends_large_trees_by_tree_and_small_ones_by_relay():
+    assert chosen_mode(AUTO, TREE_ABOVE_BYTES) == TREE and chosen_mode(AUTO, TREE_ABOVE_BYTES - 1) == RELAY
+    assert chosen_mode(RELAY, 10 * TREE_ABOVE_BYTES) == RELAY and chosen_mode(TREE, 0) == TREE
+
+
+def test_each_tree_has_its_own_servers():
+    fan_out = FanOut(MEMBERS[:4], {"resources/big": TREE, "resources/small": RELAY})
+    assert fan_out.server["resources/big", "factory-3"] == "factory-1"
+    assert fan_out.server["resources/small", "factory-3"] == "orchestrator"
+
+
 def test_a_tree_member_serves_at_most_branching_others():
     for branching in (1, 2, 3):
         servers = [server_of(TREE, MEMBERS, index, branching) for index in range(1, 16)]
@@ -38,7 +49,7 @@ def test_a_tree_member_serves_at_most_branching_others():
 
 
 def test_passes_follow_the_server_while_it_receives_then_one_last_pass():
-    fan_out = RecordingFanOut(TREE, MEMBERS[:3], ["resources/data"])
+    fan_out = RecordingFanOut(MEMBERS[:3], {"resources/data": TREE})
     taking = gevent.spawn(fan_out.take, "resources/data", "factory-1", HOP, [])
     gevent.sleep(0.05)
     assert fan_out.hops == []  # the orchestrator has not started: nothing to forward yet
@@ -52,7 +63,7 @@ def test_passes_follow_the_server_while_it_receives_then_one_last_pass():
 
 
 def test_a_failed_server_hands_its_members_to_its_own_server():
-    fan_out = RecordingFanOut(TREE, MEMBERS[:4], ["resources/data"])
+    fan_out = RecordingFanOut(MEMBERS[:4], {"resources/data": TREE})
     notes = []
     taking = gevent.spawn(fan_out.take, "resources/data", "factory-3", HOP, notes)  # served by factory-1
     fan_out.lacks("resources/data", "factory-1", "its own copy failed: disk full")
@@ -64,7 +75,7 @@ def test_a_failed_server_hands_its_members_to_its_own_server():
 
 
 def test_with_the_orchestrator_gone_a_factory_is_sent_directly():
-    fan_out = RecordingFanOut(RELAY, MEMBERS[:3], ["resources/data"])
+    fan_out = RecordingFanOut(MEMBERS[:3], {"resources/data": RELAY})
     notes = []
     taking = gevent.spawn(fan_out.take, "resources/data", "factory-2", HOP, notes)
     fan_out.stopped("orchestrator", "it failed: unreachable")
@@ -73,7 +84,7 @@ def test_with_the_orchestrator_gone_a_factory_is_sent_directly():
 
 
 def test_a_pass_before_the_servers_copy_exists_is_followed_by_more():
-    fan_out = RecordingFanOut(RELAY, MEMBERS[:2], ["resources/data"], answer=23)  # rsync: change_dir failed
+    fan_out = RecordingFanOut(MEMBERS[:2], {"resources/data": RELAY}, answer=23)  # rsync: change_dir failed
     fan_out.receiving("resources/data", "orchestrator")
     taking = gevent.spawn(fan_out.take, "resources/data", "factory-1", HOP, [])
     gevent.sleep(0.5)
@@ -84,7 +95,7 @@ def test_a_pass_before_the_servers_copy_exists_is_followed_by_more():
 
 
 def test_a_refused_hop_stops_the_passes_and_the_last_pass_says_why():
-    fan_out = RecordingFanOut(RELAY, MEMBERS[:2], ["resources/data"], answer=255)
+    fan_out = RecordingFanOut(MEMBERS[:2], {"resources/data": RELAY}, answer=255)
     fan_out.receiving("resources/data", "orchestrator")
     taking = gevent.spawn(fan_out.take, "resources/data", "factory-1", HOP, [])
     gevent.sleep(0.3)
