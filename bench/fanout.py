@@ -1,4 +1,5 @@
-"""Fan-out: first runs of flambe-deploy with --fan-out direct, relay and tree, and a plain parallel rsync to every host,
+"""Fan-out: first runs of flambe-deploy with --fan-out direct, relay, tree and auto (the default), and a plain parallel
+rsync to every host,
 in three lab settings, all measured in this one run. Prints medians and ratios.
 
 1. every link (the client's and each host's) at --mbit, a resource of --megabytes in 1 MB files, 4, 8 and 16 hosts,
@@ -24,7 +25,7 @@ from flambe_iac.lab import build, teardown
 
 from lab_runs import clear_resources, deploy_command, plain_parallel_rsync, timed
 
-MODES = ("direct", "relay", "tree")
+MODES = ("direct", "relay", "tree", "auto")
 
 
 def make_resource(directory: Path, megabytes: int, small_files: int = 0) -> Path:
