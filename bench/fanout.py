@@ -1,6 +1,5 @@
 """Fan-out: first runs of flambe-deploy with --fan-out direct, relay, tree and auto (the default), and a plain parallel
-rsync to every host,
-in three lab settings, all measured in this one run. Prints medians and ratios.
+rsync to every host, in three lab settings, all measured in this one run. Prints medians and ratios.
 
 1. every link (the client's and each host's) at --mbit, a resource of --megabytes in 1 MB files, 4, 8 and 16 hosts,
    and one host alone: how far each fan-out stays from one host's time as the cluster grows;

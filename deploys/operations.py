@@ -19,16 +19,18 @@ import shlex
 import signal
 import tarfile
 from dataclasses import dataclass
+from typing import Callable
 
 from gevent.fileobject import FileObjectPosix
 from pyinfra.api import FunctionCommand, operation
 
 from flambe_iac.deploys.snapshot import HostSnapshot
-from flambe_iac.engine.fan_out import RSYNC_CONNECTION_LOST, FanOut, Hop
-from flambe_iac.engine.remote_probes import copy_check_command, parse_copy_check
+from flambe_iac.engine.fan_out import RSYNC_CONNECTION_LOST, WRITES_STOPPED, FanOut, Hop
+from flambe_iac.engine.remote_layout import MANIFEST, recorded_resources
+from flambe_iac.engine.remote_probes import copy_check_command, listed_paths, parse_copy_check
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.inputs.tree_listing import REMOTE_TREE_LISTING, LocalTree, parse_tree_listing
-from flambe_iac.ssh.channel import RemoteCommandError, run_remote
+from flambe_iac.ssh.channel import RemoteCommandError, read_file, run_remote
 from flambe_iac.ssh.policy import RsyncJob
 
 UPLOAD_TIMEOUT = 600.0
@@ -115,6 +117,9 @@ class Transfer:
     expected: LocalTree  # what the copy must hold
     rsync: RsyncJob  # the direct transfer, from this machine
     checksums: dict[str, str] | None = None  # sha256 by path, for resources: checked after every transfer
+    recorded_as: str = ""  # the resource's name in the manifest
+    vouched: bool = True  # the host's manifest is the one this run writes: its copy was checked against CHECKSUMS
+    writes_stopped: Callable[[], str | None] = lambda: None  # why no rsync may start any more (the lock is lost)
     fan_out: FanOut | None = None  # None: directly from this machine
     member: str = ""  # the member's id, in the fan-out
     hop: Hop | None = None  # how a serving member reaches this one
@@ -123,8 +128,11 @@ class Transfer:
 @operation()
 def synced_tree(transfer: Transfer, causes: dict, notes: list, snapshot: HostSnapshot):
     """Make the host's copy hold exactly what it should, if it does not: from the member that serves it, or by rsync
-    from here; then check it against the checksums."""
-    if snapshot.trees.get(transfer.destination) == transfer.expected.summary:
+    from here; then check it against the checksums. A copy whose listing matches is left alone only if the host's
+    manifest vouches for these checksums: a file changed with its size and mtime kept (here, or on the host by a
+    failed run) matches the listing too."""
+    listed_the_same = snapshot.trees.get(transfer.destination) == transfer.expected.summary
+    if listed_the_same and (transfer.checksums is None or transfer.vouched):
         if transfer.fan_out is not None:
             transfer.fan_out.holds(transfer.destination, transfer.member)
         return
@@ -153,16 +161,28 @@ def _transfer_tree(state, host, transfer: Transfer, changed_since: int | None, c
         else:
             fan_out.lacks(transfer.destination, transfer.member, f"its own copy failed: {cause}")
     if cause is None and transfer.checksums is not None:
-        cause = verify_tree(host, transfer, changed_since)
-        if cause is not None and served_by is not None:
-            notes.append(f"the copy of ~/{transfer.destination} from {served_by} failed its check ({cause}): sent "
-                         "again from here, compared by contents")
+        unvouched = [] if transfer.vouched else unvouched_files(host, transfer)
+        since = changed_since if unvouched is not None else None
+        cause = verify_tree(host, transfer, since, unvouched or [])
+        if cause is not None:
+            notes.append(f"the copy of ~/{transfer.destination} from {served_by or 'here'} failed its check "
+                         f"({cause}): sent again from here, compared by contents")
             cause = (run_rsync(host, transfer.rsync.comparing_contents(), transfer)
-                     or verify_tree(host, transfer, changed_since))
+                     or verify_tree(host, transfer, since, unvouched or []))
     if cause is not None:
         causes[host.name] = cause
         return False
     return True
+
+
+def unvouched_files(host, transfer: Transfer) -> list[str] | None:
+    """The files whose checksums the host's manifest does not record as these: to be hashed whatever their ctime.
+    None: the manifest is missing or unreadable, so every file is."""
+    recorded = recorded_resources(read_file(host, MANIFEST) or b"")
+    files = recorded.get(transfer.recorded_as) if recorded is not None else None
+    if not isinstance(files, dict):
+        return None
+    return [path for path, digest in transfer.checksums.items() if files.get(path) != digest]
 
 
 def fetched_copy(host, transfer: Transfer, notes: list) -> tuple[str | None, str | None]:
@@ -174,28 +194,35 @@ def fetched_copy(host, transfer: Transfer, notes: list) -> tuple[str | None, str
         return None, run_rsync(host, transfer.rsync.comparing_contents(), transfer)
     if returncode == 0:
         return server, None
+    if returncode == WRITES_STOPPED:
+        return server, stderr
     return server, f"relay hop from {server}: " + rsync_failure(host, transfer, returncode, stderr)
 
 
-def verify_tree(host, transfer: Transfer, changed_since: int | None) -> str | None:
+def verify_tree(host, transfer: Transfer, changed_since: int | None, also: list[str] = ()) -> str | None:
     """None if the host's copy holds what was sent: every entry as listed here, and each file written since the
-    host's time CHANGED_SINCE (all of them if None) with the sha256 the manifest records; else what differs. A file
-    the run did not write was checked when a run wrote it; `flambe-deploy status` checks every file."""
+    host's time CHANGED_SINCE (all of them if None), and each file in ALSO, with the sha256 the manifest records;
+    else what differs. Every other file is one a checked run wrote, as the host's manifest vouches (`flambe-deploy
+    status` hashes them all)."""
     destination = transfer.destination
     try:
-        result = run_remote(host, copy_check_command(destination, changed_since), timeout=VERIFY_TIMEOUT)
+        result = run_remote(host, copy_check_command(destination, changed_since), stdin=listed_paths(also),
+                            timeout=VERIFY_TIMEOUT)
     except RemoteCommandError as error:
         return f"could not check ~/{destination}: {error}"
     if result.exit_code != 0:
         return f"could not check ~/{destination}: {result.reason}"
     try:
-        summary, found = parse_copy_check(result.stdout)
+        summary, selected, found = parse_copy_check(result.stdout)
     except ValueError as error:
         return f"could not check ~/{destination}: the host's answer is malformed ({error})"
     if summary != transfer.expected.summary:
         differing = differing_entries(host, destination, transfer.expected.entries)
         if differing:
             return differing
+    unhashed = sorted((selected | set(also)) - set(found))
+    if unhashed:
+        return f"could not check ~/{destination}: no checksum for {len(unhashed)} file(s) (first: {unhashed[0]})"
     differing = sorted(path for path in found if found[path] != transfer.checksums.get(path))
     if not differing:
         return None
@@ -229,7 +256,11 @@ RSYNC_EXIT_MEANINGS = {
 
 
 def run_rsync(host, rsync: RsyncJob, transfer: Transfer) -> str | None:
-    """The direct transfer, retried once if the connection dropped; None on success, else the cause."""
+    """The direct transfer, retried once if the connection dropped; None on success, else the cause. None is started
+    once the deploy lock is lost: the fence holds within an operation too."""
+    stopped = transfer.writes_stopped()
+    if stopped:
+        return stopped
     returncode, stderr = spawn_and_wait(rsync.argv, rsync.environment)
     if returncode in RSYNC_CONNECTION_LOST:
         returncode, stderr = spawn_and_wait(rsync.argv, rsync.environment)

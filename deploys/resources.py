@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from flambe_iac.deploys.operations import synced_trees
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.engine.remote_layout import MANIFEST
 
 
 def reads(context) -> SnapshotRequest:
-    return SnapshotRequest(trees=tuple(tree.remote_directory for tree in context.plan.resources), tools=("rsync",))
+    """The copies' listings, and the manifest's sha256: whether it vouches for their checksums."""
+    return SnapshotRequest(trees=tuple(tree.remote_directory for tree in context.plan.resources), files=(MANIFEST,),
+                           tools=("rsync",))
 
 
 def sync_resources(context, member, snapshot: HostSnapshot) -> list:
-    return synced_trees(context.transfers(member, context.plan.resources), context.causes, context.notes, snapshot)
+    transfers = context.transfers(member, context.plan.resources, vouched=context.manifest_vouches(member, snapshot))
+    return synced_trees(transfers, context.causes, context.notes, snapshot)

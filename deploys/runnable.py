@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
 from pyinfra.api import StringCommand, operation
 
+from flambe_iac import __version__
 from flambe_iac.deploys.operations import staged_files, synced_tree
 from flambe_iac.deploys.ray import wait_for_workers
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import runner_environment
-from flambe_iac.engine.remote_layout import RUN_EXIT, RUN_LOG, RUN_PID, RUN_PLAN, RUNNER_LIBRARY
+from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUN_EXIT, RUN_LOG, RUN_PID, RUN_PLAN, RUNNER_LIBRARY, SECRETS
 from flambe_iac.engine.remote_probes import RUNNABLE_RUNNING
 from flambe_iac.inputs.secrets_file import HiddenBytes
 
@@ -28,7 +30,7 @@ def launch_runnable(context, member, snapshot: HostSnapshot) -> list:
     return [
         synced_tree(name="flambe_iac for the runner", transfer=library, causes=context.causes, notes=context.notes,
                     snapshot=snapshot),
-        staged_files(name="run plan", files=[(RUN_PLAN, HiddenBytes(context.run_plan), "644")], snapshot=snapshot,
+        staged_files(name="run plan", files=[(RUN_PLAN, HiddenBytes(run_plan(context.plan)), "644")], snapshot=snapshot,
                      staging=context.staging, causes=context.causes),
         *waits,
         detached_run(name="start the runnable", force=context.plan.request.force,
@@ -54,3 +56,16 @@ def detached_run(force: bool, python: str, environment: dict[str, str]):
         f"if {RUNNABLE_RUNNING}; then {on_running}; fi; rm -f {RUN_EXIT}; "
         f"setsid nohup sh -c {shlex.quote(runner)} > {RUN_LOG} 2>&1 < /dev/null & echo $! > {RUN_PID}"
     )
+
+
+def run_plan(plan) -> bytes:
+    """~/.flambe/run.json: what the runner runs, with paths relative to the home directory. No secret in it."""
+    document = {
+        "runnable": plan.runnable.runnable,
+        "args": plan.runnable.args,
+        "resources": {name: f"{RESOURCES_DIR}/{name}" for name in plan.runnable.resources},
+        "secrets": SECRETS,
+        "import_paths": [RUNNER_LIBRARY] + [tree.remote_directory for tree in plan.extension_trees],
+        "flambe_iac_version": __version__,
+    }
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()

@@ -70,7 +70,7 @@ def snapshot_command(request: SnapshotRequest) -> str:
         )
     for path in request.trees:
         quoted = shlex.quote(path)
-        parts.append(f"if [ -d {quoted} ]; then printf '@tree %s\\n' {quoted}; (cd {quoted} && {REMOTE_TREE_SUMMARY}); fi")
+        parts.append(f"if [ -d {quoted} ]; then printf '@tree %s\\n' {quoted}; (cd {quoted} && {{ {REMOTE_TREE_SUMMARY}; }}); fi")
     for tool in request.tools:
         # bash's `command -v` also names a file it cannot run: check that it is a runnable file.
         parts.append(f"{{ p=$(command -v {shlex.quote(tool)}) && [ -f \"$p\" ] && [ -x \"$p\" ]; }} "

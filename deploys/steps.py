@@ -8,7 +8,7 @@ this table. To add a step: write its deploy in a file of its own under deploys/,
 
 from __future__ import annotations
 
-import json
+import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,7 +26,7 @@ from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import ClusterKey
 from flambe_iac.engine.fan_out import DIRECT, FanOut, Hop, chosen_mode
 from flambe_iac.engine.ray_settlement import RayCluster as Ray
-from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUNNER_LIBRARY, SECRETS, members_known_hosts, run_staging_dir
+from flambe_iac.engine.remote_layout import MANIFEST, RUNNER_LIBRARY, members_known_hosts, run_staging_dir
 from flambe_iac.engine.remote_layout import manifest as manifest_content
 from flambe_iac.inputs.checksum_cache import ChecksumCache
 from flambe_iac.inputs.extensions import redact_url
@@ -89,12 +89,14 @@ class StepContext:
     plan: DeployPlan
     policy: SshPolicy
     run_id: str
+    writes_stopped: Callable[[], str | None] = lambda: None  # why nothing more may be written (the lock is lost)
     key: ClusterKey | None = None
     retired: set[str] = field(default_factory=set)
     causes: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # for the report: e.g. a relay that fell back to direct
     details: dict[str, str] = field(default_factory=dict)  # host name -> what a step did, e.g. setup exit codes
     ray: Ray | None = None  # with --ray: the plan the members share, settled from their snapshots
+    manifests: dict[str, bytes] = field(default_factory=dict)  # member id -> its ~/.flambe/cluster.json
 
     @property
     def staging(self) -> str:
@@ -114,7 +116,8 @@ class StepContext:
             return None
         trees = [tree.remote_directory for tree in [*self.plan.resources, *self.plan.extension_trees]]
         return FanOut([member.id for member in self.plan.cluster.members],
-                      {tree: chosen_mode(self.plan.fan_out, self.local_trees[tree].size) for tree in trees})
+                      {tree: chosen_mode(self.plan.fan_out, self.local_trees[tree].size) for tree in trees},
+                      writes_stopped=self.writes_stopped)
 
     @cached_property
     def private_addresses(self) -> list[str]:
@@ -145,8 +148,9 @@ class StepContext:
         return {tree.remote_directory: self.plan.local_trees.get(tree.remote_directory)
                 or threads.apply(walk_tree, (tree.path, tree.excludes)) for tree in trees}
 
-    def transfers(self, member: Member, trees: list[Resource], relayed: bool = True) -> list[Transfer]:
-        """How each tree gets to one member, and how its copy is checked."""
+    def transfers(self, member: Member, trees: list[Resource], relayed: bool = True,
+                  vouched: bool = True) -> list[Transfer]:
+        """How each tree gets to one member, and how its copy is checked (VOUCHED: see `manifest_vouches`)."""
         address = self.plan.address(member)
         fan_out = self.fan_out if relayed else None
         def served(tree: Resource) -> bool:
@@ -156,10 +160,13 @@ class StepContext:
             expected=self.local_trees[tree.remote_directory],
             rsync=self.policy.rsync_job(tree.rsync_source, f"{tree.remote_directory}/", address, tree.excludes),
             checksums=self.resource_checksums.get(tree.name) if tree in self.plan.resources else None,
+            recorded_as=tree.name,
+            vouched=vouched,
+            writes_stopped=self.writes_stopped,
             fan_out=fan_out,
             member=member.id,
             hop=Hop(tree.remote_directory, self.plan.cluster.ssh_user, member.private_ip,
-                    self.plan.request.connect_timeout) if served(tree) else None,
+                    self.plan.request.connect_timeout, tree.excludes) if served(tree) else None,
         ) for tree in trees]
 
     @cached_property
@@ -174,24 +181,19 @@ class StepContext:
                 for resource in self.plan.resources}
 
     def manifest_for(self, member: Member) -> bytes:
-        members = [{"id": other.id, "role": other.role, "private_ip": other.private_ip}
-                   for other in self.plan.cluster.members]
-        return manifest_content(self.plan.cluster.name, member.role, member.id, members, self.key.fingerprint,
-                                self.resource_checksums, __version__, extension_sources(self.plan))
+        if member.id not in self.manifests:
+            members = [{"id": other.id, "role": other.role, "private_ip": other.private_ip}
+                       for other in self.plan.cluster.members]
+            self.manifests[member.id] = manifest_content(
+                self.plan.cluster.name, member.role, member.id, members, self.key.fingerprint, self.resource_checksums,
+                __version__, extension_sources(self.plan))
+        return self.manifests[member.id]
 
-    @cached_property
-    def run_plan(self) -> bytes:
-        """~/.flambe/run.json: what the runner runs, with paths relative to the home directory. No secret in it."""
-        plan = self.plan
-        document = {
-            "runnable": plan.runnable.runnable,
-            "args": plan.runnable.args,
-            "resources": {name: f"{RESOURCES_DIR}/{name}" for name in plan.runnable.resources},
-            "secrets": SECRETS,
-            "import_paths": [RUNNER_LIBRARY] + [tree.remote_directory for tree in plan.extension_trees],
-            "flambe_iac_version": __version__,
-        }
-        return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+    def manifest_vouches(self, member: Member, snapshot: HostSnapshot) -> bool:
+        """The host's manifest is the one this run would write: the run that wrote it checked the host's copies
+        against these very checksums (a manifest is written only once every step of its run succeeded)."""
+        recorded = snapshot.files.get(MANIFEST)
+        return recorded is not None and recorded[1] == hashlib.sha256(self.manifest_for(member)).hexdigest()
 
 
 def extension_sources(plan: DeployPlan) -> dict[str, dict]:

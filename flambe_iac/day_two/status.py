@@ -11,7 +11,15 @@ from flambe_iac.cluster import Host
 from flambe_iac.day_two.access import Access
 from flambe_iac.engine.cluster_key import fingerprint_or_none
 from flambe_iac.engine.ray_cluster import RAY_STATE
-from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, RESOURCES_DIR, RUN_EXIT, RUN_LOG, RUN_PID
+from flambe_iac.engine.remote_layout import (
+    CLUSTER_PUBLIC_KEY,
+    MANIFEST,
+    RESOURCES_DIR,
+    RUN_EXIT,
+    RUN_LOG,
+    RUN_PID,
+    recorded_resources,
+)
 from flambe_iac.engine.remote_probes import RUNNABLE_RUNNING, checksums_command, parse_checksums
 from flambe_iac.terminal import safe_field
 
@@ -88,15 +96,12 @@ def parse_status(alias: str, address: str, returncode: int, output: str, stderr:
 
 def recorded_checksums(lines: list[str], problems: list[str]) -> dict[str, str]:
     """{resource/path: sha256} from the manifest; a missing or unreadable manifest is a problem."""
-    try:
-        manifest = json.loads("\n".join(lines) or "null")
-    except (ValueError, RecursionError):  # not JSON, too deep, or a number too long to read
-        manifest = "unreadable"
-    if manifest is None:
+    text = "\n".join(lines).strip()
+    if not text or text == "null":
         problems.append("no manifest: never deployed, or the last deploy failed here")
         return {}
-    resources = manifest.get("resources") if isinstance(manifest, dict) else None
-    if not isinstance(resources, dict) or not all(isinstance(files, dict) for files in resources.values()):
+    resources = recorded_resources(text.encode(errors="surrogateescape"))
+    if resources is None:
         problems.append("unreadable manifest (~/.flambe/cluster.json): re-run flambe-deploy")
         return {}
     return {f"{name}/{path}": digest for name, files in resources.items() for path, digest in files.items()}

@@ -52,8 +52,8 @@ class Deployment:
     def __init__(self, plan, report: DeployReport, view: ProgressView, connect, open_lock, host_steps: dict):
         self.plan, self.report, self.view, self.connect = plan, report, view, connect
         self.fleet = Fleet(plan, report)
-        self.context = StepContext(plan, self.fleet.policy, report.run_id)
         self.lock = ClusterLock(self.fleet, plan.wait, view, open_lock)
+        self.context = StepContext(plan, self.fleet.policy, report.run_id, writes_stopped=self.lock.lost)
         self.watchdog = None
         self.steps = HostSteps(self.fleet, self.context, view, lock_lost=self.lock.lost, **host_steps)
         for host, member in self.fleet.members.items():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from gevent.event import AsyncResult, Event
 from gevent.lock import BoundedSemaphore
@@ -41,10 +42,13 @@ PARALLEL_HOPS = 7
 HOP_TIMEOUT = 6 * 3600.0
 PASS_PAUSE = 0.05  # seconds between forwarding passes, unless the server's copy is whole sooner
 RSYNC_TEMPORARY = ".*.??????"
-SHARED_HOP_CONNECTION = "~/.flambe/hop-%C"  # %C: a hash of the hop's host, port and user
+SHARED_HOP_CONNECTION = "~/.flambe/hop-%h"  # %h: the member it reaches (one user, one port)
+# The socket's path, HOME + "/.flambe/hop-" + an IPv6 address (39) + ssh's temporary suffix (17), fits in 107 bytes.
+LONGEST_HOME_FOR_SHARING = 107 - len("/.flambe/hop-") - 39 - 17
 # rsync's exit codes that mean the connection, not the data, failed: worth one more try.
 RSYNC_CONNECTION_LOST = {12, 30, 35, 255}
 SSH_FAILED = 255
+WRITES_STOPPED = -1  # not rsync's: the hop was not started, the deploy lock being lost
 
 
 @dataclass(frozen=True)
@@ -55,18 +59,28 @@ class Hop:
     user: str
     address: str
     connect_timeout: int
+    excludes: tuple[str, ...] = ()  # the tree's own: left out, and kept on the member, as a direct transfer does
 
     def command(self, last: bool, by_contents: bool = False) -> str:
         """A forwarding pass, or the LAST pass (--delete); BY_CONTENTS: deciding by checksums, not sizes and mtimes.
-        The passes share one SSH connection, which the last pass closes: a pass then costs no handshake."""
+        The passes share one SSH connection, which the last pass closes: a pass then costs no handshake. A socket's
+        path is at most 107 bytes: under a longer home, each pass connects on its own."""
+        shared = self.rsync(last, by_contents, SHARED_HOP_CONNECTION)
+        alone = self.rsync(last, by_contents, None)
+        return (f'if [ "${{#HOME}}" -le {LONGEST_HOME_FOR_SHARING} ]; then {shared}; else {alone}; fi')
+
+    def rsync(self, last: bool, by_contents: bool, shared_connection: str | None) -> str:
         target = SshTarget(address=self.address, user=self.user, key=Path(CLUSTER_PRIVATE_KEY),
                            known_hosts=Path(MEMBERS_KNOWN_HOSTS), connect_timeout=self.connect_timeout,
-                           shared_connection=SHARED_HOP_CONNECTION)
+                           shared_connection=shared_connection)
         source = destination = f"{self.destination}/"
         if not last:
-            return shlex.join(rsync_command(source, destination, target, delete=False, excludes=(RSYNC_TEMPORARY,)))
-        argv = rsync_command(source, destination, target)
+            return shlex.join(rsync_command(source, destination, target, delete=False,
+                                            excludes=(*self.excludes, RSYNC_TEMPORARY)))
+        argv = rsync_command(source, destination, target, excludes=self.excludes)
         argv = comparing_contents(argv) if by_contents else argv
+        if shared_connection is None:
+            return shlex.join(argv)
         return (f"{shlex.join(argv)}; status=$?; {shlex.join(close_shared_connection(target))} >/dev/null 2>&1; "
                 "exit $status")
 
@@ -75,9 +89,11 @@ class FanOut:
     """Who serves whom, and which members hold which trees whole (every file received; each member then checks its
     own copy), for the members waiting to take them."""
 
-    def __init__(self, member_ids: list[str], modes: dict[str, str], branching: int = BRANCHING):
+    def __init__(self, member_ids: list[str], modes: dict[str, str], branching: int = BRANCHING,
+                 writes_stopped: Callable[[], str | None] = lambda: None):
         """MEMBER_IDS: the orchestrator first, then the factories; MODES: each tree's (RELAY or TREE), by its
-        destination."""
+        destination; WRITES_STOPPED: why no hop may start any more (the deploy lock is lost), or None."""
+        self.writes_stopped = writes_stopped
         destinations = list(modes)
         self.server = {(tree, member): server_of(modes[tree], member_ids, index, branching)
                        for tree in destinations for index, member in enumerate(member_ids)}
@@ -136,12 +152,15 @@ class FanOut:
         say why."""
         while not self.whole[destination, server].ready():
             code, _ = self.hop(server, hop, last=False)
-            if code == SSH_FAILED:
+            if code in (SSH_FAILED, WRITES_STOPPED):
                 return
             self.whole[destination, server].wait(timeout=PASS_PAUSE)
 
     def hop(self, server: str, hop: Hop, last: bool, by_contents: bool = False) -> tuple[int, str]:
         with self.hop_slots[server]:
+            stopped = self.writes_stopped()
+            if stopped:
+                return WRITES_STOPPED, stopped
             try:
                 result = run_remote(self.hosts[server], hop.command(last, by_contents), timeout=HOP_TIMEOUT)
             except RemoteCommandError as error:
@@ -159,6 +178,6 @@ def chosen_mode(asked: str, tree_bytes: int) -> str:
 def server_of(mode: str, member_ids: list[str], index: int, branching: int) -> str | None:
     """Who serves the member at INDEX: none for the orchestrator (it takes from this machine), the orchestrator in a
     relay, the member at (INDEX - 1) // BRANCHING in a tree."""
-    if index == 0 or mode == DIRECT:
+    if index == 0:
         return None
     return member_ids[0] if mode == RELAY else member_ids[(index - 1) // branching]

@@ -41,6 +41,18 @@ def members_known_hosts(host_keys: dict[str, list[str]]) -> bytes:
     return "".join(f"{address} {key}\n" for address, keys in host_keys.items() for key in keys).encode()
 
 
+def recorded_resources(data: bytes) -> dict[str, dict] | None:
+    """{resource: {path: sha256}} that a host's manifest records; None if DATA (a host's bytes) is not one."""
+    try:
+        manifest = json.loads(data.decode(errors="replace") or "null")
+    except (ValueError, RecursionError):  # not JSON, too deep, or a number too long to read
+        return None
+    resources = manifest.get("resources") if isinstance(manifest, dict) else None
+    if not isinstance(resources, dict) or not all(isinstance(files, dict) for files in resources.values()):
+        return None
+    return resources
+
+
 def manifest(cluster_name: str, role: str, host_id: str, members: list[dict], key_fingerprint: str,
              resources: dict[str, dict[str, str]], version: str, extensions: dict[str, dict]) -> bytes:
     """~/.flambe/cluster.json: what this host is part of. It never holds a secret."""

@@ -7,14 +7,14 @@ import re
 import shlex
 
 from flambe_iac.engine.remote_layout import RUN_PID
-from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY, TreeSummary, parse_tree_summary
+from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY, TreeSummary, base64_lines, parse_tree_summary
 
 # openssl's sha256 uses the CPU's SHA instructions: five times faster than coreutils' sha256sum here. Both print
 # `HASH *PATH` or `HASH  PATH`; sha256sum prints a path with a newline as `\HASH  ESCAPED` (backslashes, newlines and
 # carriage returns escaped).
 _CHOOSE_HASH = ("if command -v openssl >/dev/null 2>&1; then hash='openssl dgst -sha256 -r'; "
                 "else hash='sha256sum --'; fi")
-_CHECKSUMS_FOLLOW = b"@checksums\n"
+_SELECTED_FOLLOW, _CHECKSUMS_FOLLOW = b"@selected\n", b"@checksums\n"
 _DIGEST = re.compile(rb"[0-9a-f]{64}")
 _ESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r"}
 
@@ -29,11 +29,18 @@ def checksums_command(directory: str) -> str:
 
 
 def copy_check_command(directory: str, changed_since: int | None) -> str:
-    """DIRECTORY's summary, then the sha256 of each file in it whose status changed after the host's time
-    CHANGED_SINCE, or of every file if None. rsync writes a file under another name and renames it into place:
-    whatever mtime it then gives the file, its ctime is when it was written, which no one can set back."""
-    return (f"cd {shlex.quote(directory)} && {{ {REMOTE_TREE_SUMMARY}; }} && printf '@checksums\\n' "
-            f"&& {{ {_hash_files('' if changed_since is None else f'-newerct @{int(changed_since)}')}; }}")
+    """DIRECTORY's summary; the files whose status changed after the host's time CHANGED_SINCE (every file if None);
+    and the sha256 of each of them and of each file stdin names (`listed_paths`). rsync writes a file under another
+    name and renames it into place: whatever mtime it then gives the file, its ctime is when it was written."""
+    condition = "" if changed_since is None else f"-newerct @{int(changed_since)}"
+    return (f"cd {shlex.quote(directory)} && {{ {REMOTE_TREE_SUMMARY}; }} && printf '@selected\\n' && "
+            f"{{ find . -type f {condition} -printf '%P\\0' | base64; }} && printf '@checksums\\n' && "
+            f"{{ {_hash_files(condition)}; xargs -0 -r sha256sum -- || failed=$?; [ \"$failed\" = 0 ]; }}")
+
+
+def listed_paths(paths: list[str]) -> bytes:
+    """PATHS (inside the directory) as `copy_check_command` reads them on stdin: NUL-separated, any byte."""
+    return b"".join(b"./" + os.fsencode(path) + b"\0" for path in paths)
 
 
 def _hash_files(condition: str = "") -> str:
@@ -46,19 +53,24 @@ def _hash_files(condition: str = "") -> str:
             '[ "$failed" = 0 ]')
 
 
-def parse_copy_check(output: bytes) -> tuple[TreeSummary, dict[str, str]]:
-    """(the tree's summary, {path: sha256} of the files hashed) from `copy_check_command`; ValueError if
-    malformed."""
-    summary, separator, hashes = output.partition(_CHECKSUMS_FOLLOW)
-    lines = summary.decode(errors="replace").split("\n")
-    if not separator:
+def parse_copy_check(output: bytes) -> tuple[TreeSummary, set[str], dict[str, str]]:
+    """(the tree's summary, the files the host selected, {path: sha256} of the files hashed) from
+    `copy_check_command`; ValueError if malformed."""
+    summary, separator, rest = output.partition(_SELECTED_FOLLOW)
+    selected, separator_too, hashes = rest.partition(_CHECKSUMS_FOLLOW)
+    if not separator or not separator_too:
         raise ValueError("the check was cut short")
-    return parse_tree_summary(lines[0], lines[1:]), parse_checksums(hashes)
+    lines = summary.decode(errors="surrogateescape").split("\n")
+    names = base64_lines(selected.decode(errors="surrogateescape").split("\n")).split(b"\0")
+    if names[-1] != b"":
+        raise ValueError("the list of files to check was cut short")
+    return (parse_tree_summary(lines[0], lines[1:]), {os.fsdecode(name) for name in names[:-1]},
+            parse_checksums(hashes))
 
 
 def parse_checksums(output: bytes) -> dict[str, str]:
     """{path relative to the directory: sha256} from what a checksums command printed. A line that is not a
-    checksum line is left out: the file it would have named counts as missing."""
+    checksum line is left out: a file it would have named has no checksum, which its caller treats as a failure."""
     found = {}
     for line in output.split(b"\n"):
         escaped = line.startswith(b"\\")

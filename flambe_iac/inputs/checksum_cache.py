@@ -3,13 +3,15 @@
 ~/.flambe/checksums.sqlite (0600, in a 0700 directory) records, by each file's absolute path, the stamp the file had
 when it was hashed and its sha256. The stamp is its size, mtime and ctime in nanoseconds, inode and device: writing
 a file changes its ctime, which no program can set back, so a file rewritten with its old size and mtime restored is
-still hashed again. A file that changes while it is hashed is not remembered. A damaged cache is started afresh.
+still hashed again. A file that changes while it is hashed is not remembered. A cache that is not a database is
+started afresh; one that cannot be used (locked too long, damaged pages, a full disk) is done without.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sqlite3
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,6 +19,7 @@ from typing import Callable, Iterable
 from flambe_iac.inputs.tree_listing import Stamp, stamp
 
 CACHE_PATH = Path("~/.flambe/checksums.sqlite")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
            "ctime_ns INTEGER, inode INTEGER, device INTEGER, sha256 TEXT) WITHOUT ROWID")
 
@@ -33,9 +36,14 @@ class ChecksumCache:
             if database is None:
                 return {}
             low, high = _under(root)
-            rows = database.execute("SELECT path, size, mtime_ns, ctime_ns, inode, device, sha256 FROM files "
-                                    "WHERE path = ? OR (path >= ? AND path < ?)", (os.fsencode(root), low, high))
-            return {row[0]: (tuple(row[1:6]), row[6]) for row in rows}
+            try:
+                rows = database.execute("SELECT path, size, mtime_ns, ctime_ns, inode, device, sha256 FROM files "
+                                        "WHERE path = ? OR (path >= ? AND path < ?)",
+                                        (os.fsencode(root), low, high)).fetchall()
+            except sqlite3.Error:  # damaged pages, a lock held too long: this run hashes without the cache
+                return {}
+            return {row[0]: (tuple(row[1:6]), row[6]) for row in rows
+                    if isinstance(row[6], str) and _DIGEST.fullmatch(row[6])}
 
     def remember(self, root: Path, checksums: dict[bytes, tuple[Stamp, str]]) -> None:
         """CHECKSUMS become what the cache holds under ROOT: files no longer there are forgotten."""
@@ -43,11 +51,14 @@ class ChecksumCache:
             if database is None:
                 return
             low, high = _under(root)
-            with database:  # one transaction
-                database.execute("DELETE FROM files WHERE path = ? OR (path >= ? AND path < ?)",
-                                 (os.fsencode(root), low, high))
-                database.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                     ((path, *stamp, digest) for path, (stamp, digest) in checksums.items()))
+            try:
+                with database:  # one transaction
+                    database.execute("DELETE FROM files WHERE path = ? OR (path >= ? AND path < ?)",
+                                     (os.fsencode(root), low, high))
+                    database.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                         ((path, *stamp, digest) for path, (stamp, digest) in checksums.items()))
+            except sqlite3.Error:  # a full disk, a lock held too long: the next run hashes these files again
+                return
 
     def _connection(self):
         return _Connection(self.path)
@@ -63,9 +74,15 @@ class _Connection:
     def __enter__(self) -> sqlite3.Connection | None:
         try:
             self.database = self._open()
+        except sqlite3.OperationalError:  # locked by another deploy for too long, or not openable: do without
+            return None
         except sqlite3.DatabaseError:  # not a database (damaged, or cut short): the cache starts afresh
-            self.path.unlink(missing_ok=True)
-            self.database = self._open()
+            for leftover in (self.path, self.path.with_name(self.path.name + "-journal")):
+                leftover.unlink(missing_ok=True)
+            try:
+                self.database = self._open()
+            except (sqlite3.Error, OSError):
+                return None
         except OSError:
             return None  # an unwritable home: every file is hashed, as without a cache
         return self.database

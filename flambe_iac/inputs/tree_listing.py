@@ -21,6 +21,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from flambe_iac.errors import InputError
+
 TreeEntry = tuple
 Stamp = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, device: what the checksum cache keys on
 
@@ -63,19 +65,30 @@ def walk_tree(root: Path, excludes: tuple[str, ...] = ()) -> LocalTree:
     found, pending = [], [("", str(root))]
     while pending:
         prefix, directory = pending.pop()
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name in excludes:
-                    continue
-                path = prefix + entry.name
-                if entry.is_symlink():
-                    found.append(("l", path, os.readlink(entry.path)))
-                elif entry.is_dir():
-                    found.append(("d", path, None))
-                    pending.append((path + "/", entry.path))
-                else:
-                    found.append(("f", path, entry.stat(follow_symlinks=False)))
+        try:
+            found += _directory_entries(prefix, directory, excludes, pending)
+        except OSError as error:  # an unreadable directory (a mount root's lost+found), or one removed meanwhile
+            raise InputError(f"cannot read {directory}: {error.strerror}; a resource must be readable "
+                             "throughout") from None
     return _tree(found)
+
+
+def _directory_entries(prefix: str, directory: str, excludes: tuple[str, ...], pending: list) -> list:
+    """The entries of one DIRECTORY, with PREFIX before their names; its subdirectories go on PENDING."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name in excludes:
+                continue
+            path = prefix + entry.name
+            if entry.is_symlink():
+                found.append(("l", path, os.readlink(entry.path)))
+            elif entry.is_dir():
+                found.append(("d", path, None))
+                pending.append((path + "/", entry.path))
+            else:
+                found.append(("f", path, entry.stat(follow_symlinks=False)))
+    return found
 
 
 def _tree(found: list) -> LocalTree:

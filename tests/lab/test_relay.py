@@ -153,3 +153,20 @@ def test_files_with_any_names_deliver_verify_and_rerun_unchanged(make_lab, tmp_p
     manifest = json.loads((lab.home("factory-1") / ".flambe" / "cluster.json").read_text())
     assert {os.fsencode(path) for path in manifest["resources"]["data"]} == {
         path for path, _ in tree_bytes(tree).items() if not os.path.islink(os.path.join(os.fsencode(tree), path))}
+
+
+def test_a_local_change_that_keeps_size_and_mtime_reaches_every_host(make_lab, tmp_path):
+    """A file rewritten here with its size and mtime kept: rsync's quick check would skip it, and the hosts' listings
+    still match. Their manifests record its old checksum, so every host hashes it, and it arrives on every one."""
+    lab = make_lab(3)
+    tree = make_tree(tmp_path / "data", [b"a", b"b"])
+    arguments = (*lab.lab_arguments(), "--resource", f"data={tree}")
+    first = lab.deploy(*arguments)
+    assert first.returncode == 0, first.stdout + first.stderr
+    status = (tree / "a").stat()
+    (tree / "a").write_bytes(b"Z" * status.st_size)
+    os.utime(tree / "a", ns=(status.st_atime_ns, status.st_mtime_ns))
+    again = lab.deploy(*arguments)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for name in lab.hostnames:
+        assert (lab.home(name) / "resources" / "data" / "a").read_bytes() == b"Z" * status.st_size, name

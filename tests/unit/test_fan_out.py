@@ -4,7 +4,17 @@ the server receives, one last pass once its copy is whole, and a failed server h
 import gevent
 import pytest
 
-from flambe_iac.engine.fan_out import AUTO, DIRECT, RELAY, TREE, TREE_ABOVE_BYTES, FanOut, Hop, chosen_mode, server_of
+from flambe_iac.engine.fan_out import (
+    AUTO,
+    RELAY,
+    TREE,
+    TREE_ABOVE_BYTES,
+    WRITES_STOPPED,
+    FanOut,
+    Hop,
+    chosen_mode,
+    server_of,
+)
 
 MEMBERS = ["orchestrator", *(f"factory-{index}" for index in range(1, 16))]
 HOP = Hop("resources/data", "ubuntu", "10.0.0.9", 10)
@@ -22,7 +32,6 @@ class RecordingFanOut(FanOut):
 
 
 @pytest.mark.parametrize("mode, expected", [
-    (DIRECT, [None] * 16),
     (RELAY, [None] + ["orchestrator"] * 15),
     (TREE, [None, "orchestrator", "orchestrator", "factory-1", "factory-1", "factory-2", "factory-2", "factory-3",
             "factory-3", "factory-4", "factory-4", "factory-5", "factory-5", "factory-6", "factory-6", "factory-7"]),
@@ -110,6 +119,31 @@ def test_a_pass_never_deletes_and_leaves_rsyncs_partial_files_out():
     assert "--delete" not in passing and "--exclude=.*.??????" in passing
     assert "--delete" in last and "--exclude" not in last and "--checksum" not in last
     assert "--checksum" in thorough.split(" -- ")[0]
+    excluding = Hop("extensions/lib", "ubuntu", "10.0.0.9", 10, (".git",)).command(last=True)
+    assert excluding.count("--exclude=.git") == 2  # a member's .git is kept, as a direct transfer keeps it
     for command in (passing, last, thorough):
+        # Under a home too long for a socket's path, the same pass without the shared connection.
+        assert command.count("ControlMaster=auto") == 1 and 'if [ "${#HOME}" -le 38 ]' in command
         assert "StrictHostKeyChecking=yes" in command and "IdentitiesOnly=yes" in command
         assert "ForwardAgent=no" in command and ".ssh/flambe_known_hosts" in command
+
+
+def test_once_the_lock_is_lost_no_pass_and_no_hop_starts():
+    lost = []
+    fan_out = RecordingFanOut(MEMBERS[:2], {"resources/data": RELAY})
+    fan_out.writes_stopped = lambda: lost[0] if lost else None
+    real_hop = FanOut.hop
+
+    def counted(self, server, hop, last, by_contents=False):
+        self.hops.append((server, last))
+        return real_hop(self, server, hop, last, by_contents)
+    fan_out.hop = counted.__get__(fan_out)
+    fan_out.hosts["orchestrator"] = None
+    fan_out.receiving("resources/data", "orchestrator")
+    lost.append("lost the deploy lock on 10.0.0.1: nothing more was written")
+    taking = gevent.spawn(fan_out.take, "resources/data", "factory-1", HOP, [])
+    gevent.sleep(0.2)
+    fan_out.holds("resources/data", "orchestrator")
+    server, code, cause = taking.get(timeout=5)
+    assert code == WRITES_STOPPED and cause.startswith("lost the deploy lock")
+    assert fan_out.hops == [("orchestrator", False), ("orchestrator", True)]  # refused before any command ran

@@ -2,6 +2,7 @@
 checked by hashing only what a transfer wrote. The hosts' commands run for real, in a shell on this machine (the
 same GNU find, openssl and sha256sum as on the lab's hosts)."""
 
+import json
 import os
 import shutil
 import sqlite3
@@ -15,7 +16,9 @@ from hypothesis import strategies as st
 
 from flambe_iac.deploys import operations
 from flambe_iac.deploys.operations import Transfer, verify_tree
-from flambe_iac.engine.remote_probes import checksums_command, copy_check_command, parse_checksums, parse_copy_check
+from flambe_iac.engine.remote_probes import (checksums_command, copy_check_command, listed_paths, parse_checksums,
+                                             parse_copy_check)
+from flambe_iac.errors import InputError
 from flambe_iac.inputs.checksum_cache import ChecksumCache, cached_checksums, sha256_of_file
 from flambe_iac.inputs.resources import Resource, checksums
 from flambe_iac.inputs.tree_listing import (
@@ -64,8 +67,11 @@ def test_hostile_names_hash_to_the_local_checksums(tmp_path, hasher):
     path = without_openssl(tmp_path) if hasher == "sha256sum" else None
     expected = checksums(Resource("data", tree))
     assert parse_checksums(in_shell(checksums_command("data"), tmp_path, path=path)) == expected
-    summary, found = parse_copy_check(in_shell(copy_check_command("data", None), tmp_path, path=path))
-    assert summary == walk_tree(tree).summary and found == expected
+    summary, selected, found = parse_copy_check(in_shell(copy_check_command("data", None), tmp_path, path=path))
+    assert summary == walk_tree(tree).summary and found == expected and selected == set(expected)
+    some = sorted(expected)[:3] + [name for name in expected if "\n" in name][:1]
+    listed = in_shell(copy_check_command("data", 2**40), tmp_path, stdin=listed_paths(some), path=path)
+    assert parse_copy_check(listed)[1:] == (set(), {name: expected[name] for name in some})
 
 
 names = st.binary(min_size=1, max_size=255).filter(lambda name: b"\0" not in name and b"/" not in name
@@ -158,7 +164,7 @@ class LocalHost:
     def run_remote(self, host, command, stdin=b"", timeout=None):
         result = subprocess.run(["sh", "-c", command], cwd=self.home, input=stdin, capture_output=True)
         if "@checksums" in command:
-            self.hashed += sorted(parse_copy_check(result.stdout)[1])
+            self.hashed += sorted(parse_copy_check(result.stdout)[2])
         return RemoteResult(result.returncode, result.stdout, result.stderr)
 
 
@@ -170,7 +176,7 @@ def copied(tree: Path, home: Path) -> Path:
 
 
 def transfer_of(tree: Path) -> Transfer:
-    return Transfer(destination="resources/data", expected=walk_tree(tree), rsync=None,
+    return Transfer(destination="resources/data", expected=walk_tree(tree), rsync=None, recorded_as="data",
                     checksums=checksums(Resource("data", tree)))
 
 
@@ -252,3 +258,97 @@ def test_a_copy_a_member_served_that_fails_its_check_is_sent_again_by_contents(t
     assert len(sent_again) == 1 and "--checksum" in sent_again[0]
     assert notes and "from factory-1 failed its check" in notes[0] and "compared by contents" in notes[0]
     assert (copy / "a").read_bytes() == (tree / "a").read_bytes()
+
+
+def same_size_and_mtime(path: Path, content: bytes) -> None:
+    """PATH rewritten with CONTENT (of its size), its mtime set back: only its bytes and its ctime tell."""
+    status = os.stat(path)
+    assert len(content) == status.st_size
+    path.write_bytes(content)
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+
+
+class LocalDeploy:
+    """_transfer_tree against a LocalHost, with a local rsync that, like rsync, skips files of the same size and
+    mtime unless asked to compare contents."""
+
+    def __init__(self, tmp_path, monkeypatch, tree: Path):
+        self.tree, self.host = tree, LocalHost(tmp_path / "home")
+        self.host.name, self.rsyncs = "factory-1", []
+        self.copy = copied(tree, self.host.home)
+        monkeypatch.setattr(operations, "run_remote", self.host.run_remote)
+        monkeypatch.setattr(operations, "read_file", self.read_file)
+        monkeypatch.setattr(operations, "run_rsync", self.run_rsync)
+
+    def read_file(self, host, path):
+        file = self.host.home / path
+        return file.read_bytes() if file.exists() else None
+
+    def run_rsync(self, host, rsync, transfer):
+        by_contents = ["--checksum"] if "--checksum" in rsync.argv else []
+        self.rsyncs.append(by_contents)
+        subprocess.run(["rsync", "-a", *by_contents, "--delete", f"{self.tree}/", f"{self.copy}/"], check=True)
+
+    def record_manifest(self, checksums: dict) -> None:
+        manifest = self.host.home / ".flambe" / "cluster.json"
+        manifest.parent.mkdir(exist_ok=True)
+        manifest.write_text(json.dumps({"resources": {"data": checksums}}))
+
+    def transfer(self, vouched: bool) -> tuple[bool, dict, list]:
+        transfer = Transfer(destination="resources/data", expected=walk_tree(self.tree), recorded_as="data",
+                            checksums=checksums(Resource("data", self.tree)), vouched=vouched,
+                            rsync=RsyncJob(["rsync", "-a", "--", f"{self.tree}/", "host:resources/data/"]))
+        causes, notes = {}, []
+        done = operations._transfer_tree(None, self.host, transfer, int(time.time()) + 3600, causes, notes)
+        return done, causes, notes
+
+
+def test_a_damaged_copy_left_by_a_failed_run_is_found_and_replaced_by_the_next(tmp_path, monkeypatch):
+    """A run that failed its check leaves a file damaged with its size and mtime kept, and no manifest for these
+    checksums: the next run hashes that file whatever its ctime, finds it, and sends it again by contents."""
+    tree = make_tree(tmp_path / "data", [b"a", b"b"])
+    deploy = LocalDeploy(tmp_path, monkeypatch, tree)
+    deploy.record_manifest({})  # an earlier run's manifest, for other checksums
+    same_size_and_mtime(deploy.copy / "a", b"X" * (tree / "a").stat().st_size)
+    done, causes, notes = deploy.transfer(vouched=False)
+    assert done and causes == {} and deploy.rsyncs == [[], ["--checksum"]]
+    assert "failed its check" in notes[0] and (deploy.copy / "a").read_bytes() == (tree / "a").read_bytes()
+
+
+def test_a_local_change_that_keeps_size_and_mtime_reaches_the_host(tmp_path, monkeypatch):
+    """rsync's quick check skips a file rewritten here with its size and mtime kept; the host's manifest records its
+    old checksum, so the check hashes it, finds the old bytes, and it is sent again by contents."""
+    tree = make_tree(tmp_path / "data", [b"a", b"b"])
+    deploy = LocalDeploy(tmp_path, monkeypatch, tree)
+    deploy.record_manifest(checksums(Resource("data", tree)))
+    same_size_and_mtime(tree / "b", b"Y" * (tree / "b").stat().st_size)
+    done, causes, notes = deploy.transfer(vouched=False)
+    assert done and causes == {} and deploy.rsyncs == [[], ["--checksum"]]
+    assert (deploy.copy / "b").read_bytes() == (tree / "b").read_bytes()
+    assert deploy.host.hashed.count("b") == 2  # listed from the manifest, not by its ctime; then checked again
+
+
+
+def test_a_cache_with_damaged_pages_is_done_without(tmp_path):
+    tree = make_tree(tmp_path / "data", [bytes([65 + index % 26]) * (index % 40 + 1) for index in range(300)])
+    cache = ChecksumCache(tmp_path / "checksums.sqlite")
+    expected = cached_checksums(tree, tree, walk_tree(tree).files, cache)
+    data = bytearray(cache.path.read_bytes())
+    data[4096:] = os.urandom(len(data) - 4096)  # the header kept, every page after it garbage
+    cache.path.write_bytes(bytes(data))
+    assert cached_checksums(tree, tree, walk_tree(tree).files, cache) == expected
+
+
+def test_an_unreadable_directory_in_a_resource_is_bad_input(tmp_path, monkeypatch):
+    """A directory the walk cannot read (a mount root's lost+found, as root needs no permission here: refused by
+    the filesystem instead) is a cause in words, not a traceback."""
+    tree = make_tree(tmp_path / "data", [b"a"])
+    real_scandir = os.scandir
+
+    def refusing(path):
+        if str(path).endswith("/sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(InputError, match="cannot read .*/sub: Permission denied"):
+        walk_tree(tree)
