@@ -27,7 +27,7 @@ from pyinfra.api import FunctionCommand, operation
 from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.engine.fan_out import RSYNC_CONNECTION_LOST, WRITES_STOPPED, FanOut, Hop
 from flambe_iac.engine.remote_layout import MANIFEST, recorded_resources
-from flambe_iac.engine.remote_probes import copy_check_command, listed_paths, parse_copy_check
+from flambe_iac.engine.remote_probes import copy_check_command, inside_home, listed_paths, parse_copy_check
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.inputs.tree_listing import REMOTE_TREE_LISTING, LocalTree, parse_tree_listing
 from flambe_iac.ssh.channel import RemoteCommandError, read_file, run_remote
@@ -234,7 +234,7 @@ def differing_entries(host, destination: str, expected: set) -> str | None:
     """What the host's full listing of DESTINATION shows that EXPECTED does not (mtimes to the second: a filesystem
     with coarser times than this one's is not a difference), or None."""
     try:
-        result = run_remote(host, f"cd {shlex.quote(destination)} && {REMOTE_TREE_LISTING}", timeout=VERIFY_TIMEOUT)
+        result = run_remote(host, f"cd {inside_home(destination)} && {REMOTE_TREE_LISTING}", timeout=VERIFY_TIMEOUT)
         entries = parse_tree_listing(result.stdout) if result.exit_code == 0 else None
     except (RemoteCommandError, ValueError) as error:
         return f"could not list ~/{destination}: {error}"

@@ -12,6 +12,7 @@ import base64
 import shlex
 from dataclasses import dataclass, field
 
+from flambe_iac.engine.remote_probes import inside_home
 from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY, TreeSummary, parse_tree_summary
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
@@ -70,7 +71,7 @@ def snapshot_command(request: SnapshotRequest) -> str:
         )
     for path in request.trees:
         quoted = shlex.quote(path)
-        parts.append(f"if [ -d {quoted} ]; then printf '@tree %s\\n' {quoted}; (cd {quoted} && {{ {REMOTE_TREE_SUMMARY}; }}); fi")
+        parts.append(f"if [ -d {quoted} ]; then printf '@tree %s\\n' {quoted}; (cd {inside_home(path)} && {{ {REMOTE_TREE_SUMMARY}; }}); fi")
     for tool in request.tools:
         # bash's `command -v` also names a file it cannot run: check that it is a runnable file.
         parts.append(f"{{ p=$(command -v {shlex.quote(tool)}) && [ -f \"$p\" ] && [ -x \"$p\" ]; }} "

@@ -25,7 +25,7 @@ RUNNABLE_RUNNING = (f'[ -f {RUN_PID} ] && pid=$(cat {RUN_PID}) && kill -0 "$pid"
 
 def checksums_command(directory: str) -> str:
     """The sha256 of every file under DIRECTORY (relative to the home)."""
-    return f"cd {shlex.quote(directory)} && {{ {_hash_files()}; }}"
+    return f"cd {inside_home(directory)} && {{ {_hash_files()}; }}"
 
 
 def copy_check_command(directory: str, changed_since: int | None) -> str:
@@ -33,7 +33,7 @@ def copy_check_command(directory: str, changed_since: int | None) -> str:
     and the sha256 of each of them and of each file stdin names (`listed_paths`). rsync writes a file under another
     name and renames it into place: whatever mtime it then gives the file, its ctime is when it was written."""
     condition = "" if changed_since is None else f"-newerct @{int(changed_since)}"
-    return (f"cd {shlex.quote(directory)} && {{ {REMOTE_TREE_SUMMARY}; }} && printf '@selected\\n' && "
+    return (f"cd {inside_home(directory)} && {{ {REMOTE_TREE_SUMMARY}; }} && printf '@selected\\n' && "
             f"{{ find . -type f {condition} -printf '%P\\0' | base64; }} && printf '@checksums\\n' && "
             f"{{ {_hash_files(condition)}; xargs -0 -r sha256sum -- || failed=$?; [ \"$failed\" = 0 ]; }}")
 
@@ -43,13 +43,20 @@ def listed_paths(paths: list[str]) -> bytes:
     return b"".join(b"./" + os.fsencode(path) + b"\0" for path in paths)
 
 
+def inside_home(directory: str) -> str:
+    """DIRECTORY (relative to the home) for `cd`, quoted: "./" first, so that no CDPATH of the user's sends it
+    elsewhere."""
+    return shlex.quote(f"./{directory}")
+
+
 def _hash_files(condition: str = "") -> str:
     """Hash each file under . that meets CONDITION (find's tests): by openssl, or sha256sum for a path with a
-    newline (openssl 3 escapes newlines but not backslashes, which cannot be read back). Several commands: put it
-    in braces after a `cd`, or a failed cd would hash the home."""
+    newline (openssl 3 escapes newlines but not backslashes, which cannot be read back; in the C locale, so that a
+    name that is not UTF-8 still matches). Several commands: put it in braces after a `cd`, or a failed cd would
+    hash the home."""
     return (f"{_CHOOSE_HASH}; failed=0; "
-            f"find . -type f {condition} ! -path '*\n*' -print0 | xargs -0 -r $hash || failed=$?; "
-            f"find . -type f {condition} -path '*\n*' -print0 | xargs -0 -r sha256sum -- || failed=$?; "
+            f"LC_ALL=C find . -type f {condition} ! -path '*\n*' -print0 | xargs -0 -r $hash || failed=$?; "
+            f"LC_ALL=C find . -type f {condition} -path '*\n*' -print0 | xargs -0 -r sha256sum -- || failed=$?; "
             '[ "$failed" = 0 ]')
 
 

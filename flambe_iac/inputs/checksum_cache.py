@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -89,7 +90,16 @@ class _Connection:
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        directory = os.lstat(self.path.parent)
+        if directory.st_uid != os.geteuid() or directory.st_mode & 0o022 or not stat.S_ISDIR(directory.st_mode):
+            raise PermissionError(f"{self.path.parent} is not this user's alone")  # another could swap the file
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            if os.fstat(descriptor).st_uid != os.geteuid():
+                raise PermissionError(f"{self.path} is not this user's")
+            os.fchmod(descriptor, 0o600)
+        finally:
+            os.close(descriptor)
         database = sqlite3.connect(self.path, timeout=30)
         try:
             database.execute(_SCHEMA)

@@ -352,3 +352,15 @@ def test_an_unreadable_directory_in_a_resource_is_bad_input(tmp_path, monkeypatc
     monkeypatch.setattr(os, "scandir", refusing)
     with pytest.raises(InputError, match="cannot read .*/sub: Permission denied"):
         walk_tree(tree)
+
+
+def test_a_cache_in_a_directory_others_can_write_is_not_used(tmp_path):
+    """Another user who can write the cache's directory could swap the file for one of their own digests."""
+    tree = make_tree(tmp_path / "data", [b"a"])
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    cache = ChecksumCache(shared / "checksums.sqlite")
+    hashed = []
+    cached_checksums(tree, tree, walk_tree(tree).files, cache, hash_files=counting_hasher(hashed))
+    assert not cache.path.exists() and len(hashed) == 2
