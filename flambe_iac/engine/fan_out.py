@@ -32,9 +32,10 @@ from flambe_iac.ssh.policy import SshTarget, close_shared_connection, comparing_
 DIRECT, RELAY, TREE, AUTO = "direct", "relay", "tree", "auto"
 BRANCHING = 2  # members a member serves in a tree
 # AUTO: a tree of this many bytes or more goes by TREE, a smaller one by RELAY. Measured (bench/fanout.py): with every
-# link at 100 Mbit/s, 50 MB to 16 hosts takes 2.5x one host's time by TREE and 12.8x by RELAY (a star: the
-# orchestrator's link carries 15 copies); with no link limit, 5 MB takes 1.10x a direct transfer by RELAY and 1.28x by
-# TREE (each level of the tree costs a pass and a check). 32 MiB crosses a 1 Gbit/s link in 0.27 s, about one level.
+# link at 100 Mbit/s, 50 MB to 16 hosts takes 2.5x one host's time by TREE and 12.9x by RELAY (a star: the
+# orchestrator's link carries 15 copies); with no link limit, 5 MB takes 1.03-1.07x a direct transfer by RELAY and
+# 1.15-1.21x by TREE (each level of the tree adds a forwarding pass and a last pass). 32 MiB crosses a 1 Gbit/s link
+# in 0.27 s, about one level.
 TREE_ABOVE_BYTES = 32 * 2**20
 # Hops at once on one member's SSH connection: below sshd's default MaxSessions (10), leaving room for the deploy
 # lock and the member's own commands.
