@@ -118,6 +118,7 @@ class Transfer:
     rsync: RsyncJob  # the direct transfer, from this machine
     checksums: dict[str, str] | None = None  # sha256 by path, for resources: checked after every transfer
     recorded_as: str = ""  # the resource's name in the manifest
+    recorded: RecordedResources | None = None  # what the host's manifest records, shared by the member's trees
     vouched: bool = True  # the host's manifest is the one this run writes: its copy was checked against CHECKSUMS
     writes_stopped: Callable[[], str | None] = lambda: None  # why no rsync may start any more (the lock is lost)
     fan_out: FanOut | None = None  # None: directly from this machine
@@ -175,10 +176,22 @@ def _transfer_tree(state, host, transfer: Transfer, changed_since: int | None, c
     return True
 
 
+class RecordedResources:
+    """The checksums a host's manifest records, read at most once for all of the member's trees."""
+
+    def __init__(self):
+        self.read, self.resources = False, None
+
+    def of(self, host) -> dict | None:
+        if not self.read:
+            self.read, self.resources = True, recorded_resources(read_file(host, MANIFEST) or b"")
+        return self.resources
+
+
 def unvouched_files(host, transfer: Transfer) -> list[str] | None:
     """The files whose checksums the host's manifest does not record as these: to be hashed whatever their ctime.
     None: the manifest is missing or unreadable, so every file is."""
-    recorded = recorded_resources(read_file(host, MANIFEST) or b"")
+    recorded = (transfer.recorded or RecordedResources()).of(host)
     files = recorded.get(transfer.recorded_as) if recorded is not None else None
     if not isinstance(files, dict):
         return None

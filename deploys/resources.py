@@ -10,7 +10,7 @@ from flambe_iac.engine.remote_layout import MANIFEST
 def reads(context) -> SnapshotRequest:
     """The copies' listings, and the manifest's sha256: whether it vouches for their checksums."""
     return SnapshotRequest(trees=tuple(tree.remote_directory for tree in context.plan.resources), files=(MANIFEST,),
-                           tools=("rsync",))
+                           tools=("rsync", "find", "sort", "sha256sum", "base64"))
 
 
 def sync_resources(context, member, snapshot: HostSnapshot) -> list:

@@ -8,12 +8,11 @@ Paths are relative to the SSH user's home. Contents are read only for files that
 
 from __future__ import annotations
 
-import base64
 import shlex
 from dataclasses import dataclass, field
 
 from flambe_iac.engine.remote_probes import inside_home
-from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY, TreeSummary, parse_tree_summary
+from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY, TreeSummary, base64_lines, parse_tree_summary
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 END = "@end-of-snapshot"
@@ -71,7 +70,8 @@ def snapshot_command(request: SnapshotRequest) -> str:
         )
     for path in request.trees:
         quoted = shlex.quote(path)
-        parts.append(f"if [ -d {quoted} ]; then printf '@tree %s\\n' {quoted}; (cd {inside_home(path)} && {{ {REMOTE_TREE_SUMMARY}; }}); fi")
+        parts.append(f"if [ -d {quoted} ]; then printf '@tree %s\\n' {quoted}; "
+                     f"(cd {inside_home(path)} && {{ {REMOTE_TREE_SUMMARY}; }}); fi")
     for tool in request.tools:
         # bash's `command -v` also names a file it cannot run: check that it is a runnable file.
         parts.append(f"{{ p=$(command -v {shlex.quote(tool)}) && [ -f \"$p\" ] && [ -x \"$p\" ]; }} "
@@ -112,7 +112,7 @@ def _parse_snapshot(output: list[str]) -> HostSnapshot:
 
     def close_section():
         if section == "@read":
-            snapshot.contents[path] = base64.b64decode("".join(lines), validate=True)
+            snapshot.contents[path] = base64_lines(lines)
         elif section == "@tree":
             snapshot.trees[path] = parse_tree_summary(lines[0], lines[1:])
 

@@ -21,7 +21,7 @@ from flambe_iac import __version__
 from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.cluster import Host as Member
 from flambe_iac.deploys import cluster_key, extensions, manifest, ray, resources, runnable, secrets, setup
-from flambe_iac.deploys.operations import Transfer
+from flambe_iac.deploys.operations import RecordedResources, Transfer
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import ClusterKey
 from flambe_iac.engine.fan_out import DIRECT, FanOut, Hop, chosen_mode
@@ -153,6 +153,8 @@ class StepContext:
         """How each tree gets to one member, and how its copy is checked (VOUCHED: see `manifest_vouches`)."""
         address = self.plan.address(member)
         fan_out = self.fan_out if relayed else None
+        recorded = RecordedResources()
+
         def served(tree: Resource) -> bool:
             return fan_out is not None and fan_out.server[tree.remote_directory, member.id] is not None
         return [Transfer(
@@ -161,6 +163,7 @@ class StepContext:
             rsync=self.policy.rsync_job(tree.rsync_source, f"{tree.remote_directory}/", address, tree.excludes),
             checksums=self.resource_checksums.get(tree.name) if tree in self.plan.resources else None,
             recorded_as=tree.name,
+            recorded=recorded,
             vouched=vouched,
             writes_stopped=self.writes_stopped,
             fan_out=fan_out,

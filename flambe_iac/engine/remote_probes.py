@@ -7,7 +7,13 @@ import re
 import shlex
 
 from flambe_iac.engine.remote_layout import RUN_PID
-from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY, TreeSummary, base64_lines, parse_tree_summary
+from flambe_iac.inputs.tree_listing import (
+    REMOTE_TREE_SUMMARY,
+    TreeSummary,
+    base64_lines,
+    nul_fields,
+    parse_tree_summary,
+)
 
 # openssl's sha256 uses the CPU's SHA instructions: five times faster than coreutils' sha256sum here. Both print
 # `HASH *PATH` or `HASH  PATH`; sha256sum prints a path with a newline as `\HASH  ESCAPED` (backslashes, newlines and
@@ -68,10 +74,8 @@ def parse_copy_check(output: bytes) -> tuple[TreeSummary, set[str], dict[str, st
     if not separator or not separator_too:
         raise ValueError("the check was cut short")
     lines = summary.decode(errors="surrogateescape").split("\n")
-    names = base64_lines(selected.decode(errors="surrogateescape").split("\n")).split(b"\0")
-    if names[-1] != b"":
-        raise ValueError("the list of files to check was cut short")
-    return (parse_tree_summary(lines[0], lines[1:]), {os.fsdecode(name) for name in names[:-1]},
+    names = nul_fields(base64_lines(selected.decode(errors="surrogateescape").split("\n")))
+    return (parse_tree_summary(lines[0], lines[1:]), {os.fsdecode(name) for name in names},
             parse_checksums(hashes))
 
 

@@ -28,8 +28,11 @@ Stamp = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, devic
 
 _FILES_AND_DIRECTORIES = r"find . -mindepth 1 \( -type f -printf 'f/%s/%T@/%P\0' \) -o \( -type d -printf 'd/%P\0' \)"
 _SYMLINKS = r"find . -mindepth 1 -type l -printf '%P\0%l\0'"
+# The records end with END_RECORD, so that a find or sort that fails, printing nothing, never matches an empty tree.
+END_RECORD = b"end"
 # Run inside a tree on a host: the summary's digest on one line, then its symlinks, NUL-separated, in base64 lines.
-REMOTE_TREE_SUMMARY = (f"{{ {_FILES_AND_DIRECTORIES}; }} | LC_ALL=C sort -z | sha256sum | cut -c1-64; "
+REMOTE_TREE_SUMMARY = (f"{{ {_FILES_AND_DIRECTORIES}; printf '{END_RECORD.decode()}\\0'; }} | LC_ALL=C sort -z "
+                       "| sha256sum | cut -c1-64; "
                        f"{{ {_SYMLINKS}; }} | base64")
 # Run inside a tree on a host: every entry, NUL-separated; `parse_tree_listing` reads it.
 REMOTE_TREE_LISTING = (r"find . -mindepth 1 \( -type f -printf 'f\0%P\0%s\0%T@\0' \) "
@@ -106,6 +109,7 @@ def _tree(found: list) -> LocalTree:
         else:
             entries.add(("l", path, detail))
             links.add((path, detail))
+    records.append(END_RECORD)
     records.sort()
     digest = hashlib.sha256(b"".join(record + b"\0" for record in records)).hexdigest()
     files.sort()
@@ -134,7 +138,7 @@ def parse_tree_summary(digest_line: str, link_lines: list[str]) -> TreeSummary:
     digest = digest_line.strip()
     if len(digest) != 64 or any(character not in "0123456789abcdef" for character in digest):
         raise ValueError("a tree summary without its digest")
-    fields = _nul_fields(base64_lines(link_lines))
+    fields = nul_fields(base64_lines(link_lines))
     if len(fields) % 2:
         raise ValueError("a symlink without its target")
     names = [os.fsdecode(field) for field in fields]
@@ -143,7 +147,7 @@ def parse_tree_summary(digest_line: str, link_lines: list[str]) -> TreeSummary:
 
 def parse_tree_listing(data: bytes) -> set[TreeEntry]:
     """What REMOTE_TREE_LISTING printed; anything else is a ValueError."""
-    fields = _nul_fields(data)
+    fields = nul_fields(data)
     entries, index = set(), 0
     while index < len(fields):
         kind = fields[index]
@@ -159,7 +163,8 @@ def parse_tree_listing(data: bytes) -> set[TreeEntry]:
     return entries
 
 
-def _nul_fields(data: bytes) -> list[bytes]:
+def nul_fields(data: bytes) -> list[bytes]:
+    """The NUL-terminated fields of DATA; ValueError if the last one is cut short."""
     if not data:
         return []
     fields = data.split(b"\0")

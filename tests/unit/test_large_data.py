@@ -364,3 +364,18 @@ def test_a_cache_in_a_directory_others_can_write_is_not_used(tmp_path):
     hashed = []
     cached_checksums(tree, tree, walk_tree(tree).files, cache, hash_files=counting_hasher(hashed))
     assert not cache.path.exists() and len(hashed) == 2
+
+
+def test_a_host_whose_sort_fails_never_matches_even_an_empty_tree(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tools = tmp_path / "no-sort"
+    tools.mkdir()
+    for tool in ("sh", "find", "sha256sum", "cut", "base64"):
+        os.symlink(shutil.which(tool), tools / tool)
+    result = subprocess.run(["sh", "-c", REMOTE_TREE_SUMMARY], cwd=empty, capture_output=True,
+                            env={**os.environ, "PATH": str(tools)})
+    lines = result.stdout.decode().split("\n")
+    assert parse_tree_summary(lines[0], lines[1:]) != walk_tree(empty).summary
+    lines = in_shell(REMOTE_TREE_SUMMARY, empty).decode().split("\n")
+    assert parse_tree_summary(lines[0], lines[1:]) == walk_tree(empty).summary
