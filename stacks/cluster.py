@@ -1,5 +1,6 @@
-"""The cluster's resources: one orchestrator and N factories in the user's subnet and security groups,
-optional idle alarms, and the stack outputs (contract v1). No security group, rule, NACL, route or key pair.
+"""The cluster's resources: one orchestrator and N factories in the user's subnet and security groups, an optional
+placement group and EFA interfaces, optional idle alarms, and the stack outputs (contract v1). No security group,
+rule, NACL, route or key pair.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flambe_iac.stacks.cluster_config import (
     ClusterConfig,
     StackConfigError,
 )
+from flambe_iac.stacks.placement import check_placement_type, efa_interface_count, efa_launch_template, placement_group
 
 ORCHESTRATOR, FACTORY = "orchestrator", "factory"
 COMPONENT_TYPE = "flambe:cluster:Cluster"
@@ -34,10 +36,21 @@ class FlambeCluster(pulumi.ComponentResource):
         super().__init__(COMPONENT_TYPE, config.name, None, opts)
         check_network(config)
         child = pulumi.ResourceOptions(parent=self)
-        self.amis = {ORCHESTRATOR: choose_ami(config, ORCHESTRATOR), FACTORY: choose_ami(config, FACTORY)}
+        kinds = {role: aws.ec2.get_instance_type(instance_type=instance_type_of(config, role))
+                 for role in (ORCHESTRATOR, FACTORY)}
+        placed = [FACTORY, ORCHESTRATOR] if config.placement_orchestrator else [FACTORY]
+        for role in placed if config.placement_group else []:
+            check_placement_type(config, instance_type_of(config, role), kinds[role])
+        efa_interfaces = efa_interface_count(config, config.factory_type, kinds[FACTORY])
+        self.amis = {role: choose_ami(config, role, kinds[role]) for role in (ORCHESTRATOR, FACTORY)}
+        self.placement_group = placement_group(config, tags_for(config, "placement", f"{config.name}_placement"),
+                                               child) if config.placement_group else None
+        self.efa_template = efa_launch_template(config, efa_interfaces, child) if efa_interfaces else None
+        group = {role: self.placement_group if role in placed else None for role in (ORCHESTRATOR, FACTORY)}
         self.orchestrator = instance(config, ORCHESTRATOR, f"{config.name}_orchestrator", self.amis[ORCHESTRATOR],
-                                     child)
-        self.factories = [instance(config, FACTORY, f"{config.name}_factory_{index}", self.amis[FACTORY], child)
+                                     child, group[ORCHESTRATOR])
+        self.factories = [instance(config, FACTORY, f"{config.name}_factory_{index}", self.amis[FACTORY], child,
+                                   group[FACTORY], self.efa_template)
                           for index in range(config.factory_count)]
         region = aws.get_region_output().region
         self.alarms = []
@@ -73,13 +86,17 @@ def check_network(config: ClusterConfig) -> None:
             )
 
 
-def choose_ami(config: ClusterConfig, role: str) -> str:
+def instance_type_of(config: ClusterConfig, role: str) -> str:
+    return config.orchestrator_type if role == ORCHESTRATOR else config.factory_type
+
+
+def choose_ami(config: ClusterConfig, role: str, kind) -> str:
     """The image for ROLE's instances: given; else the one the cluster's instances of that role already run (so a
     factory added later boots what the others run, unless refreshAmi); else the newest for the instance type:
     Ubuntu 24.04 LTS for its architecture, or for a factory type with GPUs, AWS's Deep Learning Base GPU AMI.
-    A given image whose architecture the instance type cannot run is refused here, at preview."""
-    instance_type = config.orchestrator_type if role == ORCHESTRATOR else config.factory_type
-    kind = aws.ec2.get_instance_type(instance_type=instance_type)
+    A given image whose architecture the instance type cannot run is refused here, at preview. KIND: what
+    getInstanceType says of the role's type."""
+    instance_type = instance_type_of(config, role)
     architecture = "arm64" if "arm64" in kind.supported_architectures else "x86_64"
     given = config.factory_ami if role == FACTORY and config.factory_ami else config.ami
     if given:
@@ -133,17 +150,23 @@ def tags_for(config: ClusterConfig, role: str, name: str) -> dict[str, str]:
             "Role": role, "Name": name}
 
 
-def instance(config: ClusterConfig, role: str, name: str, ami: str, opts: pulumi.ResourceOptions) -> aws.ec2.Instance:
+def instance(config: ClusterConfig, role: str, name: str, ami: str, opts: pulumi.ResourceOptions,
+             group: aws.ec2.PlacementGroup | None = None, efa_template: aws.ec2.LaunchTemplate | None = None
+             ) -> aws.ec2.Instance:
+    """With EFA_TEMPLATE, the subnet, security groups and public address are its interfaces' (EC2 refuses both)."""
     tags = tags_for(config, role, name)
     spot = config.spot_max_price is not None and role == FACTORY
+    network = dict(subnet_id=config.subnet_id, vpc_security_group_ids=config.security_group_ids,
+                   associate_public_ip_address=config.associate_public_ip) if efa_template is None else dict(
+        launch_template=aws.ec2.InstanceLaunchTemplateArgs(id=efa_template.id,
+                                                           version=efa_template.latest_version.apply(str)))
     return aws.ec2.Instance(
         name,
         ami=ami,
-        instance_type=config.orchestrator_type if role == ORCHESTRATOR else config.factory_type,
-        subnet_id=config.subnet_id,
-        vpc_security_group_ids=config.security_group_ids,
+        instance_type=instance_type_of(config, role),
+        **network,
+        placement_group=group.name if group is not None else None,
         key_name=config.key_name,
-        associate_public_ip_address=config.associate_public_ip,
         iam_instance_profile=config.iam_instance_profile,
         tenancy="dedicated" if config.dedicated else None,
         instance_market_options=aws.ec2.InstanceInstanceMarketOptionsArgs(

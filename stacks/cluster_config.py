@@ -28,6 +28,9 @@ RESERVED_TAGS = ("creator", "Purpose", "Cluster-Name", "Role", "Name")
 BOOT_VOLUME_TYPES = ("gp2", "gp3", "io1", "io2", "standard")  # st1 and sc1 cannot be root volumes
 PROVISIONED_IOPS_TYPES = ("io1", "io2")
 IDLE_ACTIONS = ("terminate", "stop")
+PLACEMENT_STRATEGIES = ("cluster", "spread", "partition")
+MAX_PARTITIONS = 7  # AWS: a partition placement group has at most 7 partitions per Availability Zone
+MAX_SPREAD_INSTANCES = 7  # AWS: a spread placement group holds at most 7 running instances per Availability Zone
 MAX_IDLE_HOURS = 7 * 24  # CloudWatch looks back at most 7 days (hour-long periods)
 
 
@@ -67,6 +70,10 @@ class ClusterConfig:
     orchestrator_idle_cpu: float = 2.0  # percent: below this average, the orchestrator counts as idle
     factories_idle_cpu: float = 0.5  # Flambé's value: one busy core of a 48-vCPU machine is ~2 %, so never idle
     idle_action: str = "terminate"
+    placement_group: str | None = None  # cluster, spread or partition: one placement group for the factories
+    partition_count: int | None = None  # with partition: AWS's default is 2
+    placement_orchestrator: bool = False  # True: the orchestrator joins the placement group too
+    efa: bool = False  # True: each factory gets every EFA interface its type has (needs a cluster placement group)
 
 
 def load_config(config: pulumi.Config | None = None) -> ClusterConfig:
@@ -103,8 +110,13 @@ def load_config(config: pulumi.Config | None = None) -> ClusterConfig:
         orchestrator_idle_cpu=reader.percent("orchestratorIdleCpu", ClusterConfig.orchestrator_idle_cpu),
         factories_idle_cpu=reader.percent("factoriesIdleCpu", ClusterConfig.factories_idle_cpu),
         idle_action=reader.choice("idleAction", IDLE_ACTIONS, ClusterConfig.idle_action),
+        placement_group=reader.placement_strategy("placementGroup"),
+        partition_count=reader.optional_integer("partitionCount", minimum=1),
+        placement_orchestrator=reader.boolean("placementOrchestrator", False),
+        efa=reader.boolean("efa", False),
     )
     check_idle_hours(values)
+    check_placement(values)
     check_volume(values)
     return values
 
@@ -114,6 +126,32 @@ def check_volume(values: ClusterConfig) -> None:
         raise StackConfigError(
             f"{NAMESPACE}:volumeType {values.volume_type} needs provisioned IOPS: "
             f"pulumi config set {NAMESPACE}:volumeIops 3000")
+
+
+def check_placement(values: ClusterConfig) -> None:
+    """The placement settings AWS would refuse at launch, refused here with the line that fixes them."""
+    key = f"{NAMESPACE}:placementGroup"
+    if values.efa and values.placement_group != "cluster":
+        raise StackConfigError(
+            f"{NAMESPACE}:efa needs the factories in a cluster placement group (EFA reaches only within one), but "
+            f"{key} is {values.placement_group or 'unset'}: pulumi config set {key} cluster")
+    if values.placement_group is None and values.placement_orchestrator:
+        raise StackConfigError(
+            f"{NAMESPACE}:placementOrchestrator puts the orchestrator in the placement group, but {key} is unset: "
+            f"pulumi config set {key} cluster")
+    if values.partition_count is not None and values.placement_group != "partition":
+        raise StackConfigError(
+            f"{NAMESPACE}:partitionCount applies to partition placement groups only, but {key} is "
+            f"{values.placement_group or 'unset'}: pulumi config set {key} partition, or unset partitionCount")
+    if (values.partition_count or 0) > MAX_PARTITIONS:
+        raise StackConfigError(
+            f"{NAMESPACE}:partitionCount is {values.partition_count}, but AWS allows at most {MAX_PARTITIONS} "
+            f"partitions: pulumi config set {NAMESPACE}:partitionCount {MAX_PARTITIONS}")
+    members = values.factory_count + (1 if values.placement_orchestrator else 0)
+    if values.placement_group == "spread" and members > MAX_SPREAD_INSTANCES:
+        raise StackConfigError(
+            f"{key} spread holds at most {MAX_SPREAD_INSTANCES} running instances per Availability Zone, and this "
+            f"cluster would put {members} in it: pulumi config set {key} partition")
 
 
 def check_idle_hours(values: ClusterConfig) -> None:
@@ -243,6 +281,15 @@ class _Reader(_Values):
             raise self.fail(key, f"is {value!r}, beyond what CloudWatch can watch",
                             f"give at most {MAX_IDLE_HOURS} hours (7 days)")
         return hours
+
+    def placement_strategy(self, key: str) -> str | None:
+        value = self.optional(key)
+        if value is None:
+            return None
+        if value not in PLACEMENT_STRATEGIES:
+            raise self.fail(key, f"is {value!r}", f"use one of {', '.join(PLACEMENT_STRATEGIES)}, e.g. "
+                                                  f"pulumi config set {NAMESPACE}:{key} cluster")
+        return value
 
     def volume_type(self, key: str) -> str:
         value = self.optional(key) or ClusterConfig.volume_type

@@ -13,6 +13,8 @@ from pulumi.runtime import MockCallArgs, MockResourceArgs, Mocks
 
 INSTANCE = "aws:ec2/instance:Instance"
 ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"
+PLACEMENT_GROUP = "aws:ec2/placementGroup:PlacementGroup"
+LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
 COMPONENT = "flambe:cluster:Cluster"
 
 BASE_CONFIG = {
@@ -92,6 +94,10 @@ class RecordingMocks(Mocks):
             state.update(privateIp=f"10.0.1.{10 + number}", publicIp=f"3.0.0.{number}" if self.public_ips else "",
                          publicDns=f"ec2-3-0-0-{number}.compute.amazonaws.com" if self.public_ips else "")
             return f"i-{number:017x}", state
+        if args.typ == PLACEMENT_GROUP:
+            return f"pg-{args.name}", {**state, "name": f"{args.name}-1a2b3c"}
+        if args.typ == LAUNCH_TEMPLATE:
+            return f"lt-{args.name}", {**state, "latestVersion": 1.0}
         return f"{args.name}-id", state
 
     def call(self, args: MockCallArgs):
@@ -134,6 +140,9 @@ class MotoMocks(Mocks):
         self.ec2 = boto3.client("ec2", region_name=region)
         self.cloudwatch = boto3.client("cloudwatch", region_name=region)
         self.resources: list[MockResourceArgs] = []
+        self.placement_groups: dict[str, dict] = {}  # moto has no placement groups: EC2's rules for them, here
+        self.launch_templates: dict[str, dict] = {}
+        self.run_requests: list[dict] = []  # moto keeps one interface per device index: what EC2 was asked, here
 
     def new_resource(self, args: MockResourceArgs):
         self.resources.append(args)
@@ -141,6 +150,12 @@ class MotoMocks(Mocks):
             return f"{args.name}-component", {}
         if args.typ == INSTANCE:
             return self.run_instance(args.inputs)
+        if args.typ == PLACEMENT_GROUP:
+            return self.create_placement_group(args.name, args.inputs)
+        if args.typ == LAUNCH_TEMPLATE:
+            template_id = f"lt-{len(self.launch_templates):017x}"
+            self.launch_templates[template_id] = args.inputs
+            return template_id, {**args.inputs, "latestVersion": 1.0}
         if args.typ == ALARM:
             return self.put_alarm(args.name, args.inputs)
         raise NotImplementedError(f"the program declared a {args.typ}, which these mocks do not expect")
@@ -150,8 +165,7 @@ class MotoMocks(Mocks):
         tags = [{"Key": key, "Value": value} for key, value in inputs.get("tags", {}).items()]
         request = {
             "ImageId": inputs["ami"], "InstanceType": inputs["instanceType"], "MinCount": 1, "MaxCount": 1,
-            "KeyName": inputs["keyName"], "SubnetId": inputs["subnetId"],
-            "SecurityGroupIds": inputs["vpcSecurityGroupIds"],
+            "KeyName": inputs["keyName"], **self.network_of(inputs),
             "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {
                 "VolumeSize": int(root["volumeSize"]), "VolumeType": root["volumeType"],
                 "Encrypted": root["encrypted"]}}],
@@ -162,13 +176,47 @@ class MotoMocks(Mocks):
         }
         if inputs.get("iamInstanceProfile"):
             request["IamInstanceProfile"] = {"Name": inputs["iamInstanceProfile"]}
-        if inputs.get("tenancy"):
-            request["Placement"] = {"Tenancy": inputs["tenancy"]}
+        request["Placement"] = self.placement_of(inputs)
+        self.run_requests.append(request)
         (instance,) = self.ec2.run_instances(**request)["Instances"]
         return instance["InstanceId"], {
             **inputs, "privateIp": instance["PrivateIpAddress"], "publicIp": instance.get("PublicIpAddress", ""),
             "publicDns": instance.get("PublicDnsName", ""),
         }
+
+    def network_of(self, inputs: dict) -> dict:
+        """The instance's own subnet and groups, or its launch template's interfaces (EC2 refuses both at once)."""
+        template = inputs.get("launchTemplate")
+        if template is None:
+            return {"SubnetId": inputs["subnetId"], "SecurityGroupIds": inputs["vpcSecurityGroupIds"]}
+        if inputs.get("subnetId") or inputs.get("vpcSecurityGroupIds"):
+            raise Exception("InvalidParameterCombination: Network interfaces and an instance-level subnet ID or "
+                            "security groups may not be specified on the same request")
+        interfaces = self.launch_templates[template["id"]]["networkInterfaces"]
+        return {"NetworkInterfaces": [
+            {"DeviceIndex": int(item["deviceIndex"]), "NetworkCardIndex": int(item["networkCardIndex"]),
+             "InterfaceType": item["interfaceType"], "SubnetId": item["subnetId"], "Groups": item["securityGroups"],
+             "DeleteOnTermination": item["deleteOnTermination"] == "true"} for item in interfaces]}
+
+    def placement_of(self, inputs: dict) -> dict:
+        placement = {"Tenancy": inputs["tenancy"]} if inputs.get("tenancy") else {}
+        if inputs.get("placementGroup"):
+            group = next((item for item in self.placement_groups.values()
+                          if item["name"] == inputs["placementGroup"]), None)
+            if group is None:
+                raise Exception(f"InvalidPlacementGroup.Unknown: {inputs['placementGroup']}")
+            placement["GroupName"] = group["name"]
+            group["instances"].append(inputs["instanceType"])
+        return placement
+
+    def create_placement_group(self, name: str, inputs: dict):
+        if inputs["strategy"] not in ("cluster", "spread", "partition"):
+            raise Exception(f"InvalidParameterValue: strategy {inputs['strategy']}")
+        if inputs.get("partitionCount") is not None and inputs["strategy"] != "partition":
+            raise Exception("InvalidParameterCombination: partition count needs the partition strategy")
+        group_id = f"pg-{len(self.placement_groups):017x}"
+        self.placement_groups[group_id] = {**inputs, "name": f"{name}-{group_id[-6:]}", "instances": []}
+        return group_id, {**inputs, "name": self.placement_groups[group_id]["name"]}
 
     def put_alarm(self, name: str, inputs: dict):
         self.cloudwatch.put_metric_alarm(
@@ -186,8 +234,12 @@ class MotoMocks(Mocks):
             return {"name": self.region, "region": self.region, "id": self.region, "endpoint": "", "description": ""}
         if args.token == "aws:ec2/getInstanceType:getInstanceType":
             (kind,) = self.ec2.describe_instance_types(InstanceTypes=[arguments["instanceType"]])["InstanceTypes"]
+            network = kind["NetworkInfo"]
             return {"id": kind["InstanceType"], "instanceType": kind["InstanceType"],
                     "supportedArchitectures": kind["ProcessorInfo"]["SupportedArchitectures"],
+                    "supportedPlacementStrategies": kind.get("PlacementGroupInfo", {}).get("SupportedStrategies", []),
+                    "efaSupported": bool(network.get("EfaSupported")),
+                    "efaMaximumInterfaces": network.get("EfaInfo", {}).get("MaximumEfaInterfaces", 0),
                     "gpuses": [{"count": gpu["Count"], "manufacturer": gpu["Manufacturer"], "name": gpu["Name"],
                               "memorySize": gpu["MemoryInfo"]["SizeInMiB"]}
                              for gpu in kind.get("GpuInfo", {}).get("Gpus", [])]}
@@ -226,8 +278,11 @@ def fake_instance_type(name: str) -> dict:
     graviton = family.rstrip("dn").endswith("g") and family[0] != "g" or family.startswith("g5g")
     gpus = [{"count": 1, "manufacturer": "NVIDIA", "name": "A10G", "memorySize": 24576}] \
         if family[0] in "gp" and family[1].isdigit() else []
+    efa_interfaces = {"p5.48xlarge": 32, "p4d.24xlarge": 4, "c5n.18xlarge": 1}.get(name, 0)
     return {"id": name, "instanceType": name, "supportedArchitectures": ["arm64"] if graviton else ["x86_64", "i386"],
-            "gpuses": gpus}
+            "gpuses": gpus, "supportedPlacementStrategies": ["partition", "spread"] if family.startswith("t")
+            else ["cluster", "partition", "spread"], "efaSupported": efa_interfaces > 0,
+            "efaMaximumInterfaces": efa_interfaces}
 
 
 def moto_network(ec2, cidr: str = "10.0.0.0/16", subnet_cidr: str = "10.0.1.0/24") -> dict[str, str]:

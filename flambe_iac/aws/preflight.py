@@ -39,9 +39,10 @@ class Network:
     network_acl: dict | None = None
 
 
-def check_network(network: Network, deploy_cidr: str | None, member_ports: tuple[tuple[int, int], ...] = ()
-                  ) -> list[Finding]:
-    """MEMBER_PORTS: tcp port ranges members must also accept from each other (Ray's, with --ray)."""
+def check_network(network: Network, deploy_cidr: str | None, member_ports: tuple[tuple[int, int], ...] = (),
+                  efa: bool = False) -> list[Finding]:
+    """MEMBER_PORTS: tcp port ranges members must also accept from each other (Ray's, with --ray).
+    EFA: the cluster uses EFA, whose traffic must be allowed within one security group in both directions."""
     findings = [subnet_exists(network), *groups_exist_in_the_subnets_vpc(network), key_pair_exists(network)]
     if network.subnet is None or not network.groups:
         return findings
@@ -57,6 +58,8 @@ def check_network(network: Network, deploy_cidr: str | None, member_ports: tuple
     findings.append(members_reach_each_other(network, groups, subnet_cidr))
     findings.extend(members_reach_each_other(network, groups, subnet_cidr, ports, "Ray between members")
                     for ports in member_ports)
+    if efa:
+        findings.append(efa_traffic_within_a_group(network, groups))
     if network.network_acl is not None:
         findings.extend(network_acl_allows(network, deploy_cidr, subnet_cidr, member_ports))
     return findings
@@ -132,6 +135,33 @@ def members_reach_each_other(network: Network, groups: list[dict], subnet_cidr: 
                                 f"references the group itself, or one from {subnet_cidr})",
                    (aws("ec2", "authorize-security-group-ingress", "--region", network.region, "--group-id", first,
                         *rule, "--source-group", first),))
+
+
+def efa_traffic_within_a_group(network: Network, groups: list[dict]) -> Finding:
+    """EFA's rule: one of the cluster's groups allows all traffic (every protocol and port) in from itself and out to
+    itself. A rule from the subnet's CIDR does not do: EFA's traffic is matched against the group, not addresses."""
+    check = "EFA traffic within the group"
+    for group in groups:
+        if not missing_self_directions(group):
+            return Finding(PASS, check, f"{group['GroupId']} allows all traffic in from and out to itself")
+    first = groups[0]
+    missing = missing_self_directions(first)
+    permission = f"IpProtocol=-1,UserIdGroupPairs=[{{GroupId={first['GroupId']}}}]"
+    return Finding(FAIL, check, f"no group of {', '.join(g['GroupId'] for g in groups)} allows all traffic in from "
+                                f"and out to itself, which EFA needs; {first['GroupId']} lacks {' and '.join(missing)}",
+                   tuple(aws("ec2", f"authorize-security-group-{direction}", "--region", network.region, "--group-id",
+                             first["GroupId"], "--ip-permissions", permission) for direction in missing))
+
+
+def missing_self_directions(group: dict) -> list[str]:
+    """Of ingress and egress, those in which GROUP has no all-traffic rule that names GROUP itself."""
+    def allows_all_with_itself(permissions: list[dict]) -> bool:
+        return any(permission.get("IpProtocol") == "-1" and any(
+            pair.get("GroupId") == group["GroupId"] for pair in permission.get("UserIdGroupPairs", []))
+            for permission in permissions)
+
+    return [direction for direction, key in (("ingress", "IpPermissions"), ("egress", "IpPermissionsEgress"))
+            if not allows_all_with_itself(group.get(key, []))]
 
 
 def network_acl_allows(network: Network, deploy_cidr: str | None, subnet_cidr: str,

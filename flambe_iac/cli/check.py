@@ -7,11 +7,15 @@ from pathlib import Path
 
 from flambe_iac import __version__
 from flambe_iac.aws.client import ec2_client
+from flambe_iac.aws.leftovers import find_flambe_instances, leftovers_report, marked
 from flambe_iac.aws.network import read_network, this_machines_address
 from flambe_iac.aws.preflight import FAIL, check_network
 from flambe_iac.engine.ray_cluster import MEMBER_PORT_RANGES
-from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, exit_code_of
-from flambe_iac.inputs.stack_config import parse_cidr, read_source
+from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, InputError, exit_code_of
+from flambe_iac.inputs.outputs import load_outputs, parse_outputs
+from flambe_iac.inputs.pulumi_cli import stack_outputs_document
+from flambe_iac.inputs.stack_config import cluster_named_in_config, parse_cidr, read_source
+from flambe_iac.local_files import write_json_atomically
 from flambe_iac.terminal import safe_field
 
 EPILOG = """\
@@ -21,19 +25,32 @@ and 49558 for the report site, and the subnet's network ACL in both directions. 
 `aws ec2 ...` command that would add what is missing. With --ray, also the ports Ray uses between members (tcp
 6379-6384, 10002-19999 and 52365: flambe-deploy --ray fixes every port Ray opens to these).
 
+With --efa (or flambe:efa true in the stack's config), also that one security group allows all traffic in from and
+out to itself, which EFA needs in both directions: a rule from the subnet's CIDR does not do.
+
+With --leftovers, it lists instead every pending, running, stopping or stopped instance tagged Purpose=flambe in the
+region (cluster, role, creator, type, launch time, state), and prints the `aws ec2 terminate-instances` line for the
+leftovers; it never terminates anything. With --stack or --outputs, the instances those outputs name are not
+leftovers; without, every instance listed is. With --config, only the cluster that stack config names is listed
+(after `pulumi destroy`, whatever is left of it), in its region; no pulumi CLI is needed.
+  flambe-deploy check --leftovers --region us-east-1 --creator ci-exp42
+  flambe-deploy check --leftovers --stack dev --report leftovers.json
+  flambe-deploy check --leftovers --config infra/Pulumi.dev.yaml
+
 AWS credentials come from boto3's default chain (environment, ~/.aws, SSO, instance role).
-exit codes: 0 every check passed, 1 something is missing, 2 bad input or no credentials."""
+exit codes: 0 every check passed (no leftover), 1 something is missing (a leftover found), 2 bad input or no
+credentials."""
 
 
 def add_command(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "check", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="read-only preflight of the network on AWS: security groups, key pair, network ACL",
+        help="read-only preflight of the network on AWS: security groups, key pair, network ACL; or --leftovers",
         description="Check, without changing anything, that the cluster's network lets flambe-deploy and the "
-                    "members through.")
+                    "members through; or, with --leftovers, list the flambe instances still alive.")
     parser.set_defaults(handler=lambda arguments: exit_code_of("flambe-deploy check", lambda: run_check(arguments)))
     parser.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--stack", metavar="NAME", help="read the stack's config with `pulumi config --json`")
     source.add_argument("--config", type=Path, metavar="Pulumi.<stack>.yaml", help="read a stack config file")
     source.add_argument("--outputs", type=Path, metavar="FILE", help="read the instances named in stack outputs")
@@ -42,16 +59,34 @@ def add_command(commands) -> argparse.ArgumentParser:
     parser.add_argument("--region", help="AWS region (default: the stack's aws:region, or your AWS configuration)")
     parser.add_argument("--ray", action="store_true",
                         help="also check that members accept Ray's ports from each other (for flambe-deploy --ray)")
+    parser.add_argument("--efa", action="store_true",
+                        help="also check the security-group rule EFA needs (implied by flambe:efa true in the config)")
+    leftovers = parser.add_argument_group("leftovers")
+    leftovers.add_argument("--leftovers", action="store_true",
+                           help="list the live instances tagged Purpose=flambe, read-only (exit 1 if any is a leftover)")
+    leftovers.add_argument("--creator", metavar="NAME", help="only instances whose creator tag is NAME")
+    leftovers.add_argument("--cluster", metavar="NAME", help="only instances whose Cluster-Name tag is NAME")
+    leftovers.add_argument("--report", type=Path, metavar="FILE", help="also write what was found to FILE, as JSON")
     return parser
 
 
 def run_check(arguments: argparse.Namespace) -> int:
+    if arguments.leftovers:
+        return run_leftovers(arguments)
+    misplaced = [flag for flag, value in (("--creator", arguments.creator), ("--cluster", arguments.cluster),
+                                          ("--report", arguments.report)) if value]
+    if misplaced:
+        raise InputError(f"{', '.join(misplaced)} go with --leftovers")
+    if not (arguments.stack or arguments.config or arguments.outputs):
+        raise InputError("give the cluster's network with --stack NAME, --config Pulumi.<stack>.yaml or --outputs "
+                         "FILE (or list leftover instances with --leftovers)")
     deploy_cidr = parse_cidr(arguments.from_cidr) if arguments.from_cidr else None
     source = read_source(arguments)
     network = read_network(ec2_client(arguments.region or source.get("region")), source)
     if deploy_cidr is None:
         deploy_cidr = this_machines_address()
-    findings = check_network(network, deploy_cidr, MEMBER_PORT_RANGES if arguments.ray else ())
+    findings = check_network(network, deploy_cidr, MEMBER_PORT_RANGES if arguments.ray else (),
+                             efa=arguments.efa or bool(source.get("efa")))
     for finding in findings:
         print(safe_field(f"{finding.status}  {finding.check}: {finding.detail}"))
         for fix in finding.fixes:
@@ -59,3 +94,44 @@ def run_check(arguments: argparse.Namespace) -> int:
     failed = sum(finding.status == FAIL for finding in findings)
     print(f"{len(findings) - failed} of {len(findings)} checks passed" + (f", {failed} failed" if failed else ""))
     return EXIT_HOST_FAILED if failed else EXIT_OK
+
+
+def run_leftovers(arguments: argparse.Namespace) -> int:
+    named, region = named_instances(arguments)
+    cluster = arguments.cluster
+    if arguments.config is not None:
+        cluster, region = cluster_named_in_config(arguments.config)
+        if arguments.cluster not in (None, cluster):
+            raise InputError(f"--cluster {arguments.cluster!r} is not the cluster {arguments.config} names")
+    ec2 = ec2_client(arguments.region or region)
+    instances = find_flambe_instances(ec2, arguments.creator, cluster)
+    if named is not None:
+        instances = marked(instances, named)
+    report = leftovers_report(ec2.meta.region_name, instances, arguments.stack or arguments.outputs and
+                              str(arguments.outputs) or None)
+    for instance in instances:
+        print(safe_field(f"{'LEFTOVER' if instance.leftover else 'IN STACK'}  {instance.instance_id}  "
+                         f"cluster={instance.cluster}  role={instance.role}  creator={instance.creator}  "
+                         f"{instance.instance_type}  {instance.state}  launched {instance.launch_time}"))
+    where = f"{len(instances)} flambe instance{'s' if len(instances) != 1 else ''} in {ec2.meta.region_name}"
+    print(f"{where}; {report['leftovers']} leftover" + ("" if named is not None else " (no stack given: every one)"))
+    if report["terminate"]:
+        print(safe_field(f"      to terminate them: {report['terminate']}"))
+    if arguments.report is not None:
+        write_json_atomically(arguments.report, report)
+    return EXIT_HOST_FAILED if report["leftovers"] else EXIT_OK
+
+
+def named_instances(arguments: argparse.Namespace) -> tuple[set[str] | None, str | None]:
+    """(the instance ids the given outputs name, or None without any; their region). A destroyed stack's empty
+    outputs name none."""
+    if arguments.stack is not None:
+        document = stack_outputs_document(arguments.stack)
+        if document == {}:
+            return set(), None
+        cluster = parse_outputs(document, source=f"stack {arguments.stack!r}")
+    elif arguments.outputs is not None:
+        cluster = load_outputs(arguments.outputs)
+    else:
+        return None, None
+    return {host.id for host in cluster.members}, cluster.region

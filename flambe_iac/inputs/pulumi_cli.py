@@ -51,11 +51,15 @@ def pulumi_json(argv: list[str]) -> Any:
 
 
 def load_stack(stack: str, directory: Path | None = None) -> Cluster:
-    """The stack's outputs; secrets are shown only if some output is secret (Pulumi masks them otherwise)."""
+    return parse_outputs(stack_outputs_document(stack, directory), source=f"stack {stack!r}")
+
+
+def stack_outputs_document(stack: str, directory: Path | None = None) -> Any:
+    """The stack's outputs as JSON; secrets are shown only if some output is secret (Pulumi masks them otherwise)."""
     document = pulumi_json(stack_outputs_command(stack, directory))
     if MASKED in json.dumps(document):
         document = pulumi_json(stack_outputs_command(stack, directory, show_secrets=True))
-    return parse_outputs(document, source=f"stack {stack!r}")
+    return document
 
 
 def stack_config(stack: str, directory: Path | None = None) -> dict:

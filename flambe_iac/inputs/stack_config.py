@@ -32,6 +32,20 @@ def read_source(arguments: argparse.Namespace) -> dict:
 
 
 def source_from_config(path: Path) -> dict:
+    return config_values(read_config_file(path), str(path))
+
+
+def cluster_named_in_config(path: Path) -> tuple[str, str | None]:
+    """(flambe:name, aws:region) of a stack config file."""
+    config = read_config_file(path)
+    name, region = config.get("flambe:name"), config.get("aws:region")
+    if not isinstance(name, str) or not name or not isinstance(region, (str, type(None))):
+        raise InputError(f"stack config {path}: flambe:name (and aws:region, if set) must be strings")
+    return name, region
+
+
+def read_config_file(path: Path) -> dict:
+    """The `config:` mapping of a Pulumi.<stack>.yaml."""
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
@@ -42,7 +56,7 @@ def source_from_config(path: Path) -> dict:
     config = document.get("config") if isinstance(document, dict) else None
     if not isinstance(config, dict):
         raise InputError(f"stack config {path} has no `config:` mapping: give a Pulumi.<stack>.yaml")
-    return config_values(config, str(path))
+    return config
 
 
 def source_from_stack(stack: str) -> dict:
@@ -72,4 +86,7 @@ def config_values(config: dict, source: str) -> dict:
     region, key_name = value("aws:region"), value("flambe:keyName")
     if isinstance(region, list) or isinstance(key_name, list):
         raise InputError(f"{source}: aws:region and flambe:keyName must be strings")
-    return {"region": region, "subnet_id": subnet, "group_ids": groups, "key_name": key_name}
+    efa = {"true": True, "false": False}.get(str(config.get("flambe:efa", False)).lower())
+    if efa is None:
+        raise InputError(f"{source}: flambe:efa must be true or false")
+    return {"region": region, "subnet_id": subnet, "group_ids": groups, "key_name": key_name, "efa": efa}

@@ -5,9 +5,7 @@ import os
 import subprocess
 import sys
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from flambe_iac.cli.deploy import main as deploy_main
 
@@ -16,15 +14,6 @@ FROM = "203.0.113.7/32"
 
 def check_main(argv):
     return deploy_main(["check", *argv])
-
-
-@pytest.fixture
-def ec2(monkeypatch):
-    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(variable, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with mock_aws():
-        yield boto3.client("ec2", region_name="us-east-1")
 
 
 def open_network(ec2, ssh=True, members="self", report_site=True):

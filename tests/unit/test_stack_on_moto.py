@@ -3,28 +3,12 @@
 import json
 
 import boto3
-import moto
 import pytest
-from moto import mock_aws
-from pulumi_harness import ALARM, COMPONENT, INSTANCE, MotoMocks, moto_network, run_program
+from pulumi_harness import ALARM, COMPONENT, INSTANCE, MotoMocks, run_program
 
 from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
 from flambe_iac.stacks.cluster_config import load_config
-
-
-@pytest.fixture
-def aws(monkeypatch):
-    """moto's EC2 with its optional validations on (AMI, key pair, instance type), and fake credentials."""
-    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(variable, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setattr(moto.settings, "ENABLE_AMI_VALIDATION", True)
-    monkeypatch.setattr(moto.settings, "ENABLE_KEYPAIR_VALIDATION", True)
-    monkeypatch.setattr(moto.settings, "EC2_ENABLE_INSTANCE_TYPE_VALIDATION", True)
-    with mock_aws():
-        ec2 = boto3.client("ec2", region_name="us-east-1")
-        yield ec2, moto_network(ec2)
 
 
 def config_for(network, **overrides):

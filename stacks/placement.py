@@ -1,0 +1,75 @@
+"""Where the factories sit and how they reach each other: one placement group per cluster, and EFA interfaces.
+
+Neither is a firewall resource: the placement group says which racks, and the EFA interfaces go in the user's subnet
+with the user's security groups. What an instance type cannot do is refused here, at preview, with the fixing line.
+"""
+
+from __future__ import annotations
+
+import pulumi
+import pulumi_aws as aws
+
+from flambe_iac.stacks.cluster_config import NAMESPACE, ClusterConfig, StackConfigError
+
+# Types with EFA, named when a type without it is refused (tests check each against EC2's catalogue).
+EFA_TYPE_EXAMPLES = ("p5.48xlarge", "p4d.24xlarge", "g6.8xlarge", "g5.48xlarge", "c5n.18xlarge")
+
+
+def check_placement_type(config: ClusterConfig, instance_type: str, kind) -> None:
+    """KIND (getInstanceType's answer for INSTANCE_TYPE) can join the placement group: refused otherwise."""
+    strategies = kind.supported_placement_strategies or []
+    if config.placement_group and config.placement_group not in strategies:
+        can = ", ".join(strategies) or "none"
+        raise StackConfigError(
+            f"{NAMESPACE}:placementGroup is {config.placement_group}, but {instance_type} cannot join a "
+            f"{config.placement_group} placement group (it supports: {can}): pick a type that can, e.g. "
+            f"pulumi config set {NAMESPACE}:factoryType c5n.18xlarge, or pulumi config set "
+            f"{NAMESPACE}:placementGroup {strategies[0] if strategies else 'spread'}")
+
+
+def efa_interface_count(config: ClusterConfig, instance_type: str, kind) -> int:
+    """How many EFA interfaces a factory of KIND gets (0 without flambe:efa); a type without EFA is refused, as is
+    a public address on more than one interface, which EC2 cannot give at launch."""
+    if not config.efa:
+        return 0
+    if not kind.efa_supported:
+        raise StackConfigError(
+            f"{NAMESPACE}:efa is true, but {instance_type} has no EFA: use a type that has it, e.g. "
+            f"pulumi config set {NAMESPACE}:factoryType {EFA_TYPE_EXAMPLES[0]} "
+            f"(others: {', '.join(EFA_TYPE_EXAMPLES[1:])}), or pulumi config set {NAMESPACE}:efa false")
+    count = max(1, int(kind.efa_maximum_interfaces or 1))
+    if count > 1 and config.associate_public_ip:
+        raise StackConfigError(
+            f"{NAMESPACE}:efa gives each {instance_type} its {count} EFA interfaces, and EC2 gives no public address "
+            f"to an instance launched with more than one interface: deploy from inside the VPC and "
+            f"pulumi config set {NAMESPACE}:associatePublicIp false")
+    return count
+
+
+def placement_group(config: ClusterConfig, tags: dict[str, str], opts: pulumi.ResourceOptions
+                    ) -> aws.ec2.PlacementGroup:
+    return aws.ec2.PlacementGroup(
+        f"{config.name}_placement",
+        strategy=config.placement_group,
+        partition_count=(config.partition_count or 2) if config.placement_group == "partition" else None,
+        tags=tags,
+        opts=opts,
+    )
+
+
+def efa_launch_template(config: ClusterConfig, count: int, opts: pulumi.ResourceOptions) -> aws.ec2.LaunchTemplate:
+    """The factories' network interfaces: an EFA with its IP address on network card 0, then an EFA-only
+    interface (no IP address used) on each further card, all in the user's subnet and security groups."""
+    interfaces = [
+        aws.ec2.LaunchTemplateNetworkInterfaceArgs(
+            network_card_index=card,
+            device_index=0 if card == 0 else 1,
+            interface_type="efa" if card == 0 else "efa-only",
+            subnet_id=config.subnet_id,
+            security_groups=config.security_group_ids,
+            delete_on_termination="true",
+            associate_public_ip_address=("true" if config.associate_public_ip else "false") if count == 1 else None,
+        )
+        for card in range(count)
+    ]
+    return aws.ec2.LaunchTemplate(f"{config.name}_factory_efa", network_interfaces=interfaces, opts=opts)

@@ -1,0 +1,50 @@
+"""The CI example passes the linters its ecosystem uses, run offline: actionlint (deprecated runtimes, expressions,
+syntax) and zizmor (unpinned actions, persisted credentials, template injection)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "github-actions-deploy.yml"
+BIN = Path(sys.executable).parent
+
+
+def lint(tool: str, workflow: Path) -> subprocess.CompletedProcess:
+    argv = {"actionlint": [str(BIN / "actionlint"), "-no-color", str(workflow)],
+            "zizmor": [str(BIN / "zizmor"), "--offline", "--no-progress", str(workflow)]}[tool]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("tool", ["actionlint", "zizmor"])
+def test_the_example_has_no_finding(tool):
+    result = lint(tool, EXAMPLE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("tool, regression, expected", [
+    ("actionlint", ("@e6de054238d6b7531b4efff3b6587d9aade6a06c  # v6.2.3", "@v5"), 'runtime "node20" is deprecated'),
+    ("zizmor", ("@3d3c42e5aac5ba805825da76410c181273ba90b1  # v7.0.1", "@v7"), "unpinned-uses"),
+    ("zizmor", ("        with:\n          persist-credentials: false\n", ""), "artipacked"),
+    ("actionlint", ("inputs.action == 'destroy'", "inputs.acton == 'destroy'"), "property \"acton\" is not defined"),
+])
+def test_the_linters_catch_what_the_example_was_fixed_for(tmp_path, tool, regression, expected):
+    old, new = regression
+    text = EXAMPLE.read_text()
+    assert old in text
+    regressed = tmp_path / ".github" / "workflows" / "flambe-cluster.yml"
+    regressed.parent.mkdir(parents=True)
+    regressed.write_text(text.replace(old, new, 1))
+    result = lint(tool, regressed)
+    assert result.returncode != 0 and expected in result.stdout + result.stderr
+
+
+def test_every_action_is_pinned_to_a_full_commit_with_its_version():
+    uses = [line.split("uses: ", 1)[1] for line in EXAMPLE.read_text().splitlines() if "uses: " in line]
+    assert len(uses) == 6
+    for reference in uses:
+        action, rest = reference.split("@", 1)
+        sha, comment = rest.split("  # ", 1)
+        assert len(sha) == 40 and all(digit in "0123456789abcdef" for digit in sha), reference
+        assert comment.startswith("v"), reference
