@@ -40,12 +40,13 @@ class FlambeCluster(pulumi.ComponentResource):
                  for role in (ORCHESTRATOR, FACTORY)}
         placed = [FACTORY, ORCHESTRATOR] if config.placement_orchestrator else [FACTORY]
         for role in placed if config.placement_group else []:
-            check_placement_type(config, instance_type_of(config, role), kinds[role])
+            check_placement_type(config, f"{role}Type", instance_type_of(config, role), kinds[role])
         efa_interfaces = efa_interface_count(config, config.factory_type, kinds[FACTORY])
         self.amis = {role: choose_ami(config, role, kinds[role]) for role in (ORCHESTRATOR, FACTORY)}
         self.placement_group = placement_group(config, tags_for(config, "placement", f"{config.name}_placement"),
                                                child) if config.placement_group else None
-        self.efa_template = efa_launch_template(config, efa_interfaces, child) if efa_interfaces else None
+        self.efa_template = efa_launch_template(config, efa_interfaces, tags_for(config, FACTORY, f"{config.name}_efa"),
+                                                child) if efa_interfaces else None
         group = {role: self.placement_group if role in placed else None for role in (ORCHESTRATOR, FACTORY)}
         self.orchestrator = instance(config, ORCHESTRATOR, f"{config.name}_orchestrator", self.amis[ORCHESTRATOR],
                                      child, group[ORCHESTRATOR])

@@ -147,6 +147,10 @@ def check_placement(values: ClusterConfig) -> None:
         raise StackConfigError(
             f"{NAMESPACE}:partitionCount is {values.partition_count}, but AWS allows at most {MAX_PARTITIONS} "
             f"partitions: pulumi config set {NAMESPACE}:partitionCount {MAX_PARTITIONS}")
+    if values.placement_group == "spread" and values.dedicated:
+        raise StackConfigError(
+            f"{key} spread cannot hold Dedicated Instances (AWS refuses them): pulumi config set {key} partition, "
+            f"or pulumi config set {NAMESPACE}:dedicated false")
     members = values.factory_count + (1 if values.placement_orchestrator else 0)
     if values.placement_group == "spread" and members > MAX_SPREAD_INSTANCES:
         raise StackConfigError(

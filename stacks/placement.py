@@ -15,16 +15,17 @@ from flambe_iac.stacks.cluster_config import NAMESPACE, ClusterConfig, StackConf
 EFA_TYPE_EXAMPLES = ("p5.48xlarge", "p4d.24xlarge", "g6.8xlarge", "g5.48xlarge", "c5n.18xlarge")
 
 
-def check_placement_type(config: ClusterConfig, instance_type: str, kind) -> None:
-    """KIND (getInstanceType's answer for INSTANCE_TYPE) can join the placement group: refused otherwise."""
+def check_placement_type(config: ClusterConfig, type_key: str, instance_type: str, kind) -> None:
+    """KIND (getInstanceType's answer for INSTANCE_TYPE, the value of TYPE_KEY) can join the placement group."""
     strategies = kind.supported_placement_strategies or []
     if config.placement_group and config.placement_group not in strategies:
         can = ", ".join(strategies) or "none"
+        other = "" if config.efa or not strategies else \
+            f", or pulumi config set {NAMESPACE}:placementGroup {strategies[0]}"
         raise StackConfigError(
             f"{NAMESPACE}:placementGroup is {config.placement_group}, but {instance_type} cannot join a "
             f"{config.placement_group} placement group (it supports: {can}): pick a type that can, e.g. "
-            f"pulumi config set {NAMESPACE}:factoryType c5n.18xlarge, or pulumi config set "
-            f"{NAMESPACE}:placementGroup {strategies[0] if strategies else 'spread'}")
+            f"pulumi config set {NAMESPACE}:{type_key} c5n.18xlarge{other}")
 
 
 def efa_interface_count(config: ClusterConfig, instance_type: str, kind) -> int:
@@ -37,7 +38,7 @@ def efa_interface_count(config: ClusterConfig, instance_type: str, kind) -> int:
             f"{NAMESPACE}:efa is true, but {instance_type} has no EFA: use a type that has it, e.g. "
             f"pulumi config set {NAMESPACE}:factoryType {EFA_TYPE_EXAMPLES[0]} "
             f"(others: {', '.join(EFA_TYPE_EXAMPLES[1:])}), or pulumi config set {NAMESPACE}:efa false")
-    count = max(1, int(kind.efa_maximum_interfaces or 1))
+    count = max(1, min(int(kind.efa_maximum_interfaces or 1), int(kind.maximum_network_cards or 1)))
     if count > 1 and config.associate_public_ip:
         raise StackConfigError(
             f"{NAMESPACE}:efa gives each {instance_type} its {count} EFA interfaces, and EC2 gives no public address "
@@ -57,9 +58,11 @@ def placement_group(config: ClusterConfig, tags: dict[str, str], opts: pulumi.Re
     )
 
 
-def efa_launch_template(config: ClusterConfig, count: int, opts: pulumi.ResourceOptions) -> aws.ec2.LaunchTemplate:
+def efa_launch_template(config: ClusterConfig, count: int, tags: dict[str, str], opts: pulumi.ResourceOptions
+                        ) -> aws.ec2.LaunchTemplate:
     """The factories' network interfaces: an EFA with its IP address on network card 0, then an EFA-only
-    interface (no IP address used) on each further card, all in the user's subnet and security groups."""
+    interface (no IP address used) on each further card at device index 1, all in the user's subnet and security
+    groups (the layout of AWS's P5 run-instances example)."""
     interfaces = [
         aws.ec2.LaunchTemplateNetworkInterfaceArgs(
             network_card_index=card,
@@ -72,4 +75,4 @@ def efa_launch_template(config: ClusterConfig, count: int, opts: pulumi.Resource
         )
         for card in range(count)
     ]
-    return aws.ec2.LaunchTemplate(f"{config.name}_factory_efa", network_interfaces=interfaces, opts=opts)
+    return aws.ec2.LaunchTemplate(f"{config.name}_factory_efa", network_interfaces=interfaces, tags=tags, opts=opts)

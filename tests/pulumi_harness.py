@@ -240,6 +240,7 @@ class MotoMocks(Mocks):
                     "supportedPlacementStrategies": kind.get("PlacementGroupInfo", {}).get("SupportedStrategies", []),
                     "efaSupported": bool(network.get("EfaSupported")),
                     "efaMaximumInterfaces": network.get("EfaInfo", {}).get("MaximumEfaInterfaces", 0),
+                    "maximumNetworkCards": network.get("MaximumNetworkCards", 1),
                     "gpuses": [{"count": gpu["Count"], "manufacturer": gpu["Manufacturer"], "name": gpu["Name"],
                               "memorySize": gpu["MemoryInfo"]["SizeInMiB"]}
                              for gpu in kind.get("GpuInfo", {}).get("Gpus", [])]}
@@ -282,7 +283,7 @@ def fake_instance_type(name: str) -> dict:
     return {"id": name, "instanceType": name, "supportedArchitectures": ["arm64"] if graviton else ["x86_64", "i386"],
             "gpuses": gpus, "supportedPlacementStrategies": ["partition", "spread"] if family.startswith("t")
             else ["cluster", "partition", "spread"], "efaSupported": efa_interfaces > 0,
-            "efaMaximumInterfaces": efa_interfaces}
+            "efaMaximumInterfaces": efa_interfaces, "maximumNetworkCards": max(1, efa_interfaces)}
 
 
 def moto_network(ec2, cidr: str = "10.0.0.0/16", subnet_cidr: str = "10.0.1.0/24") -> dict[str, str]:

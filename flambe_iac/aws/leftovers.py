@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from flambe_iac.aws.client import aws_errors
 from flambe_iac.aws.preflight import aws
+from flambe_iac.errors import InputError
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped")  # stopped instances still cost their volumes
 
@@ -37,11 +38,19 @@ def find_flambe_instances(ec2, creator: str | None = None, cluster: str | None =
                {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
     filters += [{"Name": "tag:creator", "Values": [creator]}] if creator else []
     filters += [{"Name": "tag:Cluster-Name", "Values": [cluster]}] if cluster else []
+    from botocore.exceptions import BotoCoreError, ClientError
+
     found = []
-    with aws_errors("listing instances (ec2:DescribeInstances)"):
-        for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
-            found += [flambe_instance(item) for reservation in page.get("Reservations", [])
-                      for item in reservation.get("Instances", [])]
+    try:
+        with aws_errors("listing instances (ec2:DescribeInstances)"):
+            for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+                found += [flambe_instance(item) for reservation in page.get("Reservations", [])
+                          for item in reservation.get("Instances", [])]
+    except ClientError as error:
+        raise InputError(f"EC2 refused listing instances in {ec2.meta.region_name}: "
+                         f"{error.response.get('Error', {}).get('Code', 'an error')}") from None
+    except BotoCoreError as error:
+        raise InputError(f"cannot list instances in {ec2.meta.region_name}: {error}") from None
     return sorted(found, key=lambda instance: (instance.launch_time, instance.instance_id))
 
 

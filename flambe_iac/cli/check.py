@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from flambe_iac import __version__
@@ -14,7 +15,7 @@ from flambe_iac.engine.ray_cluster import MEMBER_PORT_RANGES
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, InputError, exit_code_of
 from flambe_iac.inputs.outputs import load_outputs, parse_outputs
 from flambe_iac.inputs.pulumi_cli import stack_outputs_document
-from flambe_iac.inputs.stack_config import cluster_named_in_config, parse_cidr, read_source
+from flambe_iac.inputs.stack_config import cluster_named_in_config, cluster_named_in_stack, parse_cidr, read_source
 from flambe_iac.local_files import write_json_atomically
 from flambe_iac.terminal import safe_field
 
@@ -30,9 +31,10 @@ out to itself, which EFA needs in both directions: a rule from the subnet's CIDR
 
 With --leftovers, it lists instead every pending, running, stopping or stopped instance tagged Purpose=flambe in the
 region (cluster, role, creator, type, launch time, state), and prints the `aws ec2 terminate-instances` line for the
-leftovers; it never terminates anything. With --stack or --outputs, the instances those outputs name are not
-leftovers; without, every instance listed is. With --config, only the cluster that stack config names is listed
-(after `pulumi destroy`, whatever is left of it), in its region; no pulumi CLI is needed.
+leftovers; it never terminates anything. --stack, --config or --outputs scope the listing to that cluster, in its
+region (and, from a config, its creator): with --stack or --outputs, the instances those outputs name are not
+leftovers (after `pulumi destroy`, none is named); with --config (no pulumi CLI needed), every instance of the
+cluster is. With none of them, every flambe instance found is listed as a leftover: check before terminating.
   flambe-deploy check --leftovers --region us-east-1 --creator ci-exp42
   flambe-deploy check --leftovers --stack dev --report leftovers.json
   flambe-deploy check --leftovers --config infra/Pulumi.dev.yaml
@@ -63,7 +65,7 @@ def add_command(commands) -> argparse.ArgumentParser:
                         help="also check the security-group rule EFA needs (implied by flambe:efa true in the config)")
     leftovers = parser.add_argument_group("leftovers")
     leftovers.add_argument("--leftovers", action="store_true",
-                           help="list the live instances tagged Purpose=flambe, read-only (exit 1 if any is a leftover)")
+                           help="list the live instances tagged Purpose=flambe, read-only (exit 1 if one is a leftover)")
     leftovers.add_argument("--creator", metavar="NAME", help="only instances whose creator tag is NAME")
     leftovers.add_argument("--cluster", metavar="NAME", help="only instances whose Cluster-Name tag is NAME")
     leftovers.add_argument("--report", type=Path, metavar="FILE", help="also write what was found to FILE, as JSON")
@@ -97,41 +99,60 @@ def run_check(arguments: argparse.Namespace) -> int:
 
 
 def run_leftovers(arguments: argparse.Namespace) -> int:
-    named, region = named_instances(arguments)
-    cluster = arguments.cluster
-    if arguments.config is not None:
-        cluster, region = cluster_named_in_config(arguments.config)
-        if arguments.cluster not in (None, cluster):
-            raise InputError(f"--cluster {arguments.cluster!r} is not the cluster {arguments.config} names")
-    ec2 = ec2_client(arguments.region or region)
-    instances = find_flambe_instances(ec2, arguments.creator, cluster)
-    if named is not None:
-        instances = marked(instances, named)
-    report = leftovers_report(ec2.meta.region_name, instances, arguments.stack or arguments.outputs and
-                              str(arguments.outputs) or None)
+    scope = leftovers_scope(arguments)
+    ec2 = ec2_client(arguments.region or scope.region)
+    instances = find_flambe_instances(ec2, arguments.creator or scope.creator, scope.cluster)
+    if scope.named is not None:
+        instances = marked(instances, scope.named)
+    report = leftovers_report(ec2.meta.region_name, instances, scope.source)
     for instance in instances:
         print(safe_field(f"{'LEFTOVER' if instance.leftover else 'IN STACK'}  {instance.instance_id}  "
                          f"cluster={instance.cluster}  role={instance.role}  creator={instance.creator}  "
                          f"{instance.instance_type}  {instance.state}  launched {instance.launch_time}"))
     where = f"{len(instances)} flambe instance{'s' if len(instances) != 1 else ''} in {ec2.meta.region_name}"
-    print(f"{where}; {report['leftovers']} leftover" + ("" if named is not None else " (no stack given: every one)"))
+    unscoped = "" if scope.named is not None else " (no outputs name any: every one)"
+    print(f"{where}; {report['leftovers']} leftover{unscoped}")
     if report["terminate"]:
-        print(safe_field(f"      to terminate them: {report['terminate']}"))
+        warning = "" if scope.cluster else " (no cluster given: some may be other clusters' that their stacks track; " \
+                                           "check each before you run it)"
+        print(safe_field(f"      to terminate them{warning}: {report['terminate']}"))
     if arguments.report is not None:
-        write_json_atomically(arguments.report, report)
+        try:
+            write_json_atomically(arguments.report, report)
+        except OSError as error:
+            raise InputError(f"cannot write --report {arguments.report}: {error.strerror}") from None
     return EXIT_HOST_FAILED if report["leftovers"] else EXIT_OK
 
 
-def named_instances(arguments: argparse.Namespace) -> tuple[set[str] | None, str | None]:
-    """(the instance ids the given outputs name, or None without any; their region). A destroyed stack's empty
-    outputs name none."""
-    if arguments.stack is not None:
+@dataclass(frozen=True)
+class LeftoversScope:
+    """Which instances to list, and which the outputs name (None: no outputs given, every one is a leftover)."""
+
+    cluster: str | None = None
+    creator: str | None = None
+    region: str | None = None
+    named: set[str] | None = None
+    source: str | None = None
+
+
+def leftovers_scope(arguments: argparse.Namespace) -> LeftoversScope:
+    """A stack, its config file or its outputs scope the listing to that cluster (and region, and creator); a
+    destroyed stack's empty outputs name no instance."""
+    if arguments.config is not None:
+        cluster, region, creator = cluster_named_in_config(arguments.config)
+        scope = LeftoversScope(cluster, creator, region, source=str(arguments.config))
+    elif arguments.stack is not None:
+        cluster, region, creator = cluster_named_in_stack(arguments.stack)
         document = stack_outputs_document(arguments.stack)
-        if document == {}:
-            return set(), None
-        cluster = parse_outputs(document, source=f"stack {arguments.stack!r}")
+        named = {host.id for host in parse_outputs(document, source=f"stack {arguments.stack!r}").members} \
+            if document != {} else set()
+        scope = LeftoversScope(cluster, creator, region, named, f"stack {arguments.stack}")
     elif arguments.outputs is not None:
-        cluster = load_outputs(arguments.outputs)
+        outputs = load_outputs(arguments.outputs)
+        scope = LeftoversScope(outputs.name, None, outputs.region, {host.id for host in outputs.members},
+                               str(arguments.outputs))
     else:
-        return None, None
-    return {host.id for host in cluster.members}, cluster.region
+        return LeftoversScope(arguments.cluster)
+    if arguments.cluster not in (None, scope.cluster):
+        raise InputError(f"--cluster {arguments.cluster!r} is not the cluster {scope.source} names ({scope.cluster})")
+    return scope

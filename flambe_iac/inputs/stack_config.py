@@ -35,13 +35,21 @@ def source_from_config(path: Path) -> dict:
     return config_values(read_config_file(path), str(path))
 
 
-def cluster_named_in_config(path: Path) -> tuple[str, str | None]:
-    """(flambe:name, aws:region) of a stack config file."""
-    config = read_config_file(path)
-    name, region = config.get("flambe:name"), config.get("aws:region")
-    if not isinstance(name, str) or not name or not isinstance(region, (str, type(None))):
-        raise InputError(f"stack config {path}: flambe:name (and aws:region, if set) must be strings")
-    return name, region
+def cluster_named_in_config(path: Path) -> tuple[str, str | None, str | None]:
+    """(flambe:name, aws:region, flambe:creator) of a stack config file."""
+    return cluster_named(read_config_file(path), f"stack config {path}")
+
+
+def cluster_named_in_stack(stack: str) -> tuple[str, str | None, str | None]:
+    return cluster_named(stack_config(stack), f"stack {stack!r}")
+
+
+def cluster_named(config: dict, source: str) -> tuple[str, str | None, str | None]:
+    name, region, creator = config.get("flambe:name"), config.get("aws:region"), config.get("flambe:creator")
+    if not isinstance(name, str) or not name or not all(isinstance(item, (str, type(None)))
+                                                        for item in (region, creator)):
+        raise InputError(f"{source}: flambe:name (and aws:region, flambe:creator, if set) must be strings")
+    return name, region, creator
 
 
 def read_config_file(path: Path) -> dict:

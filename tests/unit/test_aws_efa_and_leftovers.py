@@ -105,68 +105,96 @@ def outputs_naming(tmp_path, ids):
 
 @pytest.fixture
 def two_clusters(ec2):
+    """exp1: three instances its stack names, and two it lost (one stopped); exp0: bob's, of another stack; and
+    instances that are not flambe's or are terminated."""
     network = open_network(ec2)
     in_stack = launch(ec2, network, "exp1", "orchestrator") + launch(ec2, network, "exp1", "factory", count=2)
-    forgotten = launch(ec2, network, "exp0", "factory", creator="bob", count=2)
-    ec2.stop_instances(InstanceIds=forgotten[:1])
-    gone = launch(ec2, network, "exp0", "factory", creator="bob")
-    ec2.terminate_instances(InstanceIds=gone)
+    lost = launch(ec2, network, "exp1", "factory", count=2)
+    ec2.stop_instances(InstanceIds=lost[:1])
+    others = launch(ec2, network, "exp0", "factory", creator="bob")
+    ec2.terminate_instances(InstanceIds=launch(ec2, network, "exp1", "factory"))
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, TagSpecifications=[  # someone else's instance
         {"ResourceType": "instance", "Tags": [{"Key": "Purpose", "Value": "web"}, {"Key": "creator", "Value": "bob"}]}])
-    return ec2, in_stack, forgotten
+    return ec2, in_stack, lost, others
 
 
-def test_leftovers_are_the_flambe_instances_the_stack_does_not_name(two_clusters, tmp_path, capsys):
-    ec2, in_stack, forgotten = two_clusters
+def pulumi_stub(tmp_path, monkeypatch, config: dict, outputs: dict):
+    """A pulumi on PATH that answers `config --json` and `stack output --json` as a real stack would."""
+    (tmp_path / "config.json").write_text(json.dumps({key: {"value": value} for key, value in config.items()}))
+    (tmp_path / "outputs.json").write_text(json.dumps(outputs))
+    stub = tmp_path / "bin" / "pulumi"
+    stub.parent.mkdir()
+    stub.write_text(f"#!/bin/sh\nif [ \"$1\" = config ]; then cat {tmp_path}/config.json; "
+                    f"else cat {tmp_path}/outputs.json; fi\n")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub.parent}:{os.environ['PATH']}")
+
+
+def test_leftovers_are_the_clusters_instances_its_outputs_do_not_name(two_clusters, tmp_path, capsys):
+    ec2, in_stack, lost, others = two_clusters
     before = ec2.describe_instances()["Reservations"]
     report = tmp_path / "leftovers.json"
     code, out, _ = run(capsys, "--leftovers", "--outputs", outputs_naming(tmp_path, in_stack), "--report", str(report))
     assert code == 1
     for instance in in_stack:
         assert f"IN STACK  {instance}  cluster=exp1" in out
-    for instance in forgotten:
-        assert f"LEFTOVER  {instance}  cluster=exp0  role=factory  creator=bob  m5.large" in out
+    for instance in lost:
+        assert f"LEFTOVER  {instance}  cluster=exp1  role=factory  creator=alice  m5.large" in out
     assert "  stopped  " in out  # a stopped instance still costs its volume: counted
+    assert "exp0" not in out and "web" not in out  # another cluster's, and not flambe's
     assert "5 flambe instances in us-east-1; 2 leftover" in out
     assert (f"to terminate them: aws ec2 terminate-instances --region us-east-1 --instance-ids "
-            f"{' '.join(sorted(forgotten, key=out.index))}") in out
+            f"{' '.join(sorted(lost, key=out.index))}") in out
     written = json.loads(report.read_text())
     assert written["leftovers"] == 2 and len(written["instances"]) == 5
-    assert {item["instance_id"] for item in written["instances"] if item["leftover"]} == set(forgotten)
+    assert {item["instance_id"] for item in written["instances"] if item["leftover"]} == set(lost)
     assert ec2.describe_instances()["Reservations"] == before  # nothing changed, nothing terminated
 
 
-def test_without_a_stack_every_flambe_instance_is_listed_and_creator_filters(two_clusters, capsys):
-    ec2, in_stack, forgotten = two_clusters
+def test_without_a_stack_every_flambe_instance_is_listed_with_a_warning_and_creator_filters(two_clusters, capsys):
+    ec2, in_stack, lost, others = two_clusters
     code, out, _ = run(capsys, "--leftovers", "--region", "us-east-1", "--creator", "bob")
     assert code == 1
-    assert out.count("LEFTOVER") == 2 and "exp1" not in out and "web" not in out
+    assert out.count("LEFTOVER") == 1 and "exp1" not in out and "web" not in out
+    assert "no cluster given: some may be other clusters'" in out
     code, out, _ = run(capsys, "--leftovers", "--region", "us-east-1", "--creator", "nobody")
     assert code == 0 and "0 flambe instances in us-east-1; 0 leftover" in out and "terminate" not in out
 
 
-def test_a_destroyed_stacks_empty_outputs_name_nothing(two_clusters, tmp_path, capsys, monkeypatch):
-    ec2, in_stack, forgotten = two_clusters
-    stub = tmp_path / "bin" / "pulumi"
-    stub.parent.mkdir()
-    stub.write_text("#!/bin/sh\necho '{}'\n")
-    stub.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{stub.parent}:{os.environ['PATH']}")
-    code, out, _ = run(capsys, "--leftovers", "--stack", "dev", "--region", "us-east-1", "--cluster", "exp1")
-    assert code == 1 and out.count("LEFTOVER") == 3
+def test_a_destroyed_stack_names_nothing_and_its_own_region_is_searched(two_clusters, tmp_path, capsys, monkeypatch):
+    ec2, in_stack, lost, others = two_clusters
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")  # not where the stack is: the stack's aws:region wins
+    pulumi_stub(tmp_path, monkeypatch, {"flambe:name": "exp1", "aws:region": "us-east-1"}, {})
+    code, out, _ = run(capsys, "--leftovers", "--stack", "dev")
+    assert code == 1 and out.count("LEFTOVER") == 5 and "in us-east-1" in out and "exp0" not in out
 
 
-def test_a_stack_config_file_names_the_cluster_and_region_whose_leftovers_fail_ci(two_clusters, tmp_path,
-                                                                                   capsys):
-    ec2, in_stack, forgotten = two_clusters
+def test_a_stack_config_file_scopes_to_its_cluster_region_and_creator(two_clusters, tmp_path, capsys):
+    ec2, in_stack, lost, others = two_clusters
     config = tmp_path / "Pulumi.dev.yaml"
-    config.write_text("config:\n  aws:region: us-east-1\n  flambe:name: exp0\n")
+    config.write_text("config:\n  aws:region: us-east-1\n  flambe:name: exp0\n  flambe:creator: bob\n")
     code, out, _ = run(capsys, "--leftovers", "--config", str(config))
-    assert code == 1 and out.count("LEFTOVER") == 2 and "exp1" not in out
-    config.write_text("config:\n  aws:region: us-east-1\n  flambe:name: exp9\n")
+    assert code == 1 and out.count("LEFTOVER") == 1 and "exp1" not in out and "check each" not in out
+    config.write_text("config:\n  aws:region: us-east-1\n  flambe:name: exp0\n  flambe:creator: carol\n")
     code, out, _ = run(capsys, "--leftovers", "--config", str(config))
     assert code == 0 and "0 leftover" in out
+
+
+def test_a_report_that_cannot_be_written_is_bad_input_not_a_leftover(two_clusters, capsys):
+    code, _, err = run(capsys, "--leftovers", "--region", "us-east-1", "--creator", "nobody", "--report",
+                       "/nonexistent/dir/leftovers.json")
+    assert code == 2 and "cannot write --report" in err
+
+
+def test_an_ec2_error_other_than_credentials_is_bad_input(two_clusters, capsys, monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    def unreachable(*arguments, **keywords):
+        raise EndpointConnectionError(endpoint_url="https://ec2.nowhere-1.amazonaws.com")
+    monkeypatch.setattr("botocore.paginate.PageIterator.__iter__", unreachable)
+    code, _, err = run(capsys, "--leftovers", "--region", "us-east-1")
+    assert code == 2 and "cannot list instances in us-east-1" in err
 
 
 def test_hostile_tag_values_reach_the_terminal_escaped(ec2, capsys):
@@ -182,6 +210,7 @@ def test_hostile_tag_values_reach_the_terminal_escaped(ec2, capsys):
 
 @pytest.mark.parametrize("arguments, expected", [
     (["--creator", "bob", "--config", "x.yaml"], "--creator go with --leftovers"),
+    (["--leftovers", "--outputs", "/nonexistent/outputs.json"], "cannot read stack outputs"),
     (["--leftovers", "--config", "/nonexistent/Pulumi.dev.yaml"], "cannot read stack config"),
     ([], "give the cluster's network with --stack NAME"),
 ])

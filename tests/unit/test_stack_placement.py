@@ -80,6 +80,18 @@ def test_efa_gives_each_factory_every_interface_of_its_type_in_the_users_network
     assert "launchTemplate" not in declared["exp1_orchestrator"]
 
 
+def test_with_efa_a_refusal_never_suggests_a_strategy_efa_cannot_use():
+    message = refusal(placementGroup="cluster", efa="true", factoryType="t3.large")
+    assert "cannot join a cluster placement group" in message and "placementGroup spread" not in message
+
+
+def test_the_placement_group_and_efa_template_carry_the_clusters_tags():
+    _, mocks = run_cluster(placementGroup="cluster", efa="true", factoryType="c5n.18xlarge")
+    for typ in (PLACEMENT_GROUP, LAUNCH_TEMPLATE):
+        (inputs,) = by_name(mocks, typ).values()
+        assert inputs["tags"]["Purpose"] == "flambe" and inputs["tags"]["Cluster-Name"] == "exp1"
+
+
 def test_one_efa_interface_keeps_the_public_address():
     _, mocks = run_cluster(placementGroup="cluster", efa="true", factoryType="c5n.18xlarge")
     (template,) = by_name(mocks, LAUNCH_TEMPLATE).values()
@@ -97,6 +109,9 @@ def test_one_efa_interface_keeps_the_public_address():
     ({"placementGroup": "spread", "factoryCount": "7", "placementOrchestrator": "true"},
      "would put 8 in it: pulumi config set flambe:placementGroup partition"),
     ({"placementGroup": "cluster", "factoryType": "t3.large"}, "t3.large cannot join a cluster placement group"),
+    ({"placementGroup": "cluster", "placementOrchestrator": "true", "orchestratorType": "t3.large"},
+     "pick a type that can, e.g. pulumi config set flambe:orchestratorType c5n.18xlarge, or"),
+    ({"placementGroup": "spread", "dedicated": "true"}, "spread cannot hold Dedicated Instances"),
     ({"placementGroup": "cluster", "efa": "true", "factoryType": "m5.large"},
      "m5.large has no EFA: use a type that has it, e.g. pulumi config set flambe:factoryType p5.48xlarge"),
     ({"placementGroup": "cluster", "efa": "true", "factoryType": "p5.48xlarge"},
