@@ -12,7 +12,16 @@ from flambe_iac.deploys.operations import staged_files, synced_tree
 from flambe_iac.deploys.ray import wait_for_workers
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import runner_environment
-from flambe_iac.engine.remote_layout import RESOURCES_DIR, RUN_EXIT, RUN_LOG, RUN_PID, RUN_PLAN, RUNNER_LIBRARY, SECRETS
+from flambe_iac.engine.remote_layout import (
+    LIBRARY_ENVIRONMENT,
+    RESOURCES_DIR,
+    RUN_EXIT,
+    RUN_LOG,
+    RUN_PID,
+    RUN_PLAN,
+    RUNNER_LIBRARY,
+    SECRETS,
+)
 from flambe_iac.engine.remote_probes import RUNNABLE_RUNNING
 from flambe_iac.inputs.secrets_file import HiddenBytes
 
@@ -50,7 +59,7 @@ def detached_run(force: bool, python: str, environment: dict[str, str]):
         on_running = ('echo "a runnable is already running on the orchestrator (pid $pid): wait for it, '
                       'or pass --force to stop it and start this one" >&2; exit 3')
     exports = "".join(f"{name}={shlex.quote(value)} " for name, value in environment.items())
-    runner = (f'{exports}PYTHONPATH="$HOME/{RUNNER_LIBRARY}" {shlex.quote(python)} -m flambe_iac.runnable {RUN_PLAN}; '
+    runner = (f'{exports}{LIBRARY_ENVIRONMENT} {shlex.quote(python)} -m flambe_iac.runnable {RUN_PLAN}; '
               f"echo $? > {RUN_EXIT}")
     yield StringCommand(
         f"if {RUNNABLE_RUNNING}; then {on_running}; fi; rm -f {RUN_EXIT}; "

@@ -20,7 +20,7 @@ import flambe_iac
 from flambe_iac import __version__
 from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.cluster import Host as Member
-from flambe_iac.deploys import cluster_key, extensions, manifest, ray, resources, runnable, secrets, setup
+from flambe_iac.deploys import autostop, cluster_key, extensions, manifest, ray, resources, runnable, secrets, setup
 from flambe_iac.deploys.operations import RecordedResources, Transfer
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import ClusterKey
@@ -61,6 +61,7 @@ STEPS: tuple[Step, ...] = (
     Step("setup", lambda context: SnapshotRequest(), lambda plan, member: bool(plan.setup_commands),
          setup.run_setup_commands),
     Step("ray", ray.reads, lambda plan, member: plan.request.ray or plan.request.ray_stop, ray.ray_step),
+    Step("autostop", autostop.reads, lambda plan, member: plan.autostop is not None, autostop.autostop_step),
     Step("manifest", lambda context: manifest.READS, always, manifest.write_manifest),
     Step("run", runnable.reads, lambda plan, member: plan.request.run and member.role == ORCHESTRATOR,
          runnable.launch_runnable),
@@ -131,7 +132,8 @@ class StepContext:
 
     @cached_property
     def runner_library(self) -> Resource:
-        """This machine's flambe_iac package, for the runner on the orchestrator: the same version, always."""
+        """This machine's flambe_iac package, for the runner on the orchestrator and the autostop agent on every
+        member: the same version, always."""
         return Resource("flambe_iac", Path(flambe_iac.__file__).parent, parent=RUNNER_LIBRARY,
                         excludes=("__pycache__",))
 
@@ -142,7 +144,7 @@ class StepContext:
     @cached_property
     def local_trees(self) -> dict[str, LocalTree]:
         """Every tree as the input checks walked it, and the runner library."""
-        runner = [self.runner_library] if self.plan.request.run else []
+        runner = [self.runner_library] if self.plan.request.run or self.plan.autostop not in (None, "off") else []
         trees = [*self.plan.resources, *self.plan.extension_trees, *runner]
         threads = gevent.get_hub().threadpool  # off the event loop: the lock's heartbeats beat through a long walk
         return {tree.remote_directory: self.plan.local_trees.get(tree.remote_directory)

@@ -44,6 +44,7 @@ class Cluster:
     region: str | None
     orchestrator: Host
     factories: tuple[Host, ...]
+    autostop_minutes: float | None = None  # the stack's flambe:autostopMinutes, which the outputs carry
 
     def __post_init__(self):
         """Every name that reaches a host passes the allow-lists here, whatever the cluster's source."""

@@ -21,10 +21,16 @@ import importlib
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+from flambe_iac.agent.records import PREEMPTED_DIR
 from flambe_iac.inputs.secrets_file import secrets_parser
+
+ON_PREEMPT_SECONDS = 90
+NOTICE_POLL_SECONDS = 1.0
 
 
 class Runnable:
@@ -33,6 +39,10 @@ class Runnable:
     - `self.config`: a configparser.ConfigParser read from the secrets ini (no interpolation, so `%` is a `%`;
       [DEFAULT] values are inherited by every section, as configparser does);
     - `self.resources`: {name: Path} of the runnable's resources, where they are on this machine.
+
+    Optionally, `on_preempt(host_id, interruption)`: called (in a thread of its own, while run() goes on) when
+    a spot member of the cluster gets its two-minute interruption notice, to save a checkpoint. It is given at
+    most 90 s.
     """
 
     config: configparser.ConfigParser
@@ -77,7 +87,48 @@ def run_runnable(spec: str, args: dict[str, Any], config: configparser.ConfigPar
         raise RunnableError(f"runnable {spec!r}: its args do not fit {runnable_class.__name__}: {error}") from None
     runnable.config = config
     runnable.resources = resources
+    threading.Thread(target=answer_preemptions, args=(runnable, Path.home() / PREEMPTED_DIR), daemon=True).start()
     runnable.run()
+
+
+def answer_preemptions(runnable: Runnable, notices: Path) -> None:
+    while True:
+        answer_notices(runnable, notices)
+        time.sleep(NOTICE_POLL_SECONDS)
+
+
+def answer_notices(runnable: Runnable, notices: Path) -> None:
+    """For each notice an agent left in NOTICES (ID.json), call the runnable's on_preempt, at most
+    ON_PREEMPT_SECONDS, and leave what it did in ID.done for the agent that waits on it."""
+    for notice in sorted(notices.glob("*.json")) if notices.is_dir() else []:
+        done = notice.with_suffix(".done")
+        if not done.exists():
+            done.write_text(call_on_preempt(runnable, notice) + "\n")
+
+
+def call_on_preempt(runnable: Runnable, notice: Path) -> str:
+    try:
+        document = json.loads(notice.read_text())
+        host, interruption = str(document["host"]), str(document["interruption"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return "an unreadable notice: on_preempt not called"
+    hook = getattr(runnable, "on_preempt", None)
+    if hook is None:
+        return "the runnable has no on_preempt"
+    outcome = ["on_preempt did not return within 90 s"]
+
+    def call():
+        try:
+            hook(host, interruption)
+            outcome[0] = "on_preempt returned"
+        except Exception as error:  # the user's code: any failure is reported, never fatal to the run
+            outcome[0] = f"on_preempt raised {type(error).__name__}: {error}"[:300]
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(ON_PREEMPT_SECONDS)
+    print(f"preemption notice for {host} ({interruption}): {outcome[0]}", flush=True)
+    return outcome[0]
 
 
 def run_from_plan(plan_path: Path) -> None:

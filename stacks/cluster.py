@@ -64,7 +64,7 @@ class FlambeCluster(pulumi.ComponentResource):
                             for index, factory in enumerate(self.factories)]
         self.exports = {
             **contract_document(config.name, config.username, region, host_entry(self.orchestrator),
-                                [host_entry(factory) for factory in self.factories]),
+                                [host_entry(factory) for factory in self.factories], config.autostop_minutes),
             "amis": dict(self.amis),
         }
         self.register_outputs(self.exports)
@@ -168,6 +168,8 @@ def instance(config: ClusterConfig, role: str, name: str, ami: str, opts: pulumi
         **network,
         placement_group=group.name if group is not None else None,
         key_name=config.key_name,
+        # What the autostop agent's `shutdown` does: idleAction (a one-time spot request can only terminate).
+        instance_initiated_shutdown_behavior="terminate" if spot else config.idle_action,
         iam_instance_profile=config.iam_instance_profile,
         tenancy="dedicated" if config.dedicated else None,
         instance_market_options=aws.ec2.InstanceInstanceMarketOptionsArgs(

@@ -74,6 +74,7 @@ class ClusterConfig:
     partition_count: int | None = None  # with partition: AWS's default is 2
     placement_orchestrator: bool = False  # True: the orchestrator joins the placement group too
     efa: bool = False  # True: each factory gets every EFA interface its type has (needs a cluster placement group)
+    autostop_minutes: float | None = None  # the outputs carry it: flambe-deploy installs the agent with it
 
 
 def load_config(config: pulumi.Config | None = None) -> ClusterConfig:
@@ -114,6 +115,7 @@ def load_config(config: pulumi.Config | None = None) -> ClusterConfig:
         partition_count=reader.optional_integer("partitionCount", minimum=1),
         placement_orchestrator=reader.boolean("placementOrchestrator", False),
         efa=reader.boolean("efa", False),
+        autostop_minutes=reader.minutes("autostopMinutes"),
     )
     check_idle_hours(values)
     check_placement(values)
@@ -285,6 +287,15 @@ class _Reader(_Values):
             raise self.fail(key, f"is {value!r}, beyond what CloudWatch can watch",
                             f"give at most {MAX_IDLE_HOURS} hours (7 days)")
         return hours
+
+    def minutes(self, key: str) -> float | None:
+        value, minutes = self._number(key)
+        if value is None:
+            return None
+        if minutes is None or not 0 < minutes <= MAX_IDLE_HOURS * 60:
+            raise self.fail(key, f"is {value!r}", f"give minutes above 0 and at most {MAX_IDLE_HOURS * 60}, e.g. "
+                                                  f"pulumi config set {NAMESPACE}:{key} 30")
+        return minutes
 
     def placement_strategy(self, key: str) -> str | None:
         value = self.optional(key)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flambe_iac import __version__
 from flambe_iac.cli import check, day_two
-from flambe_iac.cli.source import add_source_options, non_negative_number
+from flambe_iac.cli.source import add_source_options, autostop_minutes, bounded_number, non_negative_number
 from flambe_iac.engine.ray_cluster import DASHBOARD_PORT
 from flambe_iac.engine.remote_layout import RUN_LOG
 from flambe_iac.engine.report import summary
@@ -145,6 +145,18 @@ def add_deploy_command(commands) -> argparse.ArgumentParser:
     ray.add_argument("--ray-python", metavar="PATH",
                      help="the hosts' Python that has Ray, the same on every host (default python3)")
     ray.add_argument("--ray-stop", action="store_true", help="stop Ray on every host")
+    idle = parser.add_argument_group("autostop (see README: Idle clusters stop themselves)")
+    idle.add_argument("--autostop", type=autostop_minutes, metavar="MINUTES|off",
+                      help="an agent on every member stops it (the instance's shutdown: stop or terminate, as the "
+                           "stack's idleAction says) after MINUTES without work: a GPU above --autostop-gpu, CPU above "
+                           "--autostop-cpu, an SSH session, the runnable, or a Ray task. The orchestrator stops last, "
+                           "once every factory has. Needs `sudo -n shutdown` on the hosts; restarted at boot by an "
+                           "@reboot line in your crontab. `off` removes the agent and its line. Default: the stack's "
+                           "flambe:autostopMinutes, else the agent is left as it is")
+    idle.add_argument("--autostop-gpu", type=bounded_number(0, 100, "a GPU utilization in percent"), default=10.0,
+                      metavar="PERCENT", help="a GPU above this utilization is work (default 10)")
+    idle.add_argument("--autostop-cpu", type=bounded_number(0, 4096, "a number of cores"), default=0.5,
+                      metavar="CORES", help="the machine's CPU use above this many cores is work (default 0.5)")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the per-host, per-step report as JSON")
     parser.add_argument("--wait", type=non_negative_number, metavar="SECONDS",
                         help="keep retrying hosts that refuse connections or time out (instances still booting), "

@@ -11,7 +11,7 @@ from pathlib import Path
 from flambe_iac import __version__
 from flambe_iac.errors import EXIT_OK, InputError, exit_code_of
 from flambe_iac.lab.build import check_can_run_lab, up
-from flambe_iac.lab.hosts import COMMANDS_LOG
+from flambe_iac.lab.hosts import COMMANDS_LOG, reboot_host
 from flambe_iac.lab.model import (
     DEFAULT_SUBNET,
     DEFAULT_USER,
@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("down", "stop every sshd and remove every namespace and link of the lab (idempotent)"),
                        ("show", "list the hosts, their addresses and whether their sshd runs")):
         commands.add_parser(name, help=text, description=text).add_argument("--dir", type=Path, required=True)
+    reboot_parser = commands.add_parser(
+        "reboot", help="restart one host: every process on it ends, then it boots again (its cron runs @reboot lines)",
+        description="Restart host INDEX as a reboot would: every process on it ends, its home stays, and it boots "
+                    "again: sshd, and cron, which runs its crontab's @reboot lines.")
+    reboot_parser.add_argument("--dir", type=Path, required=True)
+    reboot_parser.add_argument("--host", type=int, required=True, metavar="INDEX", help="0 is the orchestrator")
     exec_parser = commands.add_parser("exec", help="run a command in the client namespace, where the hosts are",
                                       description="Run CMD in the client namespace, from where the hosts answer.")
     exec_parser.add_argument("--dir", type=Path, required=True)
@@ -117,6 +123,10 @@ def run_command(arguments: argparse.Namespace) -> int:
         print(f"lab down: removed {len(removed)} namespaces" if removed else "lab down: nothing was running")
     elif arguments.command == "show":
         print(describe(arguments.dir.resolve(), require_running_lab(arguments.dir)))
+    elif arguments.command == "reboot":
+        started = time.monotonic()
+        host = reboot_host(arguments.dir.resolve(), require_running_lab(arguments.dir), arguments.host)
+        print(f"lab reboot: {host.hostname} up again in {time.monotonic() - started:.2f} s")
     elif arguments.command == "exec":
         command = arguments.cmd[1:] if arguments.cmd[:1] == ["--"] else arguments.cmd
         exec_in_client(arguments.dir, command)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from flambe_iac.cluster import ADDRESS_KINDS, PUBLIC
+from flambe_iac.inputs.outputs import MAX_AUTOSTOP_MINUTES
 
 
 def positive_int(text: str) -> int:
@@ -26,6 +27,30 @@ def non_negative_number(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, not {text!r}")
     return value
+
+
+def bounded_number(low: float, high: float, what: str):
+    """An argparse type: a number above LOW and at most HIGH, described as WHAT in the error."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = low
+        if not low < value <= high:
+            raise argparse.ArgumentTypeError(f"must be {what} above {low:g} and at most {high:g}, not {text!r}")
+        return value
+    return parse
+
+
+def autostop_minutes(text: str) -> float | str:
+    """--autostop: minutes idle, or `off`."""
+    if text == "off":
+        return text
+    try:
+        return bounded_number(0, MAX_AUTOSTOP_MINUTES, "a number of minutes")(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"give a number of minutes (above 0, at most {MAX_AUTOSTOP_MINUTES}) or "
+                                         f"off, not {text!r}") from None
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from flambe_iac.agent.records import AGENT_CONFIG, AGENT_PID, AGENT_STATE, MAX_RECORD, AgentState, parse_state
 from flambe_iac.cluster import Host
 from flambe_iac.day_two.access import Access
 from flambe_iac.engine.cluster_key import fingerprint_or_none
@@ -43,6 +45,16 @@ if [ -f {RAY_STATE} ]; then
   head -n 1 {RAY_STATE}
   for name in gcs_server raylet; do pgrep -u "$(id -u)" -x "$name" >/dev/null 2>&1 && echo "@running $name"; done
 fi
+printf '@agent\\n'
+if [ -f {AGENT_CONFIG} ]; then
+  date +%s
+  head -c {MAX_RECORD + 1} {AGENT_STATE} 2>/dev/null | tr '\\n' ' '; echo
+  pid=$(head -c 20 {AGENT_PID} 2>/dev/null)
+  case "$pid" in
+    ''|*[!0-9]*) ;;
+    *) tr '\\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q 'flambe_iac.agent run' && echo @alive;;
+  esac
+fi
 printf '@end\\n'
 """
 
@@ -57,6 +69,8 @@ class HostStatus:
     runnable: str | None = None  # "running (pid N)", "finished", "failed (exit N)", or None: never started
     ray: str | None = None  # "head running", "worker running", or None: Ray not started here by --ray
     log_tail: list[str] | None = None
+    agent: str | None = None  # the autostop agent in words, or None: none installed here
+    agent_record: dict | None = None  # its state record, for --report
     problems: list[str] | None = None
 
     @property
@@ -69,7 +83,7 @@ def parse_status(alias: str, address: str, returncode: int, output: str, stderr:
     sections: dict[str, list[str]] = {}
     current = None
     for line in output.split("\n"):  # only a newline ends a line: a file name may hold \x1c or \x85
-        if line.startswith("@") and line[1:] in ("pub", "manifest", "sums", "run", "log", "ray", "end"):
+        if line.startswith("@") and line[1:] in ("pub", "manifest", "sums", "run", "log", "ray", "agent", "end"):
             current = line[1:]
             sections[current] = []
         elif current:
@@ -91,7 +105,44 @@ def parse_status(alias: str, address: str, returncode: int, output: str, stderr:
         status.runnable = runnable_state(sections["run"][0], status.problems)
         status.log_tail = sections.get("log", [])
     status.ray = ray_status(sections.get("ray", []), status.problems)
+    if sections.get("agent"):
+        status.agent, status.agent_record = agent_status(sections["agent"], status.problems)
     return status
+
+
+def agent_status(lines: list[str], problems: list[str]) -> tuple[str, dict | None]:
+    """The agent in words (`watching, idle 12 min (last busy: gpu 80%), stops in 18 min`), from the host's clock,
+    its state record and whether its process lives; what cannot be read is a problem in words."""
+    now = lines[0].strip() if lines else ""
+    record = parse_state(lines[1].encode(errors="surrogateescape") if len(lines) > 1 else b"")
+    alive = "@alive" in lines[2:]
+    if isinstance(record, str):
+        problems.append(f"autostop agent: {record}")
+        return ("running" if alive else "NOT RUNNING") + ", state unreadable", None
+    words = describe_agent(record, float(now) if now.isdigit() else None)
+    if not alive and record.state not in ("stopping", "preempted"):
+        problems.append("the autostop agent is not running (re-run flambe-deploy --autostop, or reboot)")
+        words = f"NOT RUNNING (last: {words})"
+    if record.state == "stop refused":
+        problems.append(f"autostop could not stop this member: {record.cause}")
+    return words, asdict(record)
+
+
+def describe_agent(record: AgentState, now: float | None) -> str:
+    age = f", {now - record.updated_at:.0f} s ago" if now is not None and now >= record.updated_at else ""
+    if record.state == "preempted":
+        return f"preempted at {utc(record.preempted_at)} ({record.interruption or '?'})"
+    if record.state == "stopping":
+        return f"stopping (idle {record.idle_minutes:g} min{age})"
+    busy = f" (last busy: {record.last_busy})" if record.last_busy else ""
+    count = len(record.waiting_for)
+    waiting = f", waiting for {count} factor{'y' if count == 1 else 'ies'}" if count else ""
+    stops = f", stops in {record.stops_in_minutes:g} min" if record.stops_in_minutes is not None else ""
+    return f"{record.state}, idle {record.idle_minutes:g} min{busy}{stops}{waiting}{age}"
+
+
+def utc(stamp: float | None) -> str:
+    return "?" if stamp is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
 
 
 def recorded_checksums(lines: list[str], problems: list[str]) -> dict[str, str]:
@@ -171,6 +222,8 @@ def show_status(statuses: list[HostStatus]) -> str:
         lines.append(safe_field(f"{status.alias:<32} {status.address:<16} key {key[:20]:<20} "
                                 f"resources {resources:<6} runnable {status.runnable or '-'} ray {status.ray or '-'}: "
                                 f"{state}"))
+        if status.agent:
+            lines.append(f"    autostop: {safe_field(status.agent)}")
         for line in status.log_tail or []:
             lines.append(f"    | {safe_field(line)}")
     return "\n".join(lines)

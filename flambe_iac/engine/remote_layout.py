@@ -22,7 +22,9 @@ STAGING_DIR = ".flambe/staging"  # 0700; each run stages its uploads in a direct
 MANIFEST = ".flambe/cluster.json"
 RETIRED_KEYS = ".flambe/retired_cluster_keys"  # fingerprints of cluster keys never to authorize again
 DEPLOY_LOCK = ".flambe/deploy.lock"  # on the orchestrator: held (flock) by the deploy under way, and says whose
-RUNNER_LIBRARY = ".flambe/lib"  # this flambe_iac, for the runner on the orchestrator
+RUNNER_LIBRARY = ".flambe/lib"  # this flambe_iac, for the runner on the orchestrator and the autostop agent
+# How the pushed flambe_iac runs, from the home: no __pycache__ written into it, so its copy stays as sent.
+LIBRARY_ENVIRONMENT = f'PYTHONPATH="$HOME/{RUNNER_LIBRARY}" PYTHONDONTWRITEBYTECODE=1' 
 RUN_PLAN = ".flambe/run.json"
 RUN_LOG = ".flambe/run.log"
 RUN_PID = ".flambe/run.pid"

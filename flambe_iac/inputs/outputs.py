@@ -20,6 +20,7 @@ VERSION_KEY = "flambe_outputs_version"
 VERSION = 1
 MASKED = "[secret]"
 HOST_KEYS = ("id", "public_ip", "private_ip", "public_dns")
+MAX_AUTOSTOP_MINUTES = 7 * 24 * 60
 
 
 def load_outputs(path: Path) -> Cluster:
@@ -58,16 +59,19 @@ def parse_outputs(document: Any, source: str = "stack outputs") -> Cluster:
     ssh_user = reader.text(document.get("ssh_user"), "ssh_user")
     region = reader.optional_text(document.get("region"), "region")
     hosts = tuple(reader.host(entry, f"factories[{index}]", FACTORY) for index, entry in enumerate(factories))
+    autostop = reader.optional_minutes(document.get("autostop_minutes"), "autostop_minutes")
     try:
-        return Cluster(name=name, ssh_user=ssh_user, region=region, orchestrator=orchestrator, factories=hosts)
+        return Cluster(name=name, ssh_user=ssh_user, region=region, orchestrator=orchestrator, factories=hosts,
+                       autostop_minutes=autostop)
     except InputError as error:
         raise InputError(f"{source}: {error}") from None
 
 
-def contract_document(cluster_name: Any, ssh_user: Any, region: Any, orchestrator: Any, factories: list) -> dict:
+def contract_document(cluster_name: Any, ssh_user: Any, region: Any, orchestrator: Any, factories: list,
+                      autostop_minutes: Any = None) -> dict:
     """The contract v1 document, key by key: the one builder, for `stacks/` (whose values are Pulumi outputs)
-    and for the lab (plain values)."""
-    return {
+    and for the lab (plain values). autostop_minutes is optional: older outputs lack it."""
+    document = {
         VERSION_KEY: VERSION,
         "cluster_name": cluster_name,
         "ssh_user": ssh_user,
@@ -75,6 +79,9 @@ def contract_document(cluster_name: Any, ssh_user: Any, region: Any, orchestrato
         "orchestrator": orchestrator,
         "factories": factories,
     }
+    if autostop_minutes is not None:
+        document["autostop_minutes"] = autostop_minutes
+    return document
 
 
 def outputs_document(cluster: Cluster) -> dict[str, Any]:
@@ -83,7 +90,7 @@ def outputs_document(cluster: Cluster) -> dict[str, Any]:
         return {key: getattr(host, key) for key in HOST_KEYS}
 
     return contract_document(cluster.name, cluster.ssh_user, cluster.region, host_entry(cluster.orchestrator),
-                             [host_entry(host) for host in cluster.factories])
+                             [host_entry(host) for host in cluster.factories], cluster.autostop_minutes)
 
 
 def _masked_paths(value: Any, path: str = "") -> list[str]:
@@ -142,6 +149,14 @@ class _Reader:
 
     def optional_text(self, value: Any, field: str) -> str | None:
         return None if value is None else self.text(value, field)
+
+    def optional_minutes(self, value: Any, field: str) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_AUTOSTOP_MINUTES:
+            raise self.fail(field, f"must be a number of minutes above 0 and at most {MAX_AUTOSTOP_MINUTES}, "
+                                   f"not {value!r}")
+        return float(value)
 
     def address(self, value: Any, field: str) -> str:
         text = self.text(value, field)

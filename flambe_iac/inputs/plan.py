@@ -52,6 +52,9 @@ class DeployRequest:
     ray: bool = False  # start Ray (head on the orchestrator, workers on the factories), or keep it
     ray_stop: bool = False
     ray_python: str | None = None
+    autostop: float | str | None = None  # minutes idle before a member stops itself, or "off"; None: as the outputs say
+    autostop_gpu: float = 10.0
+    autostop_cpu: float = 0.5
 
     @classmethod
     def from_arguments(cls, arguments) -> DeployRequest:
@@ -78,6 +81,7 @@ class DeployPlan:
     ray_python: str = "python3"  # the hosts' Python that has Ray
     jump: str | None = None  # --jump, checked and in its normal form
     local_trees: dict = field(default_factory=dict)  # remote directory -> LocalTree, walked while checking the inputs
+    autostop: float | str | None = None  # minutes, "off" (remove the agent), or None (leave it as it is)
 
     def ssh_policy(self) -> SshPolicy:
         """How this machine reaches the members: the one SSH policy, with this plan's key, pins and bastion."""
@@ -158,6 +162,7 @@ def build_plan(request: DeployRequest) -> DeployPlan:
         ray_python=ray_python,
         jump=jump,
         local_trees={tree.remote_directory: walk for tree, walk in walks.items()},
+        autostop=request.autostop if request.autostop is not None else cluster.autostop_minutes,
     )
 
 

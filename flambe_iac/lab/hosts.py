@@ -20,7 +20,7 @@ from flambe_iac.lab.model import (
     host_dir,
     lab_cluster,
 )
-from flambe_iac.lab.teardown import pid_alive
+from flambe_iac.lab.teardown import pid_alive, stop_processes
 from flambe_iac.local_files import READABLE, write_atomically, write_json_atomically
 
 # The login user exists only inside the hosts, through bind-mounted passwd, group and shadow files.
@@ -52,6 +52,27 @@ if [ "$status" -eq 0 ]; then
 fi
 exit $status
 """
+
+
+LAB_SUDO = """#!/bin/sh
+# The lab's sudo: only `sudo -n shutdown ...`, recorded in /run/flambe-lab/shutdowns; the host keeps running.
+[ "$1" = -n ] && shift || { echo "sudo: a password is required" >&2; exit 1; }
+case "$1 $2" in
+  "-l shutdown") echo /usr/sbin/shutdown; exit 0;;
+  "shutdown "*) shift; echo "$(date +%s) shutdown $*" >> /run/flambe-lab/shutdowns; exit 0;;
+esac
+echo "sudo: a password is required" >&2; exit 1
+"""
+REFUSING_SUDO = """#!/bin/sh
+echo "sudo: a password is required" >&2; exit 1
+"""
+STAND_IN_GPU = """#!/bin/sh
+# The lab's nvidia-smi: one GPU at a fixed utilization, as --query-gpu=utilization.gpu prints it.
+echo {percent}
+"""
+LAB_PATH = f"{IN_HOST_DIR}/bin:/usr/local/bin:/usr/bin:/bin"  # the stand-ins first, as sshd's SetEnv gives it
+METADATA_ADDRESS = "169.254.169.254"
+CRONTABS = Path("/var/spool/cron/crontabs")
 
 
 def start_key_generation(lab_dir: Path, state: LabState) -> list[subprocess.Popen]:
@@ -101,6 +122,28 @@ def prepare_host_files(lab_dir: Path, state: LabState, host: LabHost, user_publi
     if has_fault(host, "corrupt-rsync"):
         (directory / "rsync-corrupting").write_text(CORRUPTING_RSYNC)
         (directory / "rsync-corrupting").chmod(0o755)
+    prepare_stand_ins(directory, host, state.uid)
+
+
+def prepare_stand_ins(directory: Path, host: LabHost, uid: int) -> None:
+    """What a cloud host has and the lab must fake: sudo for `shutdown` (recorded, not run), a GPU, the metadata
+    service, and a crontab of the host's own."""
+    executable = {"sudo": REFUSING_SUDO if has_fault(host, "no-sudo") else LAB_SUDO}
+    if has_fault(host, "gpu"):
+        executable["nvidia-smi"] = STAND_IN_GPU.format(percent=int(float(host.faults["gpu"])))
+    (directory / "bin").mkdir()
+    for name, text in executable.items():
+        (directory / "bin" / name).write_text(text)
+        (directory / "bin" / name).chmod(0o755)
+    shutdowns = directory / "shutdowns"
+    shutdowns.touch()
+    os.chown(shutdowns, uid, uid)
+    if has_fault(host, "spot-notice"):
+        shutil.copy(Path(__file__).with_name("metadata_service.py"), directory / "metadata_service.py")
+    if CRONTABS.is_dir():  # cron's spool, one per host (root:crontab 1730, as the package makes it)
+        (directory / "crontabs").mkdir()
+        os.chown(directory / "crontabs", 0, CRONTABS.stat().st_gid)
+        (directory / "crontabs").chmod(0o1730)
 
 
 def mount_small_home(home: Path, size: str) -> None:
@@ -138,6 +181,7 @@ def sshd_config(host: LabHost, record_commands: bool = False) -> str:
         "UsePAM no",
         "StrictModes yes",
         "PrintMotd no",
+        f"SetEnv PATH={LAB_PATH}",
         *([] if has_fault(host, "no-sftp") else ["Subsystem sftp internal-sftp"]),
         *([f"MaxSessions {host.faults['max-sessions']}"] if has_fault(host, "max-sessions") else []),
         *([f"ForceCommand {IN_HOST_DIR}/record-command"] if record_commands else []),
@@ -168,10 +212,27 @@ def boot_script(directory: Path, host: LabHost) -> str:
           if has_fault(host, "no-rsync") else []),
         *([f"cp /usr/bin/rsync {IN_HOST_DIR}/rsync.real",
            f"mount --bind {IN_HOST_DIR}/rsync-corrupting /usr/bin/rsync"] if has_fault(host, "corrupt-rsync") else []),
+        *([f"mount --bind {IN_HOST_DIR}/crontabs {CRONTABS}", "/usr/sbin/cron"] if CRONTABS.is_dir() else []),
+        *([f"ip address replace {METADATA_ADDRESS}/32 dev lo",
+           f"python3 {IN_HOST_DIR}/metadata_service.py {float(host.faults['spot-notice'])} &"]
+          if has_fault(host, "spot-notice") else []),
         *([f"sleep {host.faults['late-sshd']}"] if has_fault(host, "late-sshd") else []),
         f"exec /usr/sbin/sshd -D -e -f {IN_HOST_DIR}/etc/sshd_config",
         "",
     ])
+
+
+def reboot_host(lab_dir: Path, state: LabState, index: int) -> LabHost:
+    """End every process of host INDEX (its sshd is its PID 1: the kernel ends the rest), then boot it again."""
+    if not 0 <= index < len(state.hosts):
+        raise LabError(f"--host must be a host index below {len(state.hosts)}, not {index}")
+    host = state.hosts[index]
+    stop_processes({host.pid} if host.pid else set())
+    (host_dir(lab_dir, host) / "sshd.pid").unlink(missing_ok=True)
+    host.pid = start_sshd(lab_dir, host)
+    state.save(lab_dir)
+    wait_for_sshd(lab_dir, LabState(**{**state.__dict__, "hosts": [host]}))
+    return host
 
 
 def start_sshd(lab_dir: Path, host: LabHost) -> int:

@@ -41,6 +41,9 @@ FAULTS = {
     "corrupt-rsync": "its rsync changes a byte of a resource after each transfer it receives",
     "replaced-host-key": "its sshd presents another key than the one known_hosts pins (a rebuilt host, or a man in "
                          "the middle)",
+    "gpu": "an nvidia-smi on its PATH reports one GPU at VALUE percent utilization",
+    "spot-notice": "its instance metadata service (IMDSv2) gives a spot interruption notice VALUE seconds after `up`",
+    "no-sudo": "its sudo refuses everything, `sudo -n shutdown` too",
 }
 
 
@@ -160,6 +163,9 @@ def apply_faults(state: LabState, faults: list[str]) -> None:
                              f"{len(state.hosts)} and KIND one of {', '.join(FAULTS)}")
         if kind in ("small-home", "late-sshd", "max-sessions") and not re.fullmatch(r"[0-9]+[kKmM]?", value):
             raise InputError(f"--fault {text!r}: {kind} needs a value: {FAULTS[kind]}")
+        if kind in ("gpu", "spot-notice") and not (re.fullmatch(r"[0-9]{1,5}", value)
+                                                   and (kind != "gpu" or int(value) <= 100)):
+            raise InputError(f"--fault {text!r}: {kind} needs a whole number: {FAULTS[kind]}")
         host = state.hosts[int(index_text)]
         host.faults = {**(host.faults or {}), kind: value}
 

@@ -33,7 +33,7 @@ def heartbeat():
 
 beating = gevent.spawn(heartbeat)
 gevent.sleep(0.1)
-plan = SimpleNamespace(resources=[Resource("data", data)], extension_trees=[], request=SimpleNamespace(run=False),
+plan = SimpleNamespace(resources=[Resource("data", data)], extension_trees=[], request=SimpleNamespace(run=False), autostop=None,
                        local_trees={})
 context = StepContext(plan, None, "run")
 started = time.monotonic()

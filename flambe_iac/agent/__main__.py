@@ -1,0 +1,189 @@
+"""python3 -m flambe_iac.agent install | remove | run | notice ID TEXT, in the SSH user's home.
+
+install and remove are what flambe-deploy runs (--autostop MINUTES, --autostop off); run is the agent itself (also
+the crontab's @reboot line); notice is what a preempted member runs on the orchestrator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flambe_iac.agent.crontab import CrontabError, reboot_line, update_crontab, with_agent, without_agent
+from flambe_iac.agent.records import (
+    AGENT_CONFIG,
+    AGENT_LOG,
+    AGENT_PID,
+    AGENT_PROCESS,
+    AGENT_STATE,
+    PREEMPTED_DIR,
+    AgentConfig,
+    read_config,
+)
+from flambe_iac.agent.signals import runnable_alive
+from flambe_iac.agent.watch import SHUTDOWN, Watch, run_quietly
+from flambe_iac.engine.remote_layout import RUNNER_LIBRARY
+from flambe_iac.local_files import READABLE, write_atomically
+
+AGENT_LOCK = ".flambe/autostop.lock"
+EXIT_REFUSED = 3
+MAX_LOG = 1 << 20
+HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+ON_PREEMPT_WAIT = 95
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+PR_SET_NAME = 15
+
+
+class Refused(Exception):
+    """What stops the install, in words for the deploy's report."""
+
+
+def load_config(home: Path) -> AgentConfig:
+    try:
+        return read_config((home / AGENT_CONFIG).read_bytes())
+    except (OSError, ValueError, TypeError) as error:
+        raise Refused(f"cannot read {AGENT_CONFIG}: {error}") from None
+
+
+def running_agent(home: Path) -> int | None:
+    """The pid of this home's agent, if one runs (a pid file whose process is not an agent is not trusted)."""
+    try:
+        pid = int((home / AGENT_PID).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if b"flambe_iac.agent" in cmdline and b"run" in cmdline else None
+
+
+def stop_agent(home: Path) -> None:
+    pid = running_agent(home)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(50):
+        if running_agent(home) != pid:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+def start_agent(home: Path, config: AgentConfig) -> int:
+    log = home / AGENT_LOG
+    if log.exists() and log.stat().st_size > MAX_LOG:
+        log.unlink()
+    with open(log, "ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flambe_iac.agent", "run"], cwd=home, stdin=subprocess.DEVNULL, stdout=output,
+            stderr=output, start_new_session=True,
+            env={"PATH": os.environ.get("PATH", DEFAULT_PATH), "PYTHONPATH": str(home / RUNNER_LIBRARY),
+                 "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(home), "LC_ALL": "C.UTF-8"})
+    for _ in range(50):  # the agent writes its pid file once it holds the lock
+        if running_agent(home) == process.pid:
+            return process.pid
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise Refused(f"the agent did not start: see ~/{AGENT_LOG}")
+
+
+def check_shutdown_allowed(config: AgentConfig) -> None:
+    result = run_quietly(("sudo", "-n", "-l", *SHUTDOWN[2:3]), 30)
+    if result is None or result.returncode != 0:
+        said = (result.stderr.strip().splitlines()[-1:] if result is not None else []) or ["not allowed"]
+        raise Refused(f"{config.user} may not run `sudo -n shutdown` here (sudo: {said[0][:160]}), which the agent "
+                      f"needs to stop this member: allow it, e.g. `{config.user} ALL=(root) NOPASSWD: "
+                      f"/usr/sbin/shutdown` in /etc/sudoers.d/, or deploy with --autostop off")
+
+
+def install(home: Path) -> str:
+    config = load_config(home)
+    check_shutdown_allowed(config)
+    try:
+        path = os.environ.get("PATH", DEFAULT_PATH)  # the deploy's: where sudo and nvidia-smi are (cron's is bare)
+        update_crontab(lambda current: with_agent(current, reboot_line(sys.executable, path)))
+    except CrontabError as error:
+        raise Refused(str(error)) from None
+    stop_agent(home)
+    return f"agent running (pid {start_agent(home, config)}), stops this member after {config.minutes:g} idle min"
+
+
+def remove(home: Path) -> str:
+    stop_agent(home)
+    try:
+        update_crontab(without_agent)
+    except CrontabError as error:
+        if "no crontab command" not in str(error):
+            raise Refused(str(error)) from None
+    for name in (AGENT_CONFIG, AGENT_STATE, AGENT_PID, AGENT_LOCK, AGENT_LOG):
+        (home / name).unlink(missing_ok=True)
+    return "agent removed"
+
+
+def run(home: Path) -> None:
+    lock = os.open(home / AGENT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # another agent watches this home
+    config = load_config(home)
+    name_this_process(AGENT_PROCESS)
+    write_atomically(home / AGENT_PID, f"{os.getpid()}\n", READABLE)
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(0))
+    Watch(home, config).run()
+
+
+def name_this_process(name: str) -> None:
+    """The name ps and pgrep -x show (prctl PR_SET_NAME), so the deploy's host read sees whether the agent runs."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the pid file still finds the agent
+
+
+def notice(home: Path, host_id: str, text: str) -> str:
+    """Leave a notice for the runner, then wait (at most ON_PREEMPT_WAIT s) for what its on_preempt did."""
+    if not HOST_ID.fullmatch(host_id):
+        raise Refused("a notice names a host id of letters, digits, '.', '_', ':' and '-'")
+    directory = home / PREEMPTED_DIR
+    directory.mkdir(mode=0o700, exist_ok=True)
+    (directory / f"{host_id}.done").unlink(missing_ok=True)
+    write_atomically(directory / f"{host_id}.json",
+                     json.dumps({"host": host_id, "interruption": text[:200], "at": time.time()}), READABLE)
+    deadline = time.monotonic() + ON_PREEMPT_WAIT
+    while time.monotonic() < deadline:
+        done = directory / f"{host_id}.done"
+        if done.exists():
+            return done.read_text(errors="replace")[:500]
+        if not runnable_alive(home):
+            return "no runnable runs here"
+        time.sleep(0.5)
+    return "on_preempt did not answer in time"
+
+
+def main(argv: list[str]) -> int:
+    home = Path.home()
+    commands = {"install": lambda: install(home), "remove": lambda: remove(home), "run": lambda: run(home),
+                "notice": lambda: notice(home, *argv[1:3])}
+    if not argv or argv[0] not in commands or (argv[0] == "notice" and len(argv) != 3):
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        said = commands[argv[0]]()
+    except Refused as error:
+        print(f"autostop: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    if said:
+        print(said)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,95 @@
+"""The agent's files on a member, relative to the SSH user's home: its settings (written by flambe-deploy), its
+state (written by the agent, read by `status` and by the orchestrator's agent), and the preemption notices the
+runner on the orchestrator answers. Every reader treats the bytes as untrusted: garbage is a cause in words."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+AGENT_CONFIG = ".flambe/autostop.json"
+AGENT_STATE = ".flambe/autostop.state"
+AGENT_PID = ".flambe/autostop.pid"
+AGENT_LOG = ".flambe/autostop.log"
+PREEMPTED_DIR = ".flambe/preempted"  # on the orchestrator: ID.json, a notice; ID.done, on_preempt's outcome
+CRONTAB_MARK = "# flambe-autostop"
+AGENT_PROCESS = "flambe-autostop"  # the agent's process name (at most 15 characters), as pgrep -x sees it
+STATES = ("watching", "waiting for factories", "stopping", "stop refused", "preempted")
+MAX_RECORD = 4096
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    minutes: float
+    role: str
+    member_id: str
+    user: str
+    factories: tuple[str, ...] = ()  # the factories' private addresses (the orchestrator waits for them)
+    orchestrator: str | None = None  # its private address (a factory's preemption notice goes there)
+    gpu_percent: float = 10.0
+    cpu_cores: float = 0.5
+    ray_stop: str | None = None  # the shell command that stops this host's Ray (with --ray), run on a notice
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
+
+
+def read_config(data: bytes) -> AgentConfig:
+    """Raises ValueError naming what is wrong."""
+    document = json.loads(data.decode())
+    if not isinstance(document, dict):
+        raise ValueError("the agent's settings are not a JSON object")
+    document["factories"] = tuple(document.get("factories") or ())
+    config = AgentConfig(**document)
+    if not (isinstance(config.minutes, (int, float)) and config.minutes > 0):
+        raise ValueError(f"minutes must be above 0, not {config.minutes!r}")
+    return config
+
+
+@dataclass
+class AgentState:
+    pid: int
+    role: str
+    minutes: float
+    state: str = "watching"
+    idle_minutes: float = 0.0
+    last_busy: str | None = None  # the signals last seen busy, in words
+    last_busy_at: float | None = None
+    stops_in_minutes: float | None = None
+    waiting_for: list[str] = field(default_factory=list)  # factories still busy (the orchestrator)
+    preempted_at: float | None = None
+    interruption: str | None = None  # the notice's action and time, as the metadata service gave them
+    cause: str | None = None  # why a stop was refused
+    updated_at: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
+
+
+def parse_state(data: bytes) -> AgentState | str:
+    """The agent's state record as a host sent it, or the cause in words why it cannot be read."""
+    if len(data) > MAX_RECORD:
+        return f"its state record is over {MAX_RECORD} bytes"
+    try:
+        document = json.loads(data.decode(errors="replace") or "null")
+    except (ValueError, RecursionError):
+        return "its state record is not JSON (a full disk can leave it truncated)"
+    if not isinstance(document, dict):
+        return "its state record is not a JSON object"
+    numbers = ("idle_minutes", "minutes", "last_busy_at", "stops_in_minutes", "preempted_at", "updated_at")
+    for key in numbers:
+        value = document.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            return f"its state record's {key} is not a number"
+    texts = ("state", "role", "last_busy", "interruption", "cause")
+    if any(document.get(key) is not None and not isinstance(document[key], str) for key in texts):
+        return "its state record holds a field of the wrong type"
+    if document.get("state") not in STATES or not isinstance(document.get("pid"), int):
+        return "its state record names no known state"
+    waiting = document.get("waiting_for") or []
+    if not isinstance(waiting, list) or not all(isinstance(item, str) for item in waiting):
+        return "its state record's waiting_for is not a list of names"
+    known = AgentState.__dataclass_fields__
+    return AgentState(**{key: value for key, value in document.items() if key in known})

@@ -1,0 +1,167 @@
+"""The agent's loop: sample the signals, keep the state record, stop the member once idle for the set minutes (the
+orchestrator only once every factory has stopped or is idle), and answer a spot interruption notice."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from flambe_iac.agent.records import AGENT_STATE, AgentConfig, AgentState, parse_state
+from flambe_iac.agent.signals import PROBE_MARK, Thresholds, busy_cores, busy_signals, cpu_times, gpu_reading, processes
+from flambe_iac.agent.spot import MetadataService
+from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, LIBRARY_ENVIRONMENT, MEMBERS_KNOWN_HOSTS
+from flambe_iac.local_files import READABLE, write_atomically
+from flambe_iac.ssh.policy import SshTarget, ssh_command_line
+
+SPOT_POLL_SECONDS = 5.0  # AWS's advice for the two-minute notice
+METADATA_RETRY_SECONDS = 600.0  # a member without a metadata service (not on EC2) is asked again this rarely
+STOP_TIMEOUT = 60
+PROBE_TIMEOUT = 20
+NOTICE_TIMEOUT = 120  # the runner gives on_preempt at most 90 s; the notice waits for its outcome a little longer
+SHUTDOWN = ("sudo", "-n", "shutdown", "-h", "now")
+
+
+def sample_seconds(minutes: float) -> float:
+    """Each minute; more often for windows under six minutes, so a short window is still watched six times."""
+    return max(1.0, min(60.0, minutes * 60 / 6))
+
+
+class Watch:
+    def __init__(self, home: Path, config: AgentConfig, clock=time.time, metadata: MetadataService | None = None):
+        self.home, self.config, self.clock = home, config, clock
+        self.metadata = metadata or MetadataService()
+        now = clock()
+        self.state = AgentState(pid=os.getpid(), role=config.role, minutes=config.minutes, last_busy_at=None,
+                                updated_at=now)
+        self.quiet_since = now  # a fresh agent waits the whole window: its start is the last sign of work
+        self.cpu = cpu_times(read_text("/proc/stat"))
+        self.cores = os.cpu_count() or 1
+
+    @property
+    def state_path(self) -> Path:
+        return self.home / AGENT_STATE
+
+    def sample(self) -> list[str]:
+        """The busy signals now; CPU over the time since the last sample."""
+        cpu = cpu_times(read_text("/proc/stat"))
+        cores = busy_cores(self.cpu, cpu, self.cores)
+        self.cpu = cpu
+        return busy_signals(Thresholds(self.config.gpu_percent, self.config.cpu_cores), self.config.user, self.home,
+                            cores, gpu_reading(), processes())
+
+    def observe(self, signals: list[str]) -> bool:
+        """Update the record with SIGNALS; True once the member has been idle for the set minutes."""
+        now = self.clock()
+        if signals:
+            self.quiet_since = now
+            self.state.last_busy, self.state.last_busy_at = ", ".join(signals), now
+        self.state.idle_minutes = round((now - self.quiet_since) / 60, 2)
+        self.state.stops_in_minutes = round(max(0.0, self.config.minutes - self.state.idle_minutes), 2)
+        self.state.updated_at = now
+        return self.state.idle_minutes >= self.config.minutes
+
+    def step(self) -> None:
+        """One sample and what follows from it; after a stop or a notice, the record only keeps its time."""
+        if self.state.state not in ("stopping", "preempted"):
+            idle = self.observe(self.sample())
+            busy_factories = self.busy_factories() if idle and self.config.factories else []
+            self.state.waiting_for = busy_factories
+            if idle and not busy_factories:
+                self.stop()
+            else:
+                self.state.state = "waiting for factories" if busy_factories else "watching"
+        self.state.updated_at = self.clock()
+        self.save()
+
+    def stop(self) -> None:
+        """The instance's own shutdown, which the stack maps to stop or terminate (its idleAction)."""
+        result = run_quietly(SHUTDOWN, STOP_TIMEOUT)
+        if result is None or result.returncode != 0:
+            said = (result.stderr.strip().splitlines()[-1:] if result is not None else ["no answer"]) or ["refused"]
+            self.state.state, self.state.cause = "stop refused", f"sudo -n shutdown: {said[0][:200]}"
+        else:
+            self.state.state, self.state.cause = "stopping", None
+
+    def busy_factories(self) -> list[str]:
+        """The factories that still work, each as ADDRESS: WHY. One that does not answer has stopped."""
+        with ThreadPoolExecutor(max_workers=min(16, len(self.config.factories))) as pool:
+            verdicts = list(pool.map(self.factory_verdict, self.config.factories))
+        return [f"{address}: {verdict}" for address, verdict in zip(self.config.factories, verdicts) if verdict]
+
+    def factory_verdict(self, address: str) -> str | None:
+        """None if the factory at ADDRESS has stopped, is stopping, was preempted or is idle; else why it is busy."""
+        result = run_quietly(self.hop(address, f"cat {AGENT_STATE}"), PROBE_TIMEOUT)
+        if result is None or result.returncode == 255:
+            return None  # ssh could not reach it: a stopped instance answers nothing
+        if result.returncode != 0:
+            return "no agent state there"
+        record = parse_state(result.stdout.encode(errors="replace"))
+        if isinstance(record, str):
+            return record
+        if record.state in ("stopping", "preempted") or record.idle_minutes >= record.minutes:
+            return None
+        return f"busy ({record.last_busy or 'its window has not passed'})"
+
+    def hop(self, address: str, command: str) -> list[str]:
+        """ssh to another member under the members' policy (the cluster key, pinned host keys), marked as a probe
+        so that the member's agent does not count it as a session."""
+        target = SshTarget(address=address, user=self.config.user, key=self.home / CLUSTER_PRIVATE_KEY,
+                           known_hosts=self.home / MEMBERS_KNOWN_HOSTS, connect_timeout=5)
+        return ssh_command_line(target, f": {PROBE_MARK}; {command}")
+
+    def check_notice(self) -> None:
+        if self.state.state == "preempted":
+            return
+        notice = self.metadata.interruption()
+        if notice is None:
+            return
+        self.state.state, self.state.preempted_at, self.state.interruption = "preempted", self.clock(), notice
+        self.save()
+        self.tell_the_runnable(notice)
+        if self.config.ray_stop:
+            run_quietly(("sh", "-c", f"cd && {self.config.ray_stop}"), STOP_TIMEOUT)
+
+    def tell_the_runnable(self, notice: str) -> None:
+        """On the orchestrator, the runner calls the runnable's on_preempt (at most 90 s); this waits for it."""
+        command = (f"cd && {LIBRARY_ENVIRONMENT} python3 -m flambe_iac.agent notice "
+                   f"{shlex.quote(self.config.member_id)} {shlex.quote(notice)}")
+        argv = ["sh", "-c", command] if self.config.orchestrator is None else self.hop(self.config.orchestrator,
+                                                                                        command)
+        run_quietly(argv, NOTICE_TIMEOUT)
+
+    def save(self) -> None:
+        write_atomically(self.state_path, self.state.to_bytes(), READABLE)
+
+    def run(self) -> None:
+        interval = sample_seconds(self.config.minutes)
+        next_sample = next_metadata_try = self.clock()
+        while True:
+            now = self.clock()
+            if now >= next_sample:
+                self.step()
+                next_sample = now + interval
+            if self.metadata.token is not None or now >= next_metadata_try:
+                self.check_notice()
+                next_metadata_try = now + METADATA_RETRY_SECONDS
+            time.sleep(max(0.2, min(next_sample - self.clock(), SPOT_POLL_SECONDS)))
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="ascii", errors="replace") as stream:
+            return stream.read()
+    except OSError:
+        return ""
+
+
+def run_quietly(argv, timeout: float) -> subprocess.CompletedProcess | None:
+    """ARGV, its output kept; None if it cannot start or does not end in TIMEOUT."""
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, errors="replace", timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None

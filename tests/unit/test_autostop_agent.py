@@ -1,0 +1,341 @@
+"""The autostop agent without hosts: its readings of /proc and nvidia-smi, its state record read as untrusted, the
+crontab kept byte for byte, its decisions on a clock of the test's own, the metadata service's notice, and the
+runner's call of on_preempt."""
+
+import json
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flambe_iac.agent import watch as watch_module
+from flambe_iac.agent.crontab import CrontabError, reboot_line, with_agent, without_agent
+from flambe_iac.agent.records import AgentConfig, AgentState, parse_state, read_config
+from flambe_iac.agent.signals import (
+    PROBE_MARK,
+    CpuTimes,
+    Process,
+    Thresholds,
+    busy_cores,
+    busy_signals,
+    cpu_times,
+    gpu_utilizations,
+    is_ray_task,
+    open_sessions,
+    runnable_alive,
+    session_owner,
+)
+from flambe_iac.agent.spot import MetadataService, describe_notice
+from flambe_iac.agent.watch import SHUTDOWN, Watch, sample_seconds
+from flambe_iac.lab.metadata_service import handler_for
+from flambe_iac.runnable import Runnable, answer_notices
+
+# Readings.
+
+def test_gpu_utilizations_read_each_gpu_and_skip_what_is_not_a_number():
+    assert gpu_utilizations("0\n87\n[N/A]\n 12 %\n101\nerror\n") == [0.0, 87.0, 12.0]
+
+
+def test_cpu_times_and_busy_cores():
+    before = cpu_times("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    after = cpu_times("cpu  300 0 100 1000 0 0 0 0 0 0\n")
+    assert before == CpuTimes(busy=200, total=1000) and after == CpuTimes(busy=400, total=1400)
+    assert busy_cores(before, after, 4) == pytest.approx(2.0)  # half the time busy, on 4 cores
+    assert busy_cores(after, before, 4) is None and cpu_times("cpu x y z") is None
+
+
+@given(st.text())
+def test_readings_never_crash_on_any_text(text):
+    gpu_utilizations(text)
+    cpu_times(text)
+    session_owner(text)
+    is_ray_task(text)
+
+
+def test_sessions_of_the_user_count_but_an_agents_probe_does_not():
+    found = [Process(10, 1, "sshd: ubuntu@pts/0"), Process(11, 10, "-bash"),
+             Process(20, 1, "sshd-session: ubuntu@notty"), Process(21, 20, f"bash -c : {PROBE_MARK}; cat x"),
+             Process(30, 1, "sshd: alice@notty"), Process(40, 1, "sshd: ubuntu [priv]"),
+             Process(50, 1, "sshd: ubuntu@notty")]  # a session with no command yet (a held connection) counts
+    assert open_sessions(found, "ubuntu") == 2
+    assert session_owner("sshd-session: ubuntu@notty") == "ubuntu" and session_owner("sshd: /usr/sbin/sshd") is None
+
+
+def test_ray_tasks_and_actors_are_work_idle_workers_are_not():
+    assert is_ray_task("ray::train_step()") and is_ray_task("ray::Trainer.fit")
+    assert not is_ray_task("ray::IDLE") and not is_ray_task("python raylet") and not is_ray_task("gcs_server")
+
+
+def test_the_runnable_is_alive_while_its_pid_lives_and_it_left_no_exit_code(tmp_path):
+    home, proc = tmp_path / "home", tmp_path / "proc"
+    (home / ".flambe").mkdir(parents=True)
+    (proc / "42").mkdir(parents=True)
+    (proc / "42" / "stat").write_text("42 (sh) S 1 ...")
+    assert not runnable_alive(home, proc)
+    (home / ".flambe" / "run.pid").write_text("42\n")
+    assert runnable_alive(home, proc)
+    (proc / "42" / "stat").write_text("42 (sh) Z 1 ...")
+    assert not runnable_alive(home, proc)
+    (proc / "42" / "stat").write_text("42 (a) b) S 1")
+    (home / ".flambe" / "run.exit").write_text("0\n")
+    assert not runnable_alive(home, proc)
+    (home / ".flambe" / "run.pid").write_text("../1\n")
+    assert not runnable_alive(home, proc)
+
+
+def test_busy_signals_in_words(tmp_path):
+    found = [Process(5, 1, "ray::train()"), Process(6, 1, "sshd: ubuntu@pts/1")]
+    signals = busy_signals(Thresholds(gpu_percent=10, cpu_cores=0.5), "ubuntu", tmp_path, 1.5, [3.0, 55.0], found)
+    assert signals == ["gpu 55%", "cpu 1.50 cores", "1 ssh session", "1 ray task"]
+    assert busy_signals(Thresholds(), "ubuntu", tmp_path, 0.1, [9.0], []) == []
+    assert busy_signals(Thresholds(), "ubuntu", tmp_path, None, None, []) == []
+
+
+# The state record, as `status` and the orchestrator's agent read it.
+
+def test_a_state_record_reads_back():
+    record = AgentState(pid=7, role="factory", minutes=30, idle_minutes=4.5, last_busy="gpu 80%")
+    assert parse_state(record.to_bytes()) == record
+
+
+@pytest.mark.parametrize("data, cause", [
+    (b"", "not a JSON object"),
+    (b'{"pid": 7, "state": "watch', "not JSON (a full disk can leave it truncated)"),
+    (b'{"pid": 7, "state": "sleeping"}', "names no known state"),
+    (b'{"pid": 7, "state": "watching", "idle_minutes": NaN}', "idle_minutes is not a number"),
+    (b'{"pid": 7, "state": "watching", "idle_minutes": true}', "idle_minutes is not a number"),
+    (b'{"pid": 7, "state": "watching", "last_busy": ["x"]}', "wrong type"),
+    (b'{"pid": 7, "state": "watching", "waiting_for": [1]}', "waiting_for is not a list of names"),
+    (b"[" * 100000, "over 4096 bytes"),
+    (b"[" * 4000, "not JSON"),
+])
+def test_a_bad_state_record_is_a_cause_in_words(data, cause):
+    assert cause in parse_state(data)
+
+
+@given(st.binary(max_size=600))
+def test_any_bytes_are_a_record_or_a_cause(data):
+    assert isinstance(parse_state(data), (AgentState, str))
+
+
+def test_settings_that_are_wrong_are_refused():
+    config = AgentConfig(minutes=5, role="factory", member_id="i-1", user="ubuntu", factories=("10.0.0.2",))
+    assert read_config(config.to_bytes()) == config
+    for data in (b"[]", b'{"minutes": 0, "role": "f", "member_id": "i", "user": "u"}', b'{"surprise": 1}'):
+        with pytest.raises((ValueError, TypeError)):
+            read_config(data)
+
+
+# The crontab.
+
+LINE = reboot_line("/usr/bin/python3", "/usr/local/bin:/usr/bin:/bin")
+user_lines = st.lists(st.text(alphabet=st.characters(blacklist_characters="\n\r", blacklist_categories=("Cs",)))
+                      .filter(lambda line: not line.rstrip().endswith("# flambe-autostop")), max_size=8)
+
+
+@given(user_lines)
+def test_the_users_crontab_is_kept_byte_for_byte(lines):
+    table = "".join(f"{line}\n" for line in lines).encode()
+    added = with_agent(table, LINE)
+    assert added.startswith(table) and added.endswith(LINE.encode() + b"\n")
+    assert with_agent(added, LINE) == added  # once, however many deploys
+    assert without_agent(added) == table
+
+
+def test_a_table_without_a_final_newline_gets_one_before_our_line_and_crlf_lines_are_ours_too():
+    assert with_agent(b"@daily true", LINE) == b"@daily true\n" + LINE.encode() + b"\n"
+    assert without_agent(b"a\n" + LINE.encode() + b"\r\n") == b"a\n"
+
+
+def test_the_reboot_line_runs_the_agent_and_refuses_what_cron_would_misread():
+    assert LINE.startswith("@reboot cd && PATH=/usr/local/bin:/usr/bin:/bin ") and LINE.endswith("# flambe-autostop")
+    assert "PYTHONDONTWRITEBYTECODE=1" in LINE and "-m flambe_iac.agent run" in LINE
+    for path in ("/opt/50%/bin", "/bin\n* * * * * evil"):
+        with pytest.raises(CrontabError):
+            reboot_line("/usr/bin/python3", path)
+    assert "'/opt/my bin:/usr/bin'" in reboot_line("/usr/bin/python3", "/opt/my bin:/usr/bin")
+
+
+# Decisions, on a clock of the test's own.
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class NoMetadata:
+    token = None
+
+    def interruption(self):
+        return None
+
+
+def watch_with(tmp_path, monkeypatch, signals: list, minutes=1.0, factories=(), shutdown_code=0):
+    """A Watch whose samples are SIGNALS (a list the test changes) and whose commands are recorded."""
+    clock = Clock()
+    config = AgentConfig(minutes=minutes, role="orchestrator" if factories else "factory", member_id="i-1",
+                         user="ubuntu", factories=tuple(factories))
+    (tmp_path / ".flambe").mkdir(exist_ok=True)
+    agent = Watch(tmp_path, config, clock=clock, metadata=NoMetadata())
+    agent.sample = lambda: list(signals)
+    ran = []
+
+    def run_quietly(argv, timeout):
+        ran.append(tuple(argv))
+        return type("Done", (), {"returncode": shutdown_code, "stderr": "sudo: a password is required\n",
+                                 "stdout": ""})()
+    monkeypatch.setattr(watch_module, "run_quietly", run_quietly)
+    return agent, clock, ran
+
+
+def test_a_member_stops_after_the_window_without_work_and_work_resets_it(tmp_path, monkeypatch):
+    signals = ["gpu 90%"]
+    agent, clock, ran = watch_with(tmp_path, monkeypatch, signals)
+    agent.step()
+    signals.clear()
+    clock.now += 50
+    agent.step()
+    assert ran == [] and agent.state.stops_in_minutes == pytest.approx(1 / 6, abs=0.01)
+    signals.append("1 ssh session")
+    clock.now += 30
+    agent.step()
+    signals.clear()
+    clock.now += 59
+    agent.step()
+    assert ran == [] and agent.state.last_busy == "1 ssh session"
+    clock.now += 1
+    agent.step()
+    assert ran == [SHUTDOWN] and agent.state.state == "stopping"
+    clock.now += 120
+    agent.step()
+    assert ran == [SHUTDOWN]  # once
+    assert parse_state((tmp_path / ".flambe" / "autostop.state").read_bytes()).state == "stopping"
+
+
+def test_a_fresh_agent_waits_a_whole_window_and_a_refused_stop_says_why(tmp_path, monkeypatch):
+    agent, clock, ran = watch_with(tmp_path, monkeypatch, [], shutdown_code=1)
+    clock.now += 59
+    agent.step()
+    assert ran == []
+    clock.now += 1
+    agent.step()
+    assert agent.state.state == "stop refused" and "a password is required" in agent.state.cause
+
+
+def test_the_orchestrator_waits_while_a_factory_works(tmp_path, monkeypatch):
+    agent, clock, ran = watch_with(tmp_path, monkeypatch, [], factories=["10.0.0.3", "10.0.0.4"])
+    verdicts = {"10.0.0.3": "busy (gpu 80%)", "10.0.0.4": None}
+    agent.factory_verdict = verdicts.get
+    clock.now += 61
+    agent.step()
+    assert ran == [] and agent.state.state == "waiting for factories"
+    assert agent.state.waiting_for == ["10.0.0.3: busy (gpu 80%)"]
+    verdicts["10.0.0.3"] = None
+    clock.now += 60
+    agent.step()
+    assert ran == [SHUTDOWN] and agent.state.waiting_for == []
+
+
+@pytest.mark.parametrize("code, output, verdict", [
+    (255, "", None),  # ssh could not reach it: stopped
+    (0, AgentState(pid=1, role="factory", minutes=5, state="stopping").to_bytes().decode(), None),
+    (0, AgentState(pid=1, role="factory", minutes=5, state="preempted").to_bytes().decode(), None),
+    (0, AgentState(pid=1, role="factory", minutes=5, idle_minutes=5.0).to_bytes().decode(), None),
+    (0, AgentState(pid=1, role="factory", minutes=5, idle_minutes=1, last_busy="gpu 80%").to_bytes().decode(),
+     "busy (gpu 80%)"),
+    (1, "", "no agent state there"),
+    (0, "garbage", "its state record is not JSON (a full disk can leave it truncated)"),
+])
+def test_what_the_orchestrator_reads_of_a_factory(tmp_path, monkeypatch, code, output, verdict):
+    agent, _, ran = watch_with(tmp_path, monkeypatch, [], factories=["10.0.0.3"])
+    monkeypatch.setattr(watch_module, "run_quietly", lambda argv, timeout: ran.append(argv) or type(
+        "Done", (), {"returncode": code, "stdout": output, "stderr": ""})())
+    assert agent.factory_verdict("10.0.0.3") == verdict
+    (argv,) = ran
+    assert argv[0] == "ssh" and "StrictHostKeyChecking=yes" in argv and "IdentitiesOnly=yes" in argv
+    assert str(tmp_path / "ray_bootstrap_key.pem") in argv and argv[-1].startswith(f": {PROBE_MARK}; ")
+
+
+def test_samples_come_each_minute_and_six_times_a_short_window():
+    assert sample_seconds(30) == 60 and sample_seconds(0.2) == 2 and sample_seconds(0.01) == 1
+
+
+# The metadata service's notice (the lab's stand-in serves it as EC2 does: IMDSv2 tokens only).
+
+@pytest.fixture
+def metadata(request):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(time.time() + request.param))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield MetadataService(f"http://127.0.0.1:{server.server_address[1]}")
+    server.shutdown()
+
+
+@pytest.mark.parametrize("metadata", [3600.0], indirect=True)
+def test_no_notice_until_there_is_one(metadata):
+    assert metadata.reachable and metadata.interruption() is None
+
+
+@pytest.mark.parametrize("metadata", [-1.0], indirect=True)
+def test_a_notice_with_its_action_and_time_and_an_expired_token_renewed(metadata):
+    assert metadata.interruption().startswith("terminate at ")
+    metadata.token = "expired"
+    assert metadata.interruption() is None and metadata.token is None  # refused (401): a new token next time
+    assert metadata.interruption().startswith("terminate at ")
+
+
+def test_no_service_is_no_notice_and_garbage_is_none():
+    assert MetadataService("http://127.0.0.1:9", timeout=0.2).interruption() is None
+    assert describe_notice(b"<html>") is None and describe_notice(b'{"action": 3}') is None
+    assert describe_notice(json.dumps({"action": "stop" * 50, "time": "x"}).encode()) == f"{'stop' * 8} at x"
+
+
+# The runner answers notices with on_preempt.
+
+class Checkpointing(Runnable):
+    def __init__(self, behaviour):
+        self.behaviour, self.calls = behaviour, []
+
+    def on_preempt(self, host_id, interruption):
+        self.calls.append((host_id, interruption))
+        if self.behaviour == "raise":
+            raise RuntimeError("disk full")
+        if self.behaviour == "hang":
+            threading.Event().wait(5)
+
+
+def notice(directory: Path, host: str, text="terminate at 2026-11-30T10:00:00Z"):
+    directory.mkdir(exist_ok=True)
+    (directory / f"{host}.json").write_text(json.dumps({"host": host, "interruption": text, "at": 1.0}))
+
+
+@pytest.mark.parametrize("behaviour, outcome", [
+    ("return", "on_preempt returned"),
+    ("raise", "on_preempt raised RuntimeError: disk full"),
+    ("hang", "on_preempt did not return within 90 s"),
+])
+def test_each_notice_calls_on_preempt_once_and_leaves_its_outcome(tmp_path, monkeypatch, behaviour, outcome):
+    monkeypatch.setattr("flambe_iac.runnable.ON_PREEMPT_SECONDS", 0.3)
+    runnable = Checkpointing(behaviour)
+    notice(tmp_path, "i-0abc")
+    answer_notices(runnable, tmp_path)
+    answer_notices(runnable, tmp_path)
+    assert runnable.calls == [("i-0abc", "terminate at 2026-11-30T10:00:00Z")]
+    assert (tmp_path / "i-0abc.done").read_text() == outcome + "\n"
+
+
+def test_a_runnable_without_on_preempt_and_an_unreadable_notice(tmp_path):
+    class Plain(Runnable):
+        pass
+    notice(tmp_path, "i-1")
+    (tmp_path / "i-2.json").write_text("{broken")
+    answer_notices(Plain(), tmp_path)
+    assert (tmp_path / "i-1.done").read_text() == "the runnable has no on_preempt\n"
+    assert (tmp_path / "i-2.done").read_text() == "an unreadable notice: on_preempt not called\n"
+    answer_notices(Plain(), tmp_path / "missing")  # no notice directory yet: nothing to do
