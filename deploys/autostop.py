@@ -13,7 +13,7 @@ from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.deploys.operations import staged_files, synced_tree
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import stop_command
-from flambe_iac.engine.remote_layout import LIBRARY_ENVIRONMENT, RUNNER_LIBRARY
+from flambe_iac.engine.remote_layout import LIBRARY_ENVIRONMENT
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
@@ -22,28 +22,28 @@ OFF = "off"
 
 
 def reads(context) -> SnapshotRequest:
-    if context.plan.autostop == OFF:
-        return SnapshotRequest(files=(AGENT_CONFIG,), processes=(AGENT_PROCESS,))
+    installing = context.plan.autostop != OFF
     return SnapshotRequest(files=(AGENT_CONFIG,), trees=(context.runner_library.remote_directory,),
-                           tools=("rsync", "python3", "crontab"), processes=(AGENT_PROCESS,))
+                           tools=("rsync", "python3", "crontab") if installing else (), processes=(AGENT_PROCESS,))
 
 
 def autostop_step(context, member, snapshot: HostSnapshot) -> list:
     """Nothing to do when the agent runs with these settings and this flambe_iac (or, for off, is gone)."""
     running = AGENT_PROCESS in snapshot.running
+    [library] = context.transfers(member, [context.runner_library], relayed=False)
+    sync_library = synced_tree(name="flambe_iac for the agent", transfer=library, causes=context.causes,
+                               notes=context.notes, snapshot=snapshot)
     if context.plan.autostop == OFF:
         if not running and AGENT_CONFIG not in snapshot.files:
             return []
-        return [agent_command(name="remove the autostop agent", action="remove", causes=context.causes,
-                              details=context.details)]
-    [library] = context.transfers(member, [context.runner_library], relayed=False)
+        return [sync_library, agent_command(name="remove the autostop agent", action="remove",
+                                            causes=context.causes, details=context.details)]
     settings = agent_config(context.plan, member).to_bytes()
     library_current = snapshot.trees.get(library.destination) == library.expected.summary
     if running and library_current and snapshot.matches(AGENT_CONFIG, "644", hashlib.sha256(settings).hexdigest()):
         return []
     return [
-        synced_tree(name="flambe_iac for the agent", transfer=library, causes=context.causes, notes=context.notes,
-                    snapshot=snapshot),
+        sync_library,
         staged_files(name="autostop settings", files=[(AGENT_CONFIG, HiddenBytes(settings), "644")],
                      snapshot=snapshot, staging=context.staging, causes=context.causes),
         agent_command(name="start the autostop agent", action="install", causes=context.causes,
@@ -69,8 +69,6 @@ def agent_command(action: str, causes: dict, details: dict):
 
 def _agent_command(state, host, action: str, causes: dict, details: dict) -> bool:
     command = f"cd && {LIBRARY_ENVIRONMENT} exec python3 -m flambe_iac.agent {shlex.quote(action)}"
-    if action == "remove":  # the agent's code may be gone already: then there is no agent either
-        command = f"cd && if [ -d {RUNNER_LIBRARY}/flambe_iac/agent ]; then {command.removeprefix('cd && ')}; fi"
     try:
         result = run_remote(host, command, timeout=AGENT_TIMEOUT)
     except RemoteCommandError as error:

@@ -144,7 +144,7 @@ class StepContext:
     @cached_property
     def local_trees(self) -> dict[str, LocalTree]:
         """Every tree as the input checks walked it, and the runner library."""
-        runner = [self.runner_library] if self.plan.request.run or self.plan.autostop not in (None, "off") else []
+        runner = [self.runner_library] if self.plan.request.run or self.plan.autostop is not None else []
         trees = [*self.plan.resources, *self.plan.extension_trees, *runner]
         threads = gevent.get_hub().threadpool  # off the event loop: the lock's heartbeats beat through a long walk
         return {tree.remote_directory: self.plan.local_trees.get(tree.remote_directory)

@@ -30,6 +30,7 @@ from flambe_iac.agent.records import PREEMPTED_DIR
 from flambe_iac.inputs.secrets_file import secrets_parser
 
 ON_PREEMPT_SECONDS = 90
+NOTICE_LIFETIME_SECONDS = 150  # a spot notice comes two minutes before the interruption
 NOTICE_POLL_SECONDS = 1.0
 
 
@@ -93,17 +94,24 @@ def run_runnable(spec: str, args: dict[str, Any], config: configparser.ConfigPar
 
 def answer_preemptions(runnable: Runnable, notices: Path) -> None:
     while True:
-        answer_notices(runnable, notices)
+        try:
+            answer_notices(runnable, notices)
+        except OSError as error:  # a full disk, a directory made unreadable: the next round tries again
+            print(f"preemption notices unreadable: {error}", flush=True)
         time.sleep(NOTICE_POLL_SECONDS)
 
 
 def answer_notices(runnable: Runnable, notices: Path) -> None:
     """For each notice an agent left in NOTICES (ID.json), call the runnable's on_preempt, at most
-    ON_PREEMPT_SECONDS, and leave what it did in ID.done for the agent that waits on it."""
+    ON_PREEMPT_SECONDS, and leave what it did in ID.done for the agent that waits on it. A notice older than the
+    two minutes it announces (left before this run started) is answered without a call."""
     for notice in sorted(notices.glob("*.json")) if notices.is_dir() else []:
         done = notice.with_suffix(".done")
-        if not done.exists():
-            done.write_text(call_on_preempt(runnable, notice) + "\n")
+        if done.exists():
+            continue
+        stale = time.time() - notice.stat().st_mtime > NOTICE_LIFETIME_SECONDS
+        done.write_text(("a notice from before this run: on_preempt not called" if stale
+                         else call_on_preempt(runnable, notice)) + "\n")
 
 
 def call_on_preempt(runnable: Runnable, notice: Path) -> str:

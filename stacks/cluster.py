@@ -168,8 +168,10 @@ def instance(config: ClusterConfig, role: str, name: str, ami: str, opts: pulumi
         **network,
         placement_group=group.name if group is not None else None,
         key_name=config.key_name,
-        # What the autostop agent's `shutdown` does: idleAction (a one-time spot request can only terminate).
-        instance_initiated_shutdown_behavior="terminate" if spot else config.idle_action,
+        # With autostopMinutes, what the agent's `shutdown` does: idleAction (a one-time spot request can only
+        # terminate). Without it, EC2's default (stop): a shutdown typed on the host never deletes its volume.
+        instance_initiated_shutdown_behavior=("terminate" if spot else config.idle_action)
+        if config.autostop_minutes is not None else None,
         iam_instance_profile=config.iam_instance_profile,
         tenancy="dedicated" if config.dedicated else None,
         instance_market_options=aws.ec2.InstanceInstanceMarketOptionsArgs(

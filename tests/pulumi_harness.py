@@ -166,7 +166,7 @@ class MotoMocks(Mocks):
         request = {
             "ImageId": inputs["ami"], "InstanceType": inputs["instanceType"], "MinCount": 1, "MaxCount": 1,
             "KeyName": inputs["keyName"], **self.network_of(inputs),
-            "InstanceInitiatedShutdownBehavior": inputs["instanceInitiatedShutdownBehavior"],
+            "InstanceInitiatedShutdownBehavior": inputs.get("instanceInitiatedShutdownBehavior", "stop"),
             "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {
                 "VolumeSize": int(root["volumeSize"]), "VolumeType": root["volumeType"],
                 "Encrypted": root["encrypted"]}}],

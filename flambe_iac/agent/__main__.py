@@ -54,25 +54,43 @@ def load_config(home: Path) -> AgentConfig:
 
 
 def running_agent(home: Path) -> int | None:
-    """The pid of this home's agent, if one runs (a pid file whose process is not an agent is not trusted)."""
+    """The pid of this home's agent, as its pid file names it, if that process is an agent (`status` reads it)."""
     try:
         pid = int((home / AGENT_PID).read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if b"flambe_iac.agent" in cmdline and b"run" in cmdline else None
+    return pid if pid in agents_of(home) else None
+
+
+def agents_of(home: Path) -> set[int]:
+    """Every agent process of this user whose home is HOME, found in /proc (a pid file may be gone or stale)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"flambe_iac.agent" in cmdline and b"run" in cmdline and os.readlink(entry / "cwd") == str(home):
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def stop_agent(home: Path) -> None:
-    pid = running_agent(home)
-    if pid is None:
-        return
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(50):
-        if running_agent(home) != pid:
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+    """End every agent of HOME: asked first (SIGTERM), then made to (SIGKILL)."""
+    for number in (signal.SIGTERM, signal.SIGKILL):
+        for pid in agents_of(home):
+            try:
+                os.kill(pid, number)
+            except (ProcessLookupError, PermissionError):
+                continue
+        for _ in range(50):
+            if not agents_of(home):
+                return
+            time.sleep(0.1)
+    if agents_of(home):
+        raise Refused(f"an agent of this home would not end: pids {sorted(agents_of(home))}")
 
 
 def start_agent(home: Path, config: AgentConfig) -> int:
@@ -95,7 +113,7 @@ def start_agent(home: Path, config: AgentConfig) -> int:
 
 
 def check_shutdown_allowed(config: AgentConfig) -> None:
-    result = run_quietly(("sudo", "-n", "-l", *SHUTDOWN[2:3]), 30)
+    result = run_quietly(("sudo", "-n", "-l", *SHUTDOWN[2:]), 30)
     if result is None or result.returncode != 0:
         said = (result.stderr.strip().splitlines()[-1:] if result is not None else []) or ["not allowed"]
         raise Refused(f"{config.user} may not run `sudo -n shutdown` here (sudo: {said[0][:160]}), which the agent "

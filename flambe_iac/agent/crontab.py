@@ -27,7 +27,10 @@ def reboot_line(python: str, path: str) -> str:
 
 
 def is_agent_line(line: bytes) -> bool:
-    return line.rstrip(b"\r\n").endswith(CRONTAB_MARK.encode())
+    """The agent's line, as `reboot_line` writes it; a line of the user's that merely ends with the mark is theirs."""
+    text = line.rstrip(b"\r\n")
+    return text.startswith(b"@reboot cd && PATH=") and b" -m flambe_iac.agent run >> " in text \
+        and text.endswith(CRONTAB_MARK.encode())
 
 
 def without_agent(current: bytes) -> bytes:

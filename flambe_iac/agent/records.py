@@ -17,6 +17,7 @@ CRONTAB_MARK = "# flambe-autostop"
 AGENT_PROCESS = "flambe-autostop"  # the agent's process name (at most 15 characters), as pgrep -x sees it
 STATES = ("watching", "waiting for factories", "stopping", "stop refused", "preempted")
 MAX_RECORD = 4096
+LATEST_TIME = 2 ** 33  # seconds since 1970, about the year 2242: a larger time is not one
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,21 @@ class AgentConfig:
 
 
 def read_config(data: bytes) -> AgentConfig:
-    """Raises ValueError naming what is wrong."""
+    """Raises ValueError or TypeError naming what is wrong."""
     document = json.loads(data.decode())
     if not isinstance(document, dict):
         raise ValueError("the agent's settings are not a JSON object")
-    document["factories"] = tuple(document.get("factories") or ())
-    config = AgentConfig(**document)
-    if not (isinstance(config.minutes, (int, float)) and config.minutes > 0):
-        raise ValueError(f"minutes must be above 0, not {config.minutes!r}")
+    factories = document.get("factories") or []
+    if not isinstance(factories, list) or not all(isinstance(item, str) for item in factories):
+        raise ValueError("factories must be a list of addresses")
+    config = AgentConfig(**{**document, "factories": tuple(factories)})
+    for name in ("minutes", "gpu_percent", "cpu_cores"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a number above 0, not {value!r}")
+    for name in ("role", "member_id", "user"):
+        if not isinstance(getattr(config, name), str):
+            raise ValueError(f"{name} must be text")
     return config
 
 
@@ -81,7 +89,7 @@ def parse_state(data: bytes) -> AgentState | str:
     for key in numbers:
         value = document.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value)):
+                                  or not -LATEST_TIME <= value <= LATEST_TIME):
             return f"its state record's {key} is not a number"
     texts = ("state", "role", "last_busy", "interruption", "cause")
     if any(document.get(key) is not None and not isinstance(document[key], str) for key in texts):

@@ -14,7 +14,9 @@ from pathlib import Path
 
 GPU_QUERY = ("nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits")
 GPU_TIMEOUT = 10
+GPU_UNREADABLE = "unreadable"  # nvidia-smi is there but says nothing usable (an error, MIG's [N/A]): maybe busy
 PROBE_MARK = "flambe-autostop-probe"  # in the command of the agents' own SSH sessions, which are not work
+NEW_SESSION_SECONDS = 5.0  # a session this young may be a probe whose shell has not started yet
 
 
 @dataclass(frozen=True)
@@ -76,46 +78,51 @@ class Process:
     pid: int
     parent: int
     cmdline: str
+    age: float = 3600.0  # seconds since it started
 
 
 def processes(proc: Path = Path("/proc")) -> list[Process]:
     """Every process this PID namespace shows; those that end while read are left out."""
     found = []
+    ticks = os.sysconf("SC_CLK_TCK")
+    try:
+        uptime = float((proc / "uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        uptime = None
     for entry in os.scandir(proc):
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (proc / entry.name / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (proc / entry.name / "stat").read_text(errors="replace")
+            cmdline = (proc / entry.name / "cmdline").read_bytes()[:4096].replace(b"\0", b" ")
+            stat = (proc / entry.name / "stat").read_text(errors="replace").rsplit(")", 1)[-1].split()
         except OSError:
             continue
-        parent = stat.rsplit(")", 1)[-1].split()[1:2]
-        found.append(Process(int(entry.name), int(parent[0]) if parent and parent[0].isdigit() else 0,
-                             cmdline.strip()))
+        if len(stat) < 20 or not stat[1].isdigit() or not stat[19].isdigit():
+            continue
+        age = uptime - int(stat[19]) / ticks if uptime is not None else 3600.0
+        found.append(Process(int(entry.name), int(stat[1]), cmdline.decode(errors="replace").strip(), age))
     return found
 
 
 def open_sessions(found: list[Process], user: str) -> int:
-    """USER's SSH sessions, but for those whose every command is an agent's probe (the orchestrator's agent reading
-    a factory's state is not work)."""
+    """USER's SSH sessions, but for those that run only an agent's probe (the orchestrator's agent reading a
+    factory's state is not work): the session's commands are all marked, or it is seconds old and runs nothing yet."""
     children: dict[int, list[Process]] = {}
     for process in found:
         children.setdefault(process.parent, []).append(process)
 
-    def descendants(pid: int) -> list[Process]:
-        direct = children.get(pid, [])
-        return direct + [item for child in direct for item in descendants(child.pid)]
-
     def is_probe(session: Process) -> bool:
-        commands = descendants(session.pid)
-        return bool(commands) and all(PROBE_MARK in command.cmdline for command in commands)
+        commands = children.get(session.pid, [])
+        if not commands:
+            return session.age < NEW_SESSION_SECONDS
+        return all(PROBE_MARK in command.cmdline for command in commands)
 
     return sum(1 for process in found if session_owner(process.cmdline) == user and not is_probe(process))
 
 
 def runnable_alive(home: Path, proc: Path = Path("/proc")) -> bool:
-    """The runnable flambe-deploy --run started here still runs: its pid file names a live process and it left no
-    exit code."""
+    """The runnable flambe-deploy --run started here still runs: its pid file names a live process that is the
+    runner (after a reboot the pid may be another's), and it left no exit code."""
     try:
         pid = (home / ".flambe" / "run.pid").read_text().strip()
     except OSError:
@@ -124,28 +131,33 @@ def runnable_alive(home: Path, proc: Path = Path("/proc")) -> bool:
         return False
     try:
         state = (proc / pid / "stat").read_text().rsplit(")", 1)[-1].split()[:1]
+        cmdline = (proc / pid / "cmdline").read_bytes()
     except OSError:
         return False
-    return state != ["Z"]
+    return state != ["Z"] and b"flambe_iac.runnable" in cmdline
 
 
-def gpu_reading() -> list[float] | None:
-    """Each GPU's utilization now, or None where there is no nvidia-smi."""
+def gpu_reading() -> list[float] | str | None:
+    """Each GPU's utilization now; GPU_UNREADABLE where nvidia-smi fails or gives no number; None without it."""
     if shutil.which(GPU_QUERY[0]) is None:
         return None
     try:
         result = subprocess.run(GPU_QUERY, capture_output=True, text=True, timeout=GPU_TIMEOUT,
                                 stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    return gpu_utilizations(result.stdout) if result.returncode == 0 else None
+        return GPU_UNREADABLE
+    found = gpu_utilizations(result.stdout) if result.returncode == 0 else []
+    return found or GPU_UNREADABLE
 
 
 def busy_signals(thresholds: Thresholds, user: str, home: Path, cores_busy: float | None,
-                 gpus: list[float] | None, found: list[Process]) -> list[str]:
-    """The signals that say work goes on, in words; empty when the member is idle."""
+                 gpus: list[float] | str | None, found: list[Process]) -> list[str]:
+    """The signals that say work goes on, in words; empty when the member is idle. A GPU that cannot be read counts
+    as busy: a member wrongly stopped loses its work, one wrongly kept costs only time (the alarms are the backstop)."""
     signals = []
-    if gpus and max(gpus) > thresholds.gpu_percent:
+    if gpus == GPU_UNREADABLE:
+        signals.append("gpu unreadable")
+    elif gpus and max(gpus) > thresholds.gpu_percent:
         signals.append(f"gpu {max(gpus):.0f}%")
     if cores_busy is not None and cores_busy > thresholds.cpu_cores:
         signals.append(f"cpu {cores_busy:.2f} cores")

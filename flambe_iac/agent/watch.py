@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from flambe_iac.agent.records import AGENT_STATE, AgentConfig, AgentState, parse_state
+from flambe_iac.agent.records import AGENT_STATE, MAX_RECORD, AgentConfig, AgentState, parse_state
 from flambe_iac.agent.signals import PROBE_MARK, Thresholds, busy_cores, busy_signals, cpu_times, gpu_reading, processes
 from flambe_iac.agent.spot import MetadataService
 from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, LIBRARY_ENVIRONMENT, MEMBERS_KNOWN_HOSTS
@@ -21,7 +23,10 @@ SPOT_POLL_SECONDS = 5.0  # AWS's advice for the two-minute notice
 METADATA_RETRY_SECONDS = 600.0  # a member without a metadata service (not on EC2) is asked again this rarely
 STOP_TIMEOUT = 60
 PROBE_TIMEOUT = 20
-NOTICE_TIMEOUT = 120  # the runner gives on_preempt at most 90 s; the notice waits for its outcome a little longer
+NOTICE_TIMEOUT = 100  # the runner gives on_preempt at most 90 s; then Ray stops, within the notice's two minutes
+SILENT_SECONDS = 120  # a factory that answers no probe for this long has stopped (one lost probe is not a stop)
+MAX_ANSWER = MAX_RECORD + 64
+MAX_VERDICT = 120
 SHUTDOWN = ("sudo", "-n", "shutdown", "-h", "now")
 
 
@@ -31,13 +36,17 @@ def sample_seconds(minutes: float) -> float:
 
 
 class Watch:
-    def __init__(self, home: Path, config: AgentConfig, clock=time.time, metadata: MetadataService | None = None):
-        self.home, self.config, self.clock = home, config, clock
+    """CLOCK (monotonic) measures the windows, so a stepped wall clock never stops a busy member; WALL only stamps
+    the record."""
+
+    def __init__(self, home: Path, config: AgentConfig, clock=time.monotonic, metadata: MetadataService | None = None,
+                 wall=time.time):
+        self.home, self.config, self.clock, self.wall = home, config, clock, wall
         self.metadata = metadata or MetadataService()
-        now = clock()
         self.state = AgentState(pid=os.getpid(), role=config.role, minutes=config.minutes, last_busy_at=None,
-                                updated_at=now)
-        self.quiet_since = now  # a fresh agent waits the whole window: its start is the last sign of work
+                                updated_at=wall())
+        self.quiet_since = clock()  # a fresh agent waits the whole window: its start is the last sign of work
+        self.silent_since: dict[str, float] = {}  # factory address -> when it first answered no probe
         self.cpu = cpu_times(read_text("/proc/stat"))
         self.cores = os.cpu_count() or 1
 
@@ -58,23 +67,24 @@ class Watch:
         now = self.clock()
         if signals:
             self.quiet_since = now
-            self.state.last_busy, self.state.last_busy_at = ", ".join(signals), now
-        self.state.idle_minutes = round((now - self.quiet_since) / 60, 2)
-        self.state.stops_in_minutes = round(max(0.0, self.config.minutes - self.state.idle_minutes), 2)
-        self.state.updated_at = now
-        return self.state.idle_minutes >= self.config.minutes
+            self.state.last_busy, self.state.last_busy_at = ", ".join(signals)[:MAX_VERDICT], self.wall()
+        idle_seconds = now - self.quiet_since
+        self.state.idle_minutes = round(idle_seconds / 60, 2)
+        self.state.stops_in_minutes = round(max(0.0, self.config.minutes - idle_seconds / 60), 2)
+        return idle_seconds >= self.config.minutes * 60
 
     def step(self) -> None:
         """One sample and what follows from it; after a stop or a notice, the record only keeps its time."""
         if self.state.state not in ("stopping", "preempted"):
             idle = self.observe(self.sample())
             busy_factories = self.busy_factories() if idle and self.config.factories else []
-            self.state.waiting_for = busy_factories
+            self.state.waiting_for = busy_factories[:8] + ([f"and {len(busy_factories) - 8} more"]
+                                                            if len(busy_factories) > 8 else [])
             if idle and not busy_factories:
                 self.stop()
             else:
                 self.state.state = "waiting for factories" if busy_factories else "watching"
-        self.state.updated_at = self.clock()
+        self.state.updated_at = self.wall()
         self.save()
 
     def stop(self) -> None:
@@ -90,28 +100,38 @@ class Watch:
         """The factories that still work, each as ADDRESS: WHY. One that does not answer has stopped."""
         with ThreadPoolExecutor(max_workers=min(16, len(self.config.factories))) as pool:
             verdicts = list(pool.map(self.factory_verdict, self.config.factories))
-        return [f"{address}: {verdict}" for address, verdict in zip(self.config.factories, verdicts) if verdict]
+        return [f"{address}: {verdict}"[:MAX_VERDICT]
+                for address, verdict in zip(self.config.factories, verdicts) if verdict]
 
     def factory_verdict(self, address: str) -> str | None:
-        """None if the factory at ADDRESS has stopped, is stopping, was preempted or is idle; else why it is busy."""
-        result = run_quietly(self.hop(address, f"cat {AGENT_STATE}"), PROBE_TIMEOUT)
-        if result is None or result.returncode == 255:
-            return None  # ssh could not reach it: a stopped instance answers nothing
-        if result.returncode != 0:
-            return "no agent state there"
-        record = parse_state(result.stdout.encode(errors="replace"))
+        """None if the factory at ADDRESS has stopped, is stopping, was preempted or is idle; else why it may work.
+        One that answers no probe for SILENT_SECONDS has stopped; its state record, with the time on its own clock,
+        must be fresh (an agent that died there is no word that it is idle)."""
+        answer = run_quietly(self.hop(address, f"date +%s; head -c {MAX_RECORD + 1} {AGENT_STATE}"),
+                             PROBE_TIMEOUT, MAX_ANSWER)
+        if answer is None or answer.returncode == 255:
+            silent = self.clock() - self.silent_since.setdefault(address, self.clock())
+            return None if silent >= SILENT_SECONDS else f"no answer for {silent:.0f} s"
+        self.silent_since.pop(address, None)
+        clock_line, _, text = answer.stdout.partition("\n")
+        record = parse_state(text.encode(errors="replace")) if answer.returncode == 0 else "no agent state there"
         if isinstance(record, str):
             return record
-        if record.state in ("stopping", "preempted") or record.idle_minutes >= record.minutes:
+        if record.state in ("stopping", "preempted"):
+            return None
+        age = float(clock_line) - record.updated_at if clock_line.strip().isdigit() else None
+        if age is None or age > 3 * sample_seconds(record.minutes) + 60:
+            return "its agent has not written its state lately"
+        if record.idle_minutes >= record.minutes:
             return None
         return f"busy ({record.last_busy or 'its window has not passed'})"
 
     def hop(self, address: str, command: str) -> list[str]:
         """ssh to another member under the members' policy (the cluster key, pinned host keys), marked as a probe
-        so that the member's agent does not count it as a session."""
+        so that the member's agent does not count it as a session (the last `:` keeps the marked shell there)."""
         target = SshTarget(address=address, user=self.config.user, key=self.home / CLUSTER_PRIVATE_KEY,
                            known_hosts=self.home / MEMBERS_KNOWN_HOSTS, connect_timeout=5)
-        return ssh_command_line(target, f": {PROBE_MARK}; {command}")
+        return ssh_command_line(target, f": {PROBE_MARK}; {command}; :")
 
     def check_notice(self) -> None:
         if self.state.state == "preempted":
@@ -119,7 +139,7 @@ class Watch:
         notice = self.metadata.interruption()
         if notice is None:
             return
-        self.state.state, self.state.preempted_at, self.state.interruption = "preempted", self.clock(), notice
+        self.state.state, self.state.preempted_at, self.state.interruption = "preempted", self.wall(), notice
         self.save()
         self.tell_the_runnable(notice)
         if self.config.ray_stop:
@@ -134,20 +154,44 @@ class Watch:
         run_quietly(argv, NOTICE_TIMEOUT)
 
     def save(self) -> None:
-        write_atomically(self.state_path, self.state.to_bytes(), READABLE)
+        try:
+            write_atomically(self.state_path, self.state.to_bytes(), READABLE)
+        except OSError as error:  # a full disk: the decisions go on; the record is written again next time
+            log(f"cannot write {AGENT_STATE}: {error.strerror}")
 
     def run(self) -> None:
+        """Forever: a failure in one round is logged and the next round comes, since an agent that ended would
+        leave the member running until the next boot."""
         interval = sample_seconds(self.config.minutes)
         next_sample = next_metadata_try = self.clock()
         while True:
             now = self.clock()
             if now >= next_sample:
-                self.step()
+                guarded(self.step)
                 next_sample = now + interval
-            if self.metadata.token is not None or now >= next_metadata_try:
-                self.check_notice()
+            if self.metadata.answered or now >= next_metadata_try:
+                guarded(self.check_notice)
                 next_metadata_try = now + METADATA_RETRY_SECONDS
             time.sleep(max(0.2, min(next_sample - self.clock(), SPOT_POLL_SECONDS)))
+
+
+def guarded(action) -> None:
+    try:
+        action()
+    except Exception as error:  # any failure of one round: logged, and the agent keeps watching
+        log(f"{action.__name__} failed: {type(error).__name__}: {error}")
+
+
+def kept_prefix(stream, limit: int, outputs: dict, name: str) -> None:
+    """Read STREAM to its end (so its writer is never blocked), keeping only its first LIMIT bytes."""
+    kept = b""
+    for chunk in iter(lambda: stream.read(1 << 16), b""):
+        kept += chunk[: max(0, limit - len(kept))]
+    outputs[name] = kept
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} autostop: {message}", flush=True)
 
 
 def read_text(path: str) -> str:
@@ -158,10 +202,33 @@ def read_text(path: str) -> str:
         return ""
 
 
-def run_quietly(argv, timeout: float) -> subprocess.CompletedProcess | None:
-    """ARGV, its output kept; None if it cannot start or does not end in TIMEOUT."""
+@dataclass(frozen=True)
+class Answer:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_quietly(argv, timeout: float, limit: int = 1 << 16) -> Answer | None:
+    """ARGV, with at most LIMIT bytes of each output kept (another member's answer is not trusted to be short);
+    None if it cannot start or does not end in TIMEOUT."""
     try:
-        return subprocess.run(list(argv), capture_output=True, text=True, errors="replace", timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
+        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+    except OSError:
         return None
+    with process:
+        outputs: dict[str, bytes] = {}
+        readers = [threading.Thread(target=kept_prefix, args=(stream, limit, outputs, name), daemon=True)
+                   for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))]
+        for reader in readers:
+            reader.start()
+        try:
+            returncode = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return None
+        for reader in readers:
+            reader.join(1)
+    return Answer(returncode, outputs.get("stdout", b"").decode(errors="replace"),
+                  outputs.get("stderr", b"").decode(errors="replace"))

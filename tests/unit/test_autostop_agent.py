@@ -38,6 +38,7 @@ from flambe_iac.runnable import Runnable, answer_notices
 
 def test_gpu_utilizations_read_each_gpu_and_skip_what_is_not_a_number():
     assert gpu_utilizations("0\n87\n[N/A]\n 12 %\n101\nerror\n") == [0.0, 87.0, 12.0]
+    assert gpu_utilizations("[N/A]\n[N/A]\n") == []  # MIG: what the agent counts as unreadable, so busy
 
 
 def test_cpu_times_and_busy_cores():
@@ -58,9 +59,11 @@ def test_readings_never_crash_on_any_text(text):
 
 def test_sessions_of_the_user_count_but_an_agents_probe_does_not():
     found = [Process(10, 1, "sshd: ubuntu@pts/0"), Process(11, 10, "-bash"),
-             Process(20, 1, "sshd-session: ubuntu@notty"), Process(21, 20, f"bash -c : {PROBE_MARK}; cat x"),
+             Process(20, 1, "sshd-session: ubuntu@notty"), Process(21, 20, f"bash -c : {PROBE_MARK}; cat x; :"),
+             Process(22, 21, "cat x"),
              Process(30, 1, "sshd: alice@notty"), Process(40, 1, "sshd: ubuntu [priv]"),
-             Process(50, 1, "sshd: ubuntu@notty")]  # a session with no command yet (a held connection) counts
+             Process(50, 1, "sshd: ubuntu@notty"),  # no command for an hour (a held connection): a session
+             Process(60, 1, "sshd: ubuntu@notty", age=1.0)]  # a second old, nothing run yet: maybe a probe
     assert open_sessions(found, "ubuntu") == 2
     assert session_owner("sshd-session: ubuntu@notty") == "ubuntu" and session_owner("sshd: /usr/sbin/sshd") is None
 
@@ -75,9 +78,13 @@ def test_the_runnable_is_alive_while_its_pid_lives_and_it_left_no_exit_code(tmp_
     (home / ".flambe").mkdir(parents=True)
     (proc / "42").mkdir(parents=True)
     (proc / "42" / "stat").write_text("42 (sh) S 1 ...")
+    (proc / "42" / "cmdline").write_bytes(b"sh\0-c\0python3 -m flambe_iac.runnable .flambe/run.json\0")
     assert not runnable_alive(home, proc)
     (home / ".flambe" / "run.pid").write_text("42\n")
     assert runnable_alive(home, proc)
+    (proc / "42" / "cmdline").write_bytes(b"/usr/sbin/cron\0")  # after a reboot, the pid is another process's
+    assert not runnable_alive(home, proc)
+    (proc / "42" / "cmdline").write_bytes(b"sh\0-c\0python3 -m flambe_iac.runnable .flambe/run.json\0")
     (proc / "42" / "stat").write_text("42 (sh) Z 1 ...")
     assert not runnable_alive(home, proc)
     (proc / "42" / "stat").write_text("42 (a) b) S 1")
@@ -93,6 +100,7 @@ def test_busy_signals_in_words(tmp_path):
     assert signals == ["gpu 55%", "cpu 1.50 cores", "1 ssh session", "1 ray task"]
     assert busy_signals(Thresholds(), "ubuntu", tmp_path, 0.1, [9.0], []) == []
     assert busy_signals(Thresholds(), "ubuntu", tmp_path, None, None, []) == []
+    assert busy_signals(Thresholds(), "ubuntu", tmp_path, None, "unreadable", []) == ["gpu unreadable"]
 
 
 # The state record, as `status` and the orchestrator's agent read it.
@@ -112,6 +120,7 @@ def test_a_state_record_reads_back():
     (b'{"pid": 7, "state": "watching", "waiting_for": [1]}', "waiting_for is not a list of names"),
     (b"[" * 100000, "over 4096 bytes"),
     (b"[" * 4000, "not JSON"),
+    (b'{"pid": 7, "state": "preempted", "preempted_at": 1e20}', "preempted_at is not a number"),
 ])
 def test_a_bad_state_record_is_a_cause_in_words(data, cause):
     assert cause in parse_state(data)
@@ -125,7 +134,10 @@ def test_any_bytes_are_a_record_or_a_cause(data):
 def test_settings_that_are_wrong_are_refused():
     config = AgentConfig(minutes=5, role="factory", member_id="i-1", user="ubuntu", factories=("10.0.0.2",))
     assert read_config(config.to_bytes()) == config
-    for data in (b"[]", b'{"minutes": 0, "role": "f", "member_id": "i", "user": "u"}', b'{"surprise": 1}'):
+    base = '"role": "f", "member_id": "i", "user": "u"'
+    for data in (b"[]", b'{"minutes": 0, ' + base.encode() + b"}", b'{"surprise": 1}',
+                 b'{"minutes": 5, "gpu_percent": "10", ' + base.encode() + b"}",
+                 b'{"minutes": 5, "factories": "10.0.0.1", ' + base.encode() + b"}"):
         with pytest.raises((ValueError, TypeError)):
             read_config(data)
 
@@ -134,7 +146,8 @@ def test_settings_that_are_wrong_are_refused():
 
 LINE = reboot_line("/usr/bin/python3", "/usr/local/bin:/usr/bin:/bin")
 user_lines = st.lists(st.text(alphabet=st.characters(blacklist_characters="\n\r", blacklist_categories=("Cs",)))
-                      .filter(lambda line: not line.rstrip().endswith("# flambe-autostop")), max_size=8)
+                      | st.just("@reboot echo mine # flambe-autostop") | st.just("@reboot cd && PATH=/x mine"),
+                      max_size=8)
 
 
 @given(user_lines)
@@ -172,6 +185,7 @@ class Clock:
 
 class NoMetadata:
     token = None
+    answered = False
 
     def interruption(self):
         return None
@@ -183,11 +197,11 @@ def watch_with(tmp_path, monkeypatch, signals: list, minutes=1.0, factories=(), 
     config = AgentConfig(minutes=minutes, role="orchestrator" if factories else "factory", member_id="i-1",
                          user="ubuntu", factories=tuple(factories))
     (tmp_path / ".flambe").mkdir(exist_ok=True)
-    agent = Watch(tmp_path, config, clock=clock, metadata=NoMetadata())
+    agent = Watch(tmp_path, config, clock=clock, metadata=NoMetadata(), wall=clock)
     agent.sample = lambda: list(signals)
     ran = []
 
-    def run_quietly(argv, timeout):
+    def run_quietly(argv, timeout, limit=0):
         ran.append(tuple(argv))
         return type("Done", (), {"returncode": shutdown_code, "stderr": "sudo: a password is required\n",
                                  "stdout": ""})()
@@ -243,24 +257,67 @@ def test_the_orchestrator_waits_while_a_factory_works(tmp_path, monkeypatch):
     assert ran == [SHUTDOWN] and agent.state.waiting_for == []
 
 
+def record_text(now: int = 5000, **fields) -> str:
+    """What the probe prints: the factory's clock, then its state record."""
+    return f"{now}\n" + AgentState(**{"pid": 1, "role": "factory", "minutes": 5, "updated_at": 4990.0,
+                                       **fields}).to_bytes().decode()
+
+
 @pytest.mark.parametrize("code, output, verdict", [
-    (255, "", None),  # ssh could not reach it: stopped
-    (0, AgentState(pid=1, role="factory", minutes=5, state="stopping").to_bytes().decode(), None),
-    (0, AgentState(pid=1, role="factory", minutes=5, state="preempted").to_bytes().decode(), None),
-    (0, AgentState(pid=1, role="factory", minutes=5, idle_minutes=5.0).to_bytes().decode(), None),
-    (0, AgentState(pid=1, role="factory", minutes=5, idle_minutes=1, last_busy="gpu 80%").to_bytes().decode(),
-     "busy (gpu 80%)"),
+    (0, record_text(state="stopping"), None),
+    (0, record_text(state="preempted", updated_at=1.0), None),
+    (0, record_text(idle_minutes=5.0), None),
+    (0, record_text(idle_minutes=1, last_busy="gpu 80%"), "busy (gpu 80%)"),
+    (0, record_text(idle_minutes=5.0, updated_at=100.0), "its agent has not written its state lately"),
+    (0, "not a clock\n" + record_text(idle_minutes=5.0).split("\n", 1)[1], "its agent has not written its state lately"),
     (1, "", "no agent state there"),
-    (0, "garbage", "its state record is not JSON (a full disk can leave it truncated)"),
+    (0, "5000\ngarbage", "its state record is not JSON (a full disk can leave it truncated)"),
 ])
 def test_what_the_orchestrator_reads_of_a_factory(tmp_path, monkeypatch, code, output, verdict):
     agent, _, ran = watch_with(tmp_path, monkeypatch, [], factories=["10.0.0.3"])
-    monkeypatch.setattr(watch_module, "run_quietly", lambda argv, timeout: ran.append(argv) or type(
-        "Done", (), {"returncode": code, "stdout": output, "stderr": ""})())
+    monkeypatch.setattr(watch_module, "run_quietly", lambda argv, timeout, limit=0: ran.append(argv) or
+                        watch_module.Answer(code, output, ""))
     assert agent.factory_verdict("10.0.0.3") == verdict
     (argv,) = ran
     assert argv[0] == "ssh" and "StrictHostKeyChecking=yes" in argv and "IdentitiesOnly=yes" in argv
-    assert str(tmp_path / "ray_bootstrap_key.pem") in argv and argv[-1].startswith(f": {PROBE_MARK}; ")
+    assert str(tmp_path / "ray_bootstrap_key.pem") in argv
+    assert argv[-1].startswith(f": {PROBE_MARK}; ") and argv[-1].endswith("; :")
+
+
+def test_a_factory_that_answers_nothing_has_stopped_only_after_two_minutes_of_silence(tmp_path, monkeypatch):
+    agent, clock, _ = watch_with(tmp_path, monkeypatch, [], factories=["10.0.0.3"])
+    answers = [None, watch_module.Answer(255, "", "Connection timed out")]
+    monkeypatch.setattr(watch_module, "run_quietly", lambda argv, timeout, limit=0: answers[0])
+    assert agent.factory_verdict("10.0.0.3") == "no answer for 0 s"
+    clock.now += 119
+    answers[0] = answers[1]
+    assert agent.factory_verdict("10.0.0.3") == "no answer for 119 s"
+    clock.now += 1
+    assert agent.factory_verdict("10.0.0.3") is None
+
+
+def test_an_answer_is_read_only_up_to_its_limit():
+    answer = watch_module.run_quietly(["sh", "-c", "head -c 100000 /dev/zero; echo done >&2"], 10, limit=1000)
+    assert answer is not None and len(answer.stdout) == 1000 and answer.stderr == "done\n"
+    assert watch_module.run_quietly(["sleep", "5"], 0.2) is None
+    assert watch_module.run_quietly(["/nonexistent/command"], 1) is None
+
+
+def test_a_failing_round_is_logged_and_the_agent_keeps_watching(capsys):
+    def broken():
+        raise RecursionError("deep")
+    watch_module.guarded(broken)
+    assert "broken failed: RecursionError: deep" in capsys.readouterr().out
+
+
+def test_the_record_not_written_on_a_full_disk_is_logged_not_fatal(tmp_path, monkeypatch, capsys):
+    agent, _, _ = watch_with(tmp_path, monkeypatch, [])
+
+    def full(*arguments):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(watch_module, "write_atomically", full)
+    agent.step()
+    assert "No space left on device" in capsys.readouterr().out
 
 
 def test_samples_come_each_minute_and_six_times_a_short_window():
@@ -283,15 +340,16 @@ def test_no_notice_until_there_is_one(metadata):
 
 
 @pytest.mark.parametrize("metadata", [-1.0], indirect=True)
-def test_a_notice_with_its_action_and_time_and_an_expired_token_renewed(metadata):
+def test_a_notice_with_its_action_and_time_and_an_expired_token_renewed_at_once(metadata):
     assert metadata.interruption().startswith("terminate at ")
-    metadata.token = "expired"
-    assert metadata.interruption() is None and metadata.token is None  # refused (401): a new token next time
-    assert metadata.interruption().startswith("terminate at ")
+    metadata.token = "expired"  # refused (401): a new token, and the question asked again, in the same call
+    assert metadata.interruption().startswith("terminate at ") and metadata.token != "expired"
+    assert metadata.answered
 
 
 def test_no_service_is_no_notice_and_garbage_is_none():
-    assert MetadataService("http://127.0.0.1:9", timeout=0.2).interruption() is None
+    absent = MetadataService("http://127.0.0.1:9", timeout=0.2)
+    assert absent.interruption() is None and not absent.answered
     assert describe_notice(b"<html>") is None and describe_notice(b'{"action": 3}') is None
     assert describe_notice(json.dumps({"action": "stop" * 50, "time": "x"}).encode()) == f"{'stop' * 8} at x"
 
@@ -339,3 +397,59 @@ def test_a_runnable_without_on_preempt_and_an_unreadable_notice(tmp_path):
     assert (tmp_path / "i-1.done").read_text() == "the runnable has no on_preempt\n"
     assert (tmp_path / "i-2.done").read_text() == "an unreadable notice: on_preempt not called\n"
     answer_notices(Plain(), tmp_path / "missing")  # no notice directory yet: nothing to do
+
+
+# What the agent refuses on the host.
+
+def test_a_crontab_that_cannot_be_read_is_never_rewritten(monkeypatch):
+    from flambe_iac.agent import crontab
+
+    answers = {"no crontab for ubuntu\n": (1, b""), "crontab: cannot open: Permission denied\n": (1, b""),
+               "": (0, b"@daily true\n")}
+    written = []
+    for stderr, (code, stdout) in answers.items():
+        def fake_run(argv, **options):
+            if argv == ["crontab", "-l"]:
+                return type("Done", (), {"returncode": code, "stdout": stdout, "stderr": stderr.encode()})()
+            written.append(options.get("input"))
+            return type("Done", (), {"returncode": 0, "stdout": b"", "stderr": b""})()
+        monkeypatch.setattr(crontab.subprocess, "run", fake_run)
+        if "Permission denied" in stderr:
+            with pytest.raises(CrontabError, match="crontab -l failed: crontab: cannot open"):
+                crontab.update_crontab(lambda current: with_agent(current, LINE))
+        else:
+            assert crontab.update_crontab(lambda current: with_agent(current, LINE))
+    assert written == [LINE.encode() + b"\n", b"@daily true\n" + LINE.encode() + b"\n"]
+
+
+def test_a_notice_names_a_host_id_never_a_path(tmp_path, monkeypatch):
+    from flambe_iac.agent.__main__ import Refused, notice
+
+    (tmp_path / ".flambe").mkdir()
+    for host_id in ("../../.ssh/authorized_keys", "a/b", "", "-rf", "x" * 200):
+        with pytest.raises(Refused):
+            notice(tmp_path, host_id, "terminate at now")
+    assert not (tmp_path / ".flambe" / "preempted").exists()
+    assert notice(tmp_path, "i-0abc", "terminate at now") == "no runnable runs here"
+    assert json.loads((tmp_path / ".flambe" / "preempted" / "i-0abc.json").read_text())["host"] == "i-0abc"
+
+
+def test_stale_notices_are_answered_without_a_call(tmp_path):
+    import os
+
+    runnable = Checkpointing("return")
+    notice(tmp_path, "i-old")
+    os.utime(tmp_path / "i-old.json", (1.0, 1.0))
+    answer_notices(runnable, tmp_path)
+    assert runnable.calls == [] and "from before this run" in (tmp_path / "i-old.done").read_text()
+
+
+def test_a_pid_file_that_names_another_process_is_not_the_agent(tmp_path):
+    import os
+
+    from flambe_iac.agent.__main__ import running_agent
+
+    (tmp_path / ".flambe").mkdir()
+    for text in (str(os.getpid()), "1", "not a pid", ""):
+        (tmp_path / ".flambe" / "autostop.pid").write_text(text)
+        assert running_agent(tmp_path) is None  # never signalled: it is not `flambe_iac.agent run`

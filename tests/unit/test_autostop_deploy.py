@@ -121,9 +121,13 @@ def test_the_stack_maps_the_agents_shutdown_to_idle_action_and_exports_autostop_
     assert exports["autostop_minutes"] == 45.0
     assert parse_outputs(json.loads(json.dumps(exports))).autostop_minutes == 45.0
     assert {inputs["instanceInitiatedShutdownBehavior"] for inputs in instances.values()} == {"stop"}
-    exports, instances = stack(spot="true", idleAction="stop")
-    assert "autostop_minutes" not in exports
-    assert instances["exp1_orchestrator"]["instanceInitiatedShutdownBehavior"] == "stop"
+    exports, instances = stack(spot="true", autostopMinutes="20")
+    assert instances["exp1_orchestrator"]["instanceInitiatedShutdownBehavior"] == "terminate"  # idleAction's default
     assert instances["exp1_factory_0"]["instanceInitiatedShutdownBehavior"] == "terminate"  # one-time spot
+    exports, instances = stack(spot="true", autostopMinutes="20", idleAction="stop")
+    assert instances["exp1_factory_0"]["instanceInitiatedShutdownBehavior"] == "terminate"
+    exports, instances = stack(idleAction="terminate")  # no autostop: a shutdown typed on a host only stops it
+    assert "autostop_minutes" not in exports
+    assert all("instanceInitiatedShutdownBehavior" not in inputs for inputs in instances.values())
     with pytest.raises(Exception, match="flambe:autostopMinutes is '0'"):
         stack(autostopMinutes="0")
