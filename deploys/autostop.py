@@ -1,19 +1,25 @@
-"""--autostop MINUTES: the agent on every member (the pushed flambe_iac, its settings, then `install`: the sudo
-check, the crontab's @reboot line, the agent restarted); --autostop off: `remove`, which leaves nothing behind."""
+"""--autostop MINUTES: the agent on every member (this flambe_iac as one zip and the agent's settings, in the same
+upload as any staged file, then `install`: the sudo check, the crontab's @reboot line, the agent restarted);
+--autostop off: `remove`, which leaves nothing behind."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
+import os
 import shlex
+import zipfile
+from pathlib import Path
 
 from pyinfra.api import FunctionCommand, operation
 
-from flambe_iac.agent.records import AGENT_CONFIG, AGENT_PROCESS, AgentConfig
+import flambe_iac
+from flambe_iac.agent.records import AGENT_ARCHIVE, AGENT_CONFIG, AGENT_ENVIRONMENT, AGENT_PROCESS, AgentConfig
 from flambe_iac.cluster import ORCHESTRATOR
-from flambe_iac.deploys.operations import staged_files, synced_tree
+from flambe_iac.deploys.operations import staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import stop_command
-from flambe_iac.engine.remote_layout import LIBRARY_ENVIRONMENT
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
@@ -23,32 +29,50 @@ OFF = "off"
 
 def reads(context) -> SnapshotRequest:
     installing = context.plan.autostop != OFF
-    return SnapshotRequest(files=(AGENT_CONFIG,), trees=(context.runner_library.remote_directory,),
-                           tools=("rsync", "python3", "crontab") if installing else (), processes=(AGENT_PROCESS,))
+    return SnapshotRequest(files=(AGENT_CONFIG, AGENT_ARCHIVE), tools=("python3", "crontab") if installing else (),
+                           processes=(AGENT_PROCESS,))
 
 
 def autostop_step(context, member, snapshot: HostSnapshot) -> list:
     """Nothing to do when the agent runs with these settings and this flambe_iac (or, for off, is gone)."""
     running = AGENT_PROCESS in snapshot.running
-    [library] = context.transfers(member, [context.runner_library], relayed=False)
-    sync_library = synced_tree(name="flambe_iac for the agent", transfer=library, causes=context.causes,
-                               notes=context.notes, snapshot=snapshot)
+    archive = agent_archive()
     if context.plan.autostop == OFF:
         if not running and AGENT_CONFIG not in snapshot.files:
             return []
-        return [sync_library, agent_command(name="remove the autostop agent", action="remove",
-                                            causes=context.causes, details=context.details)]
-    settings = agent_config(context.plan, member).to_bytes()
-    library_current = snapshot.trees.get(library.destination) == library.expected.summary
-    if running and library_current and snapshot.matches(AGENT_CONFIG, "644", hashlib.sha256(settings).hexdigest()):
+        files = [(AGENT_ARCHIVE, HiddenBytes(archive), "644")]  # `remove` runs from it, whatever is there now
+        return [staged_files(name="the autostop agent's code", files=files, snapshot=snapshot,
+                             staging=context.staging, causes=context.causes),
+                agent_command(name="remove the autostop agent", action="remove", causes=context.causes,
+                              details=context.details)]
+    files = [(AGENT_CONFIG, HiddenBytes(agent_config(context.plan, member).to_bytes()), "644"),
+             (AGENT_ARCHIVE, HiddenBytes(archive), "644")]
+    if running and all(snapshot.matches(path, mode, hashlib.sha256(content.data).hexdigest())
+                       for path, content, mode in files):
         return []
     return [
-        sync_library,
-        staged_files(name="autostop settings", files=[(AGENT_CONFIG, HiddenBytes(settings), "644")],
-                     snapshot=snapshot, staging=context.staging, causes=context.causes),
+        staged_files(name="the autostop agent and its settings", files=files, snapshot=snapshot,
+                     staging=context.staging, causes=context.causes),
         agent_command(name="start the autostop agent", action="install", causes=context.causes,
                       details=context.details),
     ]
+
+
+@functools.cache
+def agent_archive() -> bytes:
+    """This flambe_iac's Python files as one zip, the same bytes for the same code (sorted, with fixed times), so
+    an unchanged agent is never sent again. The agent imports from it (zipimport: nothing is written beside it)."""
+    package = Path(flambe_iac.__file__).parent
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for root, directories, names in os.walk(package):
+            directories[:] = sorted(name for name in directories if name != "__pycache__")
+            for name in sorted(name for name in names if name.endswith(".py")):
+                path = Path(root, name)
+                entry = zipfile.ZipInfo(f"flambe_iac/{path.relative_to(package).as_posix()}", (1980, 1, 1, 0, 0, 0))
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(entry, path.read_bytes())
+    return buffer.getvalue()
 
 
 def agent_config(plan, member) -> AgentConfig:
@@ -68,7 +92,7 @@ def agent_command(action: str, causes: dict, details: dict):
 
 
 def _agent_command(state, host, action: str, causes: dict, details: dict) -> bool:
-    command = f"cd && {LIBRARY_ENVIRONMENT} exec python3 -m flambe_iac.agent {shlex.quote(action)}"
+    command = f"cd && {AGENT_ENVIRONMENT} exec python3 -m flambe_iac.agent {shlex.quote(action)}"
     try:
         result = run_remote(host, command, timeout=AGENT_TIMEOUT)
     except RemoteCommandError as error:

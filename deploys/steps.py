@@ -132,8 +132,7 @@ class StepContext:
 
     @cached_property
     def runner_library(self) -> Resource:
-        """This machine's flambe_iac package, for the runner on the orchestrator and the autostop agent on every
-        member: the same version, always."""
+        """This machine's flambe_iac package, for the runner on the orchestrator: the same version, always."""
         return Resource("flambe_iac", Path(flambe_iac.__file__).parent, parent=RUNNER_LIBRARY,
                         excludes=("__pycache__",))
 
@@ -144,7 +143,7 @@ class StepContext:
     @cached_property
     def local_trees(self) -> dict[str, LocalTree]:
         """Every tree as the input checks walked it, and the runner library."""
-        runner = [self.runner_library] if self.plan.request.run or self.plan.autostop is not None else []
+        runner = [self.runner_library] if self.plan.request.run else []
         trees = [*self.plan.resources, *self.plan.extension_trees, *runner]
         threads = gevent.get_hub().threadpool  # off the event loop: the lock's heartbeats beat through a long walk
         return {tree.remote_directory: self.plan.local_trees.get(tree.remote_directory)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from flambe_iac.agent.crontab import CrontabError, reboot_line, update_crontab, with_agent, without_agent
 from flambe_iac.agent.records import (
+    AGENT_ARCHIVE,
     AGENT_CONFIG,
     AGENT_LOG,
     AGENT_PID,
@@ -30,7 +31,6 @@ from flambe_iac.agent.records import (
 )
 from flambe_iac.agent.signals import runnable_alive
 from flambe_iac.agent.watch import SHUTDOWN, Watch, run_quietly
-from flambe_iac.engine.remote_layout import RUNNER_LIBRARY
 from flambe_iac.local_files import READABLE, write_atomically
 
 AGENT_LOCK = ".flambe/autostop.lock"
@@ -101,8 +101,8 @@ def start_agent(home: Path, config: AgentConfig) -> int:
         process = subprocess.Popen(
             [sys.executable, "-m", "flambe_iac.agent", "run"], cwd=home, stdin=subprocess.DEVNULL, stdout=output,
             stderr=output, start_new_session=True,
-            env={"PATH": os.environ.get("PATH", DEFAULT_PATH), "PYTHONPATH": str(home / RUNNER_LIBRARY),
-                 "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(home), "LC_ALL": "C.UTF-8"})
+            env={"PATH": os.environ.get("PATH", DEFAULT_PATH), "PYTHONPATH": str(home / AGENT_ARCHIVE),
+                 "HOME": str(home), "LC_ALL": "C.UTF-8"})
     for _ in range(50):  # the agent writes its pid file once it holds the lock
         if running_agent(home) == process.pid:
             return process.pid
@@ -140,7 +140,7 @@ def remove(home: Path) -> str:
     except CrontabError as error:
         if "no crontab command" not in str(error):
             raise Refused(str(error)) from None
-    for name in (AGENT_CONFIG, AGENT_STATE, AGENT_PID, AGENT_LOCK, AGENT_LOG):
+    for name in (AGENT_CONFIG, AGENT_STATE, AGENT_PID, AGENT_LOCK, AGENT_LOG, AGENT_ARCHIVE):
         (home / name).unlink(missing_ok=True)
     return "agent removed"
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 
-from flambe_iac.agent.records import AGENT_LOG, CRONTAB_MARK
-from flambe_iac.engine.remote_layout import LIBRARY_ENVIRONMENT
+from flambe_iac.agent.records import AGENT_ENVIRONMENT, AGENT_LOG, CRONTAB_MARK
 
 CRONTAB_TIMEOUT = 30
 NO_CRONTAB = "no crontab for"
@@ -22,7 +21,7 @@ def reboot_line(python: str, path: str) -> str:
     """What cron runs at boot: the agent, from the pushed flambe_iac, with the deploy's PATH (cron's own is bare)."""
     if any(character in path + python for character in "%\n\r"):  # % ends a crontab command; a newline, the line
         raise CrontabError("the agent's PATH or python holds % or a newline, which a crontab line cannot")
-    return (f"@reboot cd && PATH={shlex.quote(path)} {LIBRARY_ENVIRONMENT} {shlex.quote(python)} "
+    return (f"@reboot cd && PATH={shlex.quote(path)} {AGENT_ENVIRONMENT} {shlex.quote(python)} "
             f"-m flambe_iac.agent run >> {AGENT_LOG} 2>&1 {CRONTAB_MARK}")
 
 

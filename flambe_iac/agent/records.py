@@ -8,6 +8,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+AGENT_ARCHIVE = ".flambe/autostop.zip"  # the agent's code: this flambe_iac, as one zip
+AGENT_ENVIRONMENT = f'PYTHONPATH="$HOME/{AGENT_ARCHIVE}"'  # how the agent's code runs, from the home
 AGENT_CONFIG = ".flambe/autostop.json"
 AGENT_STATE = ".flambe/autostop.state"
 AGENT_PID = ".flambe/autostop.pid"

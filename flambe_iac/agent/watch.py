@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from flambe_iac.agent.records import AGENT_STATE, MAX_RECORD, AgentConfig, AgentState, parse_state
+from flambe_iac.agent.records import AGENT_ENVIRONMENT, AGENT_STATE, MAX_RECORD, AgentConfig, AgentState, parse_state
 from flambe_iac.agent.signals import PROBE_MARK, Thresholds, busy_cores, busy_signals, cpu_times, gpu_reading, processes
 from flambe_iac.agent.spot import MetadataService
-from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, LIBRARY_ENVIRONMENT, MEMBERS_KNOWN_HOSTS
+from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 from flambe_iac.local_files import READABLE, write_atomically
 from flambe_iac.ssh.policy import SshTarget, ssh_command_line
 
@@ -147,7 +147,7 @@ class Watch:
 
     def tell_the_runnable(self, notice: str) -> None:
         """On the orchestrator, the runner calls the runnable's on_preempt (at most 90 s); this waits for it."""
-        command = (f"cd && {LIBRARY_ENVIRONMENT} python3 -m flambe_iac.agent notice "
+        command = (f"cd && {AGENT_ENVIRONMENT} python3 -m flambe_iac.agent notice "
                    f"{shlex.quote(self.config.member_id)} {shlex.quote(notice)}")
         argv = ["sh", "-c", command] if self.config.orchestrator is None else self.hop(self.config.orchestrator,
                                                                                         command)

@@ -166,7 +166,7 @@ def test_a_table_without_a_final_newline_gets_one_before_our_line_and_crlf_lines
 
 def test_the_reboot_line_runs_the_agent_and_refuses_what_cron_would_misread():
     assert LINE.startswith("@reboot cd && PATH=/usr/local/bin:/usr/bin:/bin ") and LINE.endswith("# flambe-autostop")
-    assert "PYTHONDONTWRITEBYTECODE=1" in LINE and "-m flambe_iac.agent run" in LINE
+    assert "PYTHONPATH=\"$HOME/.flambe/autostop.zip\"" in LINE and "-m flambe_iac.agent run" in LINE
     for path in ("/opt/50%/bin", "/bin\n* * * * * evil"):
         with pytest.raises(CrontabError):
             reboot_line("/usr/bin/python3", path)

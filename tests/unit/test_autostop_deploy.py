@@ -131,3 +131,22 @@ def test_the_stack_maps_the_agents_shutdown_to_idle_action_and_exports_autostop_
     assert all("instanceInitiatedShutdownBehavior" not in inputs for inputs in instances.values())
     with pytest.raises(Exception, match="flambe:autostopMinutes is '0'"):
         stack(autostopMinutes="0")
+
+
+def test_the_agents_code_is_one_zip_the_same_for_the_same_code_that_runs_on_its_own(tmp_path):
+    import subprocess
+    import zipfile
+
+    from flambe_iac.deploys.autostop import agent_archive
+
+    archive = agent_archive()
+    assert archive == agent_archive.__wrapped__()  # the same bytes each time: an unchanged agent is not sent again
+    (tmp_path / "agent.zip").write_bytes(archive)
+    names = zipfile.ZipFile(tmp_path / "agent.zip").namelist()
+    assert "flambe_iac/agent/__main__.py" in names and not any("__pycache__" in name for name in names)
+    # The host's python, isolated from this environment: the agent's code needs nothing but the zip and the stdlib.
+    result = subprocess.run(["/usr/bin/python3", "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                             "import flambe_iac.agent.__main__, flambe_iac.agent.watch; print('ok')",
+                             str(tmp_path / "agent.zip")], capture_output=True, text=True, timeout=60)
+    assert result.stdout == "ok\n", result.stderr
+    assert not list(tmp_path.glob("**/__pycache__"))
