@@ -22,6 +22,7 @@ from flambe_iac.lab import build, model, teardown
 from lab_runs import deploy_command, reset_hosts, run_measured
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CORES = os.cpu_count() or 1
 PAGE_PROCESSES = 300  # extra processes on the watched host, for the agent to scan each sample
 
 
@@ -49,22 +50,27 @@ def stop_agents(lab_dir: Path, state: model.LabState) -> None:
 
 def deploy_times(lab_dir: Path, state: model.LabState, work: Path, hosts: int, repeats: int, resource: Path,
                  secrets: Path) -> None:
+    """Wall time, and the CPU the hosts spent (the machine's busy time less the client's): on this machine the
+    hosts share its cores with the client, so their work lengthens the run; on EC2 each host has its own."""
     base = deploy_command(lab_dir, state, work, hosts, "--secrets", str(secrets), "--resource", f"data={resource}",
                           "--fan-out", "direct")
     cases = {"without": base, "with --autostop 30": [*base, "--autostop", "30"]}
-    first = {name: [] for name in cases}
-    rerun = {name: [] for name in cases}
+    samples = {(run, name): [] for run in ("first run", "re-run") for name in cases}
     for repeat in range(repeats):
         for name in (list(cases) if repeat % 2 == 0 else list(reversed(cases))):
             stop_agents(lab_dir, state)
             reset_hosts(lab_dir, state)
-            first[name].append(run_measured(cases[name])[0])
-            rerun[name].append(run_measured(cases[name])[0])
+            for run in ("first run", "re-run"):
+                seconds, _, client_cpu, busy = run_measured(cases[name])
+                samples[run, name].append((seconds, busy * seconds * CORES - client_cpu))
     print(f"deploy to {hosts} hosts (5 MiB resource, secrets), medians of {repeats}:")
-    for label, samples in (("first run", first), ("re-run", rerun)):
-        without, with_agent = (statistics.median(samples[name]) for name in cases)
-        print(f"  {label:<10} without {without:6.2f} s   with --autostop {with_agent:6.2f} s   "
-              f"ratio {with_agent / without:.3f}")
+    for run in ("first run", "re-run"):
+        (without, without_hosts), (with_agent, with_hosts) = (
+            (statistics.median(item[0] for item in samples[run, name]),
+             statistics.median(item[1] for item in samples[run, name])) for name in cases)
+        print(f"  {run:<10} without {without:6.2f} s   with --autostop {with_agent:6.2f} s   ratio "
+              f"{with_agent / without:.3f}   the hosts' CPU {without_hosts:5.2f} s -> {with_hosts:5.2f} s "
+              f"(+{1000 * (with_hosts - without_hosts) / hosts:.0f} ms a host)")
 
 
 def process_cost(pid: int) -> tuple[float, int, int]:
@@ -102,6 +108,7 @@ def crowd(state: model.LabState, host: model.LabHost) -> subprocess.Popen:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hosts", type=int, default=16)
+    parser.add_argument("--sizes", default="4,16", help="cluster sizes to time the deploy at (at most --hosts)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--watch-seconds", type=float, default=180.0)
     arguments = parser.parse_args()
@@ -116,7 +123,8 @@ def main() -> int:
         resource.mkdir()
         for index in range(20):
             (resource / f"part-{index:02}.bin").write_bytes(os.urandom(5 * 1024 * 1024 // 20))
-        deploy_times(lab_dir, state, work, arguments.hosts, arguments.repeats, resource, secrets)
+        for size in [int(text) for text in arguments.sizes.split(",")]:
+            deploy_times(lab_dir, state, work, size, arguments.repeats, resource, secrets)
         crowded = crowd(state, state.hosts[1])
         print(f"the agent on one factory, with {PAGE_PROCESSES} more processes on it:")
         agent_cost(lab_dir, state, work, "30", arguments.watch_seconds)

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from flambe_iac.agent.commands import SHUTDOWN, run_quietly
 from flambe_iac.agent.crontab import CrontabError, reboot_line, update_crontab, with_agent, without_agent
 from flambe_iac.agent.records import (
     AGENT_ARCHIVE,
@@ -30,7 +31,6 @@ from flambe_iac.agent.records import (
     read_config,
 )
 from flambe_iac.agent.signals import runnable_alive
-from flambe_iac.agent.watch import SHUTDOWN, Watch, run_quietly
 from flambe_iac.local_files import READABLE, write_atomically
 
 AGENT_LOCK = ".flambe/autostop.lock"
@@ -88,7 +88,7 @@ def stop_agent(home: Path) -> None:
         for _ in range(50):
             if not agents_of(home):
                 return
-            time.sleep(0.1)
+            time.sleep(0.02)
     if agents_of(home):
         raise Refused(f"an agent of this home would not end: pids {sorted(agents_of(home))}")
 
@@ -108,7 +108,7 @@ def start_agent(home: Path, config: AgentConfig) -> int:
             return process.pid
         if process.poll() is not None:
             break
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise Refused(f"the agent did not start: see ~/{AGENT_LOG}")
 
 
@@ -155,6 +155,8 @@ def run(home: Path) -> None:
     name_this_process(AGENT_PROCESS)
     write_atomically(home / AGENT_PID, f"{os.getpid()}\n", READABLE)
     signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(0))
+    from flambe_iac.agent.watch import Watch  # the loop's modules (urllib among them) load only for the agent
+
     Watch(home, config).run()
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
+from flambe_iac.agent.commands import SHUTDOWN, run_quietly
 from flambe_iac.agent.records import AGENT_ENVIRONMENT, AGENT_STATE, MAX_RECORD, AgentConfig, AgentState, parse_state
 from flambe_iac.agent.signals import PROBE_MARK, Thresholds, busy_cores, busy_signals, cpu_times, gpu_reading, processes
 from flambe_iac.agent.spot import MetadataService
@@ -27,7 +25,6 @@ NOTICE_TIMEOUT = 100  # the runner gives on_preempt at most 90 s; then Ray stops
 SILENT_SECONDS = 120  # a factory that answers no probe for this long has stopped (one lost probe is not a stop)
 MAX_ANSWER = MAX_RECORD + 64
 MAX_VERDICT = 120
-SHUTDOWN = ("sudo", "-n", "shutdown", "-h", "now")
 
 
 def sample_seconds(minutes: float) -> float:
@@ -46,7 +43,7 @@ class Watch:
         self.state = AgentState(pid=os.getpid(), role=config.role, minutes=config.minutes, last_busy_at=None,
                                 updated_at=wall())
         self.quiet_since = clock()  # a fresh agent waits the whole window: its start is the last sign of work
-        self.silent_since: dict[str, float] = {}  # factory address -> when it first answered no probe
+        self.members = Members(home, config, clock)
         self.cpu = cpu_times(read_text("/proc/stat"))
         self.cores = os.cpu_count() or 1
 
@@ -77,7 +74,7 @@ class Watch:
         """One sample and what follows from it; after a stop or a notice, the record only keeps its time."""
         if self.state.state not in ("stopping", "preempted"):
             idle = self.observe(self.sample())
-            busy_factories = self.busy_factories() if idle and self.config.factories else []
+            busy_factories = self.members.busy_factories() if idle and self.config.factories else []
             self.state.waiting_for = busy_factories[:8] + ([f"and {len(busy_factories) - 8} more"]
                                                             if len(busy_factories) > 8 else [])
             if idle and not busy_factories:
@@ -96,14 +93,64 @@ class Watch:
         else:
             self.state.state, self.state.cause = "stopping", None
 
+    def check_notice(self) -> None:
+        if self.state.state == "preempted":
+            return
+        notice = self.metadata.interruption()
+        if notice is None:
+            return
+        self.state.state, self.state.preempted_at, self.state.interruption = "preempted", self.wall(), notice
+        self.save()
+        self.tell_the_runnable(notice)
+        if self.config.ray_stop:
+            run_quietly(("sh", "-c", f"cd && {self.config.ray_stop}"), STOP_TIMEOUT)
+
+    def tell_the_runnable(self, notice: str) -> None:
+        """On the orchestrator, the runner calls the runnable's on_preempt (at most 90 s); this waits for it."""
+        command = (f"cd && {AGENT_ENVIRONMENT} python3 -m flambe_iac.agent notice "
+                   f"{shlex.quote(self.config.member_id)} {shlex.quote(notice)}")
+        argv = ["sh", "-c", command] if self.config.orchestrator is None else self.members.hop(
+            self.config.orchestrator, command)
+        run_quietly(argv, NOTICE_TIMEOUT)
+
+    def save(self) -> None:
+        try:
+            write_atomically(self.state_path, self.state.to_bytes(), READABLE)
+        except OSError as error:  # a full disk: the decisions go on; the record is written again next time
+            log(f"cannot write {AGENT_STATE}: {error.strerror}")
+
+    def run(self) -> None:
+        """Forever: a failure in one round is logged and the next round comes, since an agent that ended would
+        leave the member running until the next boot."""
+        interval = sample_seconds(self.config.minutes)
+        next_sample = next_metadata_try = self.clock()
+        while True:
+            now = self.clock()
+            if now >= next_sample:
+                guarded(self.step)
+                next_sample = now + interval
+            if self.metadata.answered or now >= next_metadata_try:
+                guarded(self.check_notice)
+                next_metadata_try = now + METADATA_RETRY_SECONDS
+            time.sleep(max(0.2, min(next_sample - self.clock(), SPOT_POLL_SECONDS)))
+
+
+class Members:
+    """The other members, as this one's agent sees them over the cluster key: the factories' state records (for the
+    orchestrator), and the hop to the orchestrator (for a notice)."""
+
+    def __init__(self, home: Path, config: AgentConfig, clock):
+        self.home, self.config, self.clock = home, config, clock
+        self.silent_since: dict[str, float] = {}  # factory address -> when it first answered no probe
+
     def busy_factories(self) -> list[str]:
         """The factories that still work, each as ADDRESS: WHY. One that does not answer has stopped."""
         with ThreadPoolExecutor(max_workers=min(16, len(self.config.factories))) as pool:
-            verdicts = list(pool.map(self.factory_verdict, self.config.factories))
+            verdicts = list(pool.map(self.verdict, self.config.factories))
         return [f"{address}: {verdict}"[:MAX_VERDICT]
                 for address, verdict in zip(self.config.factories, verdicts) if verdict]
 
-    def factory_verdict(self, address: str) -> str | None:
+    def verdict(self, address: str) -> str | None:
         """None if the factory at ADDRESS has stopped, is stopping, was preempted or is idle; else why it may work.
         One that answers no probe for SILENT_SECONDS has stopped; its state record, with the time on its own clock,
         must be fresh (an agent that died there is no word that it is idle)."""
@@ -133,61 +180,12 @@ class Watch:
                            known_hosts=self.home / MEMBERS_KNOWN_HOSTS, connect_timeout=5)
         return ssh_command_line(target, f": {PROBE_MARK}; {command}; :")
 
-    def check_notice(self) -> None:
-        if self.state.state == "preempted":
-            return
-        notice = self.metadata.interruption()
-        if notice is None:
-            return
-        self.state.state, self.state.preempted_at, self.state.interruption = "preempted", self.wall(), notice
-        self.save()
-        self.tell_the_runnable(notice)
-        if self.config.ray_stop:
-            run_quietly(("sh", "-c", f"cd && {self.config.ray_stop}"), STOP_TIMEOUT)
-
-    def tell_the_runnable(self, notice: str) -> None:
-        """On the orchestrator, the runner calls the runnable's on_preempt (at most 90 s); this waits for it."""
-        command = (f"cd && {AGENT_ENVIRONMENT} python3 -m flambe_iac.agent notice "
-                   f"{shlex.quote(self.config.member_id)} {shlex.quote(notice)}")
-        argv = ["sh", "-c", command] if self.config.orchestrator is None else self.hop(self.config.orchestrator,
-                                                                                        command)
-        run_quietly(argv, NOTICE_TIMEOUT)
-
-    def save(self) -> None:
-        try:
-            write_atomically(self.state_path, self.state.to_bytes(), READABLE)
-        except OSError as error:  # a full disk: the decisions go on; the record is written again next time
-            log(f"cannot write {AGENT_STATE}: {error.strerror}")
-
-    def run(self) -> None:
-        """Forever: a failure in one round is logged and the next round comes, since an agent that ended would
-        leave the member running until the next boot."""
-        interval = sample_seconds(self.config.minutes)
-        next_sample = next_metadata_try = self.clock()
-        while True:
-            now = self.clock()
-            if now >= next_sample:
-                guarded(self.step)
-                next_sample = now + interval
-            if self.metadata.answered or now >= next_metadata_try:
-                guarded(self.check_notice)
-                next_metadata_try = now + METADATA_RETRY_SECONDS
-            time.sleep(max(0.2, min(next_sample - self.clock(), SPOT_POLL_SECONDS)))
-
 
 def guarded(action) -> None:
     try:
         action()
     except Exception as error:  # any failure of one round: logged, and the agent keeps watching
         log(f"{action.__name__} failed: {type(error).__name__}: {error}")
-
-
-def kept_prefix(stream, limit: int, outputs: dict, name: str) -> None:
-    """Read STREAM to its end (so its writer is never blocked), keeping only its first LIMIT bytes."""
-    kept = b""
-    for chunk in iter(lambda: stream.read(1 << 16), b""):
-        kept += chunk[: max(0, limit - len(kept))]
-    outputs[name] = kept
 
 
 def log(message: str) -> None:
@@ -200,35 +198,3 @@ def read_text(path: str) -> str:
             return stream.read()
     except OSError:
         return ""
-
-
-@dataclass(frozen=True)
-class Answer:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_quietly(argv, timeout: float, limit: int = 1 << 16) -> Answer | None:
-    """ARGV, with at most LIMIT bytes of each output kept (another member's answer is not trusted to be short);
-    None if it cannot start or does not end in TIMEOUT."""
-    try:
-        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
-    except OSError:
-        return None
-    with process:
-        outputs: dict[str, bytes] = {}
-        readers = [threading.Thread(target=kept_prefix, args=(stream, limit, outputs, name), daemon=True)
-                   for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))]
-        for reader in readers:
-            reader.start()
-        try:
-            returncode = process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return None
-        for reader in readers:
-            reader.join(1)
-    return Answer(returncode, outputs.get("stdout", b"").decode(errors="replace"),
-                  outputs.get("stderr", b"").decode(errors="replace"))

@@ -12,7 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flambe_iac.agent import commands as commands_module
 from flambe_iac.agent import watch as watch_module
+from flambe_iac.agent.commands import SHUTDOWN
 from flambe_iac.agent.crontab import CrontabError, reboot_line, with_agent, without_agent
 from flambe_iac.agent.records import AgentConfig, AgentState, parse_state, read_config
 from flambe_iac.agent.signals import (
@@ -30,7 +32,7 @@ from flambe_iac.agent.signals import (
     session_owner,
 )
 from flambe_iac.agent.spot import MetadataService, describe_notice
-from flambe_iac.agent.watch import SHUTDOWN, Watch, sample_seconds
+from flambe_iac.agent.watch import Watch, sample_seconds
 from flambe_iac.lab.metadata_service import handler_for
 from flambe_iac.runnable import Runnable, answer_notices
 
@@ -246,7 +248,7 @@ def test_a_fresh_agent_waits_a_whole_window_and_a_refused_stop_says_why(tmp_path
 def test_the_orchestrator_waits_while_a_factory_works(tmp_path, monkeypatch):
     agent, clock, ran = watch_with(tmp_path, monkeypatch, [], factories=["10.0.0.3", "10.0.0.4"])
     verdicts = {"10.0.0.3": "busy (gpu 80%)", "10.0.0.4": None}
-    agent.factory_verdict = verdicts.get
+    agent.members.verdict = verdicts.get
     clock.now += 61
     agent.step()
     assert ran == [] and agent.state.state == "waiting for factories"
@@ -269,15 +271,16 @@ def record_text(now: int = 5000, **fields) -> str:
     (0, record_text(idle_minutes=5.0), None),
     (0, record_text(idle_minutes=1, last_busy="gpu 80%"), "busy (gpu 80%)"),
     (0, record_text(idle_minutes=5.0, updated_at=100.0), "its agent has not written its state lately"),
-    (0, "not a clock\n" + record_text(idle_minutes=5.0).split("\n", 1)[1], "its agent has not written its state lately"),
+    (0, "not a clock\n" + record_text(idle_minutes=5.0).split("\n", 1)[1],
+     "its agent has not written its state lately"),
     (1, "", "no agent state there"),
     (0, "5000\ngarbage", "its state record is not JSON (a full disk can leave it truncated)"),
 ])
 def test_what_the_orchestrator_reads_of_a_factory(tmp_path, monkeypatch, code, output, verdict):
     agent, _, ran = watch_with(tmp_path, monkeypatch, [], factories=["10.0.0.3"])
     monkeypatch.setattr(watch_module, "run_quietly", lambda argv, timeout, limit=0: ran.append(argv) or
-                        watch_module.Answer(code, output, ""))
-    assert agent.factory_verdict("10.0.0.3") == verdict
+                        commands_module.Answer(code, output, ""))
+    assert agent.members.verdict("10.0.0.3") == verdict
     (argv,) = ran
     assert argv[0] == "ssh" and "StrictHostKeyChecking=yes" in argv and "IdentitiesOnly=yes" in argv
     assert str(tmp_path / "ray_bootstrap_key.pem") in argv
@@ -286,21 +289,21 @@ def test_what_the_orchestrator_reads_of_a_factory(tmp_path, monkeypatch, code, o
 
 def test_a_factory_that_answers_nothing_has_stopped_only_after_two_minutes_of_silence(tmp_path, monkeypatch):
     agent, clock, _ = watch_with(tmp_path, monkeypatch, [], factories=["10.0.0.3"])
-    answers = [None, watch_module.Answer(255, "", "Connection timed out")]
+    answers = [None, commands_module.Answer(255, "", "Connection timed out")]
     monkeypatch.setattr(watch_module, "run_quietly", lambda argv, timeout, limit=0: answers[0])
-    assert agent.factory_verdict("10.0.0.3") == "no answer for 0 s"
+    assert agent.members.verdict("10.0.0.3") == "no answer for 0 s"
     clock.now += 119
     answers[0] = answers[1]
-    assert agent.factory_verdict("10.0.0.3") == "no answer for 119 s"
+    assert agent.members.verdict("10.0.0.3") == "no answer for 119 s"
     clock.now += 1
-    assert agent.factory_verdict("10.0.0.3") is None
+    assert agent.members.verdict("10.0.0.3") is None
 
 
 def test_an_answer_is_read_only_up_to_its_limit():
-    answer = watch_module.run_quietly(["sh", "-c", "head -c 100000 /dev/zero; echo done >&2"], 10, limit=1000)
+    answer = commands_module.run_quietly(["sh", "-c", "head -c 100000 /dev/zero; echo done >&2"], 10, limit=1000)
     assert answer is not None and len(answer.stdout) == 1000 and answer.stderr == "done\n"
-    assert watch_module.run_quietly(["sleep", "5"], 0.2) is None
-    assert watch_module.run_quietly(["/nonexistent/command"], 1) is None
+    assert commands_module.run_quietly(["sleep", "5"], 0.2) is None
+    assert commands_module.run_quietly(["/nonexistent/command"], 1) is None
 
 
 def test_a_failing_round_is_logged_and_the_agent_keeps_watching(capsys):
