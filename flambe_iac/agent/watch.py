@@ -166,6 +166,8 @@ class Members:
             return record
         if record.state in ("stopping", "preempted"):
             return None
+        if record.state == "stop refused":  # idle, but still running: the orchestrator must not leave it alone
+            return f"its stop was refused ({record.cause or 'no cause given'})"
         age = float(clock_line) - record.updated_at if clock_line.strip().isdigit() else None
         if age is None or age > 3 * sample_seconds(record.minutes) + 60:
             return "its agent has not written its state lately"

@@ -147,8 +147,8 @@ def add_deploy_command(commands) -> argparse.ArgumentParser:
     ray.add_argument("--ray-stop", action="store_true", help="stop Ray on every host")
     idle = parser.add_argument_group("autostop (see README: Idle clusters stop themselves)")
     idle.add_argument("--autostop", type=autostop_minutes, metavar="MINUTES|off",
-                      help="an agent on every member stops it (the instance's shutdown: stop or terminate, as the "
-                           "stack's idleAction says) after MINUTES without work: a GPU above --autostop-gpu, CPU above "
+                      help="an agent on every member shuts it down (on EC2: stop, or as the stack's idleAction says "
+                           "when flambe:autostopMinutes is set) after MINUTES without work: a GPU above --autostop-gpu, CPU above "
                            "--autostop-cpu, an SSH session, the runnable, or a Ray task. The orchestrator stops last, "
                            "once every factory has. Needs `sudo -n shutdown` on the hosts; restarted at boot by an "
                            "@reboot line in your crontab. `off` removes the agent and its line. Default: the stack's "

@@ -269,6 +269,8 @@ def record_text(now: int = 5000, **fields) -> str:
     (0, record_text(state="stopping"), None),
     (0, record_text(state="preempted", updated_at=1.0), None),
     (0, record_text(idle_minutes=5.0), None),
+    (0, record_text(idle_minutes=9.0, state="stop refused", cause="sudo -n shutdown: no"),
+     "its stop was refused (sudo -n shutdown: no)"),
     (0, record_text(idle_minutes=1, last_busy="gpu 80%"), "busy (gpu 80%)"),
     (0, record_text(idle_minutes=5.0, updated_at=100.0), "its agent has not written its state lately"),
     (0, "not a clock\n" + record_text(idle_minutes=5.0).split("\n", 1)[1],
