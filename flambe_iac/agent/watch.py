@@ -18,7 +18,7 @@ from flambe_iac.local_files import READABLE, write_atomically
 from flambe_iac.ssh.policy import SshTarget, ssh_command_line
 
 SPOT_POLL_SECONDS = 5.0  # AWS's advice for the two-minute notice
-METADATA_RETRY_SECONDS = 600.0  # a member without a metadata service (not on EC2) is asked again this rarely
+METADATA_RETRY_SECONDS = 30.0  # a member whose metadata service never answered (not on EC2) is asked this often
 STOP_TIMEOUT = 60
 PROBE_TIMEOUT = 20
 NOTICE_TIMEOUT = 100  # the runner gives on_preempt at most 90 s; then Ray stops, within the notice's two minutes
@@ -65,10 +65,10 @@ class Watch:
         if signals:
             self.quiet_since = now
             self.state.last_busy, self.state.last_busy_at = ", ".join(signals)[:MAX_VERDICT], self.wall()
-        idle_seconds = now - self.quiet_since
-        self.state.idle_minutes = round(idle_seconds / 60, 2)
-        self.state.stops_in_minutes = round(max(0.0, self.config.minutes - idle_seconds / 60), 2)
-        return idle_seconds >= self.config.minutes * 60
+        # Unrounded: the orchestrator compares these with the window, exactly as this agent does.
+        self.state.idle_minutes = (now - self.quiet_since) / 60
+        self.state.stops_in_minutes = max(0.0, self.config.minutes - self.state.idle_minutes)
+        return self.state.idle_minutes >= self.config.minutes
 
     def step(self) -> None:
         """One sample and what follows from it; after a stop or a notice, the record only keeps its time."""

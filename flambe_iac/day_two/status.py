@@ -133,12 +133,12 @@ def describe_agent(record: AgentState, now: float | None) -> str:
     if record.state == "preempted":
         return f"preempted at {utc(record.preempted_at)} ({record.interruption or '?'})"
     if record.state == "stopping":
-        return f"stopping (idle {record.idle_minutes:g} min{age})"
+        return f"stopping (idle {record.idle_minutes:.1f} min{age})"
     busy = f" (last busy: {record.last_busy})" if record.last_busy else ""
     count = len(record.waiting_for)
     waiting = f", waiting for {count} factor{'y' if count == 1 else 'ies'}" if count else ""
-    stops = f", stops in {record.stops_in_minutes:g} min" if record.stops_in_minutes is not None else ""
-    return f"{record.state}, idle {record.idle_minutes:g} min{busy}{stops}{waiting}{age}"
+    stops = f", stops in {record.stops_in_minutes:.1f} min" if record.stops_in_minutes is not None else ""
+    return f"{record.state}, idle {record.idle_minutes:.1f} min{busy}{stops}{waiting}{age}"
 
 
 def utc(stamp: float | None) -> str:

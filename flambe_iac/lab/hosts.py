@@ -72,6 +72,7 @@ echo {percent}
 """
 LAB_PATH = f"{IN_HOST_DIR}/bin:/usr/local/bin:/usr/bin:/bin"  # the stand-ins first, as sshd's SetEnv gives it
 METADATA_ADDRESS = "169.254.169.254"
+HOST_PYTHON = "/usr/bin/python3"
 CRONTABS = Path("/var/spool/cron/crontabs")
 
 
@@ -214,7 +215,8 @@ def boot_script(directory: Path, host: LabHost) -> str:
            f"mount --bind {IN_HOST_DIR}/rsync-corrupting /usr/bin/rsync"] if has_fault(host, "corrupt-rsync") else []),
         *([f"mount --bind {IN_HOST_DIR}/crontabs {CRONTABS}", "/usr/sbin/cron"] if CRONTABS.is_dir() else []),
         *([f"ip address replace {METADATA_ADDRESS}/32 dev lo",
-           f"python3 {IN_HOST_DIR}/metadata_service.py {float(host.faults['spot-notice'])} &"]
+           # The system's Python, from /: a shim on root's PATH (pyenv) may need a directory the host's /tmp hides.
+           f"cd / && {HOST_PYTHON} {IN_HOST_DIR}/metadata_service.py {float(host.faults['spot-notice'])} &"]
           if has_fault(host, "spot-notice") else []),
         *([f"sleep {host.faults['late-sshd']}"] if has_fault(host, "late-sshd") else []),
         f"exec /usr/sbin/sshd -D -e -f {IN_HOST_DIR}/etc/sshd_config",
