@@ -11,15 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+from flambe_iac.agent.signals import machine_cpu
 from flambe_iac.lab import model
 from flambe_iac.ssh.policy import SshTarget, rsync_command
 
 
 def machine_cpu_ticks() -> tuple[int, int]:
     """(busy, total) CPU ticks of the whole machine so far: the lab's sshds run on the same cores."""
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
+    times = machine_cpu()
+    return times.busy, times.total
 
 
 def run_measured(argv: list[str], environment: dict | None = None) -> tuple[float, int, float, float]:

@@ -54,7 +54,7 @@ def load_config(home: Path) -> AgentConfig:
 
 
 def running_agent(home: Path) -> int | None:
-    """The pid of this home's agent, as its pid file names it, if that process is an agent (`status` reads it)."""
+    """The pid of this home's agent, as its pid file names it, if that process is an agent."""
     try:
         pid = int((home / AGENT_PID).read_text().strip())
     except (OSError, ValueError):

@@ -56,6 +56,14 @@ def cpu_times(text: str) -> CpuTimes | None:
     return None
 
 
+def machine_cpu(proc: Path = Path("/proc")) -> CpuTimes | None:
+    """The machine's CPU times now, or None if /proc/stat cannot be read."""
+    try:
+        return cpu_times((proc / "stat").read_text(errors="replace"))
+    except OSError:
+        return None
+
+
 def busy_cores(before: CpuTimes | None, after: CpuTimes | None, cores: int) -> float | None:
     if before is None or after is None or after.total <= before.total:
         return None

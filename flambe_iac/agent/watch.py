@@ -11,7 +11,15 @@ from pathlib import Path
 
 from flambe_iac.agent.commands import SHUTDOWN, run_quietly
 from flambe_iac.agent.records import AGENT_ENVIRONMENT, AGENT_STATE, MAX_RECORD, AgentConfig, AgentState, parse_state
-from flambe_iac.agent.signals import PROBE_MARK, Thresholds, busy_cores, busy_signals, cpu_times, gpu_reading, processes
+from flambe_iac.agent.signals import (
+    PROBE_MARK,
+    Thresholds,
+    busy_cores,
+    busy_signals,
+    gpu_reading,
+    machine_cpu,
+    processes,
+)
 from flambe_iac.agent.spot import MetadataService
 from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 from flambe_iac.local_files import READABLE, write_atomically
@@ -44,7 +52,7 @@ class Watch:
                                 updated_at=wall())
         self.quiet_since = clock()  # a fresh agent waits the whole window: its start is the last sign of work
         self.members = Members(home, config, clock)
-        self.cpu = cpu_times(read_text("/proc/stat"))
+        self.cpu = machine_cpu()
         self.cores = os.cpu_count() or 1
 
     @property
@@ -53,7 +61,7 @@ class Watch:
 
     def sample(self) -> list[str]:
         """The busy signals now; CPU over the time since the last sample."""
-        cpu = cpu_times(read_text("/proc/stat"))
+        cpu = machine_cpu()
         cores = busy_cores(self.cpu, cpu, self.cores)
         self.cpu = cpu
         return busy_signals(Thresholds(self.config.gpu_percent, self.config.cpu_cores), self.config.user, self.home,
@@ -193,10 +201,3 @@ def guarded(action) -> None:
 def log(message: str) -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} autostop: {message}", flush=True)
 
-
-def read_text(path: str) -> str:
-    try:
-        with open(path, encoding="ascii", errors="replace") as stream:
-            return stream.read()
-    except OSError:
-        return ""
