@@ -12,12 +12,12 @@ import shlex
 import zipfile
 from pathlib import Path
 
-from pyinfra.api import FunctionCommand, operation
+from pyinfra.api import operation
 
 import flambe_iac
 from flambe_iac.agent.records import AGENT_ARCHIVE, AGENT_CONFIG, AGENT_ENVIRONMENT, AGENT_PROCESS, AgentConfig
 from flambe_iac.cluster import ORCHESTRATOR
-from flambe_iac.deploys.operations import staged_files
+from flambe_iac.deploys.operations import host_function, staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import stop_command
 from flambe_iac.inputs.secrets_file import HiddenBytes
@@ -88,7 +88,7 @@ def agent_config(plan, member) -> AgentConfig:
 
 @operation(is_idempotent=False)
 def agent_command(action: str, causes: dict, details: dict):
-    yield FunctionCommand(_agent_command, (action, causes, details), {})
+    yield host_function(_agent_command, action, causes, details, causes=causes)
 
 
 def _agent_command(state, host, action: str, causes: dict, details: dict) -> bool:

@@ -28,6 +28,7 @@ from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.engine.fan_out import RSYNC_CONNECTION_LOST, WRITES_STOPPED, FanOut, Hop
 from flambe_iac.engine.remote_layout import MANIFEST, recorded_resources
 from flambe_iac.engine.remote_probes import copy_check_command, inside_home, listed_paths, parse_copy_check
+from flambe_iac.errors import describe_exception
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.inputs.tree_listing import REMOTE_TREE_LISTING, LocalTree, parse_tree_listing
 from flambe_iac.ssh.channel import RemoteCommandError, read_file, run_remote
@@ -35,6 +36,18 @@ from flambe_iac.ssh.policy import RsyncJob
 
 UPLOAD_TIMEOUT = 600.0
 VERIFY_TIMEOUT = 6 * 3600.0
+
+
+def host_function(function: Callable, *arguments, causes: dict) -> FunctionCommand:
+    """FUNCTION(state, host, *ARGUMENTS) as a pyinfra command. pyinfra only logs a callback's exception and fails the
+    operation without a word; here the exception becomes the host's cause, in words."""
+    def recorded(state, host, *arguments) -> bool:
+        try:
+            return function(state, host, *arguments)
+        except Exception as error:  # an error of ours: this host fails, and the report says with what
+            causes[host.name] = f"stopped on an unexpected error: {describe_exception(error)}"
+            return False
+    return FunctionCommand(recorded, arguments, {})
 
 
 @operation()
@@ -49,7 +62,7 @@ def staged_files(files: list[tuple[str, HiddenBytes, str]], snapshot: HostSnapsh
     changed = [(path, content, mode) for path, content, mode in files
                if not snapshot.matches(path, mode, hashlib.sha256(content.data).hexdigest())]
     if changed:
-        yield FunctionCommand(_upload_and_install, (changed, snapshot, staging, causes), {})
+        yield host_function(_upload_and_install, changed, snapshot, staging, causes, causes=causes)
 
 
 def _upload_and_install(state, host, files: list, snapshot: HostSnapshot, staging: str, causes: dict) -> bool:
@@ -139,7 +152,7 @@ def synced_tree(transfer: Transfer, causes: dict, notes: list, snapshot: HostSna
         return
     # Files written in the host's clock tick of the read, or a second before, are checked too.
     changed_since = None if snapshot.clock is None else snapshot.clock - 2
-    yield FunctionCommand(_transfer_tree, (transfer, changed_since, causes, notes), {})
+    yield host_function(_transfer_tree, transfer, changed_since, causes, notes, causes=causes)
 
 
 def synced_trees(transfers: list[Transfer], causes: dict, notes: list, snapshot: HostSnapshot) -> list:

@@ -5,10 +5,10 @@ What the members share and wait for is `engine.ray_settlement.RayCluster`; the c
 
 from __future__ import annotations
 
-from pyinfra.api import FunctionCommand, operation
+from pyinfra.api import operation
 
 from flambe_iac.cluster import ORCHESTRATOR
-from flambe_iac.deploys.operations import staged_files
+from flambe_iac.deploys.operations import host_function, staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import (
     GCS_PORT,
@@ -55,7 +55,7 @@ def ray_step(context, member, snapshot: HostSnapshot) -> list:
 
 @operation(is_idempotent=False)
 def start_head(ray: RayCluster, member, causes: dict, details: dict):
-    yield FunctionCommand(_start_head, (ray, member, causes, details), {})
+    yield host_function(_start_head, ray, member, causes, details, causes=causes)
 
 
 def _start_head(state, host, ray: RayCluster, member, causes: dict, details: dict) -> bool:
@@ -71,7 +71,7 @@ def _start_head(state, host, ray: RayCluster, member, causes: dict, details: dic
 
 @operation(is_idempotent=False)
 def start_worker(ray: RayCluster, member, causes: dict, details: dict):
-    yield FunctionCommand(_start_worker, (ray, member, causes, details), {})
+    yield host_function(_start_worker, ray, member, causes, details, causes=causes)
 
 
 def _start_worker(state, host, ray: RayCluster, member, causes: dict, details: dict) -> bool:
@@ -115,7 +115,7 @@ def _start(host, command: str, python: str, causes: dict, head: Head | None = No
 
 @operation(is_idempotent=False)
 def stop_ray(python: str, causes: dict):
-    yield FunctionCommand(_stop_ray, (python, causes), {})
+    yield host_function(_stop_ray, python, causes, causes=causes)
 
 
 def _stop_ray(state, host, python: str, causes: dict) -> bool:
@@ -133,7 +133,7 @@ def _stop_ray(state, host, python: str, causes: dict) -> bool:
 @operation(is_idempotent=False)
 def wait_for_workers(ray: RayCluster, causes: dict):
     """Before --run: the runnable starts only on the whole cluster."""
-    yield FunctionCommand(_wait_for_workers, (ray, causes), {})
+    yield host_function(_wait_for_workers, ray, causes, causes=causes)
 
 
 def _wait_for_workers(state, host, ray: RayCluster, causes: dict) -> bool:

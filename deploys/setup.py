@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import shlex
 
-from pyinfra.api import FunctionCommand, operation
+from pyinfra.api import operation
 
+from flambe_iac.deploys.operations import host_function
 from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
@@ -20,7 +21,7 @@ def run_setup_commands(context, member, snapshot: HostSnapshot) -> list:
 
 @operation(is_idempotent=False)
 def setup_commands(commands: list[str], causes: dict, details: dict):
-    yield FunctionCommand(_run_in_order, (commands, causes, details), {})
+    yield host_function(_run_in_order, commands, causes, details, causes=causes)
 
 
 def _run_in_order(state, host, commands: list[str], causes: dict, details: dict) -> bool:

@@ -44,3 +44,11 @@ def exit_code_of(program: str, action: Callable[[], int]) -> int:
     except FlambeError as error:
         print(f"{program}: {safe_field(str(error))}", file=sys.stderr)
         return error.exit_code
+
+
+def describe_exception(error: BaseException) -> str:
+    """An exception in words, for a report: its type, and its message if it has one."""
+    if isinstance(error, EOFError):
+        return "the connection to the host dropped (EOF)"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -16,11 +16,12 @@ from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.deploys.operations import stop_children
 from flambe_iac.deploys.steps import STEP_NAMES, StepContext, asked_steps, snapshot_request
 from flambe_iac.engine.connecting import connect_with_wait
-from flambe_iac.engine.fleet import Fleet, describe_exception
+from flambe_iac.engine.fleet import Fleet
 from flambe_iac.engine.host_steps import HostSteps, remove_staging
 from flambe_iac.engine.lock import ClusterLock, open_deploy_lock
 from flambe_iac.engine.report import DeployReport, ProgressView
 from flambe_iac.engine.settlement import settle
+from flambe_iac.errors import describe_exception
 
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
@@ -65,6 +66,8 @@ class Deployment:
         connected = [host for host, ok in zip(fleet.hosts, fleet.each_host(self.connect_host, fleet.hosts)) if ok]
         if not connected or not self.lock.take_in_order(connected):
             return
+        if self.context.fan_out is not None:  # built here, once: members connecting at once each built their own
+            self.context.fan_out.hosts.update({self.fleet.members[host].id: host for host in connected})
         self.watchdog = gevent.spawn(self.lock.watch, stop_children)
         request = snapshot_request(self.context)
         read = fleet.each_host(lambda host: self.steps.read_state(host, request), connected)
@@ -82,8 +85,6 @@ class Deployment:
         if connected:
             self.fleet.state.activate_host(host)
         self.view.connected(self.fleet.entries[host])
-        if connected and self.context.fan_out is not None:
-            self.context.fan_out.hosts[self.fleet.members[host].id] = host
         if connected and self.fleet.members[host].role == ORCHESTRATOR:  # lock at once, while the others connect
             self.lock.take(host)
         return connected

@@ -6,6 +6,7 @@ import gevent
 
 from flambe_iac.deploys.operations import stop_children
 from flambe_iac.engine.report import DeployReport
+from flambe_iac.errors import describe_exception
 from flambe_iac.inputs.plan import DeployPlan
 from flambe_iac.ssh.policy import make_state
 
@@ -67,10 +68,3 @@ class Fleet:
                     host.disconnect()
                 except Exception:  # closing a connection that already broke must not hide the report
                     continue
-
-
-def describe_exception(error: BaseException) -> str:
-    if isinstance(error, EOFError):
-        return "the connection to the host dropped (EOF)"
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -11,8 +11,9 @@ from pyinfra.context import ctx_host, ctx_state
 
 from flambe_iac.deploys.snapshot import SnapshotError, read_snapshot
 from flambe_iac.deploys.steps import StepContext, asked_steps
-from flambe_iac.engine.fleet import Fleet, describe_exception
+from flambe_iac.engine.fleet import Fleet
 from flambe_iac.engine.report import CHANGED, FAILED, UNCHANGED
+from flambe_iac.errors import describe_exception
 from flambe_iac.ssh.channel import ANSWER_TIMEOUT, RemoteCommandError, connection_alive, run_remote
 
 CLEANUP_TIMEOUT = 10.0

@@ -358,8 +358,9 @@ def test_a_host_without_ray_or_with_another_version_fails_naming_both(make_lab, 
     mismatched, report = ray_deploy(lab, tmp_path, "--run", python=python, runnable=EXAMPLE)
     assert mismatched.returncode == 1
     orchestrator, factory = report["hosts"]
-    assert factory["steps"]["ray"]["status"] == "failed"
-    assert "Ray 2.59.0 here" in factory["steps"]["ray"]["cause"] and "2.60.0" in factory["steps"]["ray"]["cause"]
+    assert factory["steps"]["ray"]["status"] == "failed", json.dumps(report, indent=1)
+    assert "Ray 2.59.0 here" in factory["steps"]["ray"]["cause"] and "2.60.0" in factory["steps"]["ray"]["cause"], \
+        json.dumps(report, indent=1) + mismatched.stdout + mismatched.stderr
     assert orchestrator["steps"]["ray"]["status"] == "changed"
     assert orchestrator["steps"]["run"]["status"] == "failed"
     assert "not starting the runnable on part of the cluster" in orchestrator["steps"]["run"]["cause"]

@@ -1,6 +1,7 @@
 """Honest outcomes without root or hosts: whatever one host's operations do (raise anything, fail without a word),
 that host fails with a cause, the others finish, and `ok` agrees with the table of outcomes."""
 
+import dataclasses
 import io
 import json
 import os
@@ -12,10 +13,12 @@ from pyinfra.api.command import StringCommand
 from pyinfra.connectors.util import CommandOutput
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
+from flambe_iac.deploys.operations import host_function
 from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.engine import driver
-from flambe_iac.engine.report import CHANGED, FAILED, SKIPPED, summary
+from flambe_iac.engine.report import CHANGED, FAILED, SKIPPED, DeployReport, ProgressView, summary
 from flambe_iac.inputs.plan import DeployPlan, DeployRequest
+from flambe_iac.inputs.resources import Resource
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.ssh.host_keys import HostKeyPolicy
 from flambe_iac.ssh.user_key import UserKey
@@ -183,3 +186,38 @@ def test_a_signal_mid_run_stops_every_host_and_marks_the_report_interrupted(tmp_
     assert "INTERRUPTED by SIGTERM" in summary(report)
     assert all(host.steps["manifest"].status == FAILED for host in report.hosts)
     assert any("interrupted (SIGTERM)" in (host.steps["manifest"].cause or "") for host in report.hosts)
+
+
+def test_every_connected_member_can_serve_the_members_that_take_trees_from_it(tmp_path):
+    """The fan-out is one, whoever reaches it first: members connecting at once once built a fan-out each (the
+    tree walk yields), and a factory then found its server missing from the one kept (a KeyError, CI, stop 28)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "shard").write_bytes(b"x" * 1000)
+    plan = dataclasses.replace(plan_for(tmp_path, factories=3), resources=[Resource("data", data)], fan_out="relay")
+    report = DeployReport.for_plan(plan, driver.STEP_NAMES, "run-1")
+    stand_ins = offline(operations_that(lambda host, call: None))
+    deployment = driver.Deployment(plan, report, ProgressView(report, io.StringIO(), False), stand_ins.pop("connect"),
+                                   stand_ins.pop("open_lock"), stand_ins)
+    try:
+        deployment.run()
+    finally:
+        deployment.close()
+    assert set(deployment.context.fan_out.hosts) == {"h0", "h1", "h2", "h3"}
+    assert report.ok, report.to_json()
+
+
+def test_an_error_of_ours_in_a_host_function_becomes_the_hosts_cause_not_a_silent_failure():
+    """pyinfra logs a callback's exception (not shown without -v) and fails the operation without a word."""
+    causes = {}
+
+    def broken(state, host, server):
+        return {}[server]
+
+    class Member:
+        name = "h1"
+
+    command = host_function(broken, "h0", causes=causes)
+    assert command.execute(None, Member(), {}) is False
+    assert causes == {"h1": "stopped on an unexpected error: KeyError: 'h0'"}
+    assert host_function(lambda state, host, value: value, True, causes=causes).execute(None, Member(), {}) is True
