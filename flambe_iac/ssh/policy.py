@@ -18,12 +18,14 @@ import re
 import shlex
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.names import check_address, check_ssh_user, refuse_unsafe_fields
+from flambe_iac.local_files import PRIVATE, write_atomically
 from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE
 
 ASKPASS_SCRIPT = f'#!/bin/sh\nprintf "%s\\n" "${PASSPHRASE_VARIABLE}"\n'
@@ -224,6 +226,7 @@ class SshPolicy:
         self.connect_timeout = connect_timeout
         self.strict_host_key_checking = strict_host_key_checking
         self._private_directory: tempfile.TemporaryDirectory | None = None
+        self._private_files_lock = threading.Lock()
 
     def target(self, address: str) -> SshTarget:
         return SshTarget(address=address, user=self.user, key=self.key, known_hosts=self.known_hosts,
@@ -267,27 +270,27 @@ class SshPolicy:
         bastion from there and starts it afresh for every connection attempt)."""
         if not self.jump:
             return "/dev/null"
-        path = self._private_path("ssh_config")
-        if not path.exists():
-            path.write_text(f"Host *\n    ProxyCommand {self.proxy_command()}\n")
-        return str(path)
-
-    def _private_path(self, name: str) -> Path:
-        if self._private_directory is None:
-            self._private_directory = tempfile.TemporaryDirectory(prefix="flambe-deploy-")
-        return Path(self._private_directory.name) / name
+        return str(self._private_file("ssh_config", f"Host *\n    ProxyCommand {self.proxy_command()}\n"))
 
     def _askpass_helper(self) -> Path:
-        helper = self._private_path("askpass")
-        if not helper.exists():
-            helper.write_text(ASKPASS_SCRIPT)
-            helper.chmod(0o700)
-        return helper
+        return self._private_file("askpass", ASKPASS_SCRIPT, mode=0o700)
+
+    def _private_file(self, name: str, content: str, mode: int = PRIVATE) -> Path:
+        """NAME in this policy's own temporary directory, written once with MODE. Day-two commands reach their
+        members from threads at once: the first to ask writes it, and none sees a second directory or half a file."""
+        with self._private_files_lock:
+            if self._private_directory is None:
+                self._private_directory = tempfile.TemporaryDirectory(prefix="flambe-deploy-")
+            path = Path(self._private_directory.name) / name
+            if not path.exists():
+                write_atomically(path, content, mode)
+            return path
 
     def close(self) -> None:
-        if self._private_directory is not None:
-            self._private_directory.cleanup()
-            self._private_directory = None
+        with self._private_files_lock:
+            if self._private_directory is not None:
+                self._private_directory.cleanup()
+                self._private_directory = None
 
 
 def make_state(names_and_addresses: list[tuple[str, str]], policy: SshPolicy):

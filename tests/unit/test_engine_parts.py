@@ -1,6 +1,10 @@
 """The deploy run's parts, each driven directly with stand-ins: connecting with --wait, and settling the cluster key
 from the members' snapshots (the lock and Ray's settlement: test_lock_fence.py, test_ray_plan.py)."""
 
+import concurrent.futures
+import tempfile
+import time
+from pathlib import Path
 
 from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.engine.cluster_key import CREATED, KEPT, ROTATED, new_cluster_key, settle_cluster_key
@@ -99,3 +103,29 @@ def test_a_fresh_cluster_gets_a_new_key_and_a_rotation_retires_the_old():
     rotated = settle_cluster_key({"o": snapshot(key.public_line)}, "o", True, "c1", lambda host: key.private_openssh)
     assert rotated.action == ROTATED and key.fingerprint in rotated.retired
     assert rotated.key.fingerprint != key.fingerprint
+
+
+def test_day_two_threads_asking_at_once_share_one_askpass_helper(monkeypatch):
+    """exec, download and status reach their members from threads at once. With a passphrase, the first to ask
+    writes the askpass helper; the others must get the same one, still there, never a second directory whose
+    creation dropped (and deleted) the first."""
+    made = []
+    real = tempfile.TemporaryDirectory
+
+    def slow_directory(*arguments, **options):
+        time.sleep(0.05)  # as a busy disk would: another thread runs meanwhile
+        directory = real(*arguments, **options)
+        made.append(directory.name)
+        return directory
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", slow_directory)
+    policy = SshPolicy("ubuntu", "/k", "a passphrase", "/kh", 10)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            environments = list(pool.map(lambda _: policy.environment(), range(8)))
+        helpers = {environment["SSH_ASKPASS"] for environment in environments}
+        assert len(made) == 1 and len(helpers) == 1
+        helper = Path(helpers.pop())
+        assert helper.read_text().startswith("#!/bin/sh") and helper.stat().st_mode & 0o777 == 0o700
+    finally:
+        policy.close()
