@@ -33,6 +33,24 @@ def reads(context) -> SnapshotRequest:
                            processes=(AGENT_PROCESS,))
 
 
+def agents_seen(context) -> SnapshotRequest:
+    """Without --autostop: only whether each member's agent runs, for `uncovered_members`."""
+    return SnapshotRequest(processes=(AGENT_PROCESS,))
+
+
+def uncovered_members(running: dict) -> str | None:
+    """A deploy without --autostop leaves the agents as they are. When some members run one and others do not (a
+    factory added since), the ones without would never stop themselves: the report says which, and what to do.
+    RUNNING: member -> whether its agent runs, for the members read."""
+    without = [member.id for member, agent in running.items() if not agent]
+    if not without or len(without) == len(running):
+        return None
+    shown = ", ".join(without[:5]) + (f" and {len(without) - 5} more" if len(without) > 5 else "")
+    return (f"autostop agents run on {len(running) - len(without)} of {len(running)} members, but not on {shown}: "
+            f"a deploy without --autostop leaves the agents as they are, so these would never stop themselves. "
+            f"Deploy with --autostop MINUTES (or set flambe:autostopMinutes in the stack) to cover every member")
+
+
 def autostop_step(context, member, snapshot: HostSnapshot) -> list:
     """Nothing to do when the agent runs with these settings and this flambe_iac (or, for off, is gone)."""
     running = AGENT_PROCESS in snapshot.running

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from flambe_iac.agent.records import AGENT_PROCESS
+from flambe_iac.deploys.autostop import uncovered_members
 from flambe_iac.deploys.steps import StepContext, extension_sources
 from flambe_iac.engine.cluster_key import settle_cluster_key
 from flambe_iac.engine.ray_cluster import RAY_TOKEN
@@ -23,6 +25,9 @@ def settle(context: StepContext, report: DeployReport, fleet, snapshots: dict) -
     if plan.request.ray:
         context.ray = settle_ray(snapshots, orchestrator, plan, report.run_id, lambda host: read_file(host, RAY_TOKEN))
     report.extensions = extension_sources(plan)
+    if plan.autostop is None:
+        agents = {fleet.members[host]: AGENT_PROCESS in snapshot.running for host, snapshot in snapshots.items()}
+        report.notes.extend(filter(None, [uncovered_members(agents)]))
     context.prepare_trees()
     for host, member in fleet.members.items():
         if host not in snapshots:

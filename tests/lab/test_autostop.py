@@ -167,6 +167,10 @@ def test_a_killed_agent_returns_with_the_next_deploy_and_a_rebooted_host_gets_it
     wait_for(lambda: agent_pids(lab, "factory-1") == [], 10, "the agent's end")
     status = lab.deploy("status", *lab.lab_arguments(), env=home_environment(tmp_path / "home"))
     assert status.returncode == 1 and "the autostop agent is not running" in status.stdout
+    without_autostop = deploy(lab, tmp_path)  # leaves the agents as they are, and says which member has none
+    assert without_autostop.returncode == 0, without_autostop.stdout + without_autostop.stderr
+    assert "autostop agents run on 1 of 2 members, but not on lab-" in without_autostop.stdout
+    assert "-h1: a deploy without --autostop" in without_autostop.stdout and agent_pids(lab, "factory-1") == []
 
     again = deploy(lab, tmp_path, "--autostop", "30", *QUIET_CPU)
     assert again.returncode == 0 and "factory" in again.stdout

@@ -1,19 +1,25 @@
 """--autostop from the deploy's side: the flag, the outputs' autostop_minutes, the settings each member gets, what
 `status` shows of the agent (read as untrusted), and what the stack sets for the agent's shutdown."""
 
+import dataclasses
+import io
 import json
 from types import SimpleNamespace
 
 import pytest
 from pulumi_harness import BASE_CONFIG, INSTANCE, RecordingMocks, run_program
 from test_day_two_status import KEY_A, record, status_of
+from test_honest_outcomes import offline, operations_that, plan_for
 
-from flambe_iac.agent.records import AgentState
+from flambe_iac.agent.records import AGENT_PROCESS, AgentState
 from flambe_iac.cli.deploy import build_parser
 from flambe_iac.cluster import Cluster, Host
 from flambe_iac.day_two.status import show_status
 from flambe_iac.deploys.autostop import agent_config
+from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine import driver
 from flambe_iac.engine.ray_cluster import stop_command
+from flambe_iac.engine.report import summary
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.outputs import contract_document, parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
@@ -150,3 +156,29 @@ def test_the_agents_code_is_one_zip_the_same_for_the_same_code_that_runs_on_its_
                              str(tmp_path / "agent.zip")], capture_output=True, text=True, timeout=60)
     assert result.stdout == "ok\n", result.stderr
     assert not list(tmp_path.glob("**/__pycache__"))
+
+
+@pytest.mark.parametrize("autostop, agents, expected", [
+    (None, {"h0": True, "h1": True, "h2": False}, "autostop agents run on 2 of 3 members, but not on h2"),
+    (None, {"h0": True, "h1": True, "h2": True}, None),
+    (None, {"h0": False, "h1": False, "h2": False}, None),  # autostop was never asked: nothing to say
+    (30.0, {"h0": True, "h1": True, "h2": False}, None),  # this deploy installs the agent on h2
+])
+def test_a_deploy_without_autostop_names_the_members_an_agent_does_not_cover(tmp_path, autostop, agents, expected):
+    """A factory added by a deploy without --autostop would never stop itself, while its cluster's others do."""
+    requests = []
+
+    def read(host, request, timeout):
+        requests.append(request)
+        return HostSnapshot(running={AGENT_PROCESS} if agents[host.name] else set())
+
+    plan = dataclasses.replace(plan_for(tmp_path), autostop=autostop)
+    report = driver.run_deploy(plan, io.StringIO(), live=False, **{**offline(operations_that(lambda host, call: None)),
+                                                                   "read": read})
+    notes = [note for note in report.notes if "autostop agents" in note]
+    assert AGENT_PROCESS in requests[0].processes
+    if expected is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and expected in notes[0] and "--autostop MINUTES" in notes[0]
+        assert f"note: {notes[0]}" in summary(report)
