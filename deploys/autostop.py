@@ -25,17 +25,13 @@ from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 AGENT_TIMEOUT = 120.0
 OFF = "off"
+AGENTS_SEEN = SnapshotRequest(processes=(AGENT_PROCESS,))  # read on every deploy: see `uncovered_members`
 
 
 def reads(context) -> SnapshotRequest:
     installing = context.plan.autostop != OFF
     return SnapshotRequest(files=(AGENT_CONFIG, AGENT_ARCHIVE), tools=("python3", "crontab") if installing else (),
                            processes=(AGENT_PROCESS,))
-
-
-def agents_seen(context) -> SnapshotRequest:
-    """Without --autostop: only whether each member's agent runs, for `uncovered_members`."""
-    return SnapshotRequest(processes=(AGENT_PROCESS,))
 
 
 def uncovered_members(running: dict) -> str | None:

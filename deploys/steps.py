@@ -74,8 +74,8 @@ def asked_steps(plan: DeployPlan, member: Member) -> list[Step]:
 
 
 def snapshot_request(context: StepContext) -> SnapshotRequest:
-    """Everything any asked step reads, merged into the one read per host."""
-    request = SnapshotRequest() if context.plan.autostop is not None else autostop.agents_seen(context)
+    """Everything any asked step reads, and whether the autostop agent runs, merged into the one read per host."""
+    request = autostop.AGENTS_SEEN
     for step in STEPS:
         if any(step.applies(context.plan, member) for member in context.plan.cluster.members):
             request = request | step.reads(context)
