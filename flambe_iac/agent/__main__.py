@@ -122,15 +122,25 @@ def check_shutdown_allowed(config: AgentConfig) -> None:
 
 
 def install(home: Path) -> str:
+    """A refused install takes its settings away again: an agent still running with older ones must never make the
+    next deploy's files match, and that deploy read as unchanged."""
     config = load_config(home)
-    check_shutdown_allowed(config)
+    try:
+        check_shutdown_allowed(config)
+        add_reboot_line()
+        stop_agent(home)
+        return f"agent running (pid {start_agent(home, config)}), stops this member after {config.minutes:g} idle min"
+    except Refused:
+        (home / AGENT_CONFIG).unlink(missing_ok=True)
+        raise
+
+
+def add_reboot_line() -> None:
     try:
         path = os.environ.get("PATH", DEFAULT_PATH)  # the deploy's: where sudo and nvidia-smi are (cron's is bare)
         update_crontab(lambda current: with_agent(current, reboot_line(sys.executable, path)))
     except CrontabError as error:
         raise Refused(str(error)) from None
-    stop_agent(home)
-    return f"agent running (pid {start_agent(home, config)}), stops this member after {config.minutes:g} idle min"
 
 
 def remove(home: Path) -> str:

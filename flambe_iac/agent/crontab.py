@@ -3,6 +3,7 @@ with every other byte of the user's crontab kept as it was."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 
@@ -11,6 +12,11 @@ from flambe_iac.agent.records import AGENT_ENVIRONMENT, AGENT_LOG, CRONTAB_MARK
 CRONTAB_TIMEOUT = 30
 NO_CRONTAB = "no crontab for"
 CRONTAB_ENVIRONMENT = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
+
+
+SHELL_WORD = rb"""(?:[\w@%+=:,./-]+|'[^']*'(?:"'"'[^']*')*)"""  # one word as shlex.quote writes it
+AGENT_LINE = re.compile(rb"@reboot cd && PATH=" + SHELL_WORD + b" " + re.escape(AGENT_ENVIRONMENT.encode()) + b" "
+                        + SHELL_WORD + re.escape(f" -m flambe_iac.agent run >> {AGENT_LOG} 2>&1 {CRONTAB_MARK}".encode()))
 
 
 class CrontabError(Exception):
@@ -26,14 +32,14 @@ def reboot_line(python: str, path: str) -> str:
 
 
 def is_agent_line(line: bytes) -> bool:
-    """The agent's line, as `reboot_line` writes it; a line of the user's that merely ends with the mark is theirs."""
-    text = line.rstrip(b"\r\n")
-    return text.startswith(b"@reboot cd && PATH=") and b" -m flambe_iac.agent run >> " in text \
-        and text.endswith(CRONTAB_MARK.encode())
+    """The agent's line, exactly as `reboot_line` writes it (any PATH and python); a line of the user's that looks
+    like it, or merely ends with the mark, is theirs."""
+    return AGENT_LINE.fullmatch(line.removesuffix(b"\n").removesuffix(b"\r")) is not None
 
 
 def without_agent(current: bytes) -> bytes:
-    return b"".join(line for line in current.splitlines(keepends=True) if not is_agent_line(line))
+    """CURRENT without the agent's line. Lines end at \n only, as cron reads them: a lone \r is inside a line."""
+    return b"".join(line for line in re.split(rb"(?<=\n)", current) if not is_agent_line(line))
 
 
 def with_agent(current: bytes, line: str) -> bytes:

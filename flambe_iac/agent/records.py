@@ -77,6 +77,17 @@ class AgentState:
         return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
 
 
+REQUIRED_NUMBERS = ("minutes", "idle_minutes", "updated_at")
+MAY_BE_EMPTY_NUMBERS = ("last_busy_at", "stops_in_minutes", "preempted_at")  # null in a record: never happened
+MAY_BE_EMPTY_TEXTS = ("last_busy", "interruption", "cause")
+
+
+def parse_clock(line: str) -> float | None:
+    """A host's `date +%s`, or None: only ASCII digits (str.isdigit also takes '²', which float refuses)."""
+    line = line.strip()
+    return float(line) if line.isascii() and line.isdigit() else None
+
+
 def parse_state(data: bytes) -> AgentState | str:
     """The agent's state record as a host sent it, or the cause in words why it cannot be read."""
     if len(data) > MAX_RECORD:
@@ -87,19 +98,22 @@ def parse_state(data: bytes) -> AgentState | str:
         return "its state record is not JSON (a full disk can leave it truncated)"
     if not isinstance(document, dict):
         return "its state record is not a JSON object"
-    numbers = ("idle_minutes", "minutes", "last_busy_at", "stops_in_minutes", "preempted_at", "updated_at")
-    for key in numbers:
+    pid = document.get("pid")
+    if document.get("state") not in STATES or isinstance(pid, bool) or not isinstance(pid, int):
+        return "its state record names no known state"
+    for key in (*REQUIRED_NUMBERS, *MAY_BE_EMPTY_NUMBERS):
         value = document.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not -LATEST_TIME <= value <= LATEST_TIME):
             return f"its state record's {key} is not a number"
-    texts = ("state", "role", "last_busy", "interruption", "cause")
-    if any(document.get(key) is not None and not isinstance(document[key], str) for key in texts):
+    if any(document.get(key) is not None and not isinstance(document[key], str)
+           for key in ("role", *MAY_BE_EMPTY_TEXTS)):
         return "its state record holds a field of the wrong type"
-    if document.get("state") not in STATES or not isinstance(document.get("pid"), int):
-        return "its state record names no known state"
     waiting = document.get("waiting_for") or []
     if not isinstance(waiting, list) or not all(isinstance(item, str) for item in waiting):
         return "its state record's waiting_for is not a list of names"
+    missing = [key for key in ("role", *REQUIRED_NUMBERS) if document.get(key) is None]
+    if missing:
+        return f"its state record has no {missing[0]}"
     known = AgentState.__dataclass_fields__
     return AgentState(**{key: value for key, value in document.items() if key in known})

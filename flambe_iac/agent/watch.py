@@ -10,7 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flambe_iac.agent.commands import SHUTDOWN, run_quietly
-from flambe_iac.agent.records import AGENT_ENVIRONMENT, AGENT_STATE, MAX_RECORD, AgentConfig, AgentState, parse_state
+from flambe_iac.agent.records import (
+    AGENT_ENVIRONMENT,
+    AGENT_STATE,
+    MAX_RECORD,
+    AgentConfig,
+    AgentState,
+    parse_clock,
+    parse_state,
+)
 from flambe_iac.agent.signals import (
     PROBE_MARK,
     Thresholds,
@@ -143,6 +151,14 @@ class Watch:
             time.sleep(max(0.2, min(next_sample - self.clock(), SPOT_POLL_SECONDS)))
 
 
+SSH_REFUSALS = ("Permission denied", "Host key verification failed")  # ssh's words when a live sshd says no
+
+
+def refusal(stderr: str) -> str | None:
+    """What ssh said, if a member's sshd answered and refused (not the silence of a member that has stopped)."""
+    return next((words for words in SSH_REFUSALS if words in stderr), None)
+
+
 class Members:
     """The other members, as this one's agent sees them over the cluster key: the factories' state records (for the
     orchestrator), and the hop to the orchestrator (for a notice)."""
@@ -164,6 +180,10 @@ class Members:
         must be fresh (an agent that died there is no word that it is idle)."""
         answer = run_quietly(self.hop(address, f"date +%s; head -c {MAX_RECORD + 1} {AGENT_STATE}"),
                              PROBE_TIMEOUT, MAX_ANSWER)
+        refused = answer is not None and answer.returncode == 255 and refusal(answer.stderr)
+        if refused:  # its sshd answered: the member is up, whatever it does
+            self.silent_since.pop(address, None)
+            return f"it is up but refuses the cluster's SSH ({refused})"
         if answer is None or answer.returncode == 255:
             silent = self.clock() - self.silent_since.setdefault(address, self.clock())
             return None if silent >= SILENT_SECONDS else f"no answer for {silent:.0f} s"
@@ -176,8 +196,8 @@ class Members:
             return None
         if record.state == "stop refused":  # idle, but still running: the orchestrator must not leave it alone
             return f"its stop was refused ({record.cause or 'no cause given'})"
-        age = float(clock_line) - record.updated_at if clock_line.strip().isdigit() else None
-        if age is None or age > 3 * sample_seconds(record.minutes) + 60:
+        clock = parse_clock(clock_line)
+        if clock is None or clock - record.updated_at > 3 * sample_seconds(record.minutes) + 60:
             return "its agent has not written its state lately"
         if record.idle_minutes >= record.minutes:
             return None

@@ -8,7 +8,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from flambe_iac.agent.records import AGENT_CONFIG, AGENT_PID, AGENT_STATE, MAX_RECORD, AgentState, parse_state
+from flambe_iac.agent.records import (
+    AGENT_CONFIG,
+    AGENT_PID,
+    AGENT_STATE,
+    MAX_RECORD,
+    AgentState,
+    parse_clock,
+    parse_state,
+)
 from flambe_iac.cluster import Host
 from flambe_iac.day_two.access import Access
 from flambe_iac.engine.cluster_key import fingerprint_or_none
@@ -119,7 +127,7 @@ def agent_status(lines: list[str], problems: list[str]) -> tuple[str, dict | Non
     if isinstance(record, str):
         problems.append(f"autostop agent: {record}")
         return ("running" if alive else "NOT RUNNING") + ", state unreadable", None
-    words = describe_agent(record, float(now) if now.isdigit() else None)
+    words = describe_agent(record, parse_clock(now))
     if not alive and record.state not in ("stopping", "preempted"):
         problems.append("the autostop agent is not running (re-run flambe-deploy --autostop, or reboot)")
         words = f"NOT RUNNING (last: {words})"

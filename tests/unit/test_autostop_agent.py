@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flambe_iac.agent import __main__ as agent_main
 from flambe_iac.agent import commands as commands_module
 from flambe_iac.agent import watch as watch_module
 from flambe_iac.agent.commands import SHUTDOWN
 from flambe_iac.agent.crontab import CrontabError, reboot_line, with_agent, without_agent
-from flambe_iac.agent.records import AgentConfig, AgentState, parse_state, read_config
+from flambe_iac.agent.records import AgentConfig, AgentState, parse_clock, parse_state, read_config
 from flambe_iac.agent.signals import (
     PROBE_MARK,
     CpuTimes,
@@ -33,6 +34,7 @@ from flambe_iac.agent.signals import (
 )
 from flambe_iac.agent.spot import MetadataService, describe_notice
 from flambe_iac.agent.watch import Watch, sample_seconds
+from flambe_iac.day_two.status import agent_status
 from flambe_iac.lab.metadata_service import handler_for
 from flambe_iac.runnable import Runnable, answer_notices
 
@@ -123,9 +125,37 @@ def test_a_state_record_reads_back():
     (b"[" * 100000, "over 4096 bytes"),
     (b"[" * 4000, "not JSON"),
     (b'{"pid": 7, "state": "preempted", "preempted_at": 1e20}', "preempted_at is not a number"),
+    (b'{"pid": 7, "state": "watching"}', "has no role"),
+    (b'{"pid": 7, "state": "stopping", "role": "f", "minutes": 1, "idle_minutes": null, "updated_at": 1}',
+     "has no idle_minutes"),
+    (b'{"pid": 7, "state": "watching", "role": "f", "minutes": 1, "idle_minutes": 0, "updated_at": null}',
+     "has no updated_at"),
+    (b'{"pid": true, "state": "watching"}', "names no known state"),
 ])
 def test_a_bad_state_record_is_a_cause_in_words(data, cause):
     assert cause in parse_state(data)
+
+
+RECORD_KEYS = st.sampled_from(sorted(AgentState.__dataclass_fields__))
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda children: st.lists(children, max_size=3), max_leaves=5)
+
+
+@given(st.dictionaries(RECORD_KEYS, JSON_VALUES), st.sampled_from(["watching", "stopping", "preempted",
+                                                                   "stop refused"]),
+       st.text(max_size=4))
+def test_a_record_that_parses_can_be_shown_and_judged(fields, state, clock):
+    """What parses must be usable: `status` words it and the orchestrator judges it, never a TypeError."""
+    record = parse_state(json.dumps({"pid": 7, "state": state, **fields}).encode())
+    if isinstance(record, AgentState):
+        words, _ = agent_status([clock, record.to_bytes().decode().strip(), "@alive"], [])
+        assert words
+
+
+@pytest.mark.parametrize("line, clock", [("1700000000", 1700000000.0), (" 17\n", 17.0), ("\u00b2", None),
+                                         ("-5", None), ("", None), ("1e9", None)])
+def test_a_hosts_clock_is_ascii_digits_or_unknown(line, clock):
+    assert parse_clock(line) == clock
 
 
 @given(st.binary(max_size=600))
@@ -148,8 +178,9 @@ def test_settings_that_are_wrong_are_refused():
 
 LINE = reboot_line("/usr/bin/python3", "/usr/local/bin:/usr/bin:/bin")
 user_lines = st.lists(st.text(alphabet=st.characters(blacklist_characters="\n\r", blacklist_categories=("Cs",)))
-                      | st.just("@reboot echo mine # flambe-autostop") | st.just("@reboot cd && PATH=/x mine"),
-                      max_size=8)
+                      | st.just("@reboot echo mine # flambe-autostop") | st.just("@reboot cd && PATH=/x mine")
+                      | st.just(LINE.replace(" 2>&1 ", " 2>&1; /opt/notify.sh ")) | st.just(LINE + " # mine too")
+                      | st.just(f"0 * * * * echo a\r{LINE}"), max_size=8)
 
 
 @given(user_lines)
@@ -164,6 +195,13 @@ def test_the_users_crontab_is_kept_byte_for_byte(lines):
 def test_a_table_without_a_final_newline_gets_one_before_our_line_and_crlf_lines_are_ours_too():
     assert with_agent(b"@daily true", LINE) == b"@daily true\n" + LINE.encode() + b"\n"
     assert without_agent(b"a\n" + LINE.encode() + b"\r\n") == b"a\n"
+
+
+def test_a_lone_carriage_return_is_inside_a_line_as_cron_reads_it():
+    """Cron ends lines at \n only: the user's job `echo a\r...` must not be cut into a line of ours."""
+    table = b"0 * * * * echo a\r" + LINE.encode() + b"\n"
+    assert without_agent(table) == table
+    assert with_agent(table, LINE) == table + LINE.encode() + b"\n"
 
 
 def test_the_reboot_line_runs_the_agent_and_refuses_what_cron_would_misread():
@@ -299,6 +337,18 @@ def test_a_factory_that_answers_nothing_has_stopped_only_after_two_minutes_of_si
     assert agent.members.verdict("10.0.0.3") == "no answer for 119 s"
     clock.now += 1
     assert agent.members.verdict("10.0.0.3") is None
+
+
+@pytest.mark.parametrize("stderr, words", [("ubuntu@10.0.0.3: Permission denied (publickey).", "Permission denied"),
+                                           ("Host key verification failed.", "Host key verification failed")])
+def test_a_factory_whose_sshd_refuses_the_probe_is_up_never_stopped(tmp_path, monkeypatch, stderr, words):
+    """A factory left on an old cluster key (down during a rotation) still works: its refusal is no silence."""
+    agent, clock, _ = watch_with(tmp_path, monkeypatch, [], factories=["10.0.0.3"])
+    monkeypatch.setattr(watch_module, "run_quietly", lambda argv, timeout, limit=0: commands_module.Answer(
+        255, "", stderr))
+    for _ in range(3):
+        assert agent.members.verdict("10.0.0.3") == f"it is up but refuses the cluster's SSH ({words})"
+        clock.now += 100
 
 
 def test_an_answer_is_read_only_up_to_its_limit():
@@ -458,3 +508,20 @@ def test_a_pid_file_that_names_another_process_is_not_the_agent(tmp_path):
     for text in (str(os.getpid()), "1", "not a pid", ""):
         (tmp_path / ".flambe" / "autostop.pid").write_text(text)
         assert running_agent(tmp_path) is None  # never signalled: it is not `flambe_iac.agent run`
+
+
+def test_a_refused_install_takes_its_settings_away_so_the_next_deploy_cannot_read_as_unchanged(tmp_path, monkeypatch):
+    """An agent still running with older settings, and these new ones matching the deploy's: the step would say
+    unchanged while the member runs the old window (or cannot stop at all)."""
+    settings = tmp_path / ".flambe" / "autostop.json"
+    settings.parent.mkdir()
+    settings.write_bytes(AgentConfig(minutes=10, role="factory", member_id="i-1", user="u",
+                                     orchestrator="10.0.0.1").to_bytes())
+
+    def refused(config):
+        raise agent_main.Refused("u may not run `sudo -n shutdown` here")
+
+    monkeypatch.setattr(agent_main, "check_shutdown_allowed", refused)
+    with pytest.raises(agent_main.Refused, match="sudo -n shutdown"):
+        agent_main.install(tmp_path)
+    assert not settings.exists()
