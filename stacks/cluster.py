@@ -10,6 +10,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from flambe_iac.aws.leftovers import LIVE_STATES
 from flambe_iac.inputs.outputs import HOST_KEYS, contract_document
 from flambe_iac.stacks.cluster_config import (
     AMAZON,
@@ -131,7 +132,7 @@ def ami_search(config: ClusterConfig, role: str, architecture: str, gpus: bool) 
 def ami_in_use(config: ClusterConfig, role: str) -> str | None:
     """The image this cluster's instances of ROLE run now, if any (read-only)."""
     found = aws.ec2.get_instances(instance_tags={"Cluster-Name": config.name, "Role": role, "Purpose": "flambe"},
-                                  instance_state_names=["pending", "running", "stopping", "stopped"])
+                                  instance_state_names=list(LIVE_STATES))
     if not found.ids:
         return None
     return aws.ec2.get_instance(instance_id=sorted(found.ids)[0]).ami

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,9 +211,10 @@ class _Values:
         if value is None or value == "":
             return None, None
         try:
-            return value, float(value)
+            number = float(value)
         except ValueError:
             return value, None
+        return value, (number if math.isfinite(number) else None)
 
     def optional_string_list(self, key: str) -> list[str] | None:
         value = self._object(key)

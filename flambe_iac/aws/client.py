@@ -16,12 +16,14 @@ REFUSED_CREDENTIALS = ("AuthFailure", "UnauthorizedOperation", "InvalidClientTok
 
 def ec2_client(region: str | None):
     import boto3
-    from botocore.exceptions import NoRegionError
+    from botocore.exceptions import InvalidRegionError, NoRegionError
 
     try:
         return boto3.client("ec2", region_name=region)
     except NoRegionError:
         raise InputError("no AWS region: pass --region, set aws:region in the stack, or AWS_DEFAULT_REGION") from None
+    except (InvalidRegionError, ValueError):  # botocore's message would echo the name: ours is escaped where shown
+        raise InputError(f"{region!r} is not an AWS region (like us-east-1): check --region or aws:region") from None
 
 
 @contextmanager

@@ -51,7 +51,9 @@ def find_flambe_instances(ec2, creator: str | None = None, cluster: str | None =
                          f"{error.response.get('Error', {}).get('Code', 'an error')}") from None
     except BotoCoreError as error:
         raise InputError(f"cannot list instances in {ec2.meta.region_name}: {error}") from None
-    return sorted(found, key=lambda instance: (instance.launch_time, instance.instance_id))
+    exact = [instance for instance in found  # EC2 reads * and ? in a filter's values as wildcards
+             if creator in (None, instance.creator) and cluster in (None, instance.cluster)]
+    return sorted(exact, key=lambda instance: (instance.launch_time, instance.instance_id))
 
 
 def flambe_instance(item: dict) -> FlambeInstance:

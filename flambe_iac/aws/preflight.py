@@ -205,9 +205,9 @@ def nacl_verdict(acl: dict, egress: bool, ports, cidr: str) -> tuple[bool, int |
     entries = sorted((entry for entry in acl.get("Entries", []) if entry.get("Egress") == egress),
                      key=lambda entry: entry["RuleNumber"])
     for entry in entries:
-        if entry.get("Protocol") not in ("-1", "6"):
+        if entry.get("Protocol") not in ("-1", "6") or "CidrBlock" not in entry:  # no CidrBlock: an IPv6 rule
             continue
-        rule_network = ipaddress.ip_network(entry.get("CidrBlock", "0.0.0.0/0"))
+        rule_network = ipaddress.ip_network(entry["CidrBlock"])
         rule_ports = entry.get("PortRange")
         rule_low, rule_high = (rule_ports["From"], rule_ports["To"]) if rule_ports and entry["Protocol"] == "6" \
             else (0, 65535)

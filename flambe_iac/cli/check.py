@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flambe_iac import __version__
@@ -35,6 +35,9 @@ leftovers; it never terminates anything. --stack, --config or --outputs scope th
 region (and, from a config, its creator): with --stack or --outputs, the instances those outputs name are not
 leftovers (after `pulumi destroy`, none is named); with --config (no pulumi CLI needed), every instance of the
 cluster is. With none of them, every flambe instance found is listed as a leftover: check before terminating.
+--region and --creator may narrow a scope that names none; one that contradicts it is refused. Outputs are those
+of the last successful `pulumi up`: an instance a failed or running `up` created is listed as a leftover, and an
+--outputs file names no creator (pass --creator, or another person's cluster of that name is listed too).
   flambe-deploy check --leftovers --region us-east-1 --creator ci-exp42
   flambe-deploy check --leftovers --stack dev --report leftovers.json
   flambe-deploy check --leftovers --config infra/Pulumi.dev.yaml
@@ -100,8 +103,8 @@ def run_check(arguments: argparse.Namespace) -> int:
 
 def run_leftovers(arguments: argparse.Namespace) -> int:
     scope = leftovers_scope(arguments)
-    ec2 = ec2_client(arguments.region or scope.region)
-    instances = find_flambe_instances(ec2, arguments.creator or scope.creator, scope.cluster)
+    ec2 = ec2_client(scope.region)
+    instances = find_flambe_instances(ec2, scope.creator, scope.cluster)
     if scope.named is not None:
         instances = marked(instances, scope.named)
     report = leftovers_report(ec2.meta.region_name, instances, scope.source)
@@ -116,6 +119,9 @@ def run_leftovers(arguments: argparse.Namespace) -> int:
         warning = "" if scope.cluster else " (no cluster given: some may be other clusters' that their stacks track; " \
                                            "check each before you run it)"
         print(safe_field(f"      to terminate them{warning}: {report['terminate']}"))
+        if scope.cluster and not scope.creator:
+            print("      (no creator given: another person's cluster of this name in this region is listed too; "
+                  "check each before you run it, or pass --creator)")
     if arguments.report is not None:
         try:
             write_json_atomically(arguments.report, report)
@@ -152,7 +158,10 @@ def leftovers_scope(arguments: argparse.Namespace) -> LeftoversScope:
         scope = LeftoversScope(outputs.name, None, outputs.region, {host.id for host in outputs.members},
                                str(arguments.outputs))
     else:
-        return LeftoversScope(arguments.cluster)
-    if arguments.cluster not in (None, scope.cluster):
-        raise InputError(f"--cluster {arguments.cluster!r} is not the cluster {scope.source} names ({scope.cluster})")
-    return scope
+        return LeftoversScope(arguments.cluster, arguments.creator, arguments.region)
+    given = {"cluster": arguments.cluster, "region": arguments.region, "creator": arguments.creator}
+    for name, value in given.items():
+        named = getattr(scope, name)
+        if value is not None and named is not None and value != named:
+            raise InputError(f"--{name} {value!r} is not the {name} {scope.source} names ({named})")
+    return replace(scope, region=scope.region or arguments.region, creator=scope.creator or arguments.creator)

@@ -8,7 +8,7 @@ import shlex
 import pytest
 from test_aws_check import FROM, firewall_state, open_network, run, write_config
 
-from flambe_iac.aws.preflight import efa_traffic_within_a_group
+from flambe_iac.aws.preflight import efa_traffic_within_a_group, nacl_verdict
 
 EFA_CHECK = "EFA traffic within the group"
 
@@ -227,3 +227,44 @@ def test_no_credentials_is_bad_input_for_leftovers(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     code, _, err = run(capsys, "--leftovers", "--region", "us-east-1")
     assert code == 2 and "no AWS credentials" in err
+
+
+def test_an_ipv6_network_acl_rule_never_decides_an_ipv4_flow():
+    """An entry without CidrBlock is IPv6 (Ipv6CidrBlock): it was once read as 0.0.0.0/0."""
+    entry = {"Egress": False, "Protocol": "-1", "RuleNumber": 90, "Ipv6CidrBlock": "::/0"}
+    ipv4_denied = {"Egress": False, "Protocol": "-1", "RuleNumber": 100, "CidrBlock": "0.0.0.0/0",
+                   "RuleAction": "deny"}
+    ipv4_allowed = {**ipv4_denied, "RuleAction": "allow"}
+    assert not nacl_verdict({"Entries": [{**entry, "RuleAction": "allow"}, ipv4_denied]}, False, 22, "10.0.0.5/32")[0]
+    assert nacl_verdict({"Entries": [{**entry, "RuleAction": "deny"}, ipv4_allowed]}, False, 22, "10.0.0.5/32")[0]
+
+
+@pytest.mark.parametrize("region", ["us-east-1\x1b]0;pwned\x07", "", "us east"])
+def test_a_region_that_is_no_region_is_bad_input_in_words(region, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    code, out, err = run(capsys, "--leftovers", "--region", region)
+    assert code == 2 and "is not an AWS region" in err and "Traceback" not in err and "\x1b" not in out + err
+
+
+def test_wildcards_in_a_creator_or_cluster_match_only_themselves(two_clusters, capsys):
+    """EC2 reads * and ? in filter values as wildcards: `bo?` must not list bob's instances as leftovers."""
+    for flags in (["--creator", "bo?"], ["--creator", "*"], ["--cluster", "exp*"]):
+        code, out, _ = run(capsys, "--leftovers", "--region", "us-east-1", *flags)
+        assert code == 0 and "0 flambe instances in us-east-1; 0 leftover" in out
+
+
+def test_flags_that_contradict_the_stacks_scope_are_refused_and_outputs_alone_warn_of_other_creators(
+        two_clusters, tmp_path, capsys):
+    ec2, in_stack, lost, others = two_clusters
+    config = tmp_path / "Pulumi.dev.yaml"
+    config.write_text("config:\n  aws:region: us-east-1\n  flambe:name: exp0\n  flambe:creator: bob\n")
+    for flags, said in ((["--region", "us-west-2"], "--region 'us-west-2' is not the region"),
+                        (["--creator", "alice"], "--creator 'alice' is not the creator")):
+        code, _, err = run(capsys, "--leftovers", "--config", str(config), *flags)
+        assert code == 2 and said in err
+    outputs = outputs_naming(tmp_path, in_stack)
+    code, out, _ = run(capsys, "--leftovers", "--outputs", outputs)
+    assert code == 1 and "no creator given: another person's cluster of this name" in out
+    code, out, _ = run(capsys, "--leftovers", "--outputs", outputs, "--creator", "alice")
+    assert code == 1 and "no creator given" not in out and out.count("LEFTOVER") == 2

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "github-actions-deploy.yml"
 BIN = Path(sys.executable).parent
@@ -48,3 +49,12 @@ def test_every_action_is_pinned_to_a_full_commit_with_its_version():
         sha, comment = rest.split("  # ", 1)
         assert len(sha) == 40 and all(digit in "0123456789abcdef" for digit in sha), reference
         assert comment.startswith("v"), reference
+
+
+def test_one_run_at_a_time_per_stack_whatever_the_branch():
+    """Two branches' runs of one stack would fight over its state, and each leftovers check would list the other's
+    new instances with a terminate line."""
+    workflow = yaml.safe_load(EXAMPLE.read_text())
+    group = workflow["concurrency"]["group"]
+    assert "github." not in group and group.endswith(f"-{workflow['env']['STACK']}")
+    assert workflow["concurrency"]["cancel-in-progress"] is False

@@ -116,6 +116,10 @@ def test_one_efa_interface_keeps_the_public_address():
      "m5.large has no EFA: use a type that has it, e.g. pulumi config set flambe:factoryType p5.48xlarge"),
     ({"placementGroup": "cluster", "efa": "true", "factoryType": "p5.48xlarge"},
      "pulumi config set flambe:associatePublicIp false"),
+    ({"partitionCount": "inf", "placementGroup": "partition"}, "flambe:partitionCount is 'inf': give a whole number"),
+    ({"factoryCount": "nan"}, "flambe:factoryCount is 'nan': give a whole number >= 0"),
+    ({"factoryCount": "9" * 400}, "give a whole number >= 0"),
+    ({"orchestratorIdleHours": "nan"}, "flambe:orchestratorIdleHours is 'nan': give a number of hours above 0"),
 ])
 def test_what_aws_would_refuse_is_refused_at_preview_with_the_fix(overrides, expected):
     assert expected in refusal(**overrides)
