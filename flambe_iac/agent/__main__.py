@@ -59,22 +59,21 @@ def running_agent(home: Path) -> int | None:
         pid = int((home / AGENT_PID).read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if pid in agents_of(home) else None
+    return pid if is_agent(pid, home) else None
 
 
 def agents_of(home: Path) -> set[int]:
     """Every agent process of this user whose home is HOME, found in /proc (a pid file may be gone or stale)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"flambe_iac.agent" in cmdline and b"run" in cmdline and os.readlink(entry / "cwd") == str(home):
-                found.add(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return {int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit() and is_agent(entry.name, home)}
+
+
+def is_agent(pid: int | str, home: Path) -> bool:
+    """Whether process PID is an agent watching HOME (`-m flambe_iac.agent run`, run from HOME)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return b"flambe_iac.agent" in cmdline and b"run" in cmdline and os.readlink(f"/proc/{pid}/cwd") == str(home)
+    except OSError:
+        return False
 
 
 def stop_agent(home: Path) -> None:
