@@ -80,6 +80,7 @@ class HostStatus:
     agent: str | None = None  # the autostop agent in words, or None: none installed here
     agent_record: dict | None = None  # its state record, for --report
     problems: list[str] | None = None
+    placement: str | None = None  # where it landed ("p4d.24xlarge us-east-1b spot"), when the source says
 
     @property
     def healthy(self) -> bool:
@@ -204,8 +205,10 @@ def cluster_status(access: Access) -> list[HostStatus]:
     def probe(member: Host) -> HostStatus:
         result = subprocess.run(access.ssh_argv(member, STATUS_SCRIPT), stdin=subprocess.DEVNULL,
                                 capture_output=True, env=access.policy.environment())
-        return parse_status(access.alias(member), access.target(member).address, result.returncode,
-                            result.stdout.decode(errors="surrogateescape"), result.stderr.decode(errors="replace"))
+        status = parse_status(access.alias(member), access.target(member).address, result.returncode,
+                              result.stdout.decode(errors="surrogateescape"), result.stderr.decode(errors="replace"))
+        status.placement = member.placement or None
+        return status
 
     with ThreadPoolExecutor(max_workers=len(access.cluster.members)) as pool:
         return flag_split_keys(list(pool.map(probe, access.cluster.members)))
@@ -230,8 +233,16 @@ def show_status(statuses: list[HostStatus]) -> str:
         lines.append(safe_field(f"{status.alias:<32} {status.address:<16} key {key[:20]:<20} "
                                 f"resources {resources:<6} runnable {status.runnable or '-'} ray {status.ray or '-'}: "
                                 f"{state}"))
+        if status.placement:
+            lines.append(f"    placed: {safe_field(status.placement)}")
         if status.agent:
             lines.append(f"    autostop: {safe_field(status.agent)}")
         for line in status.log_tail or []:
             lines.append(f"    | {safe_field(line)}")
+    silent = [f"{status.alias} ({status.address})" for status in statuses if not status.reachable]
+    if silent:
+        lines.append(safe_field(
+            f"not answering, though the source lists them: {', '.join(silent)}. If one is gone for good (a spot "
+            "reclaim, a retirement, a termination): `pulumi up --refresh` replaces it, and the next flambe-deploy "
+            "brings the new member in and rotates the cluster key the old one held"))
     return "\n".join(lines)

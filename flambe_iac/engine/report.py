@@ -40,6 +40,13 @@ class HostReport:
     steps: dict[str, StepResult] = field(default_factory=dict)  # every step of the table, in its order
     connect_seconds: float = 0.0
     error: str | None = None  # the host's first failure, in words
+    instance_type: str | None = None  # where it landed, when the source says (checked shapes: see cluster.Host)
+    availability_zone: str | None = None
+    market: str | None = None
+
+    @property
+    def placement(self) -> str:
+        return " ".join(filter(None, (self.instance_type, self.availability_zone, self.market)))
 
     def ask(self, step: str) -> None:
         self.steps[step].status = PENDING
@@ -82,7 +89,9 @@ class DeployReport:
     def for_plan(cls, plan, steps: tuple[str, ...], run_id: str) -> DeployReport:
         """Every member, every step not yet asked."""
         return cls(plan.cluster.name, [HostReport(member.id, member.role, plan.address(member),
-                                                  {name: StepResult() for name in steps})
+                                                  {name: StepResult() for name in steps},
+                                                  instance_type=member.instance_type,
+                                                  availability_zone=member.availability_zone, market=member.market)
                                        for member in plan.cluster.members], run_id=run_id)
 
     def settled_cluster_key(self, fingerprint: str, action: str, note: str | None) -> None:
@@ -155,10 +164,13 @@ class ProgressView:
 
     def redraw(self) -> None:
         columns = self.columns()
-        lines = [f"{'host':<24} {'address':<16} " + " ".join(f"{step:<11}" for step in columns)]
+        placement_width = max((len(host.placement) for host in self.report.hosts), default=0)
+        where = f"{'where':<{placement_width}} " if placement_width else ""
+        lines = [f"{'host':<24} {'address':<16} {where}" + " ".join(f"{step:<11}" for step in columns)]
         for host in self.report.hosts:
             cells = " ".join(f"{LABELS[host.steps[step].status]:<11}" for step in columns)
-            lines.append(f"{host.host_id[:24]:<24} {host.address:<16} {cells}")
+            placed = f"{host.placement:<{placement_width}} " if placement_width else ""
+            lines.append(f"{host.host_id[:24]:<24} {host.address:<16} {placed}{cells}")
         lines.append(f"{time.monotonic() - self.started:.1f} s")
         width = shutil.get_terminal_size((120, 24)).columns
         lines = [safe_field(line)[:width - 1] for line in lines]  # a wrapped line would break the redraw's count

@@ -4,6 +4,10 @@ It is what `pulumi stack output --json --show-secrets` prints, and what `flambe-
 
     {"flambe_outputs_version": 1, "cluster_name": ..., "ssh_user": ..., "region": ...,
      "orchestrator": {"id", "public_ip", "private_ip", "public_dns"}, "factories": [{...}, ...]}
+
+A host entry may also say where it landed (optional, a compatible v1 addition: documents without them still load):
+"instance_type" ("p4d.24xlarge"), "availability_zone" ("us-east-1b") and "market" ("on-demand", "spot" or
+"capacity-block").
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
+from flambe_iac.cluster import FACTORY, ORCHESTRATOR, PLACEMENT_RULES, Cluster, Host, check_placement
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.names import check_address, check_host_id
 
@@ -20,6 +24,7 @@ VERSION_KEY = "flambe_outputs_version"
 VERSION = 1
 MASKED = "[secret]"
 HOST_KEYS = ("id", "public_ip", "private_ip", "public_dns")
+PLACEMENT_KEYS = tuple(PLACEMENT_RULES)  # optional: written only when known
 MAX_AUTOSTOP_MINUTES = 7 * 24 * 60
 
 
@@ -87,7 +92,8 @@ def contract_document(cluster_name: Any, ssh_user: Any, region: Any, orchestrato
 def outputs_document(cluster: Cluster) -> dict[str, Any]:
     """The contract v1 document for a cluster: the inverse of `parse_outputs`."""
     def host_entry(host: Host) -> dict[str, Any]:
-        return {key: getattr(host, key) for key in HOST_KEYS}
+        entry = {key: getattr(host, key) for key in HOST_KEYS}
+        return entry | {key: getattr(host, key) for key in PLACEMENT_KEYS if getattr(host, key) is not None}
 
     return contract_document(cluster.name, cluster.ssh_user, cluster.region, host_entry(cluster.orchestrator),
                              [host_entry(host) for host in cluster.factories], cluster.autostop_minutes)
@@ -179,7 +185,16 @@ class _Reader:
             private_ip=self.address(entry.get("private_ip"), f"{field}.private_ip"),
             public_ip=None if public_ip is None else self.address(public_ip, f"{field}.public_ip"),
             public_dns=self.optional_text(entry.get("public_dns") or None, f"{field}.public_dns"),
+            **{key: self.placement(key, entry.get(key), f"{field}.{key}") for key in PLACEMENT_KEYS},
         )
+
+    def placement(self, key: str, value: Any, field: str) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_placement(key, value, "")
+        except InputError as error:
+            raise self.fail(field, str(error).strip()) from None
 
 
 def _type_name(value: Any) -> str:

@@ -113,3 +113,103 @@ def test_load_reads_a_file(tmp_path):
     path = tmp_path / "outputs.json"
     path.write_text(json.dumps(VALID))
     assert load_outputs(path) == parse_outputs(VALID)
+
+
+# -- where each member landed: contract v1's optional placement keys
+
+
+PLACED = {"instance_type": "p4d.24xlarge", "availability_zone": "us-east-1b", "market": "spot"}
+
+
+def placed_document():
+    document = copy.deepcopy(VALID)
+    document["orchestrator"].update(PLACED)
+    document["factories"][1].update(instance_type="u-6tb1.metal", availability_zone="us-west-2-lax-1a",
+                                    market="capacity-block")
+    return document
+
+
+def test_each_host_says_where_it_landed_and_outputs_without_it_still_load():
+    cluster = parse_outputs(placed_document())
+    assert (cluster.orchestrator.instance_type, cluster.orchestrator.availability_zone,
+            cluster.orchestrator.market) == ("p4d.24xlarge", "us-east-1b", "spot")
+    assert cluster.orchestrator.placement == "p4d.24xlarge us-east-1b spot"
+    assert cluster.factories[1].placement == "u-6tb1.metal us-west-2-lax-1a capacity-block"
+    assert cluster.factories[0].placement == "" and cluster.factories[0].market is None
+    old = parse_outputs(VALID)  # the v1 document before the addition
+    assert all(host.placement == "" for host in old.members)
+
+
+def test_placement_round_trips_and_unknown_values_are_not_written():
+    cluster = parse_outputs(placed_document())
+    document = json.loads(json.dumps(outputs_document(cluster)))
+    assert parse_outputs(document) == cluster
+    assert document["orchestrator"]["market"] == "spot"
+    assert not set(PLACED) & set(document["factories"][0])  # unknown stays absent: old readers see the old shape
+
+
+@pytest.mark.parametrize("key, value", [
+    ("instance_type", "p4d.24xlarge\x1b[2J"),
+    ("instance_type", "p4d 24xlarge"),
+    ("instance_type", "P4D.24XLARGE; rm -rf ~"),
+    ("instance_type", "p4d.24xlarge\nHost *"),
+    ("instance_type", "x" * 300),
+    ("instance_type", 24),
+    ("instance_type", ""),
+    ("availability_zone", "us-east-1b\r"),
+    ("availability_zone", "../../etc"),
+    ("availability_zone", "us-east-1b " * 3),
+    ("availability_zone", ["us-east-1b"]),
+    ("market", "Spot"),
+    ("market", "reserved"),
+    ("market", "spot\u202e"),
+    ("market", True),
+])
+def test_a_hostile_placement_value_is_an_input_error_in_words_never_shown_raw(key, value):
+    message = error_for(changed(f"factories.1.{key}", value))
+    assert f"'factories[1].{key}'" in message
+    assert "must be" in message
+    assert not any(character in message for character in "\x1b\r\n\u202e")
+
+
+def test_the_host_model_checks_placement_whatever_the_source():
+    from flambe_iac.cluster import Host
+
+    with pytest.raises(InputError, match="market of i-1 must be one of on-demand, spot, capacity-block"):
+        Host("i-1", FACTORY, "10.0.0.1", market="preemptible")
+    assert Host("i-1", FACTORY, "10.0.0.1", market="on-demand").placement == "on-demand"
+
+
+def test_the_report_the_live_table_and_status_show_where_each_member_landed():
+    import io
+    from types import SimpleNamespace
+
+    from flambe_iac.day_two.status import HostStatus, show_status
+    from flambe_iac.engine.report import DeployReport, ProgressView
+
+    cluster = parse_outputs(placed_document())
+    plan = SimpleNamespace(cluster=cluster, address=lambda member: member.private_ip)
+    report = DeployReport.for_plan(plan, ("cluster key",), "run-1")
+    hosts = json.loads(report.to_json())["hosts"]
+    assert {key: hosts[0][key] for key in PLACED} == PLACED
+    assert hosts[1]["market"] is None  # unknown: said so, not guessed
+    stream = io.StringIO()
+    ProgressView(report, stream, live=True).redraw()
+    table = stream.getvalue().splitlines()
+    assert "where" in table[0]
+    assert "p4d.24xlarge us-east-1b spot" in table[1]
+    assert "u-6tb1.metal us-west-2-lax-1a capacity-block" in table[3]
+    shown = show_status([HostStatus("c-orchestrator", "10.0.1.5", True, problems=[],
+                                    placement=cluster.orchestrator.placement)])
+    assert "placed: p4d.24xlarge us-east-1b spot" in shown
+
+
+def test_status_names_the_members_the_source_lists_that_do_not_answer():
+    from flambe_iac.day_two.status import HostStatus, show_status
+
+    shown = show_status([HostStatus("c-orchestrator", "10.0.1.5", True, problems=[]),
+                         HostStatus("c-factory-1", "10.0.1.7", False, problems=["unreachable: timed out"])])
+    last = shown.splitlines()[-1]
+    assert "not answering, though the source lists them: c-factory-1 (10.0.1.7)" in last
+    assert "pulumi up --refresh" in last
+    assert "not answering" not in show_status([HostStatus("c-orchestrator", "10.0.1.5", True, problems=[])])
