@@ -6,6 +6,7 @@ from __future__ import annotations
 from flambe_iac.deploys.operations import staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import retired_list, updated_authorized_keys
+from flambe_iac.engine.departures import EXCERPTS as MANIFEST_MEMBERS
 from flambe_iac.engine.remote_layout import (
     AUTHORIZED_KEYS,
     CLUSTER_PRIVATE_KEY,
@@ -22,6 +23,7 @@ READS = SnapshotRequest(
     contents=(CLUSTER_PUBLIC_KEY, AUTHORIZED_KEYS, SSH_CONFIG, RETIRED_KEYS),
     links=(AUTHORIZED_KEYS,),
     tools=("tar",),
+    excerpts=MANIFEST_MEMBERS,  # who the last run's members were: those gone from the source still hold the key
 )
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from flambe_iac.engine.remote_probes import inside_home
-from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY, TreeSummary, base64_lines, parse_tree_summary
+from flambe_iac.engine.remote_probes import answer_lines, framed, host_sections, inside_home
+from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY, TreeSummary, parse_tree_summary
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 END = "@end-of-snapshot"
+LINK_TARGET = framed('printf %s "$t"')  # the host's text: a target may hold a newline and "@clock 0"
+MAX_EXCERPT = 256 * 1024  # bytes of one excerpt's output; a longer one arrives cut (its parser must refuse it)
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,13 @@ class SnapshotRequest:
     links: tuple[str, ...] = ()  # where each points, if it is a symlink, and whether it can be rewritten
     tools: tuple[str, ...] = ()  # commands that must exist on the host
     processes: tuple[str, ...] = ()  # process names (as pgrep -x matches them): is one of the user's running?
+    excerpts: tuple[tuple[str, str], ...] = ()  # (name, shell command that reads without writing): what it prints
 
     def __or__(self, other: SnapshotRequest) -> SnapshotRequest:
         def merged(name):
             return tuple(dict.fromkeys((*getattr(self, name), *getattr(other, name))))
         return SnapshotRequest(*(merged(name) for name in ("files", "contents", "trees", "links", "tools",
-                                                           "processes")))
+                                                           "processes", "excerpts")))
 
 
 @dataclass
@@ -43,6 +46,7 @@ class HostSnapshot:
     links: dict[str, tuple[str, bool]] = field(default_factory=dict)  # symlink -> (resolved target, writable)
     missing_tools: set[str] = field(default_factory=set)
     running: set[str] = field(default_factory=set)  # of the processes asked for, those the user runs
+    excerpts: dict[str, bytes] = field(default_factory=dict)  # name -> the first MAX_EXCERPT bytes it printed
 
     def matches(self, path: str, mode: str, sha256: str) -> bool:
         return self.files.get(path) == (mode, sha256)
@@ -66,7 +70,7 @@ def snapshot_command(request: SnapshotRequest) -> str:
         parts.append(
             f'if [ -L {quoted} ]; then t=$(readlink -f {quoted}); w=0; d=$(dirname "$t"); '
             f'if [ -w "$d" ] && {{ [ -w "$t" ] || [ ! -e "$t" ]; }}; then w=1; fi; '
-            f"printf '@link %s %s %s\\n' \"$w\" {quoted} \"$t\"; fi"
+            f"printf '@link %s %s\\n' \"$w\" {quoted}; {LINK_TARGET}; fi"
         )
     for path in request.trees:
         quoted = shlex.quote(path)
@@ -79,6 +83,9 @@ def snapshot_command(request: SnapshotRequest) -> str:
     for name in request.processes:
         parts.append(f'if pgrep -u "$(id -u)" -x {shlex.quote(name)} >/dev/null 2>&1; then '
                      f"printf '@running %s\\n' {shlex.quote(name)}; fi")
+    for name, command in request.excerpts:
+        parts.append(f"printf '@excerpt %s\\n' {shlex.quote(name)}; "
+                     f"{{ {command}; }} 2>/dev/null | head -c {MAX_EXCERPT} | base64")
     parts.append(f"printf '@clock %s\\n' \"$(date +%s)\"; echo {END}")
     return "; ".join(parts)
 
@@ -88,7 +95,7 @@ def read_snapshot(host, request: SnapshotRequest, timeout: float) -> HostSnapsho
         result = run_remote(host, snapshot_command(request), timeout=timeout)
     except RemoteCommandError as error:
         raise SnapshotError(f"could not read the host's state: {error}") from None
-    lines = result.stdout.decode(errors="surrogateescape").splitlines()
+    lines = answer_lines(result.stdout)
     if not lines or lines[-1] != END:
         raise SnapshotError(f"could not read the host's state: the read was cut short ({result.reason})")
     if result.exit_code != 0:
@@ -108,22 +115,13 @@ def parse_snapshot(output: list[str]) -> HostSnapshot:
 def _parse_snapshot(output: list[str]) -> HostSnapshot:
     snapshot = HostSnapshot()
     modes, digests = {}, {}
-    section, path, lines = None, None, []
-
-    def close_section():
-        if section == "@read":
-            snapshot.contents[path] = base64_lines(lines)
-        elif section == "@tree":
-            snapshot.trees[path] = parse_tree_summary(lines[0], lines[1:])
-
-    for line in output:
-        if not line.startswith("@"):
-            lines.append(line)
-            continue
-        close_section()
-        marker, _, rest = line.partition(" ")
-        section, path, lines = marker, rest, []
-        if marker == "@file":
+    for section in host_sections(output):
+        marker, rest = section.name, section.argument
+        if marker == "@read":
+            snapshot.contents[rest] = section.text()
+        elif marker == "@tree":
+            snapshot.trees[rest] = parse_tree_summary(section.body[0], section.body[1:])
+        elif marker == "@file":
             raw_mode, mode, name = rest.split(" ", 2)
             if int(raw_mode, 16) & 0o170000 == 0o100000:  # a regular file, not a directory
                 modes[name] = mode.zfill(3)
@@ -131,14 +129,15 @@ def _parse_snapshot(output: list[str]) -> HostSnapshot:
             digest, name = rest.split("  ", 1)
             digests[name] = digest
         elif marker == "@link":
-            writable, name, target = rest.split(" ", 2)
-            snapshot.links[name] = (target, writable == "1")
+            writable, name = rest.split(" ", 1)
+            snapshot.links[name] = (section.text().decode(errors="surrogateescape"), writable == "1")
         elif marker == "@missing":
             snapshot.missing_tools.add(rest)
         elif marker == "@running":
             snapshot.running.add(rest)
         elif marker == "@clock":
             snapshot.clock = int(rest)
-    close_section()
+        elif marker == "@excerpt":
+            snapshot.excerpts[rest] = section.text()
     snapshot.files = {name: (mode, digests[name]) for name, mode in modes.items() if name in digests}
     return snapshot

@@ -129,7 +129,14 @@ def add_deploy_command(commands) -> argparse.ArgumentParser:
                              "host")
     parser.add_argument("--rotate-cluster-key", action="store_true",
                         help="replace the cluster key everywhere and remove the old one from every authorized_keys; "
-                             "with --ray, also make a new Ray token and restart Ray")
+                             "with --ray, also make a new Ray token and restart Ray. A deploy does this by itself "
+                             "when members recorded on the hosts are gone from the cluster's source")
+    parser.add_argument("--keep-cluster-key", action="store_true",
+                        help="keep the cluster key even though members recorded on the hosts are gone from the "
+                             "cluster's source. RISK: a member that left (a host dropped from the cluster file, a "
+                             "replaced instance still running, a disk kept after termination) keeps its copy of the "
+                             "key, and with it can log in to every member as the SSH user, until the key is rotated; "
+                             "the next deploy no longer knows it left. Only when you know those machines are gone")
     runnable = parser.add_argument_group("with a runnable file")
     runnable.add_argument("-i", "--install-extensions", action="store_true",
                           help="pip install the extensions here and, with pip --user, on every host")

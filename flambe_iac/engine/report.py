@@ -78,6 +78,7 @@ class DeployReport:
     cluster_key_action: str | None = None  # "kept", "created" or "rotated"
     extensions: dict[str, dict] = field(default_factory=dict)  # name -> kind, location, exact git commit
     notes: list[str] = field(default_factory=list)
+    departed_members: list[dict] = field(default_factory=list)  # recorded on the hosts, gone from the source
     interrupted: str | None = None  # "SIGINT" or "SIGTERM" when the run was stopped
     seconds: float = 0.0
 
@@ -97,6 +98,12 @@ class DeployReport:
     def settled_cluster_key(self, fingerprint: str, action: str, note: str | None) -> None:
         self.cluster_key_fingerprint, self.cluster_key_action = fingerprint, action
         self.notes.extend([note] if note else [])
+
+    def departed(self, members: list, note: str, holds_key: bool) -> None:
+        """Members that left the source (id, private address), whether they still hold the cluster key, and why."""
+        self.departed_members = [{"id": member.id, "private_ip": member.private_ip, "holds_cluster_key": holds_key}
+                                 for member in members]
+        self.notes.append(note)
 
     def close(self) -> None:
         """End of the run: whatever is still pending was not done."""

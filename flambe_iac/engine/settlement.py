@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flambe_iac.agent.records import AGENT_PROCESS
 from flambe_iac.deploys.autostop import uncovered_members
 from flambe_iac.deploys.steps import StepContext, extension_sources
 from flambe_iac.engine.cluster_key import settle_cluster_key
+from flambe_iac.engine.departures import departed_members, departure_note
 from flambe_iac.engine.ray_cluster import RAY_TOKEN
 from flambe_iac.engine.ray_settlement import settle_ray
 from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY
@@ -18,12 +21,19 @@ def settle(context: StepContext, report: DeployReport, fleet, snapshots: dict) -
     would wait for from a member that was not reached."""
     plan = context.plan
     orchestrator = fleet.host_of(plan.cluster.orchestrator)
-    settled = settle_cluster_key(snapshots, orchestrator, plan.request.rotate_cluster_key, plan.cluster.name,
+    departed = departed_members(snapshots.values(), plan.cluster)
+    # Members that left take no key with them: this run rotates as --rotate-cluster-key does, unless told not to.
+    rotate = plan.request.rotate_cluster_key or (bool(departed) and not plan.request.keep_cluster_key)
+    settled = settle_cluster_key(snapshots, orchestrator, rotate, plan.cluster.name,
                                  lambda host: read_file(host, CLUSTER_PRIVATE_KEY))
     context.key, context.retired = settled.key, settled.retired
     report.settled_cluster_key(settled.key.fingerprint, settled.action, settled.note)
+    if departed:
+        report.departed(departed, departure_note(departed, rotate, source_name(plan.request)), holds_key=not rotate)
     if plan.request.ray:
-        context.ray = settle_ray(snapshots, orchestrator, plan, report.run_id, lambda host: read_file(host, RAY_TOKEN))
+        ray_plan = replace(plan, request=replace(plan.request, rotate_cluster_key=rotate))
+        context.ray = settle_ray(snapshots, orchestrator, ray_plan, report.run_id,
+                                 lambda host: read_file(host, RAY_TOKEN))
     report.extensions = extension_sources(plan)
     if plan.autostop is None:
         agents = {fleet.members[host]: AGENT_PROCESS in snapshot.running for host, snapshot in snapshots.items()}
@@ -32,3 +42,10 @@ def settle(context: StepContext, report: DeployReport, fleet, snapshots: dict) -
     for host, member in fleet.members.items():
         if host not in snapshots:
             context.member_finished(member, f"it was not reached: {fleet.entries[host].error}")
+
+
+def source_name(request) -> str:
+    """The cluster's source, as the user gave it."""
+    if request.cluster_file is not None:
+        return "cluster file"
+    return "stack outputs" if request.outputs is not None else "stack"

@@ -38,6 +38,7 @@ class DeployRequest:
     trust_on_first_use: bool = False
     address_kind: str = PUBLIC
     rotate_cluster_key: bool = False
+    keep_cluster_key: bool = False  # even when members left the source (they keep their copy of it)
     connect_timeout: int = 10
     runnable_file: Path | None = None
     install_extensions: bool = False
@@ -136,6 +137,8 @@ def build_plan(request: DeployRequest) -> DeployPlan:
         raise InputError("-i and --run need a runnable file: flambe-deploy runnable.yaml --outputs ... --run")
     if request.known_hosts is not None and request.trust_on_first_use:
         raise InputError("--known-hosts pins the keys you hold; --trust-on-first-use accepts what hosts show: give one")
+    if request.rotate_cluster_key and request.keep_cluster_key:
+        raise InputError("--rotate-cluster-key replaces the cluster key and --keep-cluster-key keeps it: give one")
     ray_python = check_ray_request(request)
     jump = parse_jump(request.jump)
     cluster, user_key, host_keys, source = access_parts(request)
