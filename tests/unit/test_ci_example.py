@@ -28,7 +28,7 @@ def test_the_example_has_no_finding(tool):
     ("actionlint", ("@e6de054238d6b7531b4efff3b6587d9aade6a06c  # v6.2.3", "@v5"), 'runtime "node20" is deprecated'),
     ("zizmor", ("@3d3c42e5aac5ba805825da76410c181273ba90b1  # v7.0.1", "@v7"), "unpinned-uses"),
     ("zizmor", ("        with:\n          persist-credentials: false\n", ""), "artipacked"),
-    ("actionlint", ("inputs.action == 'destroy'", "inputs.acton == 'destroy'"), "property \"acton\" is not defined"),
+    ("actionlint", ("inputs.action || 'up'", "inputs.acton || 'up'"), "property \"acton\" is not defined"),
 ])
 def test_the_linters_catch_what_the_example_was_fixed_for(tmp_path, tool, regression, expected):
     old, new = regression
@@ -43,7 +43,7 @@ def test_the_linters_catch_what_the_example_was_fixed_for(tmp_path, tool, regres
 
 def test_every_action_is_pinned_to_a_full_commit_with_its_version():
     uses = [line.split("uses: ", 1)[1] for line in EXAMPLE.read_text().splitlines() if "uses: " in line]
-    assert len(uses) == 6
+    assert len(uses) == 7
     for reference in uses:
         action, rest = reference.split("@", 1)
         sha, comment = rest.split("  # ", 1)
@@ -58,3 +58,21 @@ def test_one_run_at_a_time_per_stack_whatever_the_branch():
     group = workflow["concurrency"]["group"]
     assert "github." not in group and group.endswith(f"-{workflow['env']['STACK']}")
     assert workflow["concurrency"]["cancel-in-progress"] is False
+
+
+def test_a_scheduled_reconcile_runs_the_same_up_then_deploy_and_never_brings_back_a_destroyed_cluster():
+    workflow = yaml.safe_load(EXAMPLE.read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
+    assert [entry["cron"] for entry in triggers["schedule"]] == ["23 */6 * * *"]
+    assert workflow["env"]["ACTION"] == "${{ inputs.action || 'up' }}"  # a schedule has no inputs: up, never destroy
+    steps = workflow["jobs"]["cluster"]["steps"]
+    commands = [step.get("with", {}).get("command") for step in steps]
+    existing, up = steps[commands.index("output")], steps[commands.index("up")]
+    assert existing["if"] == "github.event_name == 'schedule'" and existing["id"] == "existing"
+    assert up["with"]["refresh"] is True  # pulumi up --refresh: a member EC2 took away is created again
+    assert up["if"] == ("env.ACTION == 'up' && (github.event_name != 'schedule' || "
+                        "steps.existing.outputs.cluster_name != '')")
+    deploy = next(step for step in steps if step.get("name") == "flambe-deploy")
+    assert steps.index(deploy) > steps.index(up) and deploy["if"] == "steps.up.outcome == 'success'"
+    assert "--keep-cluster-key" not in deploy["run"]  # members that left rotate the key
+    assert workflow["concurrency"]["cancel-in-progress"] is False  # a reconcile waits for a run under way
