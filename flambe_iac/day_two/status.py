@@ -30,33 +30,37 @@ from flambe_iac.engine.remote_layout import (
     RUN_PID,
     recorded_resources,
 )
-from flambe_iac.engine.remote_probes import RUNNABLE_RUNNING, checksums_command, parse_checksums
+from flambe_iac.engine.remote_probes import (
+    RUNNABLE_RUNNING,
+    Section,
+    answer_lines,
+    checksums_command,
+    framed,
+    host_sections,
+    parse_checksums,
+)
 from flambe_iac.terminal import safe_field
 
 STATUS_SCRIPT = f"""\
 cd ~ || exit 3
-printf '@pub\\n'; cat {CLUSTER_PUBLIC_KEY} 2>/dev/null
-printf '@manifest\\n'; cat {MANIFEST} 2>/dev/null
+printf '@pub\\n'; {framed(f"cat {CLUSTER_PUBLIC_KEY} 2>/dev/null")}
+printf '@manifest\\n'; {framed(f"cat {MANIFEST} 2>/dev/null")}
 printf '@sums\\n'
 if [ -d {RESOURCES_DIR} ]; then
-  ({checksums_command(RESOURCES_DIR)})
+  {framed(checksums_command(RESOURCES_DIR))}
 fi
-printf '@run\\n'
 if [ -f {RUN_PID} ]; then
-  if {RUNNABLE_RUNNING}; then
-    echo "running $pid"
-  elif [ -f {RUN_EXIT} ]; then echo "exited $(cat {RUN_EXIT})"; else echo "gone"; fi
-  printf '@log\\n'; tail -n 5 {RUN_LOG} 2>/dev/null
+  printf '@run\\n'
+  {framed(f'if {RUNNABLE_RUNNING}; then echo "running $pid"; elif [ -f {RUN_EXIT} ]; '
+          f'then echo "exited $(cat {RUN_EXIT})"; else echo gone; fi')}
+  printf '@log\\n'; {framed(f"tail -n 5 {RUN_LOG} 2>/dev/null")}
 fi
-printf '@ray\\n'
 if [ -f {RAY_STATE} ]; then
-  head -n 1 {RAY_STATE}
+  printf '@ray\\n'; {framed(f"head -n 1 {RAY_STATE}")}
   for name in gcs_server raylet; do pgrep -u "$(id -u)" -x "$name" >/dev/null 2>&1 && echo "@running $name"; done
 fi
-printf '@agent\\n'
 if [ -f {AGENT_CONFIG} ]; then
-  date +%s
-  head -c {MAX_RECORD + 1} {AGENT_STATE} 2>/dev/null | tr '\\n' ' '; echo
+  printf '@agent %s\\n' "$(date +%s)"; {framed(f"head -c {MAX_RECORD + 1} {AGENT_STATE} 2>/dev/null")}
   pid=$(head -c 20 {AGENT_PID} 2>/dev/null)
   case "$pid" in
     ''|*[!0-9]*) ;;
@@ -89,33 +93,44 @@ class HostStatus:
 
 def parse_status(alias: str, address: str, returncode: int, output: str, stderr: str) -> HostStatus:
     """What the status script printed, read as untrusted: anything malformed is a problem in words, never a crash."""
-    sections: dict[str, list[str]] = {}
-    current = None
-    for line in output.split("\n"):  # only a newline ends a line: a file name may hold \x1c or \x85
-        if line.startswith("@") and line[1:] in ("pub", "manifest", "sums", "run", "log", "ray", "agent", "end"):
-            current = line[1:]
-            sections[current] = []
-        elif current:
-            sections[current].append(line)
-    if returncode != 0 or "end" not in sections:
+    sections: dict[str, list[Section]] = {}
+    for section in host_sections(answer_lines(output)):  # only a newline ends a line: a name may hold \x85
+        sections.setdefault(section.name, []).append(section)
+    if returncode != 0 or "@end" not in sections:
         reason = (stderr.strip().splitlines() or [f"ssh exit code {returncode}"])[-1]
         return HostStatus(alias, address, False, problems=[f"unreachable: {reason}"])
     status = HostStatus(alias, address, True, problems=[])
-    status.fingerprint = fingerprint_or_none(" ".join(sections.get("pub", []))) if sections.get("pub") else None
+
+    def body(name: str) -> bytes | None:
+        """What the host holds for section NAME, as the script framed it; None where the script printed none."""
+        if name not in sections:
+            return None
+        try:
+            return sections[name][0].text()
+        except ValueError:
+            status.problems.append(f"unreadable answer ({name} is not base64): does a start-up file of the login "
+                                   "shell print text?")
+            return b""
+    public = (body("@pub") or b"").decode(errors="replace")
+    status.fingerprint = fingerprint_or_none(" ".join(public.split())) if public.strip() else None
     if status.fingerprint is None:
         status.problems.append("no cluster key")
-    recorded = recorded_checksums(sections.get("manifest", []), status.problems)
-    found = parse_checksums("\n".join(sections.get("sums", [])).encode(errors="surrogateescape"))
+    recorded = recorded_checksums([(body("@manifest") or b"").decode(errors="surrogateescape")], status.problems)
+    found = parse_checksums(body("@sums") or b"")
     if recorded:
         status.resources_match = all(found.get(path) == digest for path, digest in recorded.items())
         if not status.resources_match:
             status.problems.append("resources differ from the manifest's checksums")
-    if sections.get("run"):
-        status.runnable = runnable_state(sections["run"][0], status.problems)
-        status.log_tail = sections.get("log", [])
-    status.ray = ray_status(sections.get("ray", []), status.problems)
-    if sections.get("agent"):
-        status.agent, status.agent_record = agent_status(sections["agent"], status.problems)
+    run = body("@run")
+    if run is not None:
+        status.runnable = runnable_state((answer_lines(run) or [""])[0], status.problems)
+        status.log_tail = answer_lines(body("@log") or b"")
+    status.ray = ray_status(body("@ray"), {section.argument for section in sections.get("@running", [])},
+                            status.problems)
+    if "@agent" in sections:
+        record = (body("@agent") or b"").decode(errors="surrogateescape").replace("\n", " ")
+        status.agent, status.agent_record = agent_status(
+            [sections["@agent"][0].argument, record, *(["@alive"] if "@alive" in sections else [])], status.problems)
     return status
 
 
@@ -184,16 +199,16 @@ def runnable_state(line: str, problems: list[str]) -> str:
     return state
 
 
-def ray_status(lines: list[str], problems: list[str]) -> str | None:
-    """What --ray left on a host: its role, and whether the processes of that role run."""
-    if not lines:
+def ray_status(record: bytes | None, running: set[str], problems: list[str]) -> str | None:
+    """What --ray left on a host (RECORD: the first line of its state file, None if none): its role, and whether
+    the processes of that role run (RUNNING)."""
+    if record is None:
         return None
     try:
-        role = json.loads(lines[0]).get("role")
+        role = json.loads(record).get("role")
     except (ValueError, RecursionError, AttributeError):
         role = None
     role = role if role in ("head", "worker") else "?"
-    running = {line.removeprefix("@running ") for line in lines[1:] if line.startswith("@running ")}
     needed = {"gcs_server", "raylet"} if role == "head" else {"raylet"}
     if needed <= running:
         return f"{role} running"

@@ -7,6 +7,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from framed_answers import section
 from pulumi_harness import BASE_CONFIG, INSTANCE, RecordingMocks, run_program
 from test_day_two_status import KEY_A, record, status_of
 from test_honest_outcomes import offline, operations_that, plan_for
@@ -73,7 +74,7 @@ def test_each_member_gets_its_role_the_others_addresses_and_rays_stop():
 
 
 def agent_section(now: str, state: bytes, alive: bool = True) -> str:
-    return f"@agent\n{now}\n{state.decode(errors='replace')}\n" + ("@alive\n" if alive else "")
+    return section("@agent", state, argument=now) + ("@alive\n" if alive else "")
 
 
 def status_with_agent(section: str):

@@ -2,6 +2,8 @@
 
 import json
 
+from framed_answers import section
+
 from flambe_iac.day_two.status import flag_split_keys, parse_status
 from flambe_iac.engine.cluster_key import new_cluster_key
 
@@ -12,7 +14,7 @@ SUM = "a" * 64
 
 def record(public_line: str, sums: str = f"{SUM} *./data/x.bin", manifest_sum: str = SUM) -> str:
     manifest = json.dumps({"resources": {"data": {"x.bin": manifest_sum}}})
-    return f"@pub\n{public_line}\n@manifest\n{manifest}\n@sums\n{sums}\n@end\n"
+    return section("@pub", f"{public_line}\n") + section("@manifest", manifest) + section("@sums", f"{sums}\n") + "@end\n"
 
 
 def status_of(alias: str, output: str):

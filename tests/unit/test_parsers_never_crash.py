@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from framed_answers import section
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,7 +83,7 @@ def test_status_records_are_read_or_named_unreadable(output, returncode, stderr)
 
 @pytest.mark.parametrize("record", ["exited ", "exited", "running", "running abc", "exited x y", "garbage"])
 def test_a_truncated_run_record_is_a_problem_in_words(record):
-    output = f"@pub\n@manifest\n@sums\n@run\n{record}\n@log\n@end\n"
+    output = section("@pub") + section("@manifest") + section("@sums") + section("@run", f"{record}\n") + "@log\n@end\n"
     status = parse_status("c-orchestrator", "10.0.0.1", 0, output, "")
     assert not status.healthy
     assert any(problem.startswith("runnable ") for problem in status.problems)
@@ -183,6 +184,6 @@ def test_deep_nesting_huge_numbers_and_odd_keys_are_input_errors(tmp_path, text)
 
 @pytest.mark.parametrize("manifest", [DEEP, HUGE, "[]", '{"resources": [1]}', '{"resources": {"d": 1}}'])
 def test_a_hostile_manifest_is_a_problem_not_a_crash(manifest):
-    status = parse_status("c-orchestrator", "10.0.0.1", 0, f"@pub\n@manifest\n{manifest}\n@sums\n@ray\n{DEEP}\n@end\n",
-                          "")
+    output = section("@pub") + section("@manifest", manifest) + section("@sums") + section("@ray", DEEP) + "@end\n"
+    status = parse_status("c-orchestrator", "10.0.0.1", 0, output, "")
     assert not status.healthy

@@ -91,9 +91,10 @@ def test_the_public_address_is_refused_with_exactly_two_efa_interfaces():
     from flambe_iac.stacks.placement import efa_interface_count
     config = SimpleNamespace(efa=True, associate_public_ip=True)
     kind = SimpleNamespace(efa_supported=True, efa_maximum_interfaces=2, maximum_network_cards=2)
+    kinds = {"g6.48xlarge": kind}
     with pytest.raises(StackConfigError, match="associatePublicIp false"):
-        efa_interface_count(config, "g6.48xlarge", kind)
-    assert efa_interface_count(SimpleNamespace(efa=True, associate_public_ip=False), "g6.48xlarge", kind) == 2
+        efa_interface_count(config, ["g6.48xlarge"], kinds)
+    assert efa_interface_count(SimpleNamespace(efa=True, associate_public_ip=False), ["g6.48xlarge"], kinds) == 2
 
 
 class TakenAwayLock:

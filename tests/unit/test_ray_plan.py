@@ -184,7 +184,9 @@ def test_status_says_whether_the_ray_a_deploy_started_still_runs():
     from flambe_iac.day_two.status import parse_status
 
     def status(ray_lines):
-        output = "@pub\n@manifest\n{}\n@sums\n@run\n@ray\n" + "".join(f"{line}\n" for line in ray_lines) + "@end\n"
+        from framed_answers import section
+        ray = section("@ray", f"{ray_lines[0]}\n") + "".join(f"{line}\n" for line in ray_lines[1:]) if ray_lines else ""
+        output = section("@pub") + section("@manifest", "{}") + section("@sums") + ray + "@end\n"
         return parse_status("c-orchestrator", "10.0.0.1", 0, output, "")
 
     head = desired_state("head", "python3", "10.0.0.1", TOKEN)
