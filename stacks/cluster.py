@@ -1,6 +1,7 @@
-"""The cluster's resources: one orchestrator and N factories in the user's subnet and security groups, an optional
-placement group and EFA interfaces, optional idle alarms, and the stack outputs (contract v1). No security group,
-rule, NACL, route or key pair.
+"""The cluster's resources: one orchestrator and N factories, each role an EC2 Fleet of type instant over its ordered
+instance types x the user's subnets (all in one zone and one type, or none), in the user's security groups; an
+optional placement group and EFA interfaces, optional idle alarms, and the stack outputs (contract v1, each host
+with its type, zone and market). No security group, rule, NACL, route or key pair.
 """
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ import pulumi
 import pulumi_aws as aws
 
 from flambe_iac.aws.leftovers import LIVE_STATES
-from flambe_iac.inputs.outputs import HOST_KEYS, contract_document
+from flambe_iac.inputs.outputs import contract_document
+from flambe_iac.stacks.capacity import (
+    CAPACITY_BLOCK,
+    ON_DEMAND,
+    SPOT,
+    candidates,
+    fleet,
+    launched,
+    next_attempt,
+)
 from flambe_iac.stacks.cluster_config import (
     AMAZON,
     CANONICAL,
@@ -21,12 +31,18 @@ from flambe_iac.stacks.cluster_config import (
     ClusterConfig,
     StackConfigError,
 )
-from flambe_iac.stacks.placement import check_placement_type, efa_interface_count, efa_launch_template, placement_group
+from flambe_iac.stacks.placement import (
+    check_placement_type,
+    efa_interface_count,
+    efa_network_interfaces,
+    placement_group,
+)
 
 ORCHESTRATOR, FACTORY = "orchestrator", "factory"
 COMPONENT_TYPE = "flambe:cluster:Cluster"
 SHORT_PERIOD, LONG_PERIOD = 300, 3600  # CloudWatch: periods under an hour may look back one day at most
 ONE_DAY = 24 * 3600
+TYPE_KEYS = {ORCHESTRATOR: "orchestratorType", FACTORY: "factoryType"}
 
 
 class FlambeCluster(pulumi.ComponentResource):
@@ -35,37 +51,55 @@ class FlambeCluster(pulumi.ComponentResource):
 
     def __init__(self, config: ClusterConfig, opts: pulumi.ResourceOptions | None = None):
         super().__init__(COMPONENT_TYPE, config.name, None, opts)
-        check_network(config)
+        zones = check_network(config)
         child = pulumi.ResourceOptions(parent=self)
-        kinds = {role: aws.ec2.get_instance_type(instance_type=instance_type_of(config, role))
-                 for role in (ORCHESTRATOR, FACTORY)}
+        kinds = {kind: aws.ec2.get_instance_type(instance_type=kind)
+                 for kind in dict.fromkeys(config.factory_types + config.orchestrator_types)}
         placed = [FACTORY, ORCHESTRATOR] if config.placement_orchestrator else [FACTORY]
         for role in placed if config.placement_group else []:
-            check_placement_type(config, f"{role}Type", instance_type_of(config, role), kinds[role])
-        efa_interfaces = efa_interface_count(config, config.factory_type, kinds[FACTORY])
-        self.amis = {role: choose_ami(config, role, kinds[role]) for role in (ORCHESTRATOR, FACTORY)}
+            for kind in types_of(config, role):
+                check_placement_type(config, TYPE_KEYS[role], kind, kinds[kind])
+        for role in (ORCHESTRATOR, FACTORY):
+            check_one_architecture(config, role, kinds)
+        efa_interfaces = efa_interface_count(config, config.factory_types, kinds)
+        region = aws.get_region().region
+        check_reservation(config, zones, region)
+        self.amis = {role: choose_ami(config, role, kinds[types_of(config, role)[0]]) for role in (ORCHESTRATOR, FACTORY)}
         self.placement_group = placement_group(config, tags_for(config, "placement", f"{config.name}_placement"),
                                                child) if config.placement_group else None
-        self.efa_template = efa_launch_template(config, efa_interfaces, tags_for(config, FACTORY, f"{config.name}_efa"),
-                                                child) if efa_interfaces else None
         group = {role: self.placement_group if role in placed else None for role in (ORCHESTRATOR, FACTORY)}
-        self.orchestrator = instance(config, ORCHESTRATOR, f"{config.name}_orchestrator", self.amis[ORCHESTRATOR],
-                                     child, group[ORCHESTRATOR])
-        self.factories = [instance(config, FACTORY, f"{config.name}_factory_{index}", self.amis[FACTORY], child,
-                                   group[FACTORY], self.efa_template)
-                          for index in range(config.factory_count)]
-        region = aws.get_region_output().region
+        self.templates = {role: launch_template(config, role, self.amis[role], group[role],
+                                                efa_interfaces if role == FACTORY else 0, child)
+                          for role in (ORCHESTRATOR, FACTORY)}
+        factory_choices = candidates(config.factory_types, config.subnet_ids, zones)
+        self.factories = []
+        self.factory_fleet = None
+        if config.factory_count:
+            market = SPOT if config.spot_mode == "spot" else ON_DEMAND
+            self.factory_fleet = fleet(f"{config.name}_factories", config.factory_count, market,
+                                       self.templates[FACTORY], factory_choices, config,
+                                       tags_for(config, FACTORY, f"{config.name}_factory"),
+                                       next_attempt(region, config.name, FACTORY), child)
+            members = launched(self.factory_fleet, config.factory_count, factory_choices, "factories", region)
+            self.factories = [member(members, index, config) for index in range(config.factory_count)]
+        orchestrator_choices = orchestrator_candidates(config, zones, self.factories)
+        self.orchestrator_fleet = fleet(f"{config.name}_orchestrator", 1, ON_DEMAND, self.templates[ORCHESTRATOR],
+                                        orchestrator_choices, config,
+                                        tags_for(config, ORCHESTRATOR, f"{config.name}_orchestrator"),
+                                        next_attempt(region, config.name, ORCHESTRATOR), child)
+        self.orchestrator = member(launched(self.orchestrator_fleet, 1, orchestrator_choices, "orchestrator", region),
+                                   0, config, orchestrator=True)
         self.alarms = []
         if config.orchestrator_idle_hours is not None:
-            self.alarms.append(idle_alarm(config, self.orchestrator, ORCHESTRATOR, f"{config.name}_orchestrator",
-                                          config.orchestrator_idle_hours, region, child))
+            self.alarms.append(idle_alarm(config, self.orchestrator["id"], ORCHESTRATOR,
+                                          f"{config.name}_orchestrator", config.orchestrator_idle_hours, region, child))
         if config.factories_idle_hours is not None:
-            self.alarms += [idle_alarm(config, factory, FACTORY, f"{config.name}_factory_{index}",
+            self.alarms += [idle_alarm(config, factory["id"], FACTORY, f"{config.name}_factory_{index}",
                                        config.factories_idle_hours, region, child)
                             for index, factory in enumerate(self.factories)]
         self.exports = {
-            **contract_document(config.name, config.username, region, host_entry(self.orchestrator),
-                                [host_entry(factory) for factory in self.factories], config.autostop_minutes),
+            **contract_document(config.name, config.username, region, self.orchestrator, self.factories,
+                                config.autostop_minutes),
             "amis": dict(self.amis),
         }
         self.register_outputs(self.exports)
@@ -76,20 +110,108 @@ def declare_cluster(config: ClusterConfig) -> dict[str, Any]:
     return FlambeCluster(config).exports
 
 
-def check_network(config: ClusterConfig) -> None:
-    """Read-only: the subnet and every security group exist and share one VPC, or the stack stops with why."""
-    subnet = aws.ec2.get_subnet(id=config.subnet_id)
+def check_network(config: ClusterConfig) -> dict[str, str]:
+    """Read-only: every subnet exists, all in the first one's VPC and each in its own zone, and every security group
+    is of that VPC; or the stack stops with why and the fixing line. Returns {subnet id: its zone}."""
+    subnets = {subnet_id: aws.ec2.get_subnet(id=subnet_id) for subnet_id in config.subnet_ids}
+    first = subnets[config.subnet_ids[0]]
+    zones: dict[str, str] = {}
+    for position, (subnet_id, subnet) in enumerate(subnets.items()):
+        fix = f"pulumi config rm --path '{NAMESPACE}:subnetIds[{position}]'"
+        if subnet.vpc_id != first.vpc_id:
+            raise StackConfigError(
+                f"{NAMESPACE}:subnetIds has {subnet_id}, which is in {subnet.vpc_id}, but the first, "
+                f"{config.subnet_ids[0]}, is in {first.vpc_id}: the security groups hold in one VPC only. "
+                f"Give subnets of {first.vpc_id}: {fix}")
+        twin = next((other for other, zone in zones.items() if zone == subnet.availability_zone), None)
+        if twin is not None:
+            raise StackConfigError(
+                f"{NAMESPACE}:subnetIds has {twin} and {subnet_id}, both in {subnet.availability_zone}: give one "
+                f"subnet per Availability Zone (EC2 Fleet picks a zone, not a subnet): {fix}")
+        zones[subnet_id] = subnet.availability_zone
     for group_id in config.security_group_ids:
         group = aws.ec2.get_security_group(id=group_id)
-        if group.vpc_id != subnet.vpc_id:
+        if group.vpc_id != first.vpc_id:
             raise StackConfigError(
-                f"flambe:securityGroupIds has {group_id}, which is in {group.vpc_id}, but flambe:subnetId "
-                f"{config.subnet_id} is in {subnet.vpc_id}: give security groups of the subnet's VPC"
+                f"{NAMESPACE}:securityGroupIds has {group_id}, which is in {group.vpc_id}, but {NAMESPACE}:subnetIds "
+                f"{config.subnet_ids[0]} is in {first.vpc_id}: give security groups of the subnets' VPC"
             )
+    return zones
 
 
-def instance_type_of(config: ClusterConfig, role: str) -> str:
-    return config.orchestrator_type if role == ORCHESTRATOR else config.factory_type
+def check_one_architecture(config: ClusterConfig, role: str, kinds: dict) -> None:
+    """One image boots every type a role lists, so they share one architecture."""
+    architectures = {kind: architecture_of(kinds[kind]) for kind in types_of(config, role)}
+    if len(set(architectures.values())) > 1:
+        listed = ", ".join(f"{kind} ({architecture})" for kind, architecture in architectures.items())
+        key = TYPE_KEYS[role] + "s"
+        raise StackConfigError(
+            f"{NAMESPACE}:{key} mixes architectures ({listed}), and one image cannot boot both: list types of one "
+            f"architecture, e.g. pulumi config rm --path '{NAMESPACE}:{key}[{len(architectures) - 1}]'")
+
+
+def check_reservation(config: ClusterConfig, zones: dict[str, str], region: str) -> None:
+    """A capacity reservation whose type or zone is not in the lists would never be used: refused at preview."""
+    if not config.capacity_reservation_id:
+        return
+    from flambe_iac.aws.client import aws_errors, ec2_client
+
+    with aws_errors(f"reading {NAMESPACE}:capacityReservationId (DescribeCapacityReservations)"):
+        found = ec2_client(region).describe_capacity_reservations(
+            CapacityReservationIds=[config.capacity_reservation_id]).get("CapacityReservations", [])
+    key = f"{NAMESPACE}:capacityReservationId {config.capacity_reservation_id}"
+    if not found:
+        raise StackConfigError(f"{key} does not exist in {region}: aws ec2 describe-capacity-reservations "
+                               f"--region {region} lists yours")
+    reserved_type, reserved_zone = found[0].get("InstanceType"), found[0].get("AvailabilityZone")
+    if reserved_type not in config.factory_types:
+        raise StackConfigError(
+            f"{key} holds {reserved_type}, which {NAMESPACE}:factoryTypes does not list: "
+            f"pulumi config set --path '{NAMESPACE}:factoryTypes[0]' {reserved_type}")
+    if reserved_zone not in zones.values():
+        raise StackConfigError(
+            f"{key} is in {reserved_zone}, and no subnet of {NAMESPACE}:subnetIds is: add one of that zone, "
+            f"pulumi config set --path '{NAMESPACE}:subnetIds[{len(zones)}]' subnet-0abc")
+
+
+def orchestrator_candidates(config: ClusterConfig, zones: dict[str, str], factories: list[dict]) -> Any:
+    """The orchestrator goes where the factories went: its types in the subnet of the factories' zone (with no
+    factory: in every subnet, in order)."""
+    if not factories:
+        return candidates(config.orchestrator_types, config.subnet_ids, zones)
+    return factories[0]["availability_zone"].apply(lambda zone: candidates(
+        config.orchestrator_types, [subnet for subnet in config.subnet_ids if zones[subnet] == zone], zones))
+
+
+def member(members: pulumi.Output, index: int, config: ClusterConfig, orchestrator: bool = False) -> dict[str, Any]:
+    """A host as contract v1 has it, from what its fleet launched: addresses read with getInstance (null, not "",
+    without a public address), and where it landed."""
+    instance_id = members.apply(lambda items: items[index][0])
+    found = aws.ec2.get_instance_output(instance_id=instance_id)
+    lifecycle = members.apply(lambda items: items[index][2])
+    return {
+        "id": instance_id,
+        "public_ip": found.public_ip.apply(lambda text: text or None),
+        "private_ip": found.private_ip,
+        "public_dns": found.public_dns.apply(lambda text: text or None),
+        "instance_type": members.apply(lambda items: items[index][1]),
+        "availability_zone": found.availability_zone,
+        "market": lifecycle.apply(lambda value: market_of(config, value, orchestrator)),
+    }
+
+
+def market_of(config: ClusterConfig, lifecycle: str | None, orchestrator: bool) -> str:
+    if config.capacity_block and not orchestrator:
+        return CAPACITY_BLOCK
+    return SPOT if lifecycle == SPOT else ON_DEMAND
+
+
+def types_of(config: ClusterConfig, role: str) -> list[str]:
+    return config.orchestrator_types if role == ORCHESTRATOR else config.factory_types
+
+
+def architecture_of(kind) -> str:
+    return "arm64" if "arm64" in kind.supported_architectures else "x86_64"
 
 
 def choose_ami(config: ClusterConfig, role: str, kind) -> str:
@@ -97,9 +219,9 @@ def choose_ami(config: ClusterConfig, role: str, kind) -> str:
     factory added later boots what the others run, unless refreshAmi); else the newest for the instance type:
     Ubuntu 24.04 LTS for its architecture, or for a factory type with GPUs, AWS's Deep Learning Base GPU AMI.
     A given image whose architecture the instance type cannot run is refused here, at preview. KIND: what
-    getInstanceType says of the role's type."""
-    instance_type = instance_type_of(config, role)
-    architecture = "arm64" if "arm64" in kind.supported_architectures else "x86_64"
+    getInstanceType says of the role's first type (all of its types share one architecture)."""
+    instance_type = types_of(config, role)[0]
+    architecture = architecture_of(kind)
     given = config.factory_ami if role == FACTORY and config.factory_ami else config.ami
     if given:
         check_architecture(given, architecture, instance_type)
@@ -152,47 +274,68 @@ def tags_for(config: ClusterConfig, role: str, name: str) -> dict[str, str]:
             "Role": role, "Name": name}
 
 
-def instance(config: ClusterConfig, role: str, name: str, ami: str, opts: pulumi.ResourceOptions,
-             group: aws.ec2.PlacementGroup | None = None, efa_template: aws.ec2.LaunchTemplate | None = None
-             ) -> aws.ec2.Instance:
-    """With EFA_TEMPLATE, the subnet, security groups and public address are its interfaces' (EC2 refuses both)."""
-    tags = tags_for(config, role, name)
-    spot = config.spot_max_price is not None and role == FACTORY
-    network = dict(subnet_id=config.subnet_id, vpc_security_group_ids=config.security_group_ids,
-                   associate_public_ip_address=config.associate_public_ip) if efa_template is None else dict(
-        launch_template=aws.ec2.InstanceLaunchTemplateArgs(id=efa_template.id,
-                                                           version=efa_template.latest_version.apply(str)))
-    return aws.ec2.Instance(
-        name,
-        ami=ami,
-        instance_type=instance_type_of(config, role),
-        **network,
-        placement_group=group.name if group is not None else None,
+def launch_template(config: ClusterConfig, role: str, ami: str, group: aws.ec2.PlacementGroup | None,
+                    efa_interfaces: int, opts: pulumi.ResourceOptions) -> aws.ec2.LaunchTemplate:
+    """What each of ROLE's instances carries, whatever type and subnet its fleet picks (the fleet's override sets
+    those): image, key, encrypted root volume, IMDSv2 only, profile, shutdown behaviour, tags, security groups
+    (on the interfaces: EC2 refuses both), EFA interfaces, placement and a capacity reservation."""
+    tags = tags_for(config, role, f"{config.name}_{role}")
+    factory = role == FACTORY
+    spot = factory and config.spot_mode != "off"
+    reservation = factory and (config.capacity_reservation_id or config.capacity_reservation_group_arn)
+    return aws.ec2.LaunchTemplate(
+        f"{config.name}_{role}",
+        image_id=ami,
         key_name=config.key_name,
-        # With autostopMinutes, what the agent's `shutdown` does: idleAction (a one-time spot request can only
+        network_interfaces=network_interfaces(config, efa_interfaces),
+        # With autostopMinutes, what the agent's `shutdown` does: idleAction (a spot instance can only
         # terminate). Without it, EC2's default (stop): a shutdown typed on the host never deletes its volume.
         instance_initiated_shutdown_behavior=("terminate" if spot else config.idle_action)
         if config.autostop_minutes is not None else None,
-        iam_instance_profile=config.iam_instance_profile,
-        tenancy="dedicated" if config.dedicated else None,
-        instance_market_options=aws.ec2.InstanceInstanceMarketOptionsArgs(
-            market_type="spot",
-            spot_options=aws.ec2.InstanceInstanceMarketOptionsSpotOptionsArgs(
-                max_price=config.spot_max_price or None,
-                spot_instance_type="one-time",
-                instance_interruption_behavior="terminate",
-            ),
-        ) if spot else None,
+        iam_instance_profile=aws.ec2.LaunchTemplateIamInstanceProfileArgs(name=config.iam_instance_profile)
+        if config.iam_instance_profile else None,
+        placement=aws.ec2.LaunchTemplatePlacementArgs(
+            tenancy="dedicated" if config.dedicated else None,
+            group_name=group.name if group is not None else None,
+        ) if config.dedicated or group is not None else None,
+        instance_market_options=aws.ec2.LaunchTemplateInstanceMarketOptionsArgs(market_type="capacity-block")
+        if factory and config.capacity_block else None,
+        capacity_reservation_specification=aws.ec2.LaunchTemplateCapacityReservationSpecificationArgs(
+            capacity_reservation_target=aws.ec2.LaunchTemplateCapacityReservationSpecificationCapacityReservationTargetArgs(
+                capacity_reservation_id=config.capacity_reservation_id,
+                capacity_reservation_resource_group_arn=config.capacity_reservation_group_arn),
+        ) if reservation else None,
         # IMDSv2 only: a server-side request forgery on the host cannot read the instance role's credentials.
-        metadata_options=aws.ec2.InstanceMetadataOptionsArgs(http_endpoint="enabled", http_tokens="required"),
+        metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(http_endpoint="enabled", http_tokens="required"),
         # Encrypted: the root volume holds secret.ini and the cluster key.
-        root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
-            volume_size=config.volume_size, volume_type=config.volume_type, iops=config.volume_iops,
-            encrypted=True, kms_key_id=config.kms_key_id, tags=tags),
+        block_device_mappings=[aws.ec2.LaunchTemplateBlockDeviceMappingArgs(
+            device_name=root_device(ami),
+            ebs=aws.ec2.LaunchTemplateBlockDeviceMappingEbsArgs(
+                volume_size=config.volume_size, volume_type=config.volume_type, iops=config.volume_iops,
+                encrypted="true", kms_key_id=config.kms_key_id, delete_on_termination="true"))],
+        tag_specifications=[aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=tags)
+                            for kind in ("instance", "volume")],
         tags=tags,
-        # A new AMI release must not replace running instances.
-        opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(ignore_changes=["ami"])),
+        # A new AMI release must not replace running instances (nor would it: a fleet ignores its template's
+        # later versions).
+        opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(ignore_changes=["imageId"])),
     )
+
+
+def network_interfaces(config: ClusterConfig, efa_interfaces: int) -> list:
+    """The primary interface (or every EFA interface) in the user's security groups; the subnet is the fleet's
+    override."""
+    if efa_interfaces:
+        return efa_network_interfaces(config, efa_interfaces)
+    return [aws.ec2.LaunchTemplateNetworkInterfaceArgs(
+        device_index=0, security_groups=config.security_group_ids, delete_on_termination="true",
+        associate_public_ip_address="true" if config.associate_public_ip else "false")]
+
+
+def root_device(ami: str) -> str:
+    """The image's root device name, which the root volume's mapping must name."""
+    image = aws.ec2.get_ami(filters=[aws.ec2.GetAmiFilterArgs(name="image-id", values=[ami])])
+    return getattr(image, "root_device_name", None) or "/dev/sda1"
 
 
 def alarm_periods(hours: float) -> tuple[int, int]:
@@ -203,8 +346,8 @@ def alarm_periods(hours: float) -> tuple[int, int]:
     return LONG_PERIOD, round(hours)
 
 
-def idle_alarm(config: ClusterConfig, target: aws.ec2.Instance, role: str, name: str, hours: float,
-               region: pulumi.Output[str], opts: pulumi.ResourceOptions) -> aws.cloudwatch.MetricAlarm:
+def idle_alarm(config: ClusterConfig, instance_id: pulumi.Output[str], role: str, name: str, hours: float,
+               region: str, opts: pulumi.ResourceOptions) -> aws.cloudwatch.MetricAlarm:
     """Stop or terminate an instance whose average CPU stays under its role's threshold for HOURS."""
     period, periods = alarm_periods(hours)
     threshold = config.orchestrator_idle_cpu if role == ORCHESTRATOR else config.factories_idle_cpu
@@ -214,22 +357,14 @@ def idle_alarm(config: ClusterConfig, target: aws.ec2.Instance, role: str, name:
         namespace="AWS/EC2",
         metric_name="CPUUtilization",
         statistic="Average",
-        dimensions={"InstanceId": target.id},
+        dimensions={"InstanceId": instance_id},
         period=period,
         evaluation_periods=periods,
         datapoints_to_alarm=periods,
         threshold=threshold,
         comparison_operator="LessThanThreshold",
         # The action's ARN names the region the provider really deploys to.
-        alarm_actions=[region.apply(lambda name: f"arn:aws:automate:{name}:ec2:{config.idle_action}")],
+        alarm_actions=[f"arn:aws:automate:{region}:ec2:{config.idle_action}"],
         tags=tags_for(config, role, name),
         opts=opts,
     )
-
-
-def host_entry(target: aws.ec2.Instance) -> dict[str, Any]:
-    """A host as contract v1 has it; an instance without a public address exports null, not ""."""
-    entry = {key: getattr(target, key) for key in HOST_KEYS}
-    for key in ("public_ip", "public_dns"):
-        entry[key] = entry[key].apply(lambda text: text or None)
-    return entry

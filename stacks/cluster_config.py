@@ -3,8 +3,9 @@
     pulumi config set flambe:name my-cluster
     pulumi config set flambe:creator alice
     pulumi config set flambe:keyName my-ec2-key-pair
-    pulumi config set flambe:subnetId subnet-0abc
+    pulumi config set --path 'flambe:subnetIds[0]' subnet-0abc     # one subnet per Availability Zone you allow
     pulumi config set --path 'flambe:securityGroupIds[0]' sg-0abc
+    pulumi config set --path 'flambe:factoryTypes[0]' p5.48xlarge  # the most wanted first
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ IDLE_ACTIONS = ("terminate", "stop")
 PLACEMENT_STRATEGIES = ("cluster", "spread", "partition")
 MAX_PARTITIONS = 7  # AWS: a partition placement group has at most 7 partitions per Availability Zone
 MAX_SPREAD_INSTANCES = 7  # AWS: a spread placement group holds at most 7 running instances per Availability Zone
+DEFAULT_TYPE = "m5.large"
 MAX_IDLE_HOURS = 7 * 24  # CloudWatch looks back at most 7 days (hour-long periods)
+MAX_OVERRIDES = 50  # EC2 Fleet: at most 50 overrides (types x subnets) in one launch template config
+SPOT_MODES = ("off", "spot", "fallback")  # fallback: spot for every factory, else on-demand for every factory
 
 
 class StackConfigError(pulumi.RunError):
@@ -44,10 +48,10 @@ class ClusterConfig:
     name: str
     creator: str
     key_name: str
-    subnet_id: str
+    subnet_ids: list[str]  # ordered, one per Availability Zone, all of one VPC
     security_group_ids: list[str]
-    orchestrator_type: str = "m5.large"
-    factory_type: str = "m5.large"
+    orchestrator_types: list[str] = field(default_factory=lambda: ["m5.large"])  # ordered, the most wanted first
+    factory_types: list[str] = field(default_factory=lambda: ["m5.large"])
     factory_count: int = 1
     ami: str | None = None
     ami_name: str | None = None  # None: Ubuntu 24.04 LTS for the instance type's architecture
@@ -63,7 +67,11 @@ class ClusterConfig:
     kms_key_id: str | None = None  # None: EBS's default key; root volumes are encrypted either way
     tags: dict[str, str] = field(default_factory=dict)
     iam_instance_profile: str | None = None
-    spot_max_price: str | None = None  # set: factories are spot instances, at most this price ("" = on-demand cap)
+    spot_mode: str = "off"  # off, spot, or fallback (spot, else on-demand: never a mix)
+    spot_max_price: str | None = None  # with spot_mode spot or fallback: at most this hourly price (None: on-demand's)
+    capacity_reservation_id: str | None = None  # the factories launch into this On-Demand Capacity Reservation
+    capacity_reservation_group_arn: str | None = None  # or into this resource group of reservations
+    capacity_block: bool = False  # True: capacity_reservation_id is an EC2 Capacity Block for ML
     dedicated: bool = False
     associate_public_ip: bool = True
     orchestrator_idle_hours: float | None = None
@@ -85,10 +93,10 @@ def load_config(config: pulumi.Config | None = None) -> ClusterConfig:
         name=reader.name("name"),
         creator=reader.required("creator", "your name or team, for the creator tag"),
         key_name=reader.required("keyName", "the name of an existing EC2 key pair"),
-        subnet_id=reader.required("subnetId", "an existing subnet, e.g. subnet-0abc"),
+        subnet_ids=reader.preference_list("subnetIds", "subnetId", None),
         security_group_ids=reader.string_list("securityGroupIds"),
-        orchestrator_type=reader.optional("orchestratorType") or ClusterConfig.orchestrator_type,
-        factory_type=reader.optional("factoryType") or ClusterConfig.factory_type,
+        orchestrator_types=reader.preference_list("orchestratorTypes", "orchestratorType", DEFAULT_TYPE),
+        factory_types=reader.preference_list("factoryTypes", "factoryType", DEFAULT_TYPE),
         factory_count=reader.integer("factoryCount", ClusterConfig.factory_count, minimum=0),
         ami=reader.optional("ami"),
         ami_name=reader.optional("amiName"),
@@ -104,7 +112,11 @@ def load_config(config: pulumi.Config | None = None) -> ClusterConfig:
         kms_key_id=reader.optional("kmsKeyId"),
         tags=reader.tags("tags"),
         iam_instance_profile=reader.optional("iamInstanceProfile"),
-        spot_max_price=reader.spot("spot"),
+        spot_mode=reader.spot_mode("spot"),
+        spot_max_price=reader.spot_price("spot"),
+        capacity_reservation_id=reader.optional("capacityReservationId"),
+        capacity_reservation_group_arn=reader.optional("capacityReservationGroupArn"),
+        capacity_block=reader.boolean("capacityBlock", False),
         dedicated=reader.boolean("dedicated", False),
         associate_public_ip=reader.boolean("associatePublicIp", True),
         orchestrator_idle_hours=reader.hours("orchestratorIdleHours"),
@@ -121,7 +133,38 @@ def load_config(config: pulumi.Config | None = None) -> ClusterConfig:
     check_idle_hours(values)
     check_placement(values)
     check_volume(values)
+    check_capacity(values)
     return values
+
+
+def check_capacity(values: ClusterConfig) -> None:
+    """The capacity settings EC2 Fleet would refuse, refused here with the line that fixes them."""
+    overrides = len(values.factory_types) * len(values.subnet_ids)
+    if overrides > MAX_OVERRIDES:
+        raise StackConfigError(
+            f"{NAMESPACE}:factoryTypes ({len(values.factory_types)}) times {NAMESPACE}:subnetIds "
+            f"({len(values.subnet_ids)}) is {overrides} candidates, and EC2 Fleet takes at most {MAX_OVERRIDES}: "
+            f"shorten a list, e.g. pulumi config rm --path '{NAMESPACE}:factoryTypes[{len(values.factory_types) - 1}]'")
+    for key, items in (("factoryTypes", values.factory_types), ("orchestratorTypes", values.orchestrator_types),
+                       ("subnetIds", values.subnet_ids)):
+        twice = sorted({item for item in items if items.count(item) > 1})
+        if twice:
+            raise StackConfigError(f"{NAMESPACE}:{key} names {', '.join(twice)} twice: keep each once, e.g. "
+                                   f"pulumi config rm --path '{NAMESPACE}:{key}[{len(items) - 1}]'")
+    reservation = f"{NAMESPACE}:capacityReservationId"
+    if values.capacity_reservation_id and values.capacity_reservation_group_arn:
+        raise StackConfigError(
+            f"{reservation} and {NAMESPACE}:capacityReservationGroupArn are both set; a launch targets one: "
+            f"pulumi config rm {NAMESPACE}:capacityReservationGroupArn")
+    if values.capacity_block and not values.capacity_reservation_id:
+        raise StackConfigError(
+            f"{NAMESPACE}:capacityBlock launches into a Capacity Block, which needs its reservation id: "
+            f"pulumi config set {reservation} cr-0abc (aws ec2 describe-capacity-reservations lists yours)")
+    reserved = values.capacity_reservation_id or values.capacity_reservation_group_arn
+    if reserved and values.spot_mode != "off":
+        raise StackConfigError(
+            f"{NAMESPACE}:spot is {values.spot_mode}, but a capacity reservation holds on-demand capacity: "
+            f"pulumi config set {NAMESPACE}:spot false")
 
 
 def check_volume(values: ClusterConfig) -> None:
@@ -215,6 +258,21 @@ class _Values:
         except ValueError:
             return value, None
         return value, (number if math.isfinite(number) else None)
+
+    def preference_list(self, key: str, one_key: str, default: str | None) -> list[str]:
+        """flambe:KEY (an ordered list) or its one-item shorthand flambe:ONE_KEY; both set is a contradiction."""
+        many, one = self.optional_string_list(key), self.optional(one_key)
+        if many is not None and one is not None:
+            raise self.fail(key, f"and {NAMESPACE}:{one_key} are both set", f"keep the list: "
+                            f"pulumi config rm {NAMESPACE}:{one_key}")
+        if many is not None:
+            return many
+        if one is not None:
+            return [one]
+        if default is None:
+            raise self.fail(key, "is required (your existing subnets, one per Availability Zone you allow)",
+                            f"pulumi config set --path '{NAMESPACE}:{key}[0]' subnet-0abc")
+        return [default]
 
     def optional_string_list(self, key: str) -> list[str] | None:
         value = self._object(key)
@@ -323,17 +381,25 @@ class _Reader(_Values):
             raise self.fail(key, f"is {value!r}", "give a CPU percentage above 0 and at most 100")
         return number
 
-    def spot(self, key: str) -> str | None:
+    def spot_mode(self, key: str) -> str:
+        value = (self.optional(key) or "false").lower()
+        if value == "false":
+            return "off"
+        if value == "fallback":
+            return "fallback"
+        self.spot_price(key)  # true or a price; anything else is refused there
+        return "spot"
+
+    def spot_price(self, key: str) -> str | None:
         value = self.optional(key)
-        if value is None or value.lower() == "false":
+        if value is None or value.lower() in ("false", "true", "fallback"):
             return None
-        if value.lower() == "true":
-            return ""
         try:
             if float(value) <= 0:
                 raise ValueError
         except ValueError:
-            raise self.fail(key, f"is {value!r}", "give true, false, or a maximum hourly price such as 0.25") from None
+            raise self.fail(key, f"is {value!r}", "give true, false, fallback (spot, else on-demand), or a maximum "
+                                                  "hourly price such as 0.25") from None
         return value
 
     def tags(self, key: str) -> dict[str, str]:

@@ -4,8 +4,11 @@ invokes, either from fixed values or from moto's EC2 (so EC2's own validation ru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
+import os
+import uuid
 from typing import Any, Callable
 
 import pulumi
@@ -15,13 +18,15 @@ INSTANCE = "aws:ec2/instance:Instance"
 ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"
 PLACEMENT_GROUP = "aws:ec2/placementGroup:PlacementGroup"
 LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
+FLEET = "aws:ec2/fleet:Fleet"
+MOTO_ACCOUNT = "123456789012"
 COMPONENT = "flambe:cluster:Cluster"
 
 BASE_CONFIG = {
     "name": "exp1",
     "creator": "alice",
     "keyName": "alice-key",
-    "subnetId": "subnet-0aaa",
+    "subnetIds": '["subnet-0aaa"]',
     "securityGroupIds": '["sg-0aaa", "sg-0bbb"]',
     "factoryCount": "2",
 }
@@ -34,7 +39,11 @@ def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks
     """
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    # The program's own EC2 reads (DescribeFleets, DescribeCapacityReservations) go to moto: an empty one for the
+    # fixed mocks, the test's for MotoMocks.
+    own_ec2 = fake_aws() if getattr(mocks, "isolated_ec2", False) else contextlib.nullcontext()
     try:
+        own_ec2.__enter__()
         pulumi.runtime.settings.reset_options(project="flambe", stack="test")
         pulumi.runtime.set_mocks(mocks, project="flambe", stack="test", preview=False)
         pulumi.runtime.set_all_config({f"flambe:{key}": value for key, value in config.items()})
@@ -49,8 +58,26 @@ def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks
         mocks.urns = list(pulumi.runtime.settings.get_monitor().get_registered_resources())
         return exports
     finally:
+        own_ec2.__exit__(None, None, None)
         loop.close()
         asyncio.set_event_loop(None)
+
+
+@contextlib.contextmanager
+def fake_aws():
+    from moto import mock_aws
+
+    saved = {name: os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update({name: "testing" for name in saved})
+    try:
+        with mock_aws():
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def close_stray_event_loops() -> None:
@@ -66,7 +93,10 @@ def close_stray_event_loops() -> None:
 
 
 class RecordingMocks(Mocks):
-    """Records every resource; instances get addresses; invokes answer from a small fake network."""
+    """Records every resource; each fleet launches all it asks in its first override, with addresses; invokes
+    answer from a small fake network. SUBNETS: {subnet: vpc, or (vpc, zone)}."""
+
+    isolated_ec2 = True
 
     def __init__(self, region: str = "eu-west-3", subnets: dict | None = None, groups: dict | None = None,
                  public_ips: bool = True, running: dict | None = None, ami_architectures: dict | None = None):
@@ -79,6 +109,15 @@ class RecordingMocks(Mocks):
         self.public_ips = public_ips
         self.resources: list[MockResourceArgs] = []
         self.calls: list[MockCallArgs] = []
+        self.instances: dict[str, dict] = {}  # id -> {number, type, subnet}
+
+    def zone_of(self, subnet: str) -> str:
+        where = self.subnets[subnet]
+        return where[1] if isinstance(where, tuple) else f"{self.region}a"
+
+    def vpc_of(self, subnet: str) -> str:
+        where = self.subnets[subnet]
+        return where[0] if isinstance(where, tuple) else where
 
     def of_type(self, typ: str) -> list[MockResourceArgs]:
         return [resource for resource in self.resources if resource.typ == typ]
@@ -88,12 +127,19 @@ class RecordingMocks(Mocks):
         state = dict(args.inputs)
         if args.typ == COMPONENT:
             return f"{args.name}-component", {}
-        if args.typ == INSTANCE:
+        if args.typ == FLEET:
             # By name, not by arrival: the runtime registers resources concurrently, in no fixed order.
-            number = 1 if args.name.endswith("_orchestrator") else 2 + int(args.name.rsplit("_", 1)[1])
-            state.update(privateIp=f"10.0.1.{10 + number}", publicIp=f"3.0.0.{number}" if self.public_ips else "",
-                         publicDns=f"ec2-3-0-0-{number}.compute.amazonaws.com" if self.public_ips else "")
-            return f"i-{number:017x}", state
+            count = int(args.inputs["targetCapacitySpecification"]["totalTargetCapacity"])
+            first = 1 if args.name.endswith("_orchestrator") else 2
+            override = args.inputs["launchTemplateConfigs"][0]["overrides"][0]
+            ids = [f"i-{number:017x}" for number in range(first, first + count)]
+            for number, instance_id in enumerate(ids, start=first):
+                self.instances[instance_id] = {"number": number, "type": override["instanceType"],
+                                               "subnet": override["subnetId"]}
+            lifecycle = args.inputs["targetCapacitySpecification"]["defaultTargetCapacityType"]
+            state["fleetInstanceSets"] = [{"instanceIds": ids, "instanceType": override["instanceType"],
+                                           "lifecycle": lifecycle, "platform": ""}]
+            return f"fleet-{args.name}", state
         if args.typ == PLACEMENT_GROUP:
             return f"pg-{args.name}", {**state, "name": f"{args.name}-1a2b3c"}
         if args.typ == LAUNCH_TEMPLATE:
@@ -109,19 +155,30 @@ class RecordingMocks(Mocks):
         if args.token == "aws:ec2/getInstances:getInstances":
             return {"ids": self.running.get(args.args["instanceTags"]["Role"], []), "id": "instances"}
         if args.token == "aws:ec2/getInstance:getInstance":
-            return {"id": args.args["instanceId"], "ami": self.running_amis[args.args["instanceId"]]}
+            instance_id = args.args["instanceId"]
+            if instance_id in self.running_amis:
+                return {"id": instance_id, "ami": self.running_amis[instance_id]}
+            launched = self.instances[instance_id]
+            number = launched["number"]
+            return {"id": instance_id, "ami": "", "privateIp": f"10.0.1.{10 + number}",
+                    "publicIp": f"3.0.0.{number}" if self.public_ips else "",
+                    "publicDns": f"ec2-3-0-0-{number}.compute.amazonaws.com" if self.public_ips else "",
+                    "instanceType": launched["type"], "subnetId": launched["subnet"],
+                    "availabilityZone": self.zone_of(launched["subnet"])}
         if args.token == "aws:ec2/getAmi:getAmi":
             filters = {item["name"]: item["values"][0] for item in args.args.get("filters", [])}
             if "image-id" in filters:
                 image = filters["image-id"]
-                return {"id": image, "imageId": image, "architecture": self.ami_architectures.get(image, "x86_64")}
+                return {"id": image, "imageId": image, "architecture": self.ami_architectures.get(image, "x86_64"),
+                        "rootDeviceName": "/dev/sda1"}
             suffix = "" if filters.get("architecture", "x86_64") == "x86_64" else "-arm64"
             return {"id": f"ami-0newest{suffix}", "imageId": f"ami-0newest{suffix}", "name": filters["name"],
                     "architecture": filters.get("architecture", "x86_64")}
         if args.token == "aws:ec2/getSubnet:getSubnet":
             if args.args["id"] not in self.subnets:
                 raise Exception(f"no matching EC2 Subnet found ({args.args['id']})")
-            return {"id": args.args["id"], "vpcId": self.subnets[args.args["id"]]}
+            return {"id": args.args["id"], "vpcId": self.vpc_of(args.args["id"]),
+                    "availabilityZone": self.zone_of(args.args["id"])}
         if args.token == "aws:ec2/getSecurityGroup:getSecurityGroup":
             if args.args["id"] not in self.groups:
                 raise Exception(f"no matching EC2 Security Group found ({args.args['id']})")
@@ -130,85 +187,141 @@ class RecordingMocks(Mocks):
 
 
 class MotoMocks(Mocks):
-    """Resources and invokes answered by moto's EC2 and CloudWatch: instances go through run_instances, so a
-    bad AMI, subnet, security group, key pair or instance type fails as EC2 would fail it."""
+    """Resources and invokes answered by moto's EC2 and CloudWatch. Launch templates are moto's; a fleet walks its
+    overrides in EC2's order (priority, then as listed) and, per (type, zone), either fails with the EC2 error
+    NO_ROOM names or launches ALL its instances there through moto's CreateFleet (type instant). When no override
+    can hold them, it ends as the real provider ends (terraform-provider-aws's aws_ec2_fleet does not read
+    CreateFleet's Errors): a fleet that exists, launched nothing, and holds EC2's errors for DescribeFleets.
 
-    def __init__(self, region: str = "us-east-1"):
+    NO_ROOM: {(instance type, zone): EC2 error code}. ROOM: {(instance type, zone): how many EC2 has there}, for a
+    fleet that does not ask for all or none (EC2 then launches what it has)."""
+
+    def __init__(self, region: str = "us-east-1", no_room: dict | None = None, room: dict | None = None):
         import boto3
 
         self.region = region
         self.ec2 = boto3.client("ec2", region_name=region)
         self.cloudwatch = boto3.client("cloudwatch", region_name=region)
+        self.no_room = no_room or {}
+        self.room = room or {}
         self.resources: list[MockResourceArgs] = []
         self.placement_groups: dict[str, dict] = {}  # moto has no placement groups: EC2's rules for them, here
-        self.launch_templates: dict[str, dict] = {}
-        self.run_requests: list[dict] = []  # moto keeps one interface per device index: what EC2 was asked, here
+        self.launch_templates: dict[str, dict] = {}  # id -> the program's inputs
+        self.fleet_requests: list[dict] = []  # what CreateFleet was asked, launch by launch
+        self.attempts: list[tuple[str, str, str]] = []  # (fleet name, type, zone) in the order EC2 tried them
 
     def new_resource(self, args: MockResourceArgs):
         self.resources.append(args)
         if args.typ == COMPONENT:
             return f"{args.name}-component", {}
-        if args.typ == INSTANCE:
-            return self.run_instance(args.inputs)
+        if args.typ == FLEET:
+            return self.create_fleet(args.name, args.inputs)
         if args.typ == PLACEMENT_GROUP:
             return self.create_placement_group(args.name, args.inputs)
         if args.typ == LAUNCH_TEMPLATE:
-            template_id = f"lt-{len(self.launch_templates):017x}"
-            self.launch_templates[template_id] = args.inputs
-            return template_id, {**args.inputs, "latestVersion": 1.0}
+            return self.create_launch_template(args.name, args.inputs)
         if args.typ == ALARM:
             return self.put_alarm(args.name, args.inputs)
         raise NotImplementedError(f"the program declared a {args.typ}, which these mocks do not expect")
 
-    def run_instance(self, inputs: dict):
-        root = inputs.get("rootBlockDevice", {})
-        tags = [{"Key": key, "Value": value} for key, value in inputs.get("tags", {}).items()]
-        request = {
-            "ImageId": inputs["ami"], "InstanceType": inputs["instanceType"], "MinCount": 1, "MaxCount": 1,
-            "KeyName": inputs["keyName"], **self.network_of(inputs),
-            "InstanceInitiatedShutdownBehavior": inputs.get("instanceInitiatedShutdownBehavior", "stop"),
-            "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {
-                "VolumeSize": int(root["volumeSize"]), "VolumeType": root["volumeType"],
-                "Encrypted": root["encrypted"]}}],
-            "MetadataOptions": {"HttpTokens": inputs["metadataOptions"]["httpTokens"],
-                                "HttpEndpoint": inputs["metadataOptions"]["httpEndpoint"]},
-            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
-                                  {"ResourceType": "volume", "Tags": tags}],
-        }
+    def of_type(self, typ: str) -> list[MockResourceArgs]:
+        return [resource for resource in self.resources if resource.typ == typ]
+
+    def create_launch_template(self, name: str, inputs: dict):
+        data = {"ImageId": inputs["imageId"], "KeyName": inputs["keyName"],
+                "MetadataOptions": {"HttpTokens": inputs["metadataOptions"]["httpTokens"],
+                                    "HttpEndpoint": inputs["metadataOptions"]["httpEndpoint"]},
+                "BlockDeviceMappings": [{"DeviceName": item["deviceName"], "Ebs": {
+                    "VolumeSize": int(item["ebs"]["volumeSize"]), "VolumeType": item["ebs"]["volumeType"],
+                    "Encrypted": item["ebs"]["encrypted"] == "true"}} for item in inputs["blockDeviceMappings"]],
+                "TagSpecifications": [{"ResourceType": item["resourceType"], "Tags": [
+                    {"Key": key, "Value": value} for key, value in item["tags"].items()]}
+                    for item in inputs["tagSpecifications"]],
+                "NetworkInterfaces": [{"DeviceIndex": int(item["deviceIndex"]),
+                                       "Groups": item["securityGroups"]} for item in inputs["networkInterfaces"]]}
         if inputs.get("iamInstanceProfile"):
-            request["IamInstanceProfile"] = {"Name": inputs["iamInstanceProfile"]}
-        request["Placement"] = self.placement_of(inputs)
-        self.run_requests.append(request)
-        (instance,) = self.ec2.run_instances(**request)["Instances"]
-        return instance["InstanceId"], {
-            **inputs, "privateIp": instance["PrivateIpAddress"], "publicIp": instance.get("PublicIpAddress", ""),
-            "publicDns": instance.get("PublicDnsName", ""),
-        }
+            data["IamInstanceProfile"] = {"Name": inputs["iamInstanceProfile"]["name"]}
+        if inputs.get("instanceInitiatedShutdownBehavior"):
+            data["InstanceInitiatedShutdownBehavior"] = inputs["instanceInitiatedShutdownBehavior"]
+        placement = inputs.get("placement") or {}
+        if placement.get("groupName"):
+            self.group_named(placement["groupName"])
+        # Pulumi's auto-naming: the logical name and a random suffix, so a second run can declare it again.
+        template = self.ec2.create_launch_template(LaunchTemplateName=f"{name}-{uuid.uuid4().hex[:7]}",
+                                                   LaunchTemplateData=data)
+        template_id = template["LaunchTemplate"]["LaunchTemplateId"]
+        self.launch_templates[template_id] = inputs
+        return template_id, {**inputs, "latestVersion": 1.0}
 
-    def network_of(self, inputs: dict) -> dict:
-        """The instance's own subnet and groups, or its launch template's interfaces (EC2 refuses both at once)."""
-        template = inputs.get("launchTemplate")
-        if template is None:
-            return {"SubnetId": inputs["subnetId"], "SecurityGroupIds": inputs["vpcSecurityGroupIds"]}
-        if inputs.get("subnetId") or inputs.get("vpcSecurityGroupIds"):
-            raise Exception("InvalidParameterCombination: Network interfaces and an instance-level subnet ID or "
-                            "security groups may not be specified on the same request")
-        interfaces = self.launch_templates[template["id"]]["networkInterfaces"]
-        return {"NetworkInterfaces": [
-            {"DeviceIndex": int(item["deviceIndex"]), "NetworkCardIndex": int(item["networkCardIndex"]),
-             "InterfaceType": item["interfaceType"], "SubnetId": item["subnetId"], "Groups": item["securityGroups"],
-             "DeleteOnTermination": item["deleteOnTermination"] == "true"} for item in interfaces]}
+    def zone_of(self, subnet_id: str) -> str:
+        (subnet,) = self.ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"]
+        return subnet["AvailabilityZone"]
 
-    def placement_of(self, inputs: dict) -> dict:
-        placement = {"Tenancy": inputs["tenancy"]} if inputs.get("tenancy") else {}
-        if inputs.get("placementGroup"):
-            group = next((item for item in self.placement_groups.values()
-                          if item["name"] == inputs["placementGroup"]), None)
-            if group is None:
-                raise Exception(f"InvalidPlacementGroup.Unknown: {inputs['placementGroup']}")
-            placement["GroupName"] = group["name"]
-            group["instances"].append(inputs["instanceType"])
-        return placement
+    def create_fleet(self, name: str, inputs: dict):
+        (config,) = inputs["launchTemplateConfigs"]
+        specification = config["launchTemplateSpecification"]
+        target = inputs["targetCapacitySpecification"]
+        count, market = int(target["totalTargetCapacity"]), target["defaultTargetCapacityType"]
+        options = inputs.get("spotOptions" if market == "spot" else "onDemandOptions") or {}
+        all_or_none = (options.get("minTargetCapacity") == count and options.get("singleAvailabilityZone")
+                       and options.get("singleInstanceType"))
+        ordered = [item for _, item in sorted(enumerate(config["overrides"]),
+                                              key=lambda pair: (pair[1].get("priority") or float("inf"), pair[0]))]
+        errors = []
+        for override in ordered:
+            kind, subnet = override["instanceType"], override["subnetId"]
+            zone = self.zone_of(subnet)
+            self.attempts.append((name, kind, zone))
+            code = self.no_room.get((kind, zone))
+            room = self.room.get((kind, zone), count)
+            if code is None and room < count and all_or_none:
+                code = "InsufficientInstanceCapacity"
+            if code is not None:
+                errors.append({"LaunchTemplateAndOverrides": {
+                    "LaunchTemplateSpecification": {"LaunchTemplateId": specification["launchTemplateId"]},
+                    "Overrides": {"InstanceType": kind, "SubnetId": subnet, "AvailabilityZone": zone}},
+                    "Lifecycle": market, "ErrorCode": code, "ErrorMessage": EC2_MESSAGES.get(code, code)})
+                continue
+            return self.launch(name, inputs, specification, override, min(room, count), market, errors)
+        return self.launch(name, inputs, specification, ordered[0], 0, market, errors)  # nothing launched
+
+    def launch(self, name: str, inputs: dict, specification: dict, override: dict | None, count: int, market: str,
+               errors: list):
+        request = {"Type": "instant",
+                   "LaunchTemplateConfigs": [{"LaunchTemplateSpecification": {
+                       "LaunchTemplateId": specification["launchTemplateId"],
+                       "Version": specification["version"]},
+                       "Overrides": [{"InstanceType": override["instanceType"],
+                                      "SubnetId": override["subnetId"]}]}],
+                   "TargetCapacitySpecification": {"TotalTargetCapacity": count,
+                                                   "DefaultTargetCapacityType": market},
+                   "TagSpecifications": [{"ResourceType": "fleet", "Tags": [
+                       {"Key": key, "Value": value} for key, value in inputs.get("tags", {}).items()]}]}
+        self.fleet_requests.append(request)
+        answer = self.ec2.create_fleet(**request)
+        group = (self.launch_templates[specification["launchTemplateId"]].get("placement") or {}).get("groupName")
+        if group:
+            self.group_named(group)["instances"] += [override["instanceType"]] * count
+        self.moto_fleet(answer["FleetId"]).errors = errors
+        sets = [{"instanceIds": item["InstanceIds"], "instanceType": item["InstanceType"],
+                 "lifecycle": item["Lifecycle"], "platform": ""} for item in answer.get("Instances", [])]
+        return answer["FleetId"], {**inputs, "fleetInstanceSets": sets, "fleetState": "active"}
+
+    def moto_fleet(self, fleet_id: str):
+        from moto.ec2.models import ec2_backends
+
+        return ec2_backends[MOTO_ACCOUNT][self.region].fleets[fleet_id]
+
+    def live_instances(self) -> list[dict]:
+        reservations = self.ec2.describe_instances(Filters=[{"Name": "instance-state-name",
+                                                             "Values": ["pending", "running"]}])["Reservations"]
+        return [item for reservation in reservations for item in reservation["Instances"]]
+
+    def group_named(self, name: str) -> dict:
+        group = next((item for item in self.placement_groups.values() if item["name"] == name), None)
+        if group is None:
+            raise Exception(f"InvalidPlacementGroup.Unknown: {name}")
+        return group
 
     def create_placement_group(self, name: str, inputs: dict):
         if inputs["strategy"] not in ("cluster", "spread", "partition"):
@@ -253,7 +366,11 @@ class MotoMocks(Mocks):
                                                for item in group["Instances"]]}
         if args.token == "aws:ec2/getInstance:getInstance":
             (group,) = self.ec2.describe_instances(InstanceIds=[arguments["instanceId"]])["Reservations"]
-            return {"id": arguments["instanceId"], "ami": group["Instances"][0]["ImageId"]}
+            found = group["Instances"][0]
+            return {"id": arguments["instanceId"], "ami": found["ImageId"], "instanceType": found["InstanceType"],
+                    "privateIp": found["PrivateIpAddress"], "publicIp": found.get("PublicIpAddress", ""),
+                    "publicDns": found.get("PublicDnsName", ""), "subnetId": found["SubnetId"],
+                    "availabilityZone": found["Placement"]["AvailabilityZone"]}
         if args.token == "aws:ec2/getAmi:getAmi":
             filters = [{"Name": item["name"], "Values": item["values"]} for item in arguments.get("filters", [])]
             by_id = [item["Values"][0] for item in filters if item["Name"] == "image-id"]
@@ -263,14 +380,23 @@ class MotoMocks(Mocks):
                 raise Exception("Your query returned no results. Please change your search criteria and try again.")
             newest = max(images, key=lambda image: image.get("CreationDate", ""))
             return {"id": newest["ImageId"], "imageId": newest["ImageId"], "name": newest["Name"],
-                    "architecture": newest["Architecture"]}
+                    "architecture": newest["Architecture"], "rootDeviceName": newest.get("RootDeviceName", "")}
         if args.token == "aws:ec2/getSubnet:getSubnet":
             (subnet,) = self.ec2.describe_subnets(SubnetIds=[arguments["id"]])["Subnets"]
-            return {"id": subnet["SubnetId"], "vpcId": subnet["VpcId"], "cidrBlock": subnet["CidrBlock"]}
+            return {"id": subnet["SubnetId"], "vpcId": subnet["VpcId"], "cidrBlock": subnet["CidrBlock"],
+                    "availabilityZone": subnet["AvailabilityZone"]}
         if args.token == "aws:ec2/getSecurityGroup:getSecurityGroup":
             (group,) = self.ec2.describe_security_groups(GroupIds=[arguments["id"]])["SecurityGroups"]
             return {"id": group["GroupId"], "vpcId": group["VpcId"], "name": group["GroupName"]}
         raise NotImplementedError(args.token)
+
+
+EC2_MESSAGES = {
+    "InsufficientInstanceCapacity": "We currently do not have sufficient capacity in the Availability Zone you "
+                                    "requested.",
+    "VcpuLimitExceeded": "You have requested more vCPU capacity than your current vCPU limit allows.",
+    "Unsupported": "Your requested instance type is not supported in your requested Availability Zone.",
+}
 
 
 def fake_instance_type(name: str) -> dict:
@@ -290,9 +416,10 @@ def fake_instance_type(name: str) -> dict:
 def moto_network(ec2, cidr: str = "10.0.0.0/16", subnet_cidr: str = "10.0.1.0/24") -> dict[str, str]:
     """A VPC with a subnet, a security group and a key pair, as a user would already have them."""
     vpc = ec2.create_vpc(CidrBlock=cidr)["Vpc"]["VpcId"]
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=subnet_cidr)["Subnet"]["SubnetId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=subnet_cidr, AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
     group = ec2.create_security_group(GroupName="flambe-users-own", Description="the user's", VpcId=vpc)["GroupId"]
     ec2.create_key_pair(KeyName="alice-key")
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]
-    return {"vpc": vpc, "subnetId": subnet, "securityGroupIds": json.dumps([group]), "keyName": "alice-key",
+    return {"vpc": vpc, "subnetIds": json.dumps([subnet]), "subnetId": subnet,
+            "securityGroupIds": json.dumps([group]), "keyName": "alice-key",
             "amiName": image["Name"], "amiOwners": json.dumps([image["OwnerId"]]), "image": image["ImageId"]}

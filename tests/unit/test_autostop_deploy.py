@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from framed_answers import section
-from pulumi_harness import BASE_CONFIG, INSTANCE, RecordingMocks, run_program
+from pulumi_harness import BASE_CONFIG, LAUNCH_TEMPLATE, RecordingMocks, run_program
 from test_day_two_status import KEY_A, record, status_of
 from test_honest_outcomes import offline, operations_that, plan_for
 
@@ -120,7 +120,9 @@ def no_agent():
 def stack(**overrides):
     mocks = RecordingMocks()
     exports = run_program(lambda: declare_cluster(load_config()), {**BASE_CONFIG, **overrides}, mocks)
-    return exports, {resource.name: resource.inputs for resource in mocks.of_type(INSTANCE)}
+    # Each role's launch template carries what its fleet's instances launch with.
+    templates = {resource.name: resource.inputs for resource in mocks.of_type(LAUNCH_TEMPLATE)}
+    return exports, {"exp1_orchestrator": templates["exp1_orchestrator"], "exp1_factory_0": templates["exp1_factory"]}
 
 
 def test_the_stack_maps_the_agents_shutdown_to_idle_action_and_exports_autostop_minutes():

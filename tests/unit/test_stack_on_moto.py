@@ -4,7 +4,7 @@ import json
 
 import boto3
 import pytest
-from pulumi_harness import ALARM, COMPONENT, INSTANCE, MotoMocks, run_program
+from pulumi_harness import ALARM, COMPONENT, FLEET, LAUNCH_TEMPLATE, MotoMocks, run_program
 
 from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
@@ -23,6 +23,15 @@ def deploy(config):
     return run_program(lambda: declare_cluster(load_config()), config, mocks), mocks
 
 
+def template_data(ec2, name):
+    """The data of the one launch template EC2 holds whose auto-name begins with NAME."""
+    (template,) = [item for item in ec2.describe_launch_templates()["LaunchTemplates"]
+                   if item["LaunchTemplateName"].rsplit("-", 1)[0] == name]
+    (version,) = ec2.describe_launch_template_versions(
+        LaunchTemplateId=template["LaunchTemplateId"])["LaunchTemplateVersions"]
+    return version["LaunchTemplateData"]
+
+
 def test_instances_are_launched_by_ec2_with_our_inputs(aws):
     ec2, network = aws
     firewalls_before = (ec2.describe_security_groups()["SecurityGroups"], ec2.describe_network_acls()["NetworkAcls"],
@@ -33,7 +42,6 @@ def test_instances_are_launched_by_ec2_with_our_inputs(aws):
     assert len(launched) == 3
     for instance in launched:
         assert instance["SubnetId"] == network["subnetId"]
-        assert [group["GroupId"] for group in instance["SecurityGroups"]] == json.loads(network["securityGroupIds"])
         assert instance["KeyName"] == "alice-key"
         assert instance["ImageId"] == network["image"]
         tags = {tag["Key"]: tag["Value"] for tag in instance["Tags"]}
@@ -44,7 +52,13 @@ def test_instances_are_launched_by_ec2_with_our_inputs(aws):
     alarms = boto3.client("cloudwatch", region_name="us-east-1").describe_alarms()["MetricAlarms"]
     assert {alarm["AlarmActions"][0] for alarm in alarms} == {"arn:aws:automate:us-east-1:ec2:terminate"}
     assert len(alarms) == 3
-    assert {resource.typ for resource in mocks.resources} == {COMPONENT, INSTANCE, ALARM}
+    # What moto's fleets do not apply of a launch template, EC2 would: the template EC2 holds says it.
+    for name in ("exp1_factory", "exp1_orchestrator"):
+        data = template_data(ec2, name)
+        assert [item["Groups"] for item in data["NetworkInterfaces"]] == [json.loads(network["securityGroupIds"])]
+        assert data["MetadataOptions"]["HttpTokens"] == "required"
+        assert [item["Ebs"]["Encrypted"] for item in data["BlockDeviceMappings"]] == [True]
+    assert {resource.typ for resource in mocks.resources} == {COMPONENT, LAUNCH_TEMPLATE, FLEET, ALARM}
     firewalls_after = (ec2.describe_security_groups()["SecurityGroups"], ec2.describe_network_acls()["NetworkAcls"],
                        ec2.describe_route_tables()["RouteTables"], ec2.describe_key_pairs()["KeyPairs"])
     assert firewalls_after == firewalls_before

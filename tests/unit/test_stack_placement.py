@@ -4,7 +4,7 @@ catalogue of instance types says which can join a cluster placement group and ho
 import json
 
 import pytest
-from pulumi_harness import (BASE_CONFIG, COMPONENT, INSTANCE, LAUNCH_TEMPLATE, PLACEMENT_GROUP, RecordingMocks,
+from pulumi_harness import (BASE_CONFIG, COMPONENT, FLEET, LAUNCH_TEMPLATE, PLACEMENT_GROUP, RecordingMocks,
                             run_program)
 from test_stack_on_moto import config_for, deploy
 
@@ -36,48 +36,61 @@ def test_one_placement_group_per_cluster_holds_the_factories(strategy):
     assert group["strategy"] == strategy
     assert group["tags"]["Purpose"] == "flambe" and group["tags"]["Cluster-Name"] == "exp1"
     assert ("partitionCount" in group) == (strategy == "partition")
-    declared = by_name(mocks, INSTANCE)
-    assert {declared[f"exp1_factory_{index}"]["placementGroup"] for index in range(2)} == {"exp1_placement-1a2b3c"}
-    assert "placementGroup" not in declared["exp1_orchestrator"]
+    templates = by_name(mocks, LAUNCH_TEMPLATE)
+    assert templates["exp1_factory"]["placement"]["groupName"] == "exp1_placement-1a2b3c"
+    assert "placement" not in templates["exp1_orchestrator"]
 
 
 def test_the_orchestrator_joins_when_asked_and_partitions_are_counted():
     _, mocks = run_cluster(placementGroup="partition", partitionCount="4", placementOrchestrator="true")
     (group,) = by_name(mocks, PLACEMENT_GROUP).values()
     assert group["partitionCount"] == 4
-    assert {inputs["placementGroup"] for inputs in by_name(mocks, INSTANCE).values()} == {"exp1_placement-1a2b3c"}
+    assert {inputs["placement"]["groupName"] for inputs in by_name(mocks, LAUNCH_TEMPLATE).values()} == {
+        "exp1_placement-1a2b3c"}
 
 
-def test_the_component_parents_the_placement_group_and_the_efa_template():
+def test_the_component_parents_the_placement_group_and_the_templates():
     _, mocks = run_cluster(placementGroup="cluster", efa="true", factoryType="c5n.18xlarge")
     children = [urn for urn in mocks.urns if "aws:ec2/placementGroup" in urn or "aws:ec2/launchTemplate" in urn]
-    assert len(children) == 2
+    assert len(children) == 3
     assert all("::flambe:cluster:Cluster$aws:" in urn for urn in children)
 
 
 def test_without_placement_nothing_changes():
     _, mocks = run_cluster()
-    assert not mocks.of_type(PLACEMENT_GROUP) and not mocks.of_type(LAUNCH_TEMPLATE)
-    assert all("placementGroup" not in inputs for inputs in by_name(mocks, INSTANCE).values())
+    assert not mocks.of_type(PLACEMENT_GROUP)
+    assert all("placement" not in inputs for inputs in by_name(mocks, LAUNCH_TEMPLATE).values())
+    assert all("interfaceType" not in interface
+               for inputs in by_name(mocks, LAUNCH_TEMPLATE).values() for interface in inputs["networkInterfaces"])
 
 
 def test_efa_gives_each_factory_every_interface_of_its_type_in_the_users_network():
     _, mocks = run_cluster(placementGroup="cluster", efa="true", factoryType="p4d.24xlarge",
                            associatePublicIp="false")
-    (template,) = by_name(mocks, LAUNCH_TEMPLATE).values()
-    interfaces = template["networkInterfaces"]
+    templates = by_name(mocks, LAUNCH_TEMPLATE)
+    interfaces = templates["exp1_factory"]["networkInterfaces"]
     assert [item["networkCardIndex"] for item in interfaces] == [0, 1, 2, 3]
     assert [item["deviceIndex"] for item in interfaces] == [0, 1, 1, 1]
     assert [item["interfaceType"] for item in interfaces] == ["efa", "efa-only", "efa-only", "efa-only"]
-    assert all(item["subnetId"] == "subnet-0aaa" and item["securityGroups"] == ["sg-0aaa", "sg-0bbb"]
-               for item in interfaces)
-    declared = by_name(mocks, INSTANCE)
-    for index in range(2):
-        factory = declared[f"exp1_factory_{index}"]
-        assert factory["launchTemplate"]["id"] == "lt-exp1_factory_efa"
-        assert "subnetId" not in factory and "vpcSecurityGroupIds" not in factory
-    assert declared["exp1_orchestrator"]["subnetId"] == "subnet-0aaa"
-    assert "launchTemplate" not in declared["exp1_orchestrator"]
+    # The subnet is the fleet's override; the security groups are the user's on every interface.
+    assert all("subnetId" not in item and item["securityGroups"] == ["sg-0aaa", "sg-0bbb"] for item in interfaces)
+    (factories,) = [inputs for name, inputs in by_name(mocks, FLEET).items() if name == "exp1_factories"]
+    assert factories["launchTemplateConfigs"][0]["launchTemplateSpecification"]["launchTemplateId"] == \
+        "lt-exp1_factory"
+    (orchestrator_interface,) = templates["exp1_orchestrator"]["networkInterfaces"]
+    assert "interfaceType" not in orchestrator_interface
+
+
+def test_types_with_different_efa_interface_counts_are_refused():
+    message = refusal(placementGroup="cluster", efa="true", associatePublicIp="false",
+                      factoryTypes='["p5.48xlarge", "p4d.24xlarge"]')
+    assert "p5.48xlarge 32, p4d.24xlarge 4" in message
+    assert "pulumi config rm --path 'flambe:factoryTypes[1]'" in message
+
+
+def test_every_listed_type_must_be_able_to_join_the_group():
+    message = refusal(placementGroup="cluster", factoryTypes='["c5n.18xlarge", "t3.large"]')
+    assert "t3.large cannot join a cluster placement group" in message
 
 
 def test_with_efa_a_refusal_never_suggests_a_strategy_efa_cannot_use():
@@ -85,17 +98,16 @@ def test_with_efa_a_refusal_never_suggests_a_strategy_efa_cannot_use():
     assert "cannot join a cluster placement group" in message and "placementGroup spread" not in message
 
 
-def test_the_placement_group_and_efa_template_carry_the_clusters_tags():
+def test_the_placement_group_and_templates_carry_the_clusters_tags():
     _, mocks = run_cluster(placementGroup="cluster", efa="true", factoryType="c5n.18xlarge")
     for typ in (PLACEMENT_GROUP, LAUNCH_TEMPLATE):
-        (inputs,) = by_name(mocks, typ).values()
-        assert inputs["tags"]["Purpose"] == "flambe" and inputs["tags"]["Cluster-Name"] == "exp1"
+        for inputs in by_name(mocks, typ).values():
+            assert inputs["tags"]["Purpose"] == "flambe" and inputs["tags"]["Cluster-Name"] == "exp1"
 
 
 def test_one_efa_interface_keeps_the_public_address():
     _, mocks = run_cluster(placementGroup="cluster", efa="true", factoryType="c5n.18xlarge")
-    (template,) = by_name(mocks, LAUNCH_TEMPLATE).values()
-    (interface,) = template["networkInterfaces"]
+    (interface,) = by_name(mocks, LAUNCH_TEMPLATE)["exp1_factory"]["networkInterfaces"]
     assert interface["associatePublicIpAddress"] == "true" and interface["interfaceType"] == "efa"
 
 
@@ -128,7 +140,7 @@ def test_what_aws_would_refuse_is_refused_at_preview_with_the_fix(overrides, exp
 def test_placement_resources_are_not_firewalls():
     _, mocks = run_cluster(placementGroup="cluster", efa="true", factoryType="c5n.18xlarge")
     types = {resource.typ for resource in mocks.resources}
-    assert types == {COMPONENT, INSTANCE, PLACEMENT_GROUP, LAUNCH_TEMPLATE}
+    assert types == {COMPONENT, FLEET, PLACEMENT_GROUP, LAUNCH_TEMPLATE}
 
 
 # With moto's EC2 behind the mocks.
@@ -142,14 +154,12 @@ def test_on_moto_factories_launch_in_the_group_with_efa_interfaces_in_the_users_
     assert group["strategy"] == "cluster" and group["instances"] == ["p4d.24xlarge", "p4d.24xlarge"]
     launched = [item for reservation in ec2.describe_instances()["Reservations"] for item in reservation["Instances"]]
     factories = [item for item in launched if item["InstanceType"] == "p4d.24xlarge"]
-    assert len(factories) == 2
-    asked = [request["NetworkInterfaces"] for request in mocks.run_requests if "NetworkInterfaces" in request]
-    assert [[(item["NetworkCardIndex"], item["InterfaceType"]) for item in interfaces] for interfaces in asked] \
-        == [[(0, "efa"), (1, "efa-only"), (2, "efa-only"), (3, "efa-only")]] * 2
-    for factory in factories:
-        for interface in factory["NetworkInterfaces"]:
-            assert interface["SubnetId"] == network["subnetId"]
-            assert [item["GroupId"] for item in interface["Groups"]] == json.loads(network["securityGroupIds"])
+    assert len(factories) == 2 and {item["SubnetId"] for item in factories} == {network["subnetId"]}
+    template = [inputs for inputs in mocks.launch_templates.values() if inputs["tags"]["Role"] == "factory"][0]
+    assert [(item["networkCardIndex"], item["interfaceType"]) for item in template["networkInterfaces"]] == \
+        [(0, "efa"), (1, "efa-only"), (2, "efa-only"), (3, "efa-only")]
+    assert all(item["securityGroups"] == json.loads(network["securityGroupIds"])
+               for item in template["networkInterfaces"])
     assert ec2.describe_security_groups()["SecurityGroups"] == groups_before
 
 

@@ -1,4 +1,4 @@
-"""The Pulumi program under Pulumi's mocks: instances, tags, idle alarms, exports, and config errors."""
+"""The Pulumi program under Pulumi's mocks: launch templates and fleets, tags, idle alarms, exports, config errors."""
 
 import json
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pulumi
 import pytest
-from pulumi_harness import ALARM, BASE_CONFIG, COMPONENT, INSTANCE, RecordingMocks, run_program
+from pulumi_harness import ALARM, BASE_CONFIG, COMPONENT, FLEET, LAUNCH_TEMPLATE, RecordingMocks, run_program
 
 from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
@@ -23,33 +23,42 @@ def run_cluster(mocks=None, **overrides):
     return exports, mocks
 
 
-def instances(mocks):
-    return {resource.name: resource.inputs for resource in mocks.of_type(INSTANCE)}
+def templates(mocks):
+    return {resource.name: resource.inputs for resource in mocks.of_type(LAUNCH_TEMPLATE)}
+
+
+def fleets(mocks):
+    return {resource.name: resource.inputs for resource in mocks.of_type(FLEET)}
+
+
+def overrides(fleet):
+    return [(item["instanceType"], item["subnetId"]) for item in fleet["launchTemplateConfigs"][0]["overrides"]]
 
 
 def test_one_orchestrator_and_n_factories_in_the_users_network():
     _, mocks = run_cluster(orchestratorType="c5.xlarge", factoryType="p3.2xlarge", factoryCount="3")
-    declared = instances(mocks)
-    assert sorted(declared) == ["exp1_factory_0", "exp1_factory_1", "exp1_factory_2", "exp1_orchestrator"]
-    assert declared["exp1_orchestrator"]["instanceType"] == "c5.xlarge"
-    assert declared["exp1_factory_2"]["instanceType"] == "p3.2xlarge"
-    for inputs in declared.values():
-        assert inputs["subnetId"] == "subnet-0aaa"
-        assert inputs["vpcSecurityGroupIds"] == ["sg-0aaa", "sg-0bbb"]
-        assert "securityGroups" not in inputs
+    declared = fleets(mocks)
+    assert sorted(declared) == ["exp1_factories", "exp1_orchestrator"]
+    assert overrides(declared["exp1_orchestrator"]) == [("c5.xlarge", "subnet-0aaa")]
+    assert overrides(declared["exp1_factories"]) == [("p3.2xlarge", "subnet-0aaa")]
+    assert declared["exp1_factories"]["targetCapacitySpecification"]["totalTargetCapacity"] == 3
+    for name, inputs in templates(mocks).items():
+        (interface,) = inputs["networkInterfaces"]
+        assert interface["securityGroups"] == ["sg-0aaa", "sg-0bbb"] and "subnetId" not in interface
+        assert interface["associatePublicIpAddress"] == "true"
+        assert "vpcSecurityGroupIds" not in inputs and "securityGroupNames" not in inputs
         assert inputs["keyName"] == "alice-key"
-        assert inputs["ami"] == "ami-0newest"
-        assert inputs["associatePublicIpAddress"] is True
-        assert inputs["rootBlockDevice"]["volumeSize"] == 100
-        assert inputs["rootBlockDevice"]["volumeType"] == "gp3"
-        assert "tenancy" not in inputs and "instanceMarketOptions" not in inputs
+        assert inputs["imageId"] == "ami-0newest"
+        (root,) = inputs["blockDeviceMappings"]
+        assert root["ebs"]["volumeSize"] == 100 and root["ebs"]["volumeType"] == "gp3"
+        assert "placement" not in inputs and "instanceMarketOptions" not in inputs
 
 
-def test_nothing_but_instances_and_alarms_is_declared():
+def test_nothing_but_templates_fleets_and_alarms_is_declared():
     """No security group, rule, NACL, route or key pair: only what we allow-list may be registered."""
     _, mocks = run_cluster(orchestratorIdleHours="4", factoriesIdleHours="2")
     types = {resource.typ for resource in mocks.resources}
-    assert types == {COMPONENT, INSTANCE, ALARM}
+    assert types == {COMPONENT, LAUNCH_TEMPLATE, FLEET, ALARM}
     forbidden = ("securityGroup", "SecurityGroup", "networkAcl", "route", "Route", "keyPair", "KeyPair",
                  "vpc/", "internetGateway", "natGateway")
     assert not [typ for typ in types if any(word in typ for word in forbidden)]
@@ -76,8 +85,8 @@ def test_a_graviton_factory_gets_an_arm64_image():
     exports, mocks = run_cluster(factoryType="m7g.large")
     assert ami_lookups(mocks)["ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-arm64-server-*"] == (
         ["099720109477"], "arm64")
-    assert instances(mocks)["exp1_factory_0"]["ami"] == "ami-0newest-arm64"
-    assert instances(mocks)["exp1_orchestrator"]["ami"] == "ami-0newest"
+    assert templates(mocks)["exp1_factory"]["imageId"] == "ami-0newest-arm64"
+    assert templates(mocks)["exp1_orchestrator"]["imageId"] == "ami-0newest"
 
 
 def test_a_gpu_factory_gets_the_deep_learning_base_gpu_image():
@@ -96,31 +105,33 @@ def test_a_given_ami_of_the_wrong_architecture_is_refused_at_preview():
 def test_a_factory_added_later_boots_the_image_the_others_run():
     mocks = RecordingMocks(running={"factory": ["i-0f1", "i-0f2"], "orchestrator": ["i-0o"]})
     exports, mocks = run_cluster(mocks, factoryCount="3")
-    assert {inputs["ami"] for name, inputs in instances(mocks).items() if "factory" in name} == {"ami-0i-0f1"}
+    assert templates(mocks)["exp1_factory"]["imageId"] == "ami-0i-0f1"
     assert exports["amis"] == {"orchestrator": "ami-0i-0o", "factory": "ami-0i-0f1"}
     assert not ami_lookups(mocks)
     _, refreshed = run_cluster(RecordingMocks(running={"factory": ["i-0f1"]}), refreshAmi="true")
-    assert {inputs["ami"] for inputs in instances(refreshed).values()} == {"ami-0newest"}
+    assert {inputs["imageId"] for inputs in templates(refreshed).values()} == {"ami-0newest"}
 
 
 def test_a_given_ami_skips_the_lookup():
     _, mocks = run_cluster(ami="ami-0pinned")
-    assert {inputs["ami"] for inputs in instances(mocks).values()} == {"ami-0pinned"}
+    assert {inputs["imageId"] for inputs in templates(mocks).values()} == {"ami-0pinned"}
     assert not ami_lookups(mocks)
 
 
 def test_every_instance_requires_imdsv2_and_has_an_encrypted_root_volume():
     _, mocks = run_cluster(kmsKeyId="arn:aws:kms:eu-west-3:111122223333:key/abc")
-    for inputs in instances(mocks).values():
+    assert len(templates(mocks)) == 2
+    for inputs in templates(mocks).values():
         assert inputs["metadataOptions"] == {"httpEndpoint": "enabled", "httpTokens": "required"}
-        assert inputs["rootBlockDevice"]["encrypted"] is True
-        assert inputs["rootBlockDevice"]["kmsKeyId"] == "arn:aws:kms:eu-west-3:111122223333:key/abc"
+        (root,) = inputs["blockDeviceMappings"]
+        assert root["deviceName"] == "/dev/sda1" and root["ebs"]["encrypted"] == "true"
+        assert root["ebs"]["kmsKeyId"] == "arn:aws:kms:eu-west-3:111122223333:key/abc"
 
 
-def test_instances_and_alarms_are_children_of_the_cluster_component():
+def test_fleets_templates_and_alarms_are_children_of_the_cluster_component():
     _, mocks = run_cluster(orchestratorIdleHours="4", factoriesIdleHours="2")
     children = [urn for urn in mocks.urns if "aws:" in urn]
-    assert len(children) == 3 + 3
+    assert len(children) == 2 + 2 + 3
     assert all("::flambe:cluster:Cluster$aws:" in urn for urn in children)
 
 
@@ -140,46 +151,61 @@ def test_factories_count_as_idle_only_below_one_percent_and_the_action_can_be_st
     assert alarms["exp1_orchestrator_idle"]["alarmActions"] == ["arn:aws:automate:eu-west-3:ec2:stop"]
 
 
-def test_ami_changes_are_ignored_so_instances_are_not_replaced(monkeypatch):
-    seen = []
-    real_instance = pulumi.CustomResource.__init__
+def declared_options(monkeypatch, **overrides):
+    """{resource name: its ResourceOptions} of every fleet and launch template."""
+    seen = {}
+    real = pulumi.CustomResource.__init__
 
     def record(self, t, name, props=None, opts=None, *args, **kwargs):
-        if t == INSTANCE:
-            seen.append(opts.ignore_changes)
-        return real_instance(self, t, name, props, opts, *args, **kwargs)
+        if t in (FLEET, LAUNCH_TEMPLATE):
+            seen[(t, name)] = opts
+        return real(self, t, name, props, opts, *args, **kwargs)
 
     monkeypatch.setattr(pulumi.CustomResource, "__init__", record)
-    run_cluster()
-    assert seen and all(value == ["ami"] for value in seen)
+    run_cluster(**overrides)
+    return seen
+
+
+def test_ami_and_list_changes_are_ignored_so_instances_are_not_replaced(monkeypatch):
+    seen = declared_options(monkeypatch)
+    assert {name for _, name in seen} == {"exp1_factory", "exp1_orchestrator", "exp1_factories"}
+    for (typ, _), opts in seen.items():
+        if typ == LAUNCH_TEMPLATE:
+            assert opts.ignore_changes == ["imageId"]
+        else:  # a fleet: new lists, images or counts never replace what it launched
+            assert {"launchTemplateConfigs", "targetCapacitySpecification", "onDemandOptions", "spotOptions",
+                    "tags"} <= set(opts.ignore_changes)
+            assert opts.replacement_trigger == "1" and not opts.replace_on_changes
 
 
 def test_tags_on_instances_and_root_volumes_with_reserved_ones_ours():
     _, mocks = run_cluster(tags='{"team": "nlp", "cost-center": "42"}')
-    declared = instances(mocks)
-    orchestrator_tags = declared["exp1_orchestrator"]["tags"]
-    assert orchestrator_tags == {"team": "nlp", "cost-center": "42", "creator": "alice", "Purpose": "flambe",
-                                 "Cluster-Name": "exp1", "Role": "orchestrator", "Name": "exp1_orchestrator"}
-    assert declared["exp1_orchestrator"]["rootBlockDevice"]["tags"] == orchestrator_tags
-    factory_tags = declared["exp1_factory_1"]["tags"]
-    assert factory_tags["Role"] == "factory" and factory_tags["Name"] == "exp1_factory_1"
+    declared = templates(mocks)
+    orchestrator_tags = {"team": "nlp", "cost-center": "42", "creator": "alice", "Purpose": "flambe",
+                         "Cluster-Name": "exp1", "Role": "orchestrator", "Name": "exp1_orchestrator"}
+    assert {item["resourceType"]: item["tags"] for item in declared["exp1_orchestrator"]["tagSpecifications"]} == {
+        "instance": orchestrator_tags, "volume": orchestrator_tags}
+    (factory_tags, _) = [item["tags"] for item in declared["exp1_factory"]["tagSpecifications"]]
+    assert factory_tags["Role"] == "factory" and factory_tags["Name"] == "exp1_factory"
 
 
 def test_options_spot_dedicated_profile_and_private_addresses():
     _, mocks = run_cluster(spot="0.4", dedicated="true", iamInstanceProfile="flambe-s3-read",
                            associatePublicIp="false", volumeSize="250", volumeType="io2", volumeIops="4000",
                            username="ec2-user")
-    declared = instances(mocks)
-    orchestrator, factory = declared["exp1_orchestrator"], declared["exp1_factory_0"]
-    assert "instanceMarketOptions" not in orchestrator  # the orchestrator must not be reclaimed
-    assert factory["instanceMarketOptions"]["marketType"] == "spot"
-    assert factory["instanceMarketOptions"]["spotOptions"]["maxPrice"] == "0.4"
-    for inputs in declared.values():
-        assert inputs["tenancy"] == "dedicated"
-        assert inputs["iamInstanceProfile"] == "flambe-s3-read"
-        assert inputs["associatePublicIpAddress"] is False
-        assert inputs["rootBlockDevice"]["volumeSize"] == 250
-        assert inputs["rootBlockDevice"]["iops"] == 4000
+    orchestrator, factories = fleets(mocks)["exp1_orchestrator"], fleets(mocks)["exp1_factories"]
+    # The orchestrator must not be reclaimed.
+    assert orchestrator["targetCapacitySpecification"]["defaultTargetCapacityType"] == "on-demand"
+    assert factories["targetCapacitySpecification"]["defaultTargetCapacityType"] == "spot"
+    assert factories["spotOptions"]["allocationStrategy"] == "capacity-optimized-prioritized"
+    assert "onDemandOptions" not in factories
+    assert {item["maxPrice"] for item in factories["launchTemplateConfigs"][0]["overrides"]} == {"0.4"}
+    for inputs in templates(mocks).values():
+        assert inputs["placement"]["tenancy"] == "dedicated"
+        assert inputs["iamInstanceProfile"] == {"name": "flambe-s3-read"}
+        assert inputs["networkInterfaces"][0]["associatePublicIpAddress"] == "false"
+        assert inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"] == 250
+        assert inputs["blockDeviceMappings"][0]["ebs"]["iops"] == 4000
 
 
 def test_idle_alarms_terminate_in_the_providers_real_region():
@@ -221,12 +247,12 @@ def test_instances_without_public_addresses_export_null():
 
 def test_zero_factories_is_a_cluster_of_one():
     exports, mocks = run_cluster(factoryCount="0")
-    assert exports["factories"] == [] and list(instances(mocks)) == ["exp1_orchestrator"]
+    assert exports["factories"] == [] and list(fleets(mocks)) == ["exp1_orchestrator"]
 
 
 @pytest.mark.parametrize("overrides, expected", [
     ({"keyName": None}, "flambe:keyName is required"),
-    ({"subnetId": None}, "flambe:subnetId is required"),
+    ({"subnetIds": None}, "flambe:subnetIds is required"),
     ({"securityGroupIds": None}, "flambe:securityGroupIds is required"),
     ({"name": None}, "flambe:name is required"),
     ({"creator": None}, "flambe:creator is required"),
@@ -263,7 +289,7 @@ def test_a_security_group_of_another_vpc_is_refused_before_any_instance():
     mocks = RecordingMocks(groups={"sg-0aaa": "vpc-0aaa", "sg-0bbb": "vpc-0other"})
     with pytest.raises(Exception, match="sg-0bbb, which is in vpc-0other"):
         run_program(lambda: declare_cluster(load_config()), BASE_CONFIG, mocks)
-    assert mocks.of_type(INSTANCE) == []
+    assert mocks.of_type(FLEET) == []
 
 
 def test_main_runs_as_the_engine_runs_it(monkeypatch):
@@ -275,4 +301,4 @@ def test_main_runs_as_the_engine_runs_it(monkeypatch):
     resolved = run_program(lambda: (runpy.run_path(os.getcwd(), run_name="__main__"), exported)[1], BASE_CONFIG,
                            mocks)
     assert parse_outputs(resolved).name == "exp1"
-    assert len(mocks.of_type(INSTANCE)) == 3
+    assert len(mocks.of_type(FLEET)) == 2

@@ -1,0 +1,168 @@
+"""Where EC2 has room: one EC2 Fleet of type instant per role, over the ordered instance types x subnets, all of its
+instances in one zone and one type, or none.
+
+The provider (terraform-provider-aws's aws_ec2_fleet, under pulumi_aws) does not look at CreateFleet's `Errors`: an
+instant fleet that launched nothing is created all the same, with an empty `fleet_instance_set`. So the program
+checks what each fleet launched and, when it is short, fails the update itself with EC2's reason for every
+candidate (read with DescribeFleets), and the next run asks EC2 again: a fleet found empty is replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from flambe_iac.stacks.cluster_config import NAMESPACE, ClusterConfig
+from flambe_iac.terminal import safe_field
+
+ON_DEMAND, SPOT, CAPACITY_BLOCK = "on-demand", "spot", "capacity-block"
+ATTEMPT_TAG = "flambe-attempt"
+MAX_REASON = 300  # characters of one EC2 reason shown
+MAX_FLEET_PAGES = 20  # DescribeFleets pages read when looking for this cluster's last attempt
+
+
+class CapacityError(pulumi.RunError):
+    """EC2 had no candidate that could hold the whole role; the message lists each candidate and why."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    instance_type: str
+    subnet_id: str
+    zone: str
+
+    def named(self) -> str:
+        return f"{self.instance_type} in {self.zone} ({self.subnet_id})"
+
+
+def candidates(types: list[str], subnets: list[str], zones: dict[str, str]) -> list[Candidate]:
+    """Types x subnets in the order given: the first type in each zone, then the next type."""
+    return [Candidate(instance_type, subnet, zones[subnet]) for instance_type in types for subnet in subnets]
+
+
+def fleet(name: str, count: int, market: str, template: aws.ec2.LaunchTemplate, choices: Any,
+          config: ClusterConfig, tags: dict[str, str], attempt: int, opts: pulumi.ResourceOptions) -> aws.ec2.Fleet:
+    """An instant fleet of COUNT instances over CHOICES (a list of Candidate, or an Output of one), each a priority
+    in order (1 first: the provider drops a priority of 0). min_target_capacity = COUNT with one zone and one type:
+    EC2 launches all of them in one (type, zone), or nothing."""
+    spot = market == SPOT
+    overrides = pulumi.Output.from_input(choices).apply(lambda items: [
+        aws.ec2.FleetLaunchTemplateConfigOverrideArgs(
+            instance_type=item.instance_type, subnet_id=item.subnet_id, priority=float(rank),
+            max_price=config.spot_max_price if spot else None)
+        for rank, item in enumerate(items, start=1)])
+    all_or_none = dict(min_target_capacity=count, single_availability_zone=True, single_instance_type=True)
+    return aws.ec2.Fleet(
+        name,
+        type="instant",
+        launch_template_configs=[aws.ec2.FleetLaunchTemplateConfigArgs(
+            launch_template_specification=aws.ec2.FleetLaunchTemplateConfigLaunchTemplateSpecificationArgs(
+                launch_template_id=template.id, version=template.latest_version.apply(str)),
+            overrides=overrides)],
+        target_capacity_specification=aws.ec2.FleetTargetCapacitySpecificationArgs(
+            default_target_capacity_type=SPOT if spot else ON_DEMAND, total_target_capacity=count),
+        on_demand_options=None if spot else aws.ec2.FleetOnDemandOptionsArgs(
+            allocation_strategy="prioritized", **all_or_none),
+        spot_options=aws.ec2.FleetSpotOptionsArgs(
+            allocation_strategy="capacity-optimized-prioritized", instance_interruption_behavior="terminate",
+            **all_or_none) if spot else None,
+        # Deleting the fleet (a smaller cluster, a destroy) terminates what it launched.
+        terminate_instances=True,
+        tags={**tags, ATTEMPT_TAG: str(attempt)},
+        # A new attempt (the last one launched nothing) replaces the fleet; nothing else about it may replace a
+        # running instance: an instant fleet cannot be modified, and its launch is done.
+        opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(
+            replacement_trigger=str(attempt),
+            ignore_changes=["launchTemplateConfigs", "targetCapacitySpecification", "onDemandOptions",
+                            "spotOptions", "tags"])),
+    )
+
+
+def launched(target: aws.ec2.Fleet, count: int, choices: Any, what: str, region: str) -> pulumi.Output:
+    """[(instance id, instance type, lifecycle)] of TARGET's COUNT instances, or a CapacityError naming every
+    candidate and EC2's reason for it."""
+    def check(args):
+        fleet_id, sets, items = args
+        members = [(instance_id, field_of(entry, "instance_type"), field_of(entry, "lifecycle"))
+                   for entry in sets or [] for instance_id in field_of(entry, "instance_ids") or []]
+        if len(members) >= count:
+            return members[:count]
+        raise CapacityError(failure_message(what, count, items, fleet_errors(region, fleet_id)))
+    return pulumi.Output.all(target.id, target.fleet_instance_sets, choices).apply(check)
+
+
+def field_of(entry: Any, key: str) -> Any:
+    """A nested output value, as the SDK hands it over: an output type, or a dict in camelCase."""
+    if isinstance(entry, dict):
+        camel = key.split("_")[0] + "".join(part.title() for part in key.split("_")[1:])
+        return entry.get(key, entry.get(camel))
+    return getattr(entry, key, None)
+
+
+def fleet_errors(region: str, fleet_id: str) -> dict[tuple[str, str], str]:
+    """{(instance type, subnet or zone): EC2's code and message} of an instant fleet, read with DescribeFleets."""
+    from flambe_iac.aws.client import aws_errors, ec2_client
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        with aws_errors("reading the fleet's errors (DescribeFleets)"):
+            fleets = ec2_client(region).describe_fleets(FleetIds=[fleet_id]).get("Fleets", [])
+    except (BotoCoreError, ClientError) as error:
+        return {("", ""): f"EC2's reasons could not be read: {type(error).__name__}"}
+    reasons = {}
+    for item in (fleets[0].get("Errors") or []) if fleets else []:
+        overrides = (item.get("LaunchTemplateAndOverrides") or {}).get("Overrides") or {}
+        reason = safe_field(f"{item.get('ErrorCode', '?')}: {item.get('ErrorMessage', '')}"[:MAX_REASON])
+        for where in (overrides.get("SubnetId"), overrides.get("AvailabilityZone")):
+            if where:
+                reasons[(str(overrides.get("InstanceType", "")), str(where))] = reason
+    return reasons
+
+
+def failure_message(what: str, count: int, items: list[Candidate], reasons: dict[tuple[str, str], str]) -> str:
+    lines = [f"EC2 could not launch all {count} {what} in any one (type, zone) of the stack's lists; it launched "
+             f"none, so nothing of this attempt runs or bills. Tried, in order:"]
+    for item in items:
+        reason = reasons.get((item.instance_type, item.subnet_id)) or reasons.get((item.instance_type, item.zone))
+        lines.append(f"  {item.named()}: {reason or 'no reason given by EC2'}")
+    if ("", "") in reasons:
+        lines.append(f"  ({reasons[('', '')]})")
+    types = f"{NAMESPACE}:{'orchestratorTypes' if what == 'orchestrator' else 'factoryTypes'}"
+    fewer = "" if what == "orchestrator" else \
+        f", fewer factories (pulumi config set {NAMESPACE}:factoryCount {max(1, count // 2)}), spot " \
+        f"(pulumi config set {NAMESPACE}:spot fallback)"
+    lines.append(
+        f"What to change: add a type (pulumi config set --path '{types}[{len({item.instance_type for item in items})}]'"
+        f" TYPE), a subnet of another zone (pulumi config set --path '{NAMESPACE}:subnetIds[N]' subnet-0abc){fewer}, "
+        f"or raise the vCPU quota where EC2 said VcpuLimitExceeded (flambe-deploy check prints the request). Or run "
+        f"pulumi up again later: it asks EC2 anew.")
+    return "\n".join(lines)
+
+
+def next_attempt(region: str, cluster: str, role: str) -> int:
+    """The attempt number for ROLE's fleet: the last one's while it holds instances, the next once it launched
+    nothing (so that fleet is replaced, and EC2 asked again). Read-only."""
+    from flambe_iac.aws.client import aws_errors, ec2_client
+
+    last, holds = 0, True
+    with aws_errors("looking for the cluster's last fleet (DescribeFleets)"):
+        pages = ec2_client(region).get_paginator("describe_fleets").paginate(
+            Filters=[{"Name": "type", "Values": ["instant"]}])
+        for number, page in enumerate(pages):
+            if number >= MAX_FLEET_PAGES:
+                break
+            for item in page.get("Fleets", []):
+                tags = {tag.get("Key"): tag.get("Value") for tag in item.get("Tags") or []}
+                if tags.get("Cluster-Name") != cluster or tags.get("Role") != role or tags.get("Purpose") != "flambe":
+                    continue
+                attempt = tags.get(ATTEMPT_TAG, "")
+                number_of = int(attempt) if attempt.isascii() and attempt.isdigit() and len(attempt) < 7 else 0
+                if number_of > last:
+                    last, holds = number_of, bool(item.get("Instances"))
+    if last == 0:
+        return 1
+    return last if holds else last + 1

@@ -1,0 +1,200 @@
+"""Capacity: the factories are one EC2 Fleet of type instant over the ordered types x subnets, all in one zone and
+one type or none, and the orchestrator follows them into their zone. Under Pulumi's mocks with moto's EC2 behind
+them, EC2 answering InsufficientInstanceCapacity, VcpuLimitExceeded or Unsupported per (type, zone)."""
+
+import json
+
+import pytest
+from pulumi_harness import BASE_CONFIG, FLEET, MotoMocks, RecordingMocks, run_program
+
+from flambe_iac.inputs.outputs import parse_outputs
+from flambe_iac.stacks.cluster import declare_cluster
+from flambe_iac.stacks.cluster_config import load_config
+
+P5, P4D = "p5.48xlarge", "p4d.24xlarge"
+ZONES = ("us-east-1a", "us-east-1b", "us-east-1c")
+
+
+def three_zones(ec2, network) -> list[str]:
+    """The user's subnet in zone a, and one more in b and in c, of the same VPC."""
+    more = [ec2.create_subnet(VpcId=network["vpc"], CidrBlock=f"10.0.{number}.0/24",
+                              AvailabilityZone=zone)["Subnet"]["SubnetId"]
+            for number, zone in ((2, ZONES[1]), (3, ZONES[2]))]
+    return [network["subnetId"], *more]
+
+
+def config_for(network, subnets, **overrides):
+    return {"name": "exp1", "creator": "alice", "factoryCount": "3", "orchestratorType": "m5.large",
+            "factoryTypes": json.dumps([P5, P4D]), "subnetIds": json.dumps(subnets),
+            **{key: network[key] for key in ("securityGroupIds", "keyName", "amiName", "amiOwners")}, **overrides}
+
+
+def deploy(config, **mocks_arguments):
+    mocks = MotoMocks(**mocks_arguments)
+    return run_program(lambda: declare_cluster(load_config()), config, mocks), mocks
+
+
+def everywhere(kind, code="InsufficientInstanceCapacity"):
+    return {(kind, zone): code for zone in ZONES}
+
+
+def test_p5_nowhere_and_p4d_only_in_b_puts_every_member_in_b_on_p4d(aws):
+    ec2, network = aws
+    subnets = three_zones(ec2, network)
+    no_room = {**everywhere(P5), (P4D, ZONES[0]): "InsufficientInstanceCapacity", (P4D, ZONES[2]): "Unsupported"}
+    exports, mocks = deploy(config_for(network, subnets), no_room=no_room)
+    cluster = parse_outputs(json.loads(json.dumps(exports)))
+    assert [(host.instance_type, host.availability_zone, host.market) for host in cluster.factories] == \
+        [(P4D, ZONES[1], "on-demand")] * 3
+    assert (cluster.orchestrator.availability_zone, cluster.orchestrator.instance_type) == (ZONES[1], "m5.large")
+    live = mocks.live_instances()
+    assert sorted(item["InstanceId"] for item in live) == sorted(host.id for host in cluster.members)
+    assert {item["Placement"]["AvailabilityZone"] for item in live} == {ZONES[1]}
+    # EC2's order: the first type in each zone, then the next type; it stops at the first that holds all three.
+    factories = [(kind, zone) for name, kind, zone in mocks.attempts if name == "exp1_factories"]
+    assert factories == [(P5, ZONES[0]), (P5, ZONES[1]), (P5, ZONES[2]), (P4D, ZONES[0]), (P4D, ZONES[1])]
+    # The orchestrator was offered only the factories' zone.
+    assert [(kind, zone) for name, kind, zone in mocks.attempts if name == "exp1_orchestrator"] == [
+        ("m5.large", ZONES[1])]
+
+
+def test_the_first_type_in_the_first_zone_when_it_has_room(aws):
+    ec2, network = aws
+    exports, mocks = deploy(config_for(network, three_zones(ec2, network)))
+    cluster = parse_outputs(exports)
+    assert {(host.instance_type, host.availability_zone) for host in cluster.factories} == {(P5, ZONES[0])}
+    assert cluster.orchestrator.availability_zone == ZONES[0]
+
+
+def test_all_or_none_a_zone_with_room_for_some_is_passed_over(aws):
+    """Zone a has room for two p5 of three: EC2 launches none there, all three in b."""
+    ec2, network = aws
+    exports, mocks = deploy(config_for(network, three_zones(ec2, network)), room={(P5, ZONES[0]): 2})
+    cluster = parse_outputs(exports)
+    assert {(host.instance_type, host.availability_zone) for host in cluster.factories} == {(P5, ZONES[1])}
+    assert len(mocks.live_instances()) == 4
+    (factories,) = [resource.inputs for resource in mocks.of_type(FLEET) if resource.name == "exp1_factories"]
+    assert factories["onDemandOptions"] == {"allocationStrategy": "prioritized", "minTargetCapacity": 3,
+                                            "singleAvailabilityZone": True, "singleInstanceType": True}
+
+
+def test_no_capacity_anywhere_names_every_attempt_and_leaves_nothing(aws):
+    ec2, network = aws
+    subnets = three_zones(ec2, network)
+    no_room = {**everywhere(P5), **everywhere(P4D, "VcpuLimitExceeded"), (P4D, ZONES[2]): "Unsupported"}
+    with pytest.raises(Exception) as caught:
+        deploy(config_for(network, subnets), no_room=no_room)
+    message = str(caught.value)
+    for kind in (P5, P4D):
+        for zone, subnet in zip(ZONES, subnets):
+            assert f"{kind} in {zone} ({subnet}): " in message
+    lines = [line for line in message.splitlines() if line.startswith("  ")]
+    assert [line.split("): ")[1].split(":")[0] for line in lines] == ["InsufficientInstanceCapacity"] * 3 + [
+        "VcpuLimitExceeded"] * 2 + ["Unsupported"]
+    assert [line.split(" (")[0].strip() for line in lines] == [f"{kind} in {zone}" for kind in (P5, P4D)
+                                                                for zone in ZONES]
+    assert "launched none, so nothing of this attempt runs or bills" in message
+    assert "pulumi config set --path 'flambe:factoryTypes[2]' TYPE" in message
+    reservations = ec2.describe_instances()["Reservations"]
+    assert [item for group in reservations for item in group["Instances"]] == []
+    # Only the factories' (empty) fleet was asked for: the orchestrator waits for their zone, so it never launched.
+    roles = [{tag["Key"]: tag["Value"] for tag in item["Tags"]}["Role"] for item in ec2.describe_fleets()["Fleets"]]
+    assert roles == ["factory"]
+
+
+def test_the_next_run_asks_ec2_again_with_a_new_attempt(aws):
+    ec2, network = aws
+    subnets = three_zones(ec2, network)
+    with pytest.raises(Exception, match="EC2 could not launch all 3 factories"):
+        deploy(config_for(network, subnets), no_room={**everywhere(P5), **everywhere(P4D)})
+    (empty,) = ec2.describe_fleets()["Fleets"]
+    assert {tag["Key"]: tag["Value"] for tag in empty["Tags"]}["flambe-attempt"] == "1"
+    exports, mocks = deploy(config_for(network, subnets), no_room=everywhere(P5))
+    fleets = {resource.name: resource.inputs for resource in mocks.of_type(FLEET)}
+    # The empty fleet's attempt is over: this one is a new attempt, which replaces it (replacementTrigger).
+    assert fleets["exp1_factories"]["tags"]["flambe-attempt"] == "2"
+    assert fleets["exp1_orchestrator"]["tags"]["flambe-attempt"] == "1"
+    assert {host.instance_type for host in parse_outputs(exports).factories} == {P4D}
+    # A third run finds the fleet holding its instances: the same attempt, nothing replaced.
+    _, again = deploy(config_for(network, subnets), no_room=everywhere(P5))
+    assert {resource.name: resource.inputs["tags"]["flambe-attempt"] for resource in again.of_type(FLEET)} == {
+        "exp1_factories": "2", "exp1_orchestrator": "1"}
+
+
+# Preview refusals: the lists.
+
+def refusal(mocks, **overrides):
+    config = {**BASE_CONFIG, **overrides}
+    with pytest.raises(Exception) as caught:
+        run_program(lambda: declare_cluster(load_config()), config, mocks)
+    assert not mocks.of_type(FLEET)
+    return str(caught.value)
+
+
+def two_subnets(second):
+    return RecordingMocks(subnets={"subnet-0aaa": ("vpc-0aaa", "eu-west-3a"), "subnet-0bbb": second})
+
+
+def test_a_subnet_of_another_vpc_is_refused_with_the_fix():
+    message = refusal(two_subnets(("vpc-0other", "eu-west-3b")), subnetIds='["subnet-0aaa", "subnet-0bbb"]')
+    assert "flambe:subnetIds has subnet-0bbb, which is in vpc-0other, but the first, subnet-0aaa, is in vpc-0aaa" \
+        in message
+    assert "pulumi config rm --path 'flambe:subnetIds[1]'" in message
+
+
+def test_two_subnets_of_one_zone_are_refused_with_the_fix():
+    message = refusal(two_subnets(("vpc-0aaa", "eu-west-3a")), subnetIds='["subnet-0aaa", "subnet-0bbb"]')
+    assert "has subnet-0aaa and subnet-0bbb, both in eu-west-3a" in message
+    assert "pulumi config rm --path 'flambe:subnetIds[1]'" in message
+
+
+def test_a_security_group_outside_the_vpc_is_refused():
+    mocks = RecordingMocks(groups={"sg-0aaa": "vpc-0aaa", "sg-0bbb": "vpc-0else"})
+    assert "sg-0bbb, which is in vpc-0else" in refusal(mocks)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"factoryTypes": '["p5.48xlarge"]', "factoryType": "p4d.24xlarge"},
+     "flambe:factoryTypes and flambe:factoryType are both set: keep the list: pulumi config rm flambe:factoryType"),
+    ({"subnetId": "subnet-0aaa"}, "pulumi config rm flambe:subnetId"),
+    ({"orchestratorTypes": '["m5.large"]', "orchestratorType": "c5.large"}, "pulumi config rm flambe:orchestratorType"),
+    ({"factoryTypes": '["m5.large", "m5.large"]'}, "flambe:factoryTypes names m5.large twice"),
+    ({"factoryTypes": '["m5.large", "m7g.large"]'}, "flambe:factoryTypes mixes architectures"),
+    ({"capacityBlock": "true"}, "pulumi config set flambe:capacityReservationId cr-0abc"),
+    ({"capacityReservationId": "cr-0abc", "capacityReservationGroupArn": "arn:aws:resource-groups:x"},
+     "pulumi config rm flambe:capacityReservationGroupArn"),
+    ({"capacityReservationId": "cr-0abc", "spot": "true"}, "pulumi config set flambe:spot false"),
+    ({"spot": "sometimes"}, "give true, false, fallback"),
+    ({"factoryTypes": json.dumps([f"m5.{size}" for size in ("large", "xlarge", "2xlarge", "4xlarge", "8xlarge",
+                                                            "12xlarge", "16xlarge", "24xlarge")]),
+      "subnetIds": json.dumps([f"subnet-0{number}" for number in range(7)])}, "EC2 Fleet takes at most 50"),
+])
+def test_list_settings_ec2_would_refuse_are_refused_at_preview(overrides, expected):
+    assert expected in refusal(RecordingMocks(), **overrides)
+
+
+def test_overrides_are_types_by_subnets_in_order_with_priorities_from_one():
+    mocks = RecordingMocks(subnets={"subnet-0aaa": ("vpc-0aaa", "eu-west-3a"),
+                                    "subnet-0bbb": ("vpc-0aaa", "eu-west-3b")})
+    run_program(lambda: declare_cluster(load_config()), {
+        **BASE_CONFIG, "factoryTypes": '["p5.48xlarge", "p4d.24xlarge"]',
+        "subnetIds": '["subnet-0bbb", "subnet-0aaa"]'}, mocks)
+    (factories,) = [resource.inputs for resource in mocks.of_type(FLEET) if resource.name == "exp1_factories"]
+    assert [(item["instanceType"], item["subnetId"], item["priority"])
+            for item in factories["launchTemplateConfigs"][0]["overrides"]] == [
+        ("p5.48xlarge", "subnet-0bbb", 1), ("p5.48xlarge", "subnet-0aaa", 2),
+        ("p4d.24xlarge", "subnet-0bbb", 3), ("p4d.24xlarge", "subnet-0aaa", 4)]
+    assert factories["type"] == "instant" and factories["terminateInstances"] is True
+
+
+def test_with_no_factory_the_orchestrator_may_go_to_any_subnet_in_order():
+    mocks = RecordingMocks(subnets={"subnet-0aaa": ("vpc-0aaa", "eu-west-3a"),
+                                    "subnet-0bbb": ("vpc-0aaa", "eu-west-3b")})
+    run_program(lambda: declare_cluster(load_config()), {
+        **BASE_CONFIG, "factoryCount": "0", "orchestratorTypes": '["c5.large", "m5.large"]',
+        "subnetIds": '["subnet-0aaa", "subnet-0bbb"]'}, mocks)
+    (orchestrator,) = mocks.of_type(FLEET)
+    assert [(item["instanceType"], item["subnetId"]) for item in
+            orchestrator.inputs["launchTemplateConfigs"][0]["overrides"]] == [
+        ("c5.large", "subnet-0aaa"), ("c5.large", "subnet-0bbb"), ("m5.large", "subnet-0aaa"),
+        ("m5.large", "subnet-0bbb")]
