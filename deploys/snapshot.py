@@ -17,6 +17,7 @@ from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 END = "@end-of-snapshot"
 LINK_TARGET = framed('printf %s "$t"')  # the host's text: a target may hold a newline and "@clock 0"
+SNAPSHOT_LIMIT = 64 << 20  # bytes of the whole read: small files, tree summaries, excerpts
 MAX_EXCERPT = 256 * 1024  # bytes of one excerpt's output; a longer one arrives cut (its parser must refuse it)
 
 
@@ -92,7 +93,7 @@ def snapshot_command(request: SnapshotRequest) -> str:
 
 def read_snapshot(host, request: SnapshotRequest, timeout: float) -> HostSnapshot:
     try:
-        result = run_remote(host, snapshot_command(request), timeout=timeout)
+        result = run_remote(host, snapshot_command(request), timeout=timeout, limit=SNAPSHOT_LIMIT)
     except RemoteCommandError as error:
         raise SnapshotError(f"could not read the host's state: {error}") from None
     lines = answer_lines(result.stdout)

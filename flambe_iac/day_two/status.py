@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from flambe_iac.agent.commands import Answer, run_quietly
 from flambe_iac.agent.records import (
     AGENT_CONFIG,
     AGENT_PID,
@@ -41,6 +41,10 @@ from flambe_iac.engine.remote_probes import (
 )
 from flambe_iac.terminal import safe_field
 
+# The whole answer, hashing every resource file included (a host reads ~1 GB/s), and its size (checksums and the
+# manifest, framed: ~140 bytes a file).
+STATUS_TIMEOUT = 900.0
+STATUS_LIMIT = 256 << 20
 STATUS_SCRIPT = f"""\
 cd ~ || exit 3
 printf '@pub\\n'; {framed(f"cat {CLUSTER_PUBLIC_KEY} 2>/dev/null")}
@@ -218,15 +222,23 @@ def ray_status(record: bytes | None, running: set[str], problems: list[str]) -> 
 
 def cluster_status(access: Access) -> list[HostStatus]:
     def probe(member: Host) -> HostStatus:
-        result = subprocess.run(access.ssh_argv(member, STATUS_SCRIPT), stdin=subprocess.DEVNULL,
-                                capture_output=True, env=access.policy.environment())
-        status = parse_status(access.alias(member), access.target(member).address, result.returncode,
-                              result.stdout.decode(errors="surrogateescape"), result.stderr.decode(errors="replace"))
+        status = probed_status(access.alias(member), access.target(member).address,
+                               run_quietly(access.ssh_argv(member, STATUS_SCRIPT), STATUS_TIMEOUT, STATUS_LIMIT,
+                                           access.policy.environment()))
         status.placement = member.placement or None
         return status
 
     with ThreadPoolExecutor(max_workers=len(access.cluster.members)) as pool:
         return flag_split_keys(list(pool.map(probe, access.cluster.members)))
+
+
+def probed_status(alias: str, address: str, answer: Answer | None) -> HostStatus:
+    """The member's status from its ANSWER to the status script (None: it did not end within STATUS_TIMEOUT)."""
+    if answer is None:
+        return HostStatus(alias, address, False, problems=[f"unreachable: no answer within {STATUS_TIMEOUT:.0f} s"])
+    if len(answer.stdout) >= STATUS_LIMIT:
+        return HostStatus(alias, address, False, problems=[f"unreadable: its answer passed {STATUS_LIMIT >> 20} MiB"])
+    return parse_status(alias, address, answer.returncode, answer.stdout, answer.stderr)
 
 
 def flag_split_keys(statuses: list[HostStatus]) -> list[HostStatus]:

@@ -14,7 +14,14 @@ FIRST_DELAY, LONGEST_DELAY = 1.0, 10.0
 def connect_with_wait(host, entry, wait: float, policy: SshPolicy, view, clock=time.monotonic,
                       sleep=gevent.sleep) -> bool:
     """Connect HOST; while its failure is worth waiting for, retry with backoff until WAIT seconds have passed.
-    A host that never connects fails ENTRY with its cause in words."""
+    A host that never connects fails ENTRY with its cause in words. Each attempt ends within paramiko's own
+    deadlines (the TCP connection, the banner, the key exchange and the authentication, each the policy's
+    connect timeout); no attempt starts past WAIT."""
+    with view.waiting_for(entry, f"connecting to {entry.address}"):
+        return _connect_with_wait(host, entry, wait, policy, view, clock, sleep)
+
+
+def _connect_with_wait(host, entry, wait: float, policy: SshPolicy, view, clock, sleep) -> bool:
     started = clock()
     deadline = started + wait
     delay = FIRST_DELAY
@@ -31,7 +38,7 @@ def connect_with_wait(host, entry, wait: float, policy: SshPolicy, view, clock=t
                                 else ""))
             entry.connect_seconds = waited
             return False
-        view.note(entry, f"waiting for sshd ({cause})")
+        view.note(entry, f"waiting for sshd on {entry.address} ({cause})")
         sleep(delay)
         delay = min(delay * 2, LONGEST_DELAY)
 

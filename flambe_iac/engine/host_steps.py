@@ -37,7 +37,8 @@ class HostSteps:
         """The host's snapshot, or None (the host failed) if it cannot be read or lacks a tool an asked step needs."""
         entry = self.fleet.entries[host]
         try:
-            snapshot = self.read(host, request, ANSWER_TIMEOUT)
+            with self.view.waiting_for(entry, f"reading the state of {entry.address}"):
+                snapshot = self.read(host, request, ANSWER_TIMEOUT)
         except SnapshotError as error:
             entry.fail(str(error))
             return None

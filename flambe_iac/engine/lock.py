@@ -86,7 +86,7 @@ def take_deploy_lock(open_lock, address: str, cluster_name: str, wait: float, on
         cause = f"another deploy of {cluster_name} is under way, from {holder}"
         if clock() + 2 > deadline:
             return LockOutcome(failure=cause + " (wait for it, or give --wait SECONDS)")
-        on_wait(f"waiting: {cause}")
+        on_wait(f"waiting for the deploy lock on {address}: {cause}")
         sleep(2)
 
 
@@ -108,8 +108,9 @@ class ClusterLock:
         if self.refused or host in self.settled:
             return not self.refused
         entry = self.fleet.entries[host]
-        outcome = take_deploy_lock(lambda: self.open_lock(host), entry.address, self.fleet.plan.cluster.name,
-                                   self.wait, lambda words: self.view.note(entry, words))
+        with self.view.waiting_for(entry, f"taking the deploy lock on {entry.address}"):
+            outcome = take_deploy_lock(lambda: self.open_lock(host), entry.address, self.fleet.plan.cluster.name,
+                                       self.wait, lambda words: self.view.note(entry, words))
         if outcome.failure:
             self.refused = True
             for other in self.fleet.report.hosts:

@@ -13,6 +13,7 @@ import json
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -22,6 +23,7 @@ from flambe_iac.terminal import safe_field
 
 CHANGED, UNCHANGED, FAILED, SKIPPED, PENDING = "changed", "unchanged", "failed", "skipped", "pending"
 DONE = (CHANGED, UNCHANGED)
+WAIT_WORTH_KEEPING = 1.0  # seconds: a wait this long is named in the report, with its length
 
 
 @dataclass
@@ -43,6 +45,7 @@ class HostReport:
     instance_type: str | None = None  # where it landed, when the source says (checked shapes: see cluster.Host)
     availability_zone: str | None = None
     market: str | None = None
+    waits: list[str] = field(default_factory=list)  # each wait of a second or more: what for, and how long
 
     @property
     def placement(self) -> str:
@@ -134,6 +137,25 @@ class ProgressView:
         self.live = stream.isatty() if live is None else live
         self.drawn_lines = 0
         self.started = time.monotonic()
+        self.waiting: dict[str, str] = {}  # host id -> what it waits for now, shown in its row
+
+    @contextmanager
+    def waiting_for(self, host: HostReport, what: str):
+        """HOST waits for WHAT (`connecting to 10.0.0.3`) while the block runs: named in its row of the live table;
+        the report keeps a wait of WAIT_WORTH_KEEPING or more, in the last words `note` gave it, with its length."""
+        started = time.monotonic()
+        self.waiting[host.host_id] = what
+        if self.live:
+            self.redraw()
+        try:
+            yield
+        finally:
+            what = self.waiting.pop(host.host_id, what)
+            waited = time.monotonic() - started
+            if waited >= WAIT_WORTH_KEEPING:
+                host.waits.append(f"{what} ({waited:.1f} s)")
+            if self.live:
+                self.redraw()
 
     def connected(self, host: HostReport) -> None:
         if self.live:
@@ -142,6 +164,9 @@ class ProgressView:
             self.say(f"{host.host_id} ({host.address}): not connected: {host.error}")
 
     def note(self, host: HostReport, text: str) -> None:
+        """TEXT about HOST; within a wait, what it now waits for."""
+        if host.host_id in self.waiting:
+            self.waiting[host.host_id] = text
         if self.live:
             self.redraw()
         else:
@@ -177,7 +202,9 @@ class ProgressView:
         for host in self.report.hosts:
             cells = " ".join(f"{LABELS[host.steps[step].status]:<11}" for step in columns)
             placed = f"{host.placement:<{placement_width}} " if placement_width else ""
-            lines.append(f"{host.host_id[:24]:<24} {host.address:<16} {placed}{cells}")
+            waiting = self.waiting.get(host.host_id)
+            lines.append(f"{host.host_id[:24]:<24} {host.address:<16} {placed}{cells}"
+                         + (f" {waiting}" if waiting else ""))
         lines.append(f"{time.monotonic() - self.started:.1f} s")
         width = shutil.get_terminal_size((120, 24)).columns
         lines = [safe_field(line)[:width - 1] for line in lines]  # a wrapped line would break the redraw's count

@@ -10,6 +10,8 @@ import shlex
 from dataclasses import dataclass, field
 
 ANSWER_TIMEOUT = 120.0  # for a short command: a host that says nothing for this long has failed
+ANSWER_LIMIT = 1 << 30  # bytes of one command's output: a hostile host cannot fill this process's memory
+LINE_LIMIT = 4096  # bytes of a held command's first line
 
 
 class RemoteCommandError(Exception):
@@ -29,8 +31,10 @@ class RemoteResult:
         return "; ".join(lines[-3:]) or f"exit code {self.exit_code}"
 
 
-def run_remote(host, command: str, stdin: bytes = b"", timeout: float | None = None) -> RemoteResult:
-    """Run COMMAND on a connected pyinfra HOST over a fresh exec channel, with STDIN's bytes as its input.
+def run_remote(host, command: str, stdin: bytes = b"", timeout: float = ANSWER_TIMEOUT,
+               limit: int = ANSWER_LIMIT) -> RemoteResult:
+    """Run COMMAND on a connected pyinfra HOST over a fresh exec channel, with STDIN's bytes as its input: the whole
+    answer within TIMEOUT seconds (from the channel's opening to the exit status) and LIMIT bytes of each output.
 
     Nothing is logged: STDIN may hold secrets, and stdout may hold the cluster's private key.
     Raises RemoteCommandError when the channel cannot be opened or the connection drops.
@@ -45,11 +49,11 @@ def run_remote(host, command: str, stdin: bytes = b"", timeout: float | None = N
     try:
         with gevent.Timeout(timeout, RemoteCommandError(f"no answer within {timeout:g} s")):
             channel.exec_command(command)
-            stderr_reader = gevent.spawn(_read_all, channel.recv_stderr)
+            stderr_reader = gevent.spawn(_read_all, channel.recv_stderr, limit)
             if stdin:
                 channel.sendall(stdin)
             channel.shutdown_write()
-            stdout = _read_all(channel.recv)
+            stdout = _read_all(channel.recv, limit)
             stderr = stderr_reader.get()
             exit_code = channel.recv_exit_status()
     except RemoteCommandError:
@@ -89,10 +93,13 @@ def read_file(host, path: str) -> bytes | None:
     return result.stdout if result.exit_code == 0 else None
 
 
-def _read_all(receive) -> bytes:
-    chunks = []
+def _read_all(receive, limit: int) -> bytes:
+    chunks, size = [], 0
     while chunk := receive(65536):
         chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise RemoteCommandError(f"its answer passed {limit} bytes")
     return b"".join(chunks)
 
 
@@ -121,13 +128,17 @@ class HeldCommand:
         transport = active_transport(host)
         try:
             self.channel = transport.open_session(timeout=30)
-            self.channel.exec_command(command)
-            self.channel.sendall(first_input)
+            # paramiko waits for the exec request's reply with no deadline of its own: a host that never answers it
+            # must not hold the deploy past TIMEOUT.
             with gevent.Timeout(timeout, RemoteCommandError(f"no answer within {timeout:g} s")):
+                self.channel.exec_command(command)
+                self.channel.sendall(first_input)
                 self.first_line = _read_line(self.channel)
-        except RemoteCommandError:
-            raise
-        except Exception as error:
+        except Exception as error:  # paramiko raises SSHException, EOFError or socket errors here
+            if hasattr(self, "channel"):
+                self.channel.close()
+            if isinstance(error, RemoteCommandError):
+                raise
             raise RemoteCommandError(describe_channel_error(error)) from None
         self.heartbeat = gevent.spawn(self._beat)
 
@@ -171,7 +182,7 @@ class HeldCommand:
 
 def _read_line(channel) -> bytes:
     line = b""
-    while not line.endswith(b"\n"):
+    while not line.endswith(b"\n") and len(line) < LINE_LIMIT:
         chunk = channel.recv(1)
         if not chunk:
             break

@@ -4,6 +4,7 @@ from the members' snapshots (the lock and Ray's settlement: test_lock_fence.py, 
 import concurrent.futures
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from flambe_iac.deploys.snapshot import HostSnapshot
@@ -48,6 +49,10 @@ class View:
 
     def note(self, entry, text):
         self.notes.append(text)
+
+    @contextmanager
+    def waiting_for(self, entry, what):
+        yield
 
 
 POLICY = SshPolicy("ubuntu", "/k", None, "/kh", 10)

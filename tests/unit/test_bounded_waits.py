@@ -1,0 +1,152 @@
+"""Every wait of a run has a total deadline and a size limit, and names what it waits for (issue 31, item 7): hosts
+that never answer, trickle or flood end within the deadline with a cause that names the wait, and the live table
+and the report say what a member waits for."""
+
+import io
+import threading
+import time
+from types import SimpleNamespace
+
+import gevent
+import gevent.event
+import pytest
+
+from flambe_iac.day_two import status
+from flambe_iac.engine.lock import ClusterLock
+from flambe_iac.engine.report import DeployReport, HostReport, ProgressView
+from flambe_iac.ssh.channel import HeldCommand, RemoteCommandError, run_remote
+
+
+class HostChannel:
+    """A paramiko channel to a hostile host: it never answers the exec request (SILENT), or sends one byte every
+    50 ms (TRICKLE), or floods (FLOOD)."""
+
+    def __init__(self, behaviour: str):
+        self.behaviour, self.closed = behaviour, False
+
+    def exec_command(self, command):
+        if self.behaviour == "silent":
+            gevent.event.Event().wait()  # paramiko waits for the request's reply on an event, with no deadline
+
+    def sendall(self, data):
+        pass
+
+    def shutdown_write(self):
+        pass
+
+    def recv(self, size):
+        if self.behaviour == "flood":
+            gevent.sleep(0)
+            return b"x" * size
+        gevent.sleep(0.05)
+        return b"x"
+
+    def recv_stderr(self, size):
+        while not self.closed:
+            gevent.sleep(0.01)
+        return b""
+
+    def recv_exit_status(self):
+        return 0
+
+    def close(self):
+        self.closed = True
+
+
+def host_answering(channel: HostChannel):
+    transport = SimpleNamespace(is_active=lambda: True, open_session=lambda timeout: channel)
+    return SimpleNamespace(connector=SimpleNamespace(client=SimpleNamespace(get_transport=lambda: transport)))
+
+
+def test_a_lock_request_the_host_never_answers_ends_at_its_deadline_and_closes_the_channel():
+    channel = HostChannel("silent")
+    started = time.monotonic()
+    with pytest.raises(RemoteCommandError, match="no answer within 0.3 s"):
+        HeldCommand(host_answering(channel), "flock ...", b"me\n", 0.3)
+    assert time.monotonic() - started < 1.5 and channel.closed
+
+
+@pytest.mark.parametrize("behaviour, cause", [("trickle", "no answer within 0.5 s"), ("silent", "no answer within 0.5 s"),
+                                              ("flood", "its answer passed 1048576 bytes")])
+def test_a_command_whose_host_trickles_stalls_or_floods_ends_within_its_deadline_and_limit(behaviour, cause):
+    started = time.monotonic()
+    with pytest.raises(RemoteCommandError, match=cause):
+        run_remote(host_answering(HostChannel(behaviour)), "cat big", timeout=0.5, limit=1 << 20)
+    assert time.monotonic() - started < 1.5
+
+
+def status_of_one_member(monkeypatch, ssh_argv, **limits):
+    for name, value in limits.items():
+        monkeypatch.setattr(status, name, value)
+    member = SimpleNamespace(placement="")
+    access = SimpleNamespace(cluster=SimpleNamespace(members=[member]), alias=lambda member: "c1-orchestrator",
+                             target=lambda member: SimpleNamespace(address="10.0.0.3"),
+                             ssh_argv=lambda member, script: ssh_argv, policy=SimpleNamespace(environment=dict))
+    found, started = [], time.monotonic()
+    asking = threading.Thread(target=lambda: found.extend(status.cluster_status(access)), daemon=True)
+    asking.start()
+    asking.join(10)
+    assert not asking.is_alive(), "status still waits for a member that does not answer"
+    return found[0], time.monotonic() - started
+
+
+@pytest.mark.parametrize("script", ["exec sleep 30", "while :; do echo @run; sleep 0.1; done"],
+                         ids=["silent", "trickling"])
+def test_status_of_a_member_that_never_finishes_answering_ends_at_its_deadline(monkeypatch, script):
+    found, seconds = status_of_one_member(monkeypatch, ["sh", "-c", script], STATUS_TIMEOUT=1.0)
+    assert seconds < 3 and not found.healthy and found.problems == ["unreachable: no answer within 1 s"]
+
+
+def test_status_of_a_member_that_floods_is_refused_past_its_limit(monkeypatch):
+    found, _ = status_of_one_member(monkeypatch, ["head", "-c", str(3 << 20), "/dev/zero"], STATUS_LIMIT=1 << 20)
+    assert found.problems == ["unreadable: its answer passed 1 MiB"]
+
+
+class BusyLock:
+    first_line = b"BUSY"
+
+    def rest_of_output(self):
+        return b"ci@runner (pid 7) since 10:00 UTC\n"
+
+    def release(self):
+        pass
+
+
+def cluster_lock(open_lock, wait: float):
+    entry = HostReport("i-0a", "orchestrator", "10.0.0.3")
+    report = DeployReport("c1", [entry])
+    fleet = SimpleNamespace(entries={"h0": entry}, report=report, plan=SimpleNamespace(cluster=SimpleNamespace(
+        name="c1")))
+    stream = io.StringIO()
+    return ClusterLock(fleet, wait, ProgressView(report, stream, live=True), open_lock), entry, stream
+
+
+def test_a_busy_lock_is_named_in_the_live_table_while_it_lasts_and_in_the_report_after(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    lock, entry, stream = cluster_lock(lambda host: BusyLock(), wait=3)
+    started = time.monotonic()
+    taking = gevent.spawn(lock.take, "h0")
+    gevent.sleep(0.5)
+    row = stream.getvalue().splitlines()[-2]  # the host's row, above the clock line
+    assert "waiting for the deploy lock on 10.0.0.3: another deploy of c1 is under way, from ci@runner" in row
+    assert taking.get(timeout=5) is False and time.monotonic() - started < 3 + 0.5  # within --wait
+    assert "another deploy of c1 is under way" in entry.error
+    (wait,) = entry.waits
+    assert wait.startswith("waiting for the deploy lock on 10.0.0.3: another deploy") and wait.endswith(" s)")
+    assert "waiting for" not in stream.getvalue().splitlines()[-2]  # the wait is over
+
+
+def test_a_lock_the_host_never_answers_fails_within_its_deadline_naming_the_lock_and_the_member():
+    lock, entry, _ = cluster_lock(lambda host: HeldCommand(host_answering(HostChannel("silent")), "flock", b"me\n",
+                                                           0.3), wait=300)
+    started = time.monotonic()
+    assert lock.take("h0") is False and time.monotonic() - started < 1.5
+    assert entry.error == "could not take the deploy lock on 10.0.0.3: no answer within 0.3 s"
+
+
+def test_no_wait_is_left_named_once_it_ends_and_short_ones_stay_out_of_the_report():
+    entry = HostReport("i-0a", "orchestrator", "10.0.0.3")
+    view = ProgressView(DeployReport("c1", [entry]), io.StringIO(), live=False)
+    with view.waiting_for(entry, "connecting to 10.0.0.3"):
+        assert view.waiting == {"i-0a": "connecting to 10.0.0.3"}
+    assert view.waiting == {} and entry.waits == []
