@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from flambe_iac.errors import InputError
+from flambe_iac.inputs.names import _shown as shown_value
 from flambe_iac.inputs.names import check_address, check_cluster_name, check_host_id, check_ssh_user
 
 ORCHESTRATOR = "orchestrator"
@@ -32,8 +33,7 @@ def check_placement(key: str, value: object, where: str) -> str:
     """One of a host's placement values (PLACEMENT_RULES' keys), or an InputError that says what it must be."""
     matches, rule = PLACEMENT_RULES[key]
     if not isinstance(value, str) or not matches(value):
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise InputError(f"{where} must be {rule}, not {shown}")
+        raise InputError(f"{where} must be {rule}, not {shown_value(value)}")
     return value
 
 

@@ -22,9 +22,12 @@ from flambe_iac.errors import InputError
 from flambe_iac.inputs.names import check_address, check_host_id
 
 MANIFEST_EXCERPT = "manifest members"
-# The manifest is one line of compact, key-sorted JSON (older ones were indented: whitespace goes first). Inside a
-# JSON string every '"' is escaped, so '"members":[' only matches the key itself; its entries hold no ']'.
-MANIFEST_EXCERPT_COMMAND = (f"tr -d ' \\t\\r\\n' < {MANIFEST} | "
+# The manifest is key-sorted JSON, one compact line (older ones were indented: whitespace goes first), so the two
+# keys come before the resources' checksums: the first MiB holds them (4096 members take 300 KiB), and a manifest of
+# a million files costs no more to read than a small one. Inside a JSON string every '"' is escaped, so
+# '"members":[' only matches the key itself; its entries hold no ']'.
+MANIFEST_HEAD = 1024 * 1024
+MANIFEST_EXCERPT_COMMAND = (f"head -c {MANIFEST_HEAD} {MANIFEST} | tr -d ' \\t\\r\\n' | LC_ALL=C "
                             "grep -o -e '\"cluster_key_fingerprint\":\"[^\"]*\"' -e '\"members\":\\[[^]]*\\]' | "
                             "head -n 2")
 EXCERPTS = ((MANIFEST_EXCERPT, MANIFEST_EXCERPT_COMMAND),)

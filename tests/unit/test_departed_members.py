@@ -8,6 +8,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.deploys import cluster_key as cluster_key_step
@@ -204,3 +206,20 @@ def test_every_member_loses_the_departed_members_pins_and_config_lines(tmp_path)
     after = updated_ssh_config(before, ssh_config_block("c1", "ubuntu", ["10.0.0.1", "10.0.0.2", "10.0.0.4"]), "c1")
     assert b"10.0.0.3" not in after and b"10.0.0.4" in after
     assert after.endswith(user_lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4096))
+def test_any_bytes_from_a_host_are_read_as_members_or_as_no_one_never_a_crash(data):
+    recorded = parse_manifest_excerpt(data)
+    assert recorded is None or all(isinstance(member, RecordedMember) for member in recorded.members)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.fixed_dictionaries({"id": st.text(max_size=20), "private_ip": st.text(max_size=20)}), max_size=8),
+       st.text(max_size=60))
+def test_recorded_members_are_only_ever_valid_ids_and_addresses(entries, fingerprint):
+    line = json.dumps({"members": entries, "cluster_key_fingerprint": fingerprint})[1:-1]
+    recorded = parse_manifest_excerpt(line.encode())
+    for member in recorded.members if recorded else ():
+        assert member.id.isprintable() and " " not in member.id and " " not in member.private_ip
