@@ -81,16 +81,21 @@ def fleet(name: str, count: int, market: str, template: aws.ec2.LaunchTemplate, 
     )
 
 
-def launched(target: aws.ec2.Fleet, count: int, choices: Any, what: str, region: str) -> pulumi.Output:
-    """[(instance id, instance type, lifecycle)] of TARGET's COUNT instances, or a CapacityError naming every
-    candidate and EC2's reason for it."""
+def launched(target: aws.ec2.Fleet, count: int, choices: Any, what: str, region: str, market: str = ON_DEMAND,
+             otherwise=None, earlier: tuple[str, ...] = ()) -> pulumi.Output:
+    """[(instance id, instance type, lifecycle)] of TARGET's COUNT instances; when it launched fewer, what OTHERWISE
+    (given the lines of this attempt) returns, or a CapacityError naming every candidate tried (EARLIER's lines,
+    then this fleet's) and EC2's reason for each."""
     def check(args):
         fleet_id, sets, items = args
         members = [(instance_id, field_of(entry, "instance_type"), field_of(entry, "lifecycle"))
                    for entry in sets or [] for instance_id in field_of(entry, "instance_ids") or []]
         if len(members) >= count:
             return members[:count]
-        raise CapacityError(failure_message(what, count, items, fleet_errors(region, fleet_id)))
+        tried = (*earlier, *tried_lines(market, items, fleet_errors(region, fleet_id)))
+        if otherwise is not None:
+            return otherwise(tried)
+        raise CapacityError(failure_message(what, count, items, tried))
     return pulumi.Output.all(target.id, target.fleet_instance_sets, choices).apply(check)
 
 
@@ -123,14 +128,20 @@ def fleet_errors(region: str, fleet_id: str) -> dict[tuple[str, str], str]:
     return reasons
 
 
-def failure_message(what: str, count: int, items: list[Candidate], reasons: dict[tuple[str, str], str]) -> str:
-    lines = [f"EC2 could not launch all {count} {what} in any one (type, zone) of the stack's lists; it launched "
-             f"none, so nothing of this attempt runs or bills. Tried, in order:"]
+def tried_lines(market: str, items: list[Candidate], reasons: dict[tuple[str, str], str]) -> list[str]:
+    """One line per candidate, in order: where, the market asked, and EC2's reason."""
+    lines = []
     for item in items:
         reason = reasons.get((item.instance_type, item.subnet_id)) or reasons.get((item.instance_type, item.zone))
-        lines.append(f"  {item.named()}: {reason or 'no reason given by EC2'}")
+        lines.append(f"  {item.named()}, {market}: {reason or 'no reason given by EC2'}")
     if ("", "") in reasons:
         lines.append(f"  ({reasons[('', '')]})")
+    return lines
+
+
+def failure_message(what: str, count: int, items: list[Candidate], tried: tuple[str, ...]) -> str:
+    lines = [f"EC2 could not launch all {count} {what} in any one (type, zone) of the stack's lists; it launched "
+             f"none, so nothing of this attempt runs or bills. Tried, in order:", *tried]
     types = f"{NAMESPACE}:{'orchestratorTypes' if what == 'orchestrator' else 'factoryTypes'}"
     fewer = "" if what == "orchestrator" else \
         f", fewer factories (pulumi config set {NAMESPACE}:factoryCount {max(1, count // 2)}), spot " \
@@ -148,7 +159,7 @@ def next_attempt(region: str, cluster: str, role: str) -> int:
     nothing (so that fleet is replaced, and EC2 asked again). Read-only."""
     from flambe_iac.aws.client import aws_errors, ec2_client
 
-    last, holds = 0, True
+    holds: dict[int, bool] = {}  # attempt -> whether any of its fleets (spot, or its on-demand fallback) holds
     with aws_errors("looking for the cluster's last fleet (DescribeFleets)"):
         pages = ec2_client(region).get_paginator("describe_fleets").paginate(
             Filters=[{"Name": "type", "Values": ["instant"]}])
@@ -161,8 +172,8 @@ def next_attempt(region: str, cluster: str, role: str) -> int:
                     continue
                 attempt = tags.get(ATTEMPT_TAG, "")
                 number_of = int(attempt) if attempt.isascii() and attempt.isdigit() and len(attempt) < 7 else 0
-                if number_of > last:
-                    last, holds = number_of, bool(item.get("Instances"))
-    if last == 0:
+                holds[number_of] = holds.get(number_of, False) or bool(item.get("Instances"))
+    if not holds:
         return 1
-    return last if holds else last + 1
+    last = max(holds)
+    return last if holds[last] else last + 1

@@ -75,12 +75,7 @@ class FlambeCluster(pulumi.ComponentResource):
         self.factories = []
         self.factory_fleet = None
         if config.factory_count:
-            market = SPOT if config.spot_mode == "spot" else ON_DEMAND
-            self.factory_fleet = fleet(f"{config.name}_factories", config.factory_count, market,
-                                       self.templates[FACTORY], factory_choices, config,
-                                       tags_for(config, FACTORY, f"{config.name}_factory"),
-                                       next_attempt(region, config.name, FACTORY), child)
-            members = launched(self.factory_fleet, config.factory_count, factory_choices, "factories", region)
+            members = self.launch_factories(config, factory_choices, region, child)
             self.factories = [member(members, index, config) for index in range(config.factory_count)]
         orchestrator_choices = orchestrator_candidates(config, zones, self.factories)
         self.orchestrator_fleet = fleet(f"{config.name}_orchestrator", 1, ON_DEMAND, self.templates[ORCHESTRATOR],
@@ -103,6 +98,27 @@ class FlambeCluster(pulumi.ComponentResource):
             "amis": dict(self.amis),
         }
         self.register_outputs(self.exports)
+
+
+    def launch_factories(self, config: ClusterConfig, choices: list, region: str, opts: pulumi.ResourceOptions
+                         ) -> pulumi.Output:
+        """The factories' fleet; with spot fallback, spot first and, only when spot launched none of them, an
+        on-demand fleet for all of them (declared then, so a preview shows the spot fleet alone): never a mix."""
+        attempt = next_attempt(region, config.name, FACTORY)
+        tags = tags_for(config, FACTORY, f"{config.name}_factory")
+        count = config.factory_count
+        market = ON_DEMAND if config.spot_mode == "off" else SPOT
+        self.factory_fleet = fleet(f"{config.name}_factories", count, market, self.templates[FACTORY], choices,
+                                   config, tags, attempt, opts)
+        if config.spot_mode != "fallback":
+            return launched(self.factory_fleet, count, choices, "factories", region, market)
+
+        def on_demand(tried_with_spot):
+            self.fallback_fleet = fleet(f"{config.name}_factories_on_demand", count, ON_DEMAND,
+                                        self.templates[FACTORY], choices, config, tags, attempt, opts)
+            return launched(self.fallback_fleet, count, choices, "factories", region, ON_DEMAND,
+                            earlier=tried_with_spot)
+        return launched(self.factory_fleet, count, choices, "factories", region, SPOT, otherwise=on_demand)
 
 
 def declare_cluster(config: ClusterConfig) -> dict[str, Any]:

@@ -193,7 +193,7 @@ class MotoMocks(Mocks):
     can hold them, it ends as the real provider ends (terraform-provider-aws's aws_ec2_fleet does not read
     CreateFleet's Errors): a fleet that exists, launched nothing, and holds EC2's errors for DescribeFleets.
 
-    NO_ROOM: {(instance type, zone): EC2 error code}. ROOM: {(instance type, zone): how many EC2 has there}, for a
+    NO_ROOM: {(instance type, zone) or (instance type, zone, market): EC2 error code}. ROOM: {(instance type, zone): how many EC2 has there}, for a
     fleet that does not ask for all or none (EC2 then launches what it has)."""
 
     def __init__(self, region: str = "us-east-1", no_room: dict | None = None, room: dict | None = None):
@@ -272,8 +272,8 @@ class MotoMocks(Mocks):
             kind, subnet = override["instanceType"], override["subnetId"]
             zone = self.zone_of(subnet)
             self.attempts.append((name, kind, zone))
-            code = self.no_room.get((kind, zone))
-            room = self.room.get((kind, zone), count)
+            code = self.no_room.get((kind, zone, market), self.no_room.get((kind, zone)))
+            room = self.room.get((kind, zone, market), self.room.get((kind, zone), count))
             if code is None and room < count and all_or_none:
                 code = "InsufficientInstanceCapacity"
             if code is not None:

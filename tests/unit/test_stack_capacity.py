@@ -5,7 +5,7 @@ them, EC2 answering InsufficientInstanceCapacity, VcpuLimitExceeded or Unsupport
 import json
 
 import pytest
-from pulumi_harness import BASE_CONFIG, FLEET, MotoMocks, RecordingMocks, run_program
+from pulumi_harness import BASE_CONFIG, FLEET, LAUNCH_TEMPLATE, MotoMocks, RecordingMocks, run_program
 
 from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
@@ -87,9 +87,9 @@ def test_no_capacity_anywhere_names_every_attempt_and_leaves_nothing(aws):
     message = str(caught.value)
     for kind in (P5, P4D):
         for zone, subnet in zip(ZONES, subnets):
-            assert f"{kind} in {zone} ({subnet}): " in message
+            assert f"{kind} in {zone} ({subnet}), on-demand: " in message
     lines = [line for line in message.splitlines() if line.startswith("  ")]
-    assert [line.split("): ")[1].split(":")[0] for line in lines] == ["InsufficientInstanceCapacity"] * 3 + [
+    assert [line.split(", on-demand: ")[1].split(":")[0] for line in lines] == ["InsufficientInstanceCapacity"] * 3 + [
         "VcpuLimitExceeded"] * 2 + ["Unsupported"]
     assert [line.split(" (")[0].strip() for line in lines] == [f"{kind} in {zone}" for kind in (P5, P4D)
                                                                 for zone in ZONES]
@@ -119,6 +119,58 @@ def test_the_next_run_asks_ec2_again_with_a_new_attempt(aws):
     _, again = deploy(config_for(network, subnets), no_room=everywhere(P5))
     assert {resource.name: resource.inputs["tags"]["flambe-attempt"] for resource in again.of_type(FLEET)} == {
         "exp1_factories": "2", "exp1_orchestrator": "1"}
+
+
+# Spot: spot only, or spot and else on-demand for all; never a mix.
+
+def spot_nowhere():
+    return {(kind, zone, "spot"): "InsufficientInstanceCapacity" for kind in (P5, P4D) for zone in ZONES}
+
+
+def markets(mocks):
+    return sorted(item.get("InstanceLifecycle", "on-demand") for item in mocks.live_instances()
+                  if {tag["Key"]: tag["Value"] for tag in item["Tags"]}["Role"] == "factory")
+
+
+def test_spot_true_stays_spot_only(aws):
+    ec2, network = aws
+    subnets = three_zones(ec2, network)
+    with pytest.raises(Exception) as caught:
+        deploy(config_for(network, subnets, spot="true"), no_room=spot_nowhere())
+    exports, mocks = deploy(config_for(network, subnets, spot="true"))
+    assert {host.market for host in parse_outputs(exports).factories} == {"spot"}
+    assert markets(mocks) == ["spot"] * 3
+    assert parse_outputs(exports).orchestrator.market == "on-demand"
+    assert ", spot: InsufficientInstanceCapacity" in str(caught.value) and ", on-demand: " not in str(caught.value)
+
+
+def test_fallback_takes_spot_when_spot_holds_them_all(aws):
+    ec2, network = aws
+    exports, mocks = deploy(config_for(network, three_zones(ec2, network), spot="fallback"))
+    assert {host.market for host in parse_outputs(exports).factories} == {"spot"}
+    assert "exp1_factories_on_demand" not in {resource.name for resource in mocks.of_type(FLEET)}
+
+
+def test_fallback_is_on_demand_for_all_when_spot_cannot_hold_them_all(aws):
+    ec2, network = aws
+    # Spot has room for two of three in a: all or none, so no spot at all; on-demand then holds all three in a.
+    no_room = {key: code for key, code in spot_nowhere().items() if key[:2] != (P5, ZONES[0])}
+    exports, mocks = deploy(config_for(network, three_zones(ec2, network), spot="fallback"), no_room=no_room,
+                            room={(P5, ZONES[0], "spot"): 2})
+    cluster = parse_outputs(exports)
+    assert [(host.market, host.instance_type, host.availability_zone) for host in cluster.factories] == [
+        ("on-demand", P5, ZONES[0])] * 3
+    assert markets(mocks) == ["on-demand"] * 3
+
+
+def test_fallback_failing_both_names_the_spot_and_the_on_demand_attempts(aws):
+    ec2, network = aws
+    subnets = three_zones(ec2, network)
+    with pytest.raises(Exception) as caught:
+        deploy(config_for(network, subnets, spot="fallback"), no_room={**everywhere(P5), **everywhere(P4D)})
+    lines = [line for line in str(caught.value).splitlines() if line.startswith("  ")]
+    assert [line.split(", ")[-1].split(":")[0] for line in lines] == ["spot"] * 6 + ["on-demand"] * 6
+    assert not [item for group in ec2.describe_instances()["Reservations"] for item in group["Instances"]]
 
 
 # Preview refusals: the lists.
@@ -198,3 +250,68 @@ def test_with_no_factory_the_orchestrator_may_go_to_any_subnet_in_order():
             orchestrator.inputs["launchTemplateConfigs"][0]["overrides"]] == [
         ("c5.large", "subnet-0aaa"), ("c5.large", "subnet-0bbb"), ("m5.large", "subnet-0aaa"),
         ("m5.large", "subnet-0bbb")]
+
+
+# Reservations and Capacity Blocks (moto has no capacity reservations: DescribeCapacityReservations answers here).
+
+class ReservationsAnswer:
+    """An EC2 client whose DescribeCapacityReservations answers RESERVATIONS; the rest is moto's."""
+
+    def __init__(self, region, reservations):
+        import boto3
+
+        self.moto = boto3.client("ec2", region_name=region)
+        self.reservations = reservations
+
+    def describe_capacity_reservations(self, CapacityReservationIds):
+        return {"CapacityReservations": [item for item in self.reservations
+                                         if item["CapacityReservationId"] in CapacityReservationIds]}
+
+    def __getattr__(self, name):
+        return getattr(self.moto, name)
+
+
+@pytest.fixture
+def reservations(monkeypatch):
+    import flambe_iac.aws.client
+
+    held = []
+    monkeypatch.setattr(flambe_iac.aws.client, "ec2_client", lambda region: ReservationsAnswer(region, held))
+    return held
+
+
+def reserved(kind, zone):
+    return {"CapacityReservationId": "cr-0abc", "InstanceType": kind, "AvailabilityZone": zone}
+
+
+@pytest.mark.parametrize("reservation, expected", [
+    (None, "flambe:capacityReservationId cr-0abc does not exist in eu-west-3"),
+    (reserved("p5.48xlarge", "eu-west-3a"), "holds p5.48xlarge, which flambe:factoryTypes does not list: "
+                                            "pulumi config set --path 'flambe:factoryTypes[0]' p5.48xlarge"),
+    (reserved("m5.large", "eu-west-3c"), "is in eu-west-3c, and no subnet of flambe:subnetIds is"),
+])
+def test_a_reservation_the_lists_cannot_use_is_refused_at_preview(reservations, reservation, expected):
+    reservations.extend([reservation] if reservation else [])
+    assert expected in refusal(RecordingMocks(), capacityReservationId="cr-0abc")
+
+
+def test_the_factories_template_targets_the_reservation_or_the_capacity_block(reservations):
+    reservations.append(reserved("m5.large", "eu-west-3a"))
+    for extra, market in (({}, None), ({"capacityBlock": "true"}, "capacity-block")):
+        mocks = RecordingMocks()
+        exports = run_program(lambda: declare_cluster(load_config()),
+                              {**BASE_CONFIG, "capacityReservationId": "cr-0abc", **extra}, mocks)
+        templates = {resource.name: resource.inputs for resource in mocks.of_type(LAUNCH_TEMPLATE)}
+        target = templates["exp1_factory"]["capacityReservationSpecification"]["capacityReservationTarget"]
+        assert target == {"capacityReservationId": "cr-0abc"}
+        assert templates["exp1_factory"].get("instanceMarketOptions", {}).get("marketType") == market
+        assert "capacityReservationSpecification" not in templates["exp1_orchestrator"]
+        hosts = parse_outputs(exports)
+        assert {host.market for host in hosts.factories} == {market or "on-demand"}
+        assert hosts.orchestrator.market == "on-demand"
+    mocks = RecordingMocks()
+    run_program(lambda: declare_cluster(load_config()),
+                {**BASE_CONFIG, "capacityReservationGroupArn": "arn:aws:resource-groups:eu-west-3:1:group/g"}, mocks)
+    (factory,) = [resource.inputs for resource in mocks.of_type(LAUNCH_TEMPLATE) if resource.name == "exp1_factory"]
+    assert factory["capacityReservationSpecification"]["capacityReservationTarget"] == {
+        "capacityReservationResourceGroupArn": "arn:aws:resource-groups:eu-west-3:1:group/g"}
