@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flambe_iac import __version__
+from flambe_iac.aws.capacity import (Shape, candidates, capacity_finding, capacity_report, capacity_table,
+                                      read_capacity, service_quotas_client)
 from flambe_iac.aws.client import ec2_client
 from flambe_iac.aws.leftovers import find_flambe_instances, leftovers_report, marked
 from flambe_iac.aws.network import read_network, this_machines_address
-from flambe_iac.aws.preflight import FAIL, check_network
+from flambe_iac.aws.preflight import FAIL, Finding, check_network
 from flambe_iac.engine.ray_cluster import MEMBER_PORT_RANGES
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, InputError, exit_code_of
 from flambe_iac.inputs.outputs import load_outputs, parse_outputs
@@ -29,6 +31,14 @@ and 49558 for the report site, and the subnet's network ACL in both directions. 
 With --efa (or flambe:efa true in the stack's config), also that one security group allows all traffic in from and
 out to itself, which EFA needs in both directions: a rule from the subnet's CIDR does not do.
 
+With --stack or --config, when the config names flambe:factoryTypes, subnetIds, factoryCount or spot (or their
+one-item keys), also the capacity: one table of the factories' (type, zone) candidates in EC2 Fleet's order (types
+outer, subnets inner), each with whether its zone offers the type and whether the account's vCPU quota for the
+type's family (Service Quotas; spot: true asks the spot quota, fallback either, otherwise on-demand), minus the vCPUs
+running now, holds the factories and the orchestrator; the first that fits is marked. When none does, the
+`aws service-quotas request-service-quota-increase` line that would raise the quota. Every subnet of subnetIds gets
+the network checks. --report FILE writes the findings and the table as JSON.
+
 With --leftovers, it lists instead every pending, running, stopping or stopped instance tagged Purpose=flambe in the
 region (cluster, role, creator, type, launch time, state), and prints the `aws ec2 terminate-instances` line for the
 leftovers; it never terminates anything. --stack, --config or --outputs scope the listing to that cluster, in its
@@ -43,8 +53,8 @@ of the last successful `pulumi up`: an instance a failed or running `up` created
   flambe-deploy check --leftovers --config infra/Pulumi.dev.yaml
 
 AWS credentials come from boto3's default chain (environment, ~/.aws, SSO, instance role).
-exit codes: 0 every check passed (no leftover), 1 something is missing (a leftover found), 2 bad input or no
-credentials."""
+exit codes: 0 every check passed (no leftover), 1 something is missing (no candidate fits; a leftover found), 2 bad
+input, no credentials, or an AWS error."""
 
 
 def add_command(commands) -> argparse.ArgumentParser:
@@ -78,8 +88,8 @@ def add_command(commands) -> argparse.ArgumentParser:
 def run_check(arguments: argparse.Namespace) -> int:
     if arguments.leftovers:
         return run_leftovers(arguments)
-    misplaced = [flag for flag, value in (("--creator", arguments.creator), ("--cluster", arguments.cluster),
-                                          ("--report", arguments.report)) if value]
+    misplaced = [flag for flag, value in (("--creator", arguments.creator), ("--cluster", arguments.cluster))
+                 if value]
     if misplaced:
         raise InputError(f"{', '.join(misplaced)} go with --leftovers")
     if not (arguments.stack or arguments.config or arguments.outputs):
@@ -87,18 +97,55 @@ def run_check(arguments: argparse.Namespace) -> int:
                          "FILE (or list leftover instances with --leftovers)")
     deploy_cidr = parse_cidr(arguments.from_cidr) if arguments.from_cidr else None
     source = read_source(arguments)
-    network = read_network(ec2_client(arguments.region or source.get("region")), source)
+    ec2 = ec2_client(arguments.region or source.get("region"))
+    networks = [read_network(ec2, {**source, "subnet_id": subnet_id})
+                for subnet_id in source.get("subnet_ids", [source.get("subnet_id")])]
     if deploy_cidr is None:
         deploy_cidr = this_machines_address()
-    findings = check_network(network, deploy_cidr, MEMBER_PORT_RANGES if arguments.ray else (),
-                             efa=arguments.efa or bool(source.get("efa")))
+    findings = []
+    for network in networks:  # one finding of the groups or the key pair, not one a subnet
+        findings += [finding for finding in check_network(network, deploy_cidr,
+                                                          MEMBER_PORT_RANGES if arguments.ray else (),
+                                                          efa=arguments.efa or bool(source.get("efa")))
+                     if finding not in findings]
+    print_findings(findings)
+    report = {"region": ec2.meta.region_name}
+    if source.get("capacity"):
+        finding, report["capacity"] = check_capacity(ec2, source)
+        findings.append(finding)
+    failed = sum(finding.status == FAIL for finding in findings)
+    print(f"{len(findings) - failed} of {len(findings)} checks passed" + (f", {failed} failed" if failed else ""))
+    write_report(arguments.report, {**report, "findings": [asdict(finding) for finding in findings]})
+    return EXIT_HOST_FAILED if failed else EXIT_OK
+
+
+def check_capacity(ec2, source: dict) -> tuple[Finding, dict]:
+    """The offering and quota table of the stack's candidates, printed; its finding and its report."""
+    shape = Shape(source["factory_types"], source["orchestrator_types"], source["subnet_ids"], source["factory_count"],
+                  source["market"], source["reservation"])
+    reading = read_capacity(ec2, service_quotas_client(ec2), shape)
+    found = candidates(shape, reading)
+    for line in capacity_table(shape, found, reading):
+        print(safe_field(line))
+    finding = capacity_finding(shape, found, reading.region)
+    print_findings([finding])
+    return finding, capacity_report(shape, found, reading)
+
+
+def print_findings(findings: list[Finding]) -> None:
     for finding in findings:
         print(safe_field(f"{finding.status}  {finding.check}: {finding.detail}"))
         for fix in finding.fixes:
             print(safe_field(f"      fix: {fix}"))
-    failed = sum(finding.status == FAIL for finding in findings)
-    print(f"{len(findings) - failed} of {len(findings)} checks passed" + (f", {failed} failed" if failed else ""))
-    return EXIT_HOST_FAILED if failed else EXIT_OK
+
+
+def write_report(path: Path | None, report: dict) -> None:
+    if path is None:
+        return
+    try:
+        write_json_atomically(path, report)
+    except OSError as error:
+        raise InputError(f"cannot write --report {path}: {error.strerror}") from None
 
 
 def run_leftovers(arguments: argparse.Namespace) -> int:
@@ -122,11 +169,7 @@ def run_leftovers(arguments: argparse.Namespace) -> int:
         if scope.cluster and not scope.creator:
             print("      (no creator given: another person's cluster of this name in this region is listed too; "
                   "check each before you run it, or pass --creator)")
-    if arguments.report is not None:
-        try:
-            write_json_atomically(arguments.report, report)
-        except OSError as error:
-            raise InputError(f"cannot write --report {arguments.report}: {error.strerror}") from None
+    write_report(arguments.report, report)
     return EXIT_HOST_FAILED if report["leftovers"] else EXIT_OK
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import math
+import re
 from pathlib import Path
 
 import yaml
@@ -12,6 +14,12 @@ import yaml
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.outputs import load_outputs
 from flambe_iac.inputs.pulumi_cli import stack_config
+
+DEFAULT_INSTANCE_TYPE = "m5.large"  # the stack's default for both roles
+INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]{0,30}\.[a-z0-9-]{1,30}")  # m5.large, u-6tb1.112xlarge, p6-b200.48xlarge
+CAPACITY_KEYS = ("factoryTypes", "factoryType", "orchestratorTypes", "orchestratorType", "subnetIds", "factoryCount",
+                 "spot")  # naming one asks check for the capacity preflight
+MAX_PREFERENCES = 50  # entries of one preference list: EC2 Fleet's overrides are types x subnets
 
 
 def parse_cidr(text: str) -> str:
@@ -72,6 +80,7 @@ def source_from_stack(stack: str) -> dict:
 
 
 def config_values(config: dict, source: str) -> dict:
+    """What check reads of a stack's config: the network, and the cluster's shape for the capacity preflight."""
     def value(key):
         item = config.get(key)
         if isinstance(item, dict) and "secure" in item:
@@ -80,21 +89,95 @@ def config_values(config: dict, source: str) -> dict:
             raise InputError(f"{source}: {key} must be a string, not {type(item).__name__}")
         return item
 
-    groups = value("flambe:securityGroupIds")
-    if isinstance(groups, str):
-        try:
-            groups = json.loads(groups)
-        except (ValueError, RecursionError):
-            groups = [groups]
-    subnet = value("flambe:subnetId")
-    if not subnet or not groups or not isinstance(subnet, str):
-        raise InputError(f"{source}: flambe:subnetId and flambe:securityGroupIds are needed for the check")
-    if not isinstance(groups, list) or not all(isinstance(group, str) and group for group in groups):
-        raise InputError(f"{source}: flambe:securityGroupIds must be a list of group ids")
+    groups = string_list(value("flambe:securityGroupIds"), "flambe:securityGroupIds", source)
+    subnets = preference_list(value, source, "subnetIds", "subnetId", None)
+    if not subnets or not groups:
+        raise InputError(f"{source}: flambe:subnetId (or flambe:subnetIds) and flambe:securityGroupIds are needed "
+                         "for the check")
     region, key_name = value("aws:region"), value("flambe:keyName")
     if isinstance(region, list) or isinstance(key_name, list):
         raise InputError(f"{source}: aws:region and flambe:keyName must be strings")
     efa = {"true": True, "false": False}.get(str(config.get("flambe:efa", False)).lower())
     if efa is None:
         raise InputError(f"{source}: flambe:efa must be true or false")
-    return {"region": region, "subnet_id": subnet, "group_ids": groups, "key_name": key_name, "efa": efa}
+    reservation = value("flambe:capacityReservationId") or value("flambe:capacityReservationGroupArn")
+    if isinstance(reservation, list):
+        raise InputError(f"{source}: flambe:capacityReservationId and flambe:capacityReservationGroupArn are strings")
+    factory_types = preference_list(value, source, "factoryTypes", "factoryType", DEFAULT_INSTANCE_TYPE)
+    orchestrator_types = preference_list(value, source, "orchestratorTypes", "orchestratorType",
+                                         DEFAULT_INSTANCE_TYPE)
+    for instance_type in (*factory_types, *orchestrator_types):
+        if not INSTANCE_TYPE.fullmatch(instance_type):
+            raise InputError(f"{source}: {instance_type!r} is not an instance type such as m5.large or p4d.24xlarge")
+    return {"region": region, "subnet_id": subnets[0], "subnet_ids": subnets, "group_ids": groups,
+            "key_name": key_name, "efa": efa, "factory_types": factory_types,
+            "orchestrator_types": orchestrator_types, "factory_count": factory_count(config, source),
+            "market": market(config.get("flambe:spot"), source),
+            "reservation": reservation,
+            "capacity": any(f"flambe:{key}" in config for key in CAPACITY_KEYS)}
+
+
+def string_list(item, key: str, source: str) -> list[str] | None:
+    """A list of non-empty strings from the config: a list, a JSON list in a string, or one string."""
+    if isinstance(item, str):
+        try:
+            parsed = json.loads(item)
+        except (ValueError, RecursionError):
+            parsed = [item]
+        item = parsed if isinstance(parsed, list) else [item]
+    if item is None:
+        return None
+    if not isinstance(item, list) or not all(isinstance(entry, str) and entry for entry in item):
+        raise InputError(f"{source}: {key} must be a list of strings")
+    if len(item) > MAX_PREFERENCES:
+        raise InputError(f"{source}: {key} has {len(item)} entries; give at most {MAX_PREFERENCES}")
+    return item
+
+
+def preference_list(value, source: str, key: str, one_key: str, default: str | None) -> list[str] | None:
+    """flambe:KEY (an ordered list) or its one-item shorthand flambe:ONE_KEY; both set is a contradiction."""
+    many = string_list(value(f"flambe:{key}"), f"flambe:{key}", source)
+    one = value(f"flambe:{one_key}")
+    if many is not None and one is not None:
+        raise InputError(f"{source}: both flambe:{key} and flambe:{one_key} are set; keep the list: "
+                         f"pulumi config rm flambe:{one_key}")
+    if isinstance(one, list):
+        raise InputError(f"{source}: flambe:{one_key} must be one string (a list goes in flambe:{key})")
+    if many is not None:
+        if not many:
+            raise InputError(f"{source}: flambe:{key} is empty; name at least one, or remove it")
+        return many
+    return [one] if one else ([default] if default else None)
+
+
+def factory_count(config: dict, source: str) -> int:
+    item = config.get("flambe:factoryCount", 1)
+    text = str(item)
+    if isinstance(item, bool) or not isinstance(item, (int, str)) or not text.isascii() or not text.isdigit() \
+            or len(text) > 6:
+        raise InputError(f"{source}: flambe:factoryCount is {safe_repr(item)}; give a whole number such as 2")
+    return int(text)
+
+
+def market(item, source: str) -> str:
+    """flambe:spot as the market the factories ask: on-demand (false, unset), spot (true or a price), fallback."""
+    text = str(item).lower() if isinstance(item, (str, bool, int, float)) else None
+    if item is None or text == "false":
+        return "on-demand"
+    if text == "true":
+        return "spot"
+    if text == "fallback":
+        return "fallback"
+    try:
+        price = float(text) if text is not None else math.nan
+    except ValueError:
+        price = math.nan
+    if not 0 < price < math.inf:
+        raise InputError(f"{source}: flambe:spot is {safe_repr(item)}; give false, true, fallback, or a maximum "
+                         "hourly price such as 0.25")
+    return "spot"
+
+
+def safe_repr(item) -> str:
+    text = repr(item)
+    return text if len(text) <= 40 else text[:40] + "..."
