@@ -15,7 +15,16 @@ from pathlib import Path
 from pyinfra.api import operation
 
 import flambe_iac
-from flambe_iac.agent.records import AGENT_ARCHIVE, AGENT_CONFIG, AGENT_ENVIRONMENT, AGENT_PROCESS, AgentConfig
+from flambe_iac.agent.records import (
+    AGENT_ARCHIVE,
+    AGENT_CONFIG,
+    AGENT_ENVIRONMENT,
+    AGENT_LOG,
+    AGENT_PROCESS,
+    AGENT_STATE,
+    PREEMPTED_DIR,
+    AgentConfig,
+)
 from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.deploys.operations import host_function, staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
@@ -26,12 +35,13 @@ from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 AGENT_TIMEOUT = 120.0
 OFF = "off"
 AGENTS_SEEN = SnapshotRequest(processes=(AGENT_PROCESS,))  # read on every deploy: see `uncovered_members`
+LEFT_BY_AN_INSTALL = (AGENT_CONFIG, AGENT_ARCHIVE, AGENT_STATE, AGENT_LOG)  # any one: `off` has work to do
 
 
 def reads(context) -> SnapshotRequest:
     installing = context.plan.autostop != OFF
-    return SnapshotRequest(files=(AGENT_CONFIG, AGENT_ARCHIVE), tools=("python3", "crontab") if installing else (),
-                           processes=(AGENT_PROCESS,))
+    return SnapshotRequest(files=LEFT_BY_AN_INSTALL, tools=("python3", "crontab") if installing else (),
+                           trees=() if installing else (PREEMPTED_DIR,), processes=(AGENT_PROCESS,))
 
 
 def uncovered_members(running: dict) -> str | None:
@@ -48,11 +58,13 @@ def uncovered_members(running: dict) -> str | None:
 
 
 def autostop_step(context, member, snapshot: HostSnapshot) -> list:
-    """Nothing to do when the agent runs with these settings and this flambe_iac (or, for off, is gone)."""
+    """Nothing to do when the agent runs with these settings and this flambe_iac (or, for off, when nothing of it is
+    left: an agent that died, or an install refused after its @reboot line was added, still leaves files)."""
     running = AGENT_PROCESS in snapshot.running
     archive = agent_archive()
     if context.plan.autostop == OFF:
-        if not running and AGENT_CONFIG not in snapshot.files:
+        if not running and not any(name in snapshot.files for name in LEFT_BY_AN_INSTALL) \
+                and PREEMPTED_DIR not in snapshot.trees:
             return []
         files = [(AGENT_ARCHIVE, HiddenBytes(archive), "644")]  # `remove` runs from it, whatever is there now
         return [staged_files(name="the autostop agent's code", files=files, snapshot=snapshot,

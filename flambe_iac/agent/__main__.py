@@ -10,7 +10,6 @@ import ctypes
 import fcntl
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,17 +25,18 @@ from flambe_iac.agent.records import (
     AGENT_PID,
     AGENT_PROCESS,
     AGENT_STATE,
+    NOTICE_WORDS,
     PREEMPTED_DIR,
     AgentConfig,
     read_config,
 )
 from flambe_iac.agent.signals import runnable_alive
+from flambe_iac.inputs.names import HOST_ID
 from flambe_iac.local_files import READABLE, write_atomically
 
 AGENT_LOCK = ".flambe/autostop.lock"
 EXIT_REFUSED = 3
 MAX_LOG = 1 << 20
-HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 ON_PREEMPT_WAIT = 95
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 PR_SET_NAME = 15
@@ -143,6 +143,8 @@ def add_reboot_line() -> None:
 
 
 def remove(home: Path) -> str:
+    """Every file of ours, whatever an earlier install left (a dead agent, settings a refused install took away), and
+    the notices left for the runner; nothing else."""
     stop_agent(home)
     try:
         update_crontab(without_agent)
@@ -151,7 +153,21 @@ def remove(home: Path) -> str:
             raise Refused(str(error)) from None
     for name in (AGENT_CONFIG, AGENT_STATE, AGENT_PID, AGENT_LOCK, AGENT_LOG, AGENT_ARCHIVE):
         (home / name).unlink(missing_ok=True)
+    remove_notices(home / PREEMPTED_DIR)
     return "agent removed"
+
+
+def remove_notices(directory: Path) -> None:
+    """ID.json and ID.done, as `notice` and the runner write them; the directory too once it holds nothing else."""
+    if directory.is_symlink() or not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if path.suffix in (".json", ".done") and HOST_ID.fullmatch(path.stem) and not path.is_dir():
+            path.unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:  # something of the user's is in it: it stays
+        return
 
 
 def run(home: Path) -> None:
@@ -178,14 +194,17 @@ def name_this_process(name: str) -> None:
 
 
 def notice(home: Path, host_id: str, text: str) -> str:
-    """Leave a notice for the runner, then wait (at most ON_PREEMPT_WAIT s) for what its on_preempt did."""
+    """Leave a notice for the runner, then wait (at most ON_PREEMPT_WAIT s) for what its on_preempt did. TEXT comes
+    from another member: the runnable gets it only in the words an agent writes (`terminate at 2026-...`). An
+    outcome left by an earlier interruption of the same member goes first, or this one would read as answered."""
     if not HOST_ID.fullmatch(host_id):
         raise Refused("a notice names a host id of letters, digits, '.', '_', ':' and '-'")
     directory = home / PREEMPTED_DIR
     directory.mkdir(mode=0o700, exist_ok=True)
     (directory / f"{host_id}.done").unlink(missing_ok=True)
+    words = text if NOTICE_WORDS.fullmatch(text) else "unknown action at unknown time"
     write_atomically(directory / f"{host_id}.json",
-                     json.dumps({"host": host_id, "interruption": text[:200], "at": time.time()}), READABLE)
+                     json.dumps({"host": host_id, "interruption": words, "at": time.time()}), READABLE)
     deadline = time.monotonic() + ON_PREEMPT_WAIT
     while time.monotonic() < deadline:
         done = directory / f"{host_id}.done"

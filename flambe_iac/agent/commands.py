@@ -19,11 +19,12 @@ class Answer:
 
 def run_quietly(argv, timeout: float, limit: int = 1 << 16, env: dict | None = None) -> Answer | None:
     """ARGV, with at most LIMIT bytes of each output kept (another member's answer is not trusted to be short);
-    None if it cannot start or does not end in TIMEOUT."""
+    None if it cannot start (no such command; a NUL in an argument, which Popen refuses with ValueError) or does not
+    end in TIMEOUT."""
     try:
         process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, env=env)
-    except OSError:
+    except (OSError, ValueError):
         return None
     with process:
         outputs: dict[str, bytes] = {}

@@ -32,9 +32,10 @@ def reboot_line(python: str, path: str) -> str:
 
 
 def is_agent_line(line: bytes) -> bool:
-    """The agent's line, exactly as `reboot_line` writes it (any PATH and python); a line of the user's that looks
-    like it, or merely ends with the mark, is theirs."""
-    return AGENT_LINE.fullmatch(line.removesuffix(b"\n").removesuffix(b"\r")) is not None
+    """The agent's line, exactly as `reboot_line` writes it (any PATH and python) and as cron reads it, ending at
+    \n: a line of the user's that looks like it, merely ends with the mark, or ends in \r\n (cron runs the \r as
+    part of the command), is theirs."""
+    return AGENT_LINE.fullmatch(line.removesuffix(b"\n")) is not None
 
 
 def without_agent(current: bytes) -> bytes:

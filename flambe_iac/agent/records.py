@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 AGENT_ARCHIVE = ".flambe/autostop.zip"  # the agent's code: this flambe_iac, as one zip
@@ -20,6 +21,9 @@ AGENT_PROCESS = "flambe-autostop"  # the agent's process name (at most 15 charac
 STATES = ("watching", "waiting for factories", "stopping", "stop refused", "preempted")
 MAX_RECORD = 4096
 LATEST_TIME = 2 ** 33  # seconds since 1970, about the year 2242: a larger time is not one
+NOTICE_ACTIONS = ("terminate", "stop", "hibernate")  # EC2's words in spot/instance-action
+EC2_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")  # as spot/instance-action writes it
+NOTICE_WORDS = re.compile(r"(?:terminate|stop|hibernate|unknown action) at (?:" + EC2_TIME.pattern + "|unknown time)")
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,8 @@ class AgentState:
     stops_in_minutes: float | None = None
     waiting_for: list[str] = field(default_factory=list)  # factories still busy (the orchestrator)
     preempted_at: float | None = None
-    interruption: str | None = None  # the notice's action and time, as the metadata service gave them
-    cause: str | None = None  # why a stop was refused
+    interruption: str | None = None  # the notice's action and time in NOTICE_WORDS (each part checked)
+    cause: str | None = None  # why a stop was refused; what was wrong with a notice
     updated_at: float = 0.0
 
     def to_bytes(self) -> bytes:

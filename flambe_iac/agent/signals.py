@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from flambe_iac.agent.commands import run_quietly
+
 GPU_QUERY = ("nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits")
 GPU_TIMEOUT = 10
+MAX_GPU_ANSWER = 1 << 14  # a line per GPU
 GPU_UNREADABLE = "unreadable"  # nvidia-smi is there but says nothing usable (an error, MIG's [N/A]): maybe busy
 PROBE_MARK = "flambe-autostop-probe"  # in the command of the agents' own SSH sessions, which are not work
 NEW_SESSION_SECONDS = 5.0  # a session this young may be a probe whose shell has not started yet
@@ -145,16 +147,13 @@ def runnable_alive(home: Path, proc: Path = Path("/proc")) -> bool:
     return state != ["Z"] and b"flambe_iac.runnable" in cmdline
 
 
-def gpu_reading() -> list[float] | str | None:
-    """Each GPU's utilization now; GPU_UNREADABLE where nvidia-smi fails or gives no number; None without it."""
+def gpu_reading(timeout: float = GPU_TIMEOUT) -> list[float] | str | None:
+    """Each GPU's utilization now; GPU_UNREADABLE where nvidia-smi fails, does not answer within TIMEOUT or gives no
+    number; None without it."""
     if shutil.which(GPU_QUERY[0]) is None:
         return None
-    try:
-        result = subprocess.run(GPU_QUERY, capture_output=True, text=True, timeout=GPU_TIMEOUT,
-                                stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return GPU_UNREADABLE
-    found = gpu_utilizations(result.stdout) if result.returncode == 0 else []
+    result = run_quietly(GPU_QUERY, timeout, MAX_GPU_ANSWER)
+    found = gpu_utilizations(result.stdout) if result is not None and result.returncode == 0 else []
     return found or GPU_UNREADABLE
 
 

@@ -20,6 +20,7 @@ from flambe_iac.agent.records import (
     parse_state,
 )
 from flambe_iac.agent.signals import (
+    GPU_TIMEOUT,
     PROBE_MARK,
     Thresholds,
     busy_cores,
@@ -28,8 +29,9 @@ from flambe_iac.agent.signals import (
     machine_cpu,
     processes,
 )
-from flambe_iac.agent.spot import MetadataService
+from flambe_iac.agent.spot import NO_NOTICE, MetadataService, Notice
 from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
+from flambe_iac.inputs.names import HOST_ID
 from flambe_iac.local_files import READABLE, write_atomically
 from flambe_iac.ssh.policy import SshTarget, ssh_command_line
 
@@ -62,6 +64,9 @@ class Watch:
         self.members = Members(home, config, clock)
         self.cpu = machine_cpu()
         self.cores = os.cpu_count() or 1
+        self.interval = sample_seconds(config.minutes)
+        self.next_sample = self.next_metadata_try = clock()
+        self.handled: bytes | None = None  # the body of the last notice answered: EC2 serves it until it interrupts
 
     @property
     def state_path(self) -> Path:
@@ -73,7 +78,7 @@ class Watch:
         cores = busy_cores(self.cpu, cpu, self.cores)
         self.cpu = cpu
         return busy_signals(Thresholds(self.config.gpu_percent, self.config.cpu_cores), self.config.user, self.home,
-                            cores, gpu_reading(), processes())
+                            cores, gpu_reading(min(GPU_TIMEOUT, self.interval)), processes())
 
     def observe(self, signals: list[str]) -> bool:
         """Update the record with SIGNALS; True once the member has been idle for the set minutes."""
@@ -110,21 +115,36 @@ class Watch:
             self.state.state, self.state.cause = "stopping", None
 
     def check_notice(self) -> None:
-        if self.state.state == "preempted":
-            return
+        """A notice is answered once: EC2 serves the same one at every question until the interruption. When the
+        service says there is none again (back from hibernation), the member is watched afresh, and a later notice
+        is a second interruption, answered too."""
         notice = self.metadata.interruption()
-        if notice is None:
-            return
-        self.state.state, self.state.preempted_at, self.state.interruption = "preempted", self.wall(), notice
+        if notice == NO_NOTICE:
+            if self.state.state == "preempted":
+                self.state.state, self.state.cause, self.quiet_since = "watching", None, self.clock()
+            self.handled = None
+        elif isinstance(notice, Notice) and notice.body != self.handled:
+            self.handled = notice.body
+            self.preempt(notice)
+
+    def preempt(self, notice: Notice) -> None:
+        """Whatever the notice says, the runnable hears of it and Ray stops: the member is going."""
+        self.state.state, self.state.preempted_at, self.state.interruption = "preempted", self.wall(), notice.words
+        self.state.cause = notice.cause
         self.save()
-        self.tell_the_runnable(notice)
+        self.tell_the_runnable(notice.words)
         if self.config.ray_stop:
             run_quietly(("sh", "-c", f"cd && {self.config.ray_stop}"), STOP_TIMEOUT)
+        self.save()
 
-    def tell_the_runnable(self, notice: str) -> None:
+    def tell_the_runnable(self, words: str) -> None:
         """On the orchestrator, the runner calls the runnable's on_preempt (at most 90 s); this waits for it."""
+        if not HOST_ID.fullmatch(self.config.member_id):
+            refused = f"this member's id {self.config.member_id[:40]!r} is no host id: on_preempt not told"
+            self.state.cause = "; ".join(filter(None, (self.state.cause, refused)))
+            return
         command = (f"cd && {AGENT_ENVIRONMENT} python3 -m flambe_iac.agent notice "
-                   f"{shlex.quote(self.config.member_id)} {shlex.quote(notice)}")
+                   f"{shlex.quote(self.config.member_id)} {shlex.quote(words)}")
         argv = ["sh", "-c", command] if self.config.orchestrator is None else self.members.hop(
             self.config.orchestrator, command)
         run_quietly(argv, NOTICE_TIMEOUT)
@@ -138,17 +158,20 @@ class Watch:
     def run(self) -> None:
         """Forever: a failure in one round is logged and the next round comes, since an agent that ended would
         leave the member running until the next boot."""
-        interval = sample_seconds(self.config.minutes)
-        next_sample = next_metadata_try = self.clock()
         while True:
-            now = self.clock()
-            if now >= next_sample:
-                guarded(self.step)
-                next_sample = now + interval
-            if self.metadata.answered or now >= next_metadata_try:
-                guarded(self.check_notice)
-                next_metadata_try = now + METADATA_RETRY_SECONDS
-            time.sleep(max(0.2, min(next_sample - self.clock(), SPOT_POLL_SECONDS)))
+            time.sleep(self.round())
+
+    def round(self) -> float:
+        """A sample when one is due, and the notice asked for (on EC2 at least every SPOT_POLL_SECONDS); the seconds
+        until the next round."""
+        now = self.clock()
+        if now >= self.next_sample:
+            guarded(self.step)
+            self.next_sample = now + self.interval
+        if self.metadata.answered or now >= self.next_metadata_try:
+            guarded(self.check_notice)
+            self.next_metadata_try = now + METADATA_RETRY_SECONDS
+        return max(0.2, min(self.next_sample - self.clock(), SPOT_POLL_SECONDS))
 
 
 SSH_REFUSALS = ("Permission denied", "Host key verification failed")  # ssh's words when a live sshd says no

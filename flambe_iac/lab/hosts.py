@@ -66,9 +66,11 @@ echo "sudo: a password is required" >&2; exit 1
 REFUSING_SUDO = """#!/bin/sh
 echo "sudo: a password is required" >&2; exit 1
 """
-STAND_IN_GPU = """#!/bin/sh
-# The lab's nvidia-smi: one GPU at a fixed utilization, as --query-gpu=utilization.gpu prints it.
-echo {percent}
+STAND_IN_GPU = f"""#!/bin/sh
+# The lab's nvidia-smi: one GPU at a fixed utilization, as --query-gpu=utilization.gpu prints it; or what a test wrote
+# into gpu-reading beside it (MIG's `[N/A]`, nothing at all).
+cat {IN_HOST_DIR}/gpu-reading 2>/dev/null && exit
+echo {{percent}}
 """
 LAB_PATH = f"{IN_HOST_DIR}/bin:/usr/local/bin:/usr/bin:/bin"  # the stand-ins first, as sshd's SetEnv gives it
 METADATA_ADDRESS = "169.254.169.254"

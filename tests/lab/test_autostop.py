@@ -3,7 +3,9 @@
 crontab kept byte for byte, an agent that returns after a kill and after a reboot, and `off` leaving nothing.
 
 The lab records `sudo -n shutdown` in hosts/NAME/shutdowns instead of running it; a GPU is a stand-in nvidia-smi
-(--fault INDEX:gpu=PERCENT) and the metadata service a stand-in on 169.254.169.254 (--fault INDEX:spot-notice=S).
+(--fault INDEX:gpu=PERCENT, or what a test writes into hosts/NAME/gpu-reading) and the metadata service a stand-in
+on 169.254.169.254 (--fault INDEX:spot-notice=S; hosts/NAME/metadata-mode makes it trickle, or withdraw its notice and
+give a second one).
 Every deploy passes --autostop-cpu 64: the lab's hosts share this machine's CPU, which other work keeps busy.
 """
 
@@ -65,6 +67,19 @@ def on_host(lab: LabSession, index: int, command: str) -> subprocess.CompletedPr
 
 def deploy(lab: LabSession, tmp_path, *arguments):
     return lab.deploy(*lab.lab_arguments(), *arguments, env=home_environment(tmp_path / "home"))
+
+
+def runnable_file(tmp_path, source: str):
+    """A runnable file for `trainext.train:Train` (SOURCE) with one resource, `out`."""
+    extension = tmp_path / "trainext"
+    (extension / "trainext").mkdir(parents=True)
+    (extension / "trainext" / "__init__.py").write_text("")
+    (extension / "trainext" / "train.py").write_text(source)
+    out = tmp_path / "out"
+    out.mkdir()
+    runnable = tmp_path / "runnable.yaml"
+    runnable.write_text(f"trainext: {extension}\n---\nrunnable: trainext.train:Train\nresources: {{out: {out}}}\n")
+    return runnable
 
 
 def agent_pids(lab: LabSession, name: str) -> list[int]:
@@ -129,15 +144,8 @@ def test_an_open_ssh_session_keeps_a_factory_up_until_it_ends(make_lab, tmp_path
 
 def test_a_spot_notice_reaches_on_preempt_and_shows_in_status(make_lab, tmp_path):
     lab = make_lab(3, "--fault", "2:spot-notice=20")
-    extension = tmp_path / "trainext"
-    (extension / "trainext").mkdir(parents=True)
-    (extension / "trainext" / "__init__.py").write_text("")
-    (extension / "trainext" / "train.py").write_text(RUNNABLE_SOURCE)
-    out = tmp_path / "out"
-    out.mkdir()
-    runnable = tmp_path / "runnable.yaml"
-    runnable.write_text(f"trainext: {extension}\n---\nrunnable: trainext.train:Train\nresources: {{out: {out}}}\n")
-    result = deploy(lab, tmp_path, str(runnable), "--run", "--autostop", "30", *QUIET_CPU)
+    result = deploy(lab, tmp_path, str(runnable_file(tmp_path, RUNNABLE_SOURCE)), "--run", "--autostop", "30",
+                    *QUIET_CPU)
     assert result.returncode == 0, result.stdout + result.stderr
 
     checkpoint = lab.home("orchestrator") / "resources" / "out" / "checkpoint.json"
@@ -196,3 +204,52 @@ def test_a_host_that_may_not_sudo_shutdown_fails_the_step_with_that_cause(make_l
     assert failed["steps"]["autostop"]["status"] == "failed"
     assert hosts[lab.addresses[0]]["steps"]["autostop"]["status"] == "changed"
     assert agent_pids(lab, "factory-1") == []
+
+
+NOTICES_RUNNABLE_SOURCE = '''
+import json
+import time
+
+from flambe_iac import Runnable
+
+
+class Train(Runnable):
+    def run(self):
+        time.sleep(600)
+
+    def on_preempt(self, host_id, interruption):
+        with open(self.resources["out"] / "notices.jsonl", "a") as notices:
+            notices.write(json.dumps({"host": host_id, "notice": interruption}) + "\\n")
+'''
+
+
+def test_a_trickling_metadata_service_a_notice_served_again_and_an_unreadable_gpu_across_rounds(make_lab, tmp_path):
+    """factory-1's metadata service trickles its answer: the factory still stops. factory-2 (busy) gets a notice
+    served at every question, withdrawn (as after a hibernation), then a second one: on_preempt runs once for each.
+    factory-3's nvidia-smi answers MIG's [N/A]: it never stops."""
+    lab = make_lab(4, "--fault", "1:spot-notice=3600", "--fault", "2:spot-notice=45", "--fault", "2:gpu=80",
+                   "--fault", "3:gpu=0")
+    hosts = lab.directory / "hosts"
+    (hosts / "factory-1" / "metadata-mode").write_text("trickle\n")
+    (hosts / "factory-2" / "metadata-mode").write_text("again\n")
+    (hosts / "factory-3" / "gpu-reading").write_text("[N/A]\n")
+    runnable = runnable_file(tmp_path, NOTICES_RUNNABLE_SOURCE)
+    result = deploy(lab, tmp_path, str(runnable), "--run", "--autostop", WINDOW, *QUIET_CPU)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    wait_for(lambda: shutdowns(lab, "factory-1"), 40, "factory-1's shutdown, its metadata service trickling")
+    assert agent_state(lab, "factory-1")["state"] == "stopping"
+    time.sleep(4)  # two more samples
+    assert shutdowns(lab, "factory-3") == [] and agent_state(lab, "factory-3")["last_busy"].startswith(
+        "gpu unreadable")
+
+    notices = lab.home("orchestrator") / "resources" / "out" / "notices.jsonl"
+    wait_for(lambda: notices.exists() and len(notices.read_text().splitlines()) >= 2, 120, "two on_preempt calls")
+    time.sleep(6)  # the second notice asked again at every round since
+    calls = [json.loads(line) for line in notices.read_text().splitlines()]
+    factory_id = lab.outputs["factories"][1]["id"]
+    assert [call["host"] for call in calls] == [factory_id, factory_id]
+    assert calls[0]["notice"] != calls[1]["notice"] and all(call["notice"].startswith("terminate at 20")
+                                                            for call in calls)
+    assert agent_state(lab, "factory-2")["state"] == "preempted" and shutdowns(lab, "factory-2") == []
+    assert shutdowns(lab, "factory-3") == []

@@ -32,7 +32,7 @@ from flambe_iac.agent.signals import (
     runnable_alive,
     session_owner,
 )
-from flambe_iac.agent.spot import MetadataService, describe_notice
+from flambe_iac.agent.spot import NO_NOTICE, MetadataService, Notice, read_notice
 from flambe_iac.agent.watch import Watch, sample_seconds
 from flambe_iac.day_two.status import agent_status
 from flambe_iac.lab.metadata_service import handler_for
@@ -192,9 +192,16 @@ def test_the_users_crontab_is_kept_byte_for_byte(lines):
     assert without_agent(added) == table
 
 
-def test_a_table_without_a_final_newline_gets_one_before_our_line_and_crlf_lines_are_ours_too():
+def test_a_table_without_a_final_newline_gets_one_before_our_line():
     assert with_agent(b"@daily true", LINE) == b"@daily true\n" + LINE.encode() + b"\n"
-    assert without_agent(b"a\n" + LINE.encode() + b"\r\n") == b"a\n"
+
+
+def test_a_line_like_ours_ending_in_crlf_is_the_users_as_cron_reads_it():
+    """Cron runs `...# flambe-autostop\r` with its \r: not the line we wrote, so a user's line, kept."""
+    table = b"a\n" + LINE.encode() + b"\r\n"
+    assert without_agent(table) == table
+    assert with_agent(table, LINE) == table + LINE.encode() + b"\n"
+    assert without_agent(with_agent(table, LINE)) == table
 
 
 def test_a_lone_carriage_return_is_inside_a_line_as_cron_reads_it():
@@ -382,31 +389,34 @@ def test_samples_come_each_minute_and_six_times_a_short_window():
 # The metadata service's notice (the lab's stand-in serves it as EC2 does: IMDSv2 tokens only).
 
 @pytest.fixture
-def metadata(request):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(time.time() + request.param))
+def metadata(request, tmp_path):
+    """The lab's stand-in on a local port: (the service as the agent asks it, the stand-in's mode file)."""
+    mode_file = tmp_path / "metadata-mode"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(time.time() + request.param, mode_file))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield MetadataService(f"http://127.0.0.1:{server.server_address[1]}")
+    yield MetadataService(f"http://127.0.0.1:{server.server_address[1]}"), mode_file
     server.shutdown()
 
 
 @pytest.mark.parametrize("metadata", [3600.0], indirect=True)
 def test_no_notice_until_there_is_one(metadata):
-    assert metadata.reachable and metadata.interruption() is None
+    service, _ = metadata
+    assert service.interruption() == NO_NOTICE and service.answered
 
 
 @pytest.mark.parametrize("metadata", [-1.0], indirect=True)
 def test_a_notice_with_its_action_and_time_and_an_expired_token_renewed_at_once(metadata):
-    assert metadata.interruption().startswith("terminate at ")
-    metadata.token = "expired"  # refused (401): a new token, and the question asked again, in the same call
-    assert metadata.interruption().startswith("terminate at ") and metadata.token != "expired"
-    assert metadata.answered
+    service, _ = metadata
+    notice = service.interruption()
+    assert notice.action == "terminate" and notice.words.startswith("terminate at 20") and notice.cause is None
+    service.token = "expired"  # refused (401): a new token, and the question asked again, in the same call
+    assert service.interruption() == notice and service.token != "expired"
+    assert service.answered
 
 
-def test_no_service_is_no_notice_and_garbage_is_none():
-    absent = MetadataService("http://127.0.0.1:9", timeout=0.2)
+def test_no_service_is_no_answer():
+    absent = MetadataService("http://127.0.0.1:9", deadline=0.2)
     assert absent.interruption() is None and not absent.answered
-    assert describe_notice(b"<html>") is None and describe_notice(b'{"action": 3}') is None
-    assert describe_notice(json.dumps({"action": "stop" * 50, "time": "x"}).encode()) == f"{'stop' * 8} at x"
 
 
 # The runner answers notices with on_preempt.
