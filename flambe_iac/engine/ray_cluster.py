@@ -18,6 +18,7 @@ import secrets
 import shlex
 from dataclasses import dataclass
 
+from flambe_iac.engine.remote_probes import answer_lines, framed, host_sections
 from flambe_iac.errors import InputError
 
 RAY_TOKEN = ".ray/auth_token"  # where Ray itself looks (RAY_AUTH_TOKEN_PATH's default)
@@ -113,11 +114,15 @@ def parse_state(content: bytes | None) -> RecordedState:
     return RecordedState(lines[0] if lines else "", fields.get("started_by", ""), fields.get("ray_version", ""))
 
 
+# What the host's Python printed for Ray's version (or its error): the host's text, framed.
+_VERSION, _VERSION_ERROR = framed('printf %s "$version"'), framed('printf %s "$version" | tail -n 1')
+
+
 def start_command(python: str, node_address: str, head_address: str, desired: str, run_id: str,
                   expected_version: str = "") -> str:
     """One round trip: check the Python has Ray (and, for a worker, the head's version), stop whatever Ray this user
     runs on this host, start this member's part, and record it. Prints @version, then @started, @no-ray,
-    @mismatch or @failed (with the start log's last lines)."""
+    @mismatch or @failed (with the start log's last lines); what the host's Python and Ray print is framed."""
     is_head = not expected_version
     options = [f"--node-ip-address={node_address}", "--disable-usage-stats", "--log-style=record",
                "--log-color=false", *(f"{option}={port}" for option, port in NODE_PORT_OPTIONS.items())]
@@ -132,15 +137,15 @@ def start_command(python: str, node_address: str, head_address: str, desired: st
     record = shlex.quote(f"{desired}\nstarted_by {run_id}\n")
     return (
         f"version=$({py} -c 'import ray; print(ray.__version__)' 2>&1) "
-        f"|| {{ printf '@no-ray %s\\n' \"$(printf '%s' \"$version\" | tail -n 1)\"; exit 0; }}; "
-        f"printf '@version %s\\n' \"$version\"; {version_check}"
+        f"|| {{ echo @no-ray; {_VERSION_ERROR}; exit 0; }}; "
+        f"echo @version; {_VERSION}; {version_check}"
         f"{ray} stop >/dev/null 2>&1; rm -f {RAY_STATE}; mkdir -p .flambe; "
         f"mkdir -p -m 700 {RAY_PRIVATE} && chmod 700 {RAY_PRIVATE} || {{ echo @failed; exit 0; }}; "
         f"if {ray} start {' '.join(shlex.quote(option) for option in options)} "
         f'--temp-dir="$HOME/{RAY_TEMP}" > {RAY_START_LOG} 2>&1 '
         f'&& pgrep -u "$(id -u)" -x raylet >/dev/null; then '
         f"{{ printf '%s' {record}; printf 'ray_version %s\\n' \"$version\"; }} > {RAY_STATE}; echo @started; "
-        f"else echo @failed; tail -n 5 {RAY_START_LOG}; fi"
+        f"else echo @failed; {framed(f'tail -n 5 {RAY_START_LOG}')}; fi"
     )
 
 
@@ -160,17 +165,23 @@ class StartOutcome:
 
 
 def parse_start_output(output: bytes) -> StartOutcome:
-    version, status, detail = "", "failed", []
-    for line in output.decode(errors="replace").splitlines():
-        if line.startswith("@version "):
-            version = line.split(" ", 1)[1].strip()
-        elif line.startswith("@no-ray"):
-            return StartOutcome("no-ray", detail=line.partition(" ")[2].strip())
-        elif line in ("@started", "@mismatch", "@failed"):
-            status = line[1:]
-        elif status == "failed" and line.strip():
-            detail.append(line.strip())
-    return StartOutcome(status, version, "; ".join(detail[-3:]))
+    """What `start_command` printed; anything else, or a start cut short, is a failure (never a success)."""
+    found = {section.name: section for section in host_sections(answer_lines(output))}
+
+    def text(name: str) -> str:
+        try:
+            return found[name].text().decode(errors="replace") if name in found else ""
+        except ValueError:  # not framed: not what the command prints
+            return ""
+    version = text("@version").strip()
+    if "@no-ray" in found:
+        return StartOutcome("no-ray", detail=text("@no-ray").strip())
+    if "@failed" not in found:
+        for status in ("mismatch", "started"):
+            if f"@{status}" in found:
+                return StartOutcome(status, version)
+    detail = [line.strip() for line in text("@failed").splitlines() if line.strip()]
+    return StartOutcome("failed", version, "; ".join(detail[-3:]))
 
 
 def runner_environment(head_address: str) -> dict[str, str]:

@@ -127,14 +127,20 @@ def test_the_runnable_waits_for_every_worker():
 
 
 def test_start_output_says_what_happened():
-    assert parse_start_output(b"@version 2.60.0\n@started\n").status == "started"
-    assert parse_start_output(b"@version 2.60.0\n@started\n").version == "2.60.0"
-    missing = parse_start_output(b"@no-ray ModuleNotFoundError: No module named 'ray'\n")
+    from framed_answers import section
+
+    def parsed(text: str):
+        return parse_start_output(text.encode())
+    assert parsed(section("@version", "2.60.0") + "@started\n").status == "started"
+    assert parsed(section("@version", "2.60.0") + "@started\n").version == "2.60.0"
+    missing = parsed(section("@no-ray", "ModuleNotFoundError: No module named 'ray'"))
     assert missing.status == "no-ray" and "No module named 'ray'" in missing.detail
-    assert parse_start_output(b"@version 2.59.0\n@mismatch\n") .status == "mismatch"
-    failed = parse_start_output(b"@version 2.60.0\n@failed\nline one\nPermission denied: /tmp/ray\n")
+    assert parsed(section("@version", "2.59.0") + "@mismatch\n").status == "mismatch"
+    failed = parsed(section("@version", "2.60.0") + section("@failed", "line one\nPermission denied: /tmp/ray\n"))
     assert failed.status == "failed" and "Permission denied" in failed.detail
     assert parse_start_output(b"").status == "failed"  # cut short: never a success
+    forged = parsed(section("@version", "2.60.0") + section("@failed", "@started\n@version 9\n"))
+    assert forged.status == "failed" and forged.version == "2.60.0"  # Ray's log cannot say it started
     assert parse_state(state_file("{}", "r9", "2.60.0")) == parse_state(state_file("{}", "r9", "2.60.0"))
     assert parse_state(None).desired == ""
 
