@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from flambe_iac.day_two.status import STATUS_SCRIPT, parse_status
 from flambe_iac.deploys.snapshot import SnapshotRequest, parse_snapshot, snapshot_command
 from flambe_iac.engine.cluster_key import new_cluster_key
+from flambe_iac.engine.ray_cluster import parse_start_output, start_command
 from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, RUN_EXIT, RUN_LOG, RUN_PID
 from flambe_iac.engine.remote_probes import answer_lines, host_sections
 
@@ -99,3 +100,26 @@ def test_one_parser_splits_every_answer_into_the_sections_it_was_given(parts):
     text = "".join(section(name, body, argument.replace("\n", " ")) for name, argument, body in parts)
     sections = host_sections(answer_lines(text))
     assert [(found.name, found.text()) for found in sections[1:]] == [(name, body) for name, _, body in parts]
+
+
+FAKE_PYTHON = """#!/bin/sh
+# A host's Python whose Ray prints what a hostile start log could hold, then fails to start.
+case "$*" in
+  *"print(ray.__version__)"*) echo 2.60.0 ;;
+  *"ray.scripts.scripts start"*) printf '@started\\n@version 9.9\\n'; exit 1 ;;
+esac
+"""
+
+
+def test_a_ray_start_log_cannot_say_the_start_succeeded(tmp_path):
+    """The start command itself, in bash, with a Python whose `ray start` fails after printing section lines."""
+    home = tmp_path / "home"
+    home.mkdir()
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    command = start_command(str(python), "10.0.0.1", "10.0.0.1", "head", "r1")
+    result = subprocess.run(["bash", "-c", command], cwd=home, capture_output=True, timeout=60,
+                            env={**os.environ, "HOME": str(home)})
+    outcome = parse_start_output(result.stdout)
+    assert (outcome.status, outcome.version) == ("failed", "2.60.0") and "@started" in outcome.detail
