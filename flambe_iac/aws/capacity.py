@@ -350,7 +350,7 @@ def quotas_verdict(reading: Reading, market: str, factories: Counter, orchestrat
         elif quota.free < need:
             short.append((need_code, quota.in_use + need))
         else:
-            held.append(f"{need} of {quota.free} free in {need_code}")
+            held.append(f"needs {need} of {quota.free} free in {need_code}")
     if short:
         return Verdict(market, False, "; ".join(f"needs {needs[c]} vCPUs of {c}, "
                                                 f"{describe_free(reading.quotas.get(c))}" for c, _ in short),
@@ -395,53 +395,11 @@ def capacity_finding(shape: Shape, found: list[Candidate], region: str) -> Findi
         return Finding(SKIP, check, f"the factories launch into {shape.reservation}, which holds their capacity "
                                     "(AWS counts its vCPUs against the on-demand quota already): the table shows "
                                     "what the zones offer")
+    increases = increase_lines(found, region)
     if any(verdict.fits is None for candidate in found for verdict in candidate.verdicts):
         return Finding(SKIP, check, "no candidate is known to hold the cluster, and some could not be read "
-                                    "(the table says why)")
+                                    "(the table says why)", increases)
+    if not increases:
+        return Finding(FAIL, check, "no candidate holds the cluster: the table says why for each")
     return Finding(FAIL, check, "no candidate holds the cluster within the account's vCPU quotas: request an "
-                                "increase (it takes effect when AWS approves it)", increase_lines(found, region))
-
-
-def capacity_table(shape: Shape, found: list[Candidate], reading: Reading) -> list[str]:
-    """The candidates in EC2 Fleet's order, the first that fits marked, then the quotas read."""
-    markets = {ON_DEMAND: "on-demand", SPOT: "spot", FALLBACK: "spot, then on-demand"}[shape.market]
-    lines = [f"capacity: {shape.factory_count} factor{'y' if shape.factory_count == 1 else 'ies'} ({markets}) and "
-             f"an orchestrator (on-demand: {', '.join(shape.orchestrator_types)}), candidates in EC2 Fleet's order",
-             f"     {'#':>3}  {'type':<16} {'zone':<16} {'subnet':<26} {'offered':<8} {'vCPUs':>6}  verdict"]
-    chosen = first_fit(found)
-    for candidate in found:
-        mark = "  ->" if candidate is chosen else "    "
-        vcpus = str(candidate.vcpus) if isinstance(candidate.vcpus, int) else "?"
-        lines.append(f"{mark} {candidate.rank:>3}  {candidate.instance_type:<16} {candidate.zone or '-':<16} "
-                     f"{candidate.subnet_id:<26} {'yes' if candidate.offered else 'no':<8} {vcpus:>6}  "
-                     f"{candidate_verdict(candidate)}")
-    for quota in reading.quotas.values():
-        value = "?" if quota.value is None else str(quota.value)
-        in_use = "?" if quota.in_use is None else str(quota.in_use)
-        lines.append(f"     quota {quota.code} ({QUOTA_NAMES.get(quota.code, 'vCPUs')}): {value} vCPUs, {in_use} in use"
-                     + (f" ({quota.cause})" if quota.cause else ""))
-    return lines
-
-
-def candidate_verdict(candidate: Candidate) -> str:
-    if candidate.zone is None:
-        return f"{candidate.subnet_id} does not exist in this region"
-    if not candidate.offered:
-        return f"{candidate.zone} does not offer {candidate.instance_type}"
-    words = {True: "fits", False: "too small", None: "cannot tell"}
-    return "; ".join(f"{verdict.market} {words[verdict.fits]}: {verdict.cause}"
-                     + (f" (orchestrator {verdict.orchestrator})" if verdict.fits else "")
-                     for verdict in candidate.verdicts)
-
-
-def capacity_report(shape: Shape, found: list[Candidate], reading: Reading) -> dict:
-    chosen = first_fit(found)
-    return {"market": shape.market, "factory_count": shape.factory_count,
-            "chosen": None if chosen is None else chosen.rank,
-            "candidates": [{"rank": c.rank, "instance_type": c.instance_type, "subnet_id": c.subnet_id,
-                            "zone": c.zone, "offered": c.offered,
-                            "vcpus": c.vcpus if isinstance(c.vcpus, int) else None,
-                            "verdicts": [{"market": v.market, "fits": v.fits, "cause": v.cause,
-                                          "orchestrator": v.orchestrator} for v in c.verdicts]} for c in found],
-            "quotas": [{"code": q.code, "value": q.value, "in_use": q.in_use, "cause": q.cause}
-                       for q in reading.quotas.values()]}
+                                "increase (it takes effect when AWS approves it)", increases)

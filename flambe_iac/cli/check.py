@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flambe_iac import __version__
-from flambe_iac.aws.capacity import (Shape, candidates, capacity_finding, capacity_report, capacity_table,
-                                      read_capacity, service_quotas_client)
+from flambe_iac.aws.capacity import (FALLBACK, ON_DEMAND, QUOTA_NAMES, SPOT, Candidate, Reading, Shape, candidates,
+                                      capacity_finding, first_fit, read_capacity, service_quotas_client)
 from flambe_iac.aws.client import ec2_client
 from flambe_iac.aws.leftovers import find_flambe_instances, leftovers_report, marked
 from flambe_iac.aws.network import read_network, this_machines_address
@@ -208,3 +208,48 @@ def leftovers_scope(arguments: argparse.Namespace) -> LeftoversScope:
         if value is not None and named is not None and value != named:
             raise InputError(f"--{name} {value!r} is not the {name} {scope.source} names ({named})")
     return replace(scope, region=scope.region or arguments.region, creator=scope.creator or arguments.creator)
+
+
+def capacity_table(shape: Shape, found: list[Candidate], reading: Reading) -> list[str]:
+    """The candidates in EC2 Fleet's order, the first that fits marked, then the quotas read."""
+    markets = {ON_DEMAND: "on-demand", SPOT: "spot", FALLBACK: "spot, then on-demand"}[shape.market]
+    lines = [f"capacity: {shape.factory_count} factor{'y' if shape.factory_count == 1 else 'ies'} ({markets}) and "
+             f"an orchestrator (on-demand: {', '.join(shape.orchestrator_types)}), candidates in EC2 Fleet's order",
+             f"     {'#':>3}  {'type':<16} {'zone':<16} {'subnet':<26} {'offered':<8} {'vCPUs':>6}  verdict"]
+    chosen = first_fit(found)
+    for candidate in found:
+        mark = "  ->" if candidate is chosen else "    "
+        vcpus = str(candidate.vcpus) if isinstance(candidate.vcpus, int) else "?"
+        lines.append(f"{mark} {candidate.rank:>3}  {candidate.instance_type:<16} {candidate.zone or '-':<16} "
+                     f"{candidate.subnet_id:<26} {'yes' if candidate.offered else 'no':<8} {vcpus:>6}  "
+                     f"{candidate_verdict(candidate)}")
+    for quota in reading.quotas.values():
+        value = "?" if quota.value is None else str(quota.value)
+        in_use = "?" if quota.in_use is None else str(quota.in_use)
+        lines.append(f"     quota {quota.code} ({QUOTA_NAMES.get(quota.code, 'vCPUs')}): {value} vCPUs, {in_use} in use"
+                     + (f" ({quota.cause})" if quota.cause else ""))
+    return lines
+
+
+def candidate_verdict(candidate: Candidate) -> str:
+    if candidate.zone is None:
+        return f"{candidate.subnet_id} does not exist in this region"
+    if not candidate.offered:
+        return f"{candidate.zone} does not offer {candidate.instance_type}"
+    words = {True: "fits", False: "too small", None: "cannot tell"}
+    return "; ".join(f"{verdict.market} {words[verdict.fits]}: {verdict.cause}"
+                     + (f" (orchestrator {verdict.orchestrator})" if verdict.fits else "")
+                     for verdict in candidate.verdicts)
+
+
+def capacity_report(shape: Shape, found: list[Candidate], reading: Reading) -> dict:
+    chosen = first_fit(found)
+    return {"market": shape.market, "factory_count": shape.factory_count,
+            "chosen": None if chosen is None else chosen.rank,
+            "candidates": [{"rank": c.rank, "instance_type": c.instance_type, "subnet_id": c.subnet_id,
+                            "zone": c.zone, "offered": c.offered,
+                            "vcpus": c.vcpus if isinstance(c.vcpus, int) else None,
+                            "verdicts": [{"market": v.market, "fits": v.fits, "cause": v.cause,
+                                          "orchestrator": v.orchestrator} for v in c.verdicts]} for c in found],
+            "quotas": [{"code": q.code, "value": q.value, "in_use": q.in_use, "cause": q.cause}
+                       for q in reading.quotas.values()]}

@@ -131,6 +131,22 @@ def test_fallback_fits_on_demand_when_the_spot_quota_is_short(account, tmp_path,
     assert "holds 4 factories on-demand" in out
 
 
+@pytest.mark.parametrize("orchestrators, exit_code, words", [
+    (["trn1.32xlarge"], 1, "us-east-1a offers none of the orchestrator's types (trn1.32xlarge)"),
+    (["trn1.32xlarge", "m5.large"], 0, "on-demand fits: needs 4 of 32 free in L-1216C47A (orchestrator m5.large)"),
+    (["p4d.24xlarge"], 1, increase("L-417A185B", 96)),
+])
+def test_the_orchestrator_takes_the_first_of_its_types_the_zone_offers_and_its_quota_holds(
+        account, tmp_path, capsys, orchestrators, exit_code, words):
+    ec2, quotas = account
+    quotas.update({STANDARD_ON_DEMAND: 32, "L-417A185B": 0})
+    config = write_config(tmp_path, network(ec2, zones=("us-east-1a",)), factoryTypes=["m5.large"],
+                          orchestratorTypes=orchestrators)  # moto offers trn1.32xlarge in b, c and f only
+    code, out, _ = check(capsys, config)
+    assert code == exit_code, out
+    assert words in out
+
+
 def test_running_instances_count_against_the_quota_and_the_increase_line_says_so(account, tmp_path, capsys):
     ec2, quotas = account
     quotas.update({STANDARD_ON_DEMAND: 12, STANDARD_SPOT: 100})
