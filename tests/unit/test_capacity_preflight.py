@@ -14,6 +14,7 @@ from moto.servicequotas.models import ServiceQuotasBackend
 
 from flambe_iac.aws.capacity import (ON_DEMAND, SPOT, Shape, candidates, quota_code, read_capacity)
 from flambe_iac.cli.deploy import main as deploy_main
+from flambe_iac.errors import InputError
 
 REGION = "us-east-1"
 STANDARD_ON_DEMAND, STANDARD_SPOT = "L-1216C47A", "L-34B43A08"
@@ -305,11 +306,9 @@ def stubbed_reading(offerings, instance_types, quota_value=64):
     with Stubber(ec2) as ec2_stub, Stubber(quotas) as quota_stub:
         for subnet, zone in (("subnet-0aaa", "us-east-1a"), ("subnet-0bbb", "us-east-1b")):
             ec2_stub.add_response("describe_subnets", {"Subnets": [{"SubnetId": subnet, "AvailabilityZone": zone}]})
-        first, *rest = offerings
-        ec2_stub.add_response("describe_instance_type_offerings",
-                              {"InstanceTypeOfferings": first, **({"NextToken": "more"} if rest else {})})
-        for page in rest:
-            ec2_stub.add_response("describe_instance_type_offerings", {"InstanceTypeOfferings": page})
+        for number, page in enumerate(offerings, start=1):
+            ec2_stub.add_response("describe_instance_type_offerings", {
+                "InstanceTypeOfferings": page, **({"NextToken": f"page{number}"} if number < len(offerings) else {})})
         ec2_stub.add_response("describe_instances", {"Reservations": [{"Instances": [
             {"InstanceId": "i-1", "InstanceType": "m5.large", "State": {"Name": "running"},
              "LaunchTime": datetime.datetime(2026, 1, 1)}]}]})
@@ -338,3 +337,10 @@ def test_missing_vcpu_information_is_a_cause_in_words():
     assert [verdict.fits for candidate in found for verdict in candidate.verdicts] == [None, None]
     assert "EC2 gave no vCPU count for m5.large" in found[0].verdicts[0].cause
     assert "a running m5.large's vCPUs are unknown" in reading.quotas[STANDARD_ON_DEMAND].cause
+
+
+def test_a_listing_that_does_not_end_is_a_cause_in_words(monkeypatch):
+    monkeypatch.setattr("flambe_iac.aws.capacity.MAX_PAGES", 2)
+    page = [{"InstanceType": "m5.large", "Location": "us-east-1a"}]
+    with pytest.raises(InputError, match="describe_instance_type_offerings did not finish within 2 pages"):
+        stubbed_reading([page, page, page], [{"InstanceType": "m5.large", "VCpuInfo": {"DefaultVCpus": 2}}])
