@@ -16,12 +16,11 @@ import pulumi
 import pulumi_aws as aws
 
 from flambe_iac.stacks.cluster_config import NAMESPACE, ClusterConfig
+from flambe_iac.stacks.launches import ATTEMPT_TAG, fleet_records, live_ids, small_number
 from flambe_iac.terminal import safe_field
 
 ON_DEMAND, SPOT, CAPACITY_BLOCK = "on-demand", "spot", "capacity-block"
-ATTEMPT_TAG = "flambe-attempt"
 MAX_REASON = 300  # characters of one EC2 reason shown
-MAX_FLEET_PAGES = 20  # DescribeFleets pages read when looking for this cluster's last attempt
 
 
 class CapacityError(pulumi.RunError):
@@ -107,15 +106,22 @@ def field_of(entry: Any, key: str) -> Any:
     return getattr(entry, key, None)
 
 
+def ec2_reader(region: str):
+    """The program's own read-only EC2 client (what the provider offers no data source for)."""
+    from flambe_iac.aws.client import ec2_client
+
+    return ec2_client(region)
+
+
 def fleet_errors(region: str, fleet_id: str) -> dict[tuple[str, str], str]:
     """{(instance type, subnet or zone): EC2's code and message} of an instant fleet, read with DescribeFleets."""
-    from flambe_iac.aws.client import aws_errors, ec2_client
-
     from botocore.exceptions import BotoCoreError, ClientError
+
+    from flambe_iac.aws.client import aws_errors
 
     try:
         with aws_errors("reading the fleet's errors (DescribeFleets)"):
-            fleets = ec2_client(region).describe_fleets(FleetIds=[fleet_id]).get("Fleets", [])
+            fleets = ec2_reader(region).describe_fleets(FleetIds=[fleet_id]).get("Fleets", [])
     except (BotoCoreError, ClientError) as error:
         return {("", ""): f"EC2's reasons could not be read: {type(error).__name__}"}
     reasons = {}
@@ -154,25 +160,17 @@ def failure_message(what: str, count: int, items: list[Candidate], tried: tuple[
     return "\n".join(lines)
 
 
-def next_attempt(region: str, cluster: str, role: str) -> int:
-    """The attempt number for ROLE's fleet: the last one's while it holds instances, the next once it launched
-    nothing (so that fleet is replaced, and EC2 asked again). Read-only."""
-    from flambe_iac.aws.client import aws_errors, ec2_client
-
-    holds: dict[int, bool] = {}  # attempt -> whether any of its fleets (spot, or its on-demand fallback) holds
-    with aws_errors("looking for the cluster's last fleet (DescribeFleets)"):
-        pages = ec2_client(region).get_paginator("describe_fleets").paginate(
-            Filters=[{"Name": "type", "Values": ["instant"]}])
-        for number, page in enumerate(pages):
-            if number >= MAX_FLEET_PAGES:
-                break
-            for item in page.get("Fleets", []):
-                tags = {tag.get("Key"): tag.get("Value") for tag in item.get("Tags") or []}
-                if tags.get("Cluster-Name") != cluster or tags.get("Role") != role or tags.get("Purpose") != "flambe":
-                    continue
-                attempt = tags.get(ATTEMPT_TAG, "")
-                number_of = int(attempt) if attempt.isascii() and attempt.isdigit() and len(attempt) < 7 else 0
-                holds[number_of] = holds.get(number_of, False) or bool(item.get("Instances"))
+def next_attempt(ec2, cluster: str, role: str) -> int:
+    """The attempt number for ROLE's fleets: the last one's while one of its fleets holds a live instance, the next
+    once none does (so the fleet is replaced and EC2 asked again). Read-only."""
+    records = fleet_records(ec2, cluster, role)
+    listed = {record["FleetId"]: [instance_id for entry in record.get("Instances") or []
+                                  for instance_id in entry.get("InstanceIds") or []] for record in records}
+    alive = live_ids(ec2, [instance_id for ids in listed.values() for instance_id in ids])
+    holds: dict[int, bool] = {}
+    for record in records:
+        attempt = small_number(record["tags"].get(ATTEMPT_TAG)) or 1
+        holds[attempt] = holds.get(attempt, False) or any(item in alive for item in listed[record["FleetId"]])
     if not holds:
         return 1
     last = max(holds)

@@ -13,11 +13,14 @@ import pulumi_aws as aws
 
 from flambe_iac.aws.leftovers import LIVE_STATES
 from flambe_iac.inputs.outputs import contract_document
+from flambe_iac.aws.client import aws_errors
 from flambe_iac.stacks.capacity import (
     CAPACITY_BLOCK,
     ON_DEMAND,
     SPOT,
+    Candidate,
     candidates,
+    ec2_reader,
     fleet,
     launched,
     next_attempt,
@@ -31,6 +34,7 @@ from flambe_iac.stacks.cluster_config import (
     ClusterConfig,
     StackConfigError,
 )
+from flambe_iac.stacks.launches import FLEET_TAG, LAUNCH_TAG, history, plan
 from flambe_iac.stacks.placement import (
     check_placement_type,
     efa_interface_count,
@@ -72,16 +76,12 @@ class FlambeCluster(pulumi.ComponentResource):
                                                 efa_interfaces if role == FACTORY else 0, child)
                           for role in (ORCHESTRATOR, FACTORY)}
         factory_choices = candidates(config.factory_types, config.subnet_ids, zones)
-        self.factories = []
-        self.factory_fleet = None
-        if config.factory_count:
-            members = self.launch_factories(config, factory_choices, region, child)
-            self.factories = [member(members, index, config) for index in range(config.factory_count)]
+        self.factories = self.launch_factories(config, factory_choices, region, child) if config.factory_count else []
         orchestrator_choices = orchestrator_candidates(config, zones, self.factories)
         self.orchestrator_fleet = fleet(f"{config.name}_orchestrator", 1, ON_DEMAND, self.templates[ORCHESTRATOR],
                                         orchestrator_choices, config,
                                         tags_for(config, ORCHESTRATOR, f"{config.name}_orchestrator"),
-                                        next_attempt(region, config.name, ORCHESTRATOR), child)
+                                        self.orchestrator_attempt(config, region), child)
         self.orchestrator = member(launched(self.orchestrator_fleet, 1, orchestrator_choices, "orchestrator", region),
                                    0, config, orchestrator=True)
         self.alarms = []
@@ -100,25 +100,58 @@ class FlambeCluster(pulumi.ComponentResource):
         self.register_outputs(self.exports)
 
 
-    def launch_factories(self, config: ClusterConfig, choices: list, region: str, opts: pulumi.ResourceOptions
-                         ) -> pulumi.Output:
-        """The factories' fleet; with spot fallback, spot first and, only when spot launched none of them, an
-        on-demand fleet for all of them (declared then, so a preview shows the spot fleet alone): never a mix."""
-        attempt = next_attempt(region, config.name, FACTORY)
-        tags = tags_for(config, FACTORY, f"{config.name}_factory")
-        count = config.factory_count
-        market = ON_DEMAND if config.spot_mode == "off" else SPOT
-        self.factory_fleet = fleet(f"{config.name}_factories", count, market, self.templates[FACTORY], choices,
-                                   config, tags, attempt, opts)
-        if config.spot_mode != "fallback":
-            return launched(self.factory_fleet, count, choices, "factories", region, market)
+    def launch_factories(self, config: ClusterConfig, choices: list[Candidate], region: str,
+                         opts: pulumi.ResourceOptions) -> list[dict[str, Any]]:
+        """The factories, launch by launch: those that run stay as they are; what is missing is one new launch,
+        pinned to the type, zone and market of the cluster's first launch, or, for a new cluster, over every
+        candidate (spot fallback: spot first, on-demand for all only when spot launched none)."""
+        with aws_errors("reading the cluster's launches (DescribeFleets, DescribeInstances)"):
+            launches, pending = history(ec2_reader(region), config.name, f"{config.name}_factories")
+        step = plan(config.factory_count, launches, pending)
+        hosts = []
+        for launch in step.kept:
+            for name, held in launch.fleets.items():
+                first = held[0]
+                fleet(name, len(held), SPOT if first[4] == SPOT else ON_DEMAND, self.templates[FACTORY],
+                      [Candidate(first[1], first[2], first[3])], config, self.launch_tags(config, launch.index, name),
+                      launch.attempt, opts)
+                members = pulumi.Output.from_input([(item[0], item[1], item[4]) for item in held])
+                hosts += [member(members, index, config) for index in range(len(held))]
+        if step.new_index is None:
+            return hosts
+        name = f"{config.name}_factories" + (f"_{step.new_index}" if step.new_index else "")
+        if step.kept:  # more of what the cluster has: its type, its zone, its market
+            first = step.kept[0].live[0]
+            choices, market, fallback = [Candidate(first[1], first[2], first[3])], first[4], False
+        else:
+            market, fallback = (ON_DEMAND if config.spot_mode == "off" else SPOT), config.spot_mode == "fallback"
+        members = self.launch(config, name, step, choices, market, fallback, region, opts)
+        return hosts + [member(members, index, config) for index in range(step.new_count)]
+
+    def launch(self, config: ClusterConfig, name: str, step, choices: list[Candidate], market: str, fallback: bool,
+               region: str, opts: pulumi.ResourceOptions) -> pulumi.Output:
+        count, what = step.new_count, "factories" if not step.kept else "more factories in the cluster's type and zone"
+        self.new_fleet = fleet(name, count, market, self.templates[FACTORY], choices, config,
+                               self.launch_tags(config, step.new_index, name), step.new_attempt, opts)
+        if not fallback:
+            return launched(self.new_fleet, count, choices, what, region, market)
 
         def on_demand(tried_with_spot):
-            self.fallback_fleet = fleet(f"{config.name}_factories_on_demand", count, ON_DEMAND,
-                                        self.templates[FACTORY], choices, config, tags, attempt, opts)
-            return launched(self.fallback_fleet, count, choices, "factories", region, ON_DEMAND,
-                            earlier=tried_with_spot)
-        return launched(self.factory_fleet, count, choices, "factories", region, SPOT, otherwise=on_demand)
+            fallback_name = f"{name}_on_demand"
+            self.fallback_fleet = fleet(fallback_name, count, ON_DEMAND, self.templates[FACTORY], choices, config,
+                                        self.launch_tags(config, step.new_index, fallback_name), step.new_attempt,
+                                        opts)
+            return launched(self.fallback_fleet, count, choices, what, region, ON_DEMAND, earlier=tried_with_spot)
+        return launched(self.new_fleet, count, choices, what, region, SPOT, otherwise=on_demand)
+
+    @staticmethod
+    def orchestrator_attempt(config: ClusterConfig, region: str) -> int:
+        with aws_errors("reading the orchestrator's fleets (DescribeFleets, DescribeInstances)"):
+            return next_attempt(ec2_reader(region), config.name, ORCHESTRATOR)
+
+    @staticmethod
+    def launch_tags(config: ClusterConfig, index: int, name: str) -> dict[str, str]:
+        return {**tags_for(config, FACTORY, f"{config.name}_factory"), LAUNCH_TAG: str(index), FLEET_TAG: name}
 
 
 def declare_cluster(config: ClusterConfig) -> dict[str, Any]:
@@ -170,10 +203,8 @@ def check_reservation(config: ClusterConfig, zones: dict[str, str], region: str)
     """A capacity reservation whose type or zone is not in the lists would never be used: refused at preview."""
     if not config.capacity_reservation_id:
         return
-    from flambe_iac.aws.client import aws_errors, ec2_client
-
     with aws_errors(f"reading {NAMESPACE}:capacityReservationId (DescribeCapacityReservations)"):
-        found = ec2_client(region).describe_capacity_reservations(
+        found = ec2_reader(region).describe_capacity_reservations(
             CapacityReservationIds=[config.capacity_reservation_id]).get("CapacityReservations", [])
     key = f"{NAMESPACE}:capacityReservationId {config.capacity_reservation_id}"
     if not found:

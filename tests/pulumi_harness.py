@@ -54,6 +54,8 @@ def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks
             return pulumi.Output.from_input(program()).apply(exports.update)
 
         body()
+        if hasattr(mocks, "finish"):
+            mocks.finish()  # what the engine does after a successful update: delete what is no longer declared
         # Every resource's URN, which names its parents' types: "...::flambe:cluster:Cluster$aws:ec2/...::name".
         mocks.urns = list(pulumi.runtime.settings.get_monitor().get_registered_resources())
         return exports
@@ -194,9 +196,14 @@ class MotoMocks(Mocks):
     CreateFleet's Errors): a fleet that exists, launched nothing, and holds EC2's errors for DescribeFleets.
 
     NO_ROOM: {(instance type, zone) or (instance type, zone, market): EC2 error code}. ROOM: {(instance type, zone): how many EC2 has there}, for a
-    fleet that does not ask for all or none (EC2 then launches what it has)."""
+    fleet that does not ask for all or none (EC2 then launches what it has).
 
-    def __init__(self, region: str = "us-east-1", no_room: dict | None = None, room: dict | None = None):
+    PREVIOUS: the mocks of the run before, whose fleets are this run's state, as the engine's: a fleet declared
+    again with the same attempt is left as it is (no CreateFleet), one with a new attempt is replaced (created,
+    then the old one deleted with its instances), and one no longer declared is deleted with its instances."""
+
+    def __init__(self, region: str = "us-east-1", no_room: dict | None = None, room: dict | None = None,
+                 previous: "MotoMocks | None" = None):
         import boto3
 
         self.region = region
@@ -209,13 +216,16 @@ class MotoMocks(Mocks):
         self.launch_templates: dict[str, dict] = {}  # id -> the program's inputs
         self.fleet_requests: list[dict] = []  # what CreateFleet was asked, launch by launch
         self.attempts: list[tuple[str, str, str]] = []  # (fleet name, type, zone) in the order EC2 tried them
+        self.state: dict[str, dict] = dict(previous.state) if previous else {}  # fleet name -> id, attempt, outputs
+        self.declared: set[str] = set()
+        self.created: list[str] = []  # fleets CreateFleet was called for, this run
 
     def new_resource(self, args: MockResourceArgs):
         self.resources.append(args)
         if args.typ == COMPONENT:
             return f"{args.name}-component", {}
         if args.typ == FLEET:
-            return self.create_fleet(args.name, args.inputs)
+            return self.declare_fleet(args.name, args.inputs)
         if args.typ == PLACEMENT_GROUP:
             return self.create_placement_group(args.name, args.inputs)
         if args.typ == LAUNCH_TEMPLATE:
@@ -226,6 +236,23 @@ class MotoMocks(Mocks):
 
     def of_type(self, typ: str) -> list[MockResourceArgs]:
         return [resource for resource in self.resources if resource.typ == typ]
+
+    def declare_fleet(self, name: str, inputs: dict):
+        self.declared.add(name)
+        attempt = inputs.get("tags", {}).get("flambe-attempt")
+        known = self.state.get(name)
+        if known is not None and known["attempt"] == attempt:
+            return known["id"], known["outputs"]
+        fleet_id, outputs = self.create_fleet(name, inputs)
+        self.created.append(name)
+        if known is not None:  # replaced: the new one first, then the old one goes with its instances
+            self.ec2.delete_fleets(FleetIds=[known["id"]], TerminateInstances=True)
+        self.state[name] = {"id": fleet_id, "attempt": attempt, "outputs": outputs}
+        return fleet_id, outputs
+
+    def finish(self) -> None:
+        for name in sorted(set(self.state) - self.declared):
+            self.ec2.delete_fleets(FleetIds=[self.state.pop(name)["id"]], TerminateInstances=True)
 
     def create_launch_template(self, name: str, inputs: dict):
         data = {"ImageId": inputs["imageId"], "KeyName": inputs["keyName"],

@@ -315,3 +315,104 @@ def test_the_factories_template_targets_the_reservation_or_the_capacity_block(re
     (factory,) = [resource.inputs for resource in mocks.of_type(LAUNCH_TEMPLATE) if resource.name == "exp1_factory"]
     assert factory["capacityReservationSpecification"]["capacityReservationTarget"] == {
         "capacityReservationResourceGroupArn": "arn:aws:resource-groups:eu-west-3:1:group/g"}
+
+
+# Day two: launches that never change; a count or a list edit never replaces a running factory.
+
+def factory_ids(exports):
+    return [host.id for host in parse_outputs(json.loads(json.dumps(exports))).factories]
+
+
+def live_factories(mocks):
+    return sorted(item["InstanceId"] for item in mocks.live_instances()
+                  if {tag["Key"]: tag["Value"] for tag in item["Tags"]}["Role"] == "factory")
+
+
+@pytest.fixture
+def first_run(aws):
+    """Two factories that landed on p4d.24xlarge in b (p5 has no room; p4d only in b)."""
+    ec2, network = aws
+    subnets = three_zones(ec2, network)
+    no_room = {**everywhere(P5), (P4D, ZONES[0]): "InsufficientInstanceCapacity", (P4D, ZONES[2]): "Unsupported"}
+    exports, mocks = deploy(config_for(network, subnets, factoryCount="2"), no_room=no_room)
+    return ec2, network, subnets, exports, mocks
+
+
+def test_more_factories_are_one_new_launch_pinned_to_the_clusters_type_and_zone(first_run):
+    ec2, network, subnets, before, previous = first_run
+    # Now p5 has room everywhere: the addition still joins the cluster's p4d.24xlarge in b.
+    exports, mocks = deploy(config_for(network, subnets, factoryCount="3"), previous=previous)
+    assert mocks.created == ["exp1_factories_1"]
+    (added,) = [resource.inputs for resource in mocks.of_type(FLEET) if resource.name == "exp1_factories_1"]
+    assert [(item["instanceType"], item["subnetId"]) for item in added["launchTemplateConfigs"][0]["overrides"]] == [
+        (P4D, subnets[1])]
+    hosts = parse_outputs(exports).factories
+    assert [host.id for host in hosts[:2]] == factory_ids(before)
+    assert {(host.instance_type, host.availability_zone) for host in hosts} == {(P4D, ZONES[1])}
+    assert live_factories(mocks) == sorted(host.id for host in hosts)
+
+
+def test_more_factories_where_ec2_has_no_more_fail_in_words_and_keep_the_others(first_run):
+    ec2, network, subnets, before, previous = first_run
+    with pytest.raises(Exception) as caught:
+        deploy(config_for(network, subnets, factoryCount="4"), previous=previous,
+               no_room={(P4D, ZONES[1]): "InsufficientInstanceCapacity"})
+    message = str(caught.value)
+    assert "could not launch all 2 more factories in the cluster's type and zone" in message
+    assert [line for line in message.splitlines() if line.startswith("  ")] == [
+        f"  {P4D} in {ZONES[1]} ({subnets[1]}), on-demand: InsufficientInstanceCapacity: We currently do not have "
+        f"sufficient capacity in the Availability Zone you requested."]
+    assert sorted(factory_ids(before)) == live_factories(previous)
+
+
+def test_fewer_factories_remove_whole_newest_launches_only(first_run):
+    ec2, network, subnets, before, previous = first_run
+    grown, grown_mocks = deploy(config_for(network, subnets, factoryCount="3"), previous=previous)
+    exports, mocks = deploy(config_for(network, subnets, factoryCount="2"), previous=grown_mocks)
+    assert mocks.created == [] and factory_ids(exports) == factory_ids(before)
+    assert live_factories(mocks) == sorted(factory_ids(before))
+
+
+def test_a_count_inside_one_launch_is_refused_at_preview_with_the_choices(first_run):
+    ec2, network, subnets, before, previous = first_run
+    mocks = MotoMocks(previous=previous)
+    with pytest.raises(Exception) as caught:
+        run_program(lambda: declare_cluster(load_config()), config_for(network, subnets, factoryCount="1"), mocks)
+    message = str(caught.value)
+    assert "flambe:factoryCount 1 falls inside launch 0, whose 2 factories" in message
+    assert "pulumi config set flambe:factoryCount 0 (removes that launch) or " \
+           "pulumi config set flambe:factoryCount 2 (keeps it)" in message
+    assert mocks.created == [] and live_factories(previous) == sorted(factory_ids(before))
+
+
+def test_editing_the_lists_replaces_no_running_factory(first_run):
+    ec2, network, subnets, before, previous = first_run
+    edited = config_for(network, list(reversed(subnets)), factoryTypes=json.dumps(["g5.48xlarge", P4D, P5]),
+                        orchestratorType="c5.large", factoryCount="2")
+    exports, mocks = deploy(edited, previous=previous)
+    assert mocks.created == [] and factory_ids(exports) == factory_ids(before)
+    assert parse_outputs(exports).orchestrator.id == parse_outputs(before).orchestrator.id
+
+
+def test_a_factory_gone_is_replaced_by_the_next_run_in_the_clusters_type_and_zone(first_run):
+    ec2, network, subnets, before, previous = first_run
+    gone, kept = factory_ids(before)
+    ec2.terminate_instances(InstanceIds=[gone])
+    exports, mocks = deploy(config_for(network, subnets, factoryCount="2"), previous=previous)
+    assert mocks.created == ["exp1_factories_1"]
+    hosts = parse_outputs(exports).factories
+    assert hosts[0].id == kept and gone not in [host.id for host in hosts]
+    assert {(host.instance_type, host.availability_zone) for host in hosts} == {(P4D, ZONES[1])}
+    assert live_factories(mocks) == sorted(host.id for host in hosts)
+
+
+def test_an_orchestrator_gone_is_replaced_in_the_factories_zone(first_run):
+    ec2, network, subnets, before, previous = first_run
+    ec2.terminate_instances(InstanceIds=[parse_outputs(before).orchestrator.id])
+    exports, mocks = deploy(config_for(network, subnets, factoryCount="2"), previous=previous)
+    assert mocks.created == ["exp1_orchestrator"]
+    (orchestrator,) = [resource.inputs for resource in mocks.of_type(FLEET) if resource.name == "exp1_orchestrator"]
+    assert orchestrator["tags"]["flambe-attempt"] == "2"
+    cluster = parse_outputs(exports)
+    assert cluster.orchestrator.id != parse_outputs(before).orchestrator.id
+    assert cluster.orchestrator.availability_zone == ZONES[1] and factory_ids(exports) == factory_ids(before)
