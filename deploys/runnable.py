@@ -24,6 +24,7 @@ from flambe_iac.engine.remote_layout import (
 )
 from flambe_iac.engine.remote_probes import RUNNABLE_RUNNING
 from flambe_iac.inputs.secrets_file import HiddenBytes
+from flambe_iac.ssh.channel import ANSWER_TIMEOUT
 
 
 def reads(context) -> SnapshotRequest:
@@ -44,7 +45,8 @@ def launch_runnable(context, member, snapshot: HostSnapshot) -> list:
         *waits,
         detached_run(name="start the runnable", force=context.plan.request.force,
                      python=ray_cluster.python if ray_cluster is not None else "python3",
-                     environment=runner_environment(ray_cluster.head_address) if ray_cluster is not None else {}),
+                     environment=runner_environment(ray_cluster.head_address) if ray_cluster is not None else {},
+                     _timeout=int(ANSWER_TIMEOUT)),  # a start takes milliseconds; a host that never answers fails
     ]
 
 
