@@ -100,7 +100,7 @@ def departure_note(departed: list[RecordedMember], rotated: bool, source: str) -
     left = f"{len(departed)} member{'s' if len(departed) != 1 else ''} recorded on the hosts left the {source}: {names}"
     if rotated:
         return (f"{left}. They still held the cluster key, so it was rotated (with --ray, Ray's token too): they are refused by every member from "
-                "now on (keep it with --keep-cluster-key). They also hold ~/secret.ini as it was: rotate any "
-                "credential in it at its source")
+                "now on (keep it with --keep-cluster-key). Any ~/secret.ini they received stays with them: "
+                "rotate the credentials in it at their source")
     return (f"{left}. They STILL HOLD the cluster key and can log in to every member: it was kept because of "
             "--keep-cluster-key. Stop them, or rotate it with `flambe-deploy ... --rotate-cluster-key`")
