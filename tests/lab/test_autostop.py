@@ -192,6 +192,19 @@ def test_a_killed_agent_returns_with_the_next_deploy_and_a_rebooted_host_gets_it
     wait_for(lambda: agent_pids(lab, "factory-1"), 20, "the agent back from cron's @reboot")
     assert agent_state(lab, "factory-1")["state"] == "watching"
 
+    # An agent that died with its settings taken away (a refused install), and a notice left on the orchestrator:
+    # `off` still removes every file of ours and the @reboot line that would start the agent again.
+    for pid in agent_pids(lab, "factory-1"):
+        subprocess.run(["kill", str(pid)], check=True)
+    wait_for(lambda: agent_pids(lab, "factory-1") == [], 10, "the agent's end")
+    assert on_host(lab, 1, "rm .flambe/autostop.json").returncode == 0
+    assert on_host(lab, 0, "mkdir -p .flambe/preempted && echo {} > .flambe/preempted/i-9.json").returncode == 0
+    off = deploy(lab, tmp_path, "--autostop", "off")
+    assert off.returncode == 0, off.stdout + off.stderr
+    for index, name in enumerate(lab.hostnames):
+        listing = on_host(lab, index, "crontab -l 2>&1; ls -A .flambe").stdout
+        assert "autostop" not in listing and "preempted" not in listing, (name, listing)
+
 
 def test_a_host_that_may_not_sudo_shutdown_fails_the_step_with_that_cause(make_lab, tmp_path):
     lab = make_lab(2, "--fault", "1:no-sudo")
