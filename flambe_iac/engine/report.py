@@ -24,6 +24,7 @@ from flambe_iac.terminal import safe_field
 CHANGED, UNCHANGED, FAILED, SKIPPED, PENDING = "changed", "unchanged", "failed", "skipped", "pending"
 DONE = (CHANGED, UNCHANGED)
 WAIT_WORTH_KEEPING = 1.0  # seconds: a wait this long is named in the report, with its length
+REMIND_EVERY = 10.0  # seconds: a wait is said again this often in a log (each second in the live table)
 
 
 @dataclass
@@ -143,13 +144,17 @@ class ProgressView:
     def waiting_for(self, host: HostReport, what: str):
         """HOST waits for WHAT (`connecting to 10.0.0.3`) while the block runs: named in its row of the live table;
         the report keeps a wait of WAIT_WORTH_KEEPING or more, in the last words `note` gave it, with its length."""
+        import gevent  # only a deploy waits: the commands' start-up stays light
+
         started = time.monotonic()
         self.waiting[host.host_id] = what
         if self.live:
             self.redraw()
+        reminder = gevent.spawn(self.remind, host, started)
         try:
             yield
         finally:
+            reminder.kill(block=False)
             what = self.waiting.pop(host.host_id, what)
             waited = time.monotonic() - started
             if waited >= WAIT_WORTH_KEEPING:
@@ -162,6 +167,18 @@ class ProgressView:
             self.redraw()
         elif host.error:
             self.say(f"{host.host_id} ({host.address}): not connected: {host.error}")
+
+    def remind(self, host: HostReport, started: float) -> None:
+        """While HOST waits, say so again: a log never sits silent through a long wait, nor the live table's clock."""
+        import gevent
+
+        while host.host_id in self.waiting:
+            gevent.sleep(1.0 if self.live else REMIND_EVERY)
+            if self.live:
+                self.redraw()
+            elif host.host_id in self.waiting:
+                self.say(f"{host.host_id} ({host.address}): {self.waiting[host.host_id]} "
+                         f"({time.monotonic() - started:.0f} s so far)")
 
     def note(self, host: HostReport, text: str) -> None:
         """TEXT about HOST; within a wait, what it now waits for."""

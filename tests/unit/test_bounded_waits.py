@@ -12,6 +12,7 @@ import gevent.event
 import pytest
 
 from flambe_iac.day_two import status
+from flambe_iac.engine import report
 from flambe_iac.engine.lock import ClusterLock
 from flambe_iac.engine.report import DeployReport, HostReport, ProgressView
 from flambe_iac.ssh.channel import HeldCommand, RemoteCommandError, run_remote
@@ -150,3 +151,16 @@ def test_no_wait_is_left_named_once_it_ends_and_short_ones_stay_out_of_the_repor
     with view.waiting_for(entry, "connecting to 10.0.0.3"):
         assert view.waiting == {"i-0a": "connecting to 10.0.0.3"}
     assert view.waiting == {} and entry.waits == []
+
+
+def test_a_long_wait_is_said_again_so_a_log_never_sits_silent(monkeypatch):
+    monkeypatch.setattr(report, "REMIND_EVERY", 0.1)
+    entry = HostReport("i-0a", "orchestrator", "10.0.0.3")
+    stream = io.StringIO()
+    view = ProgressView(DeployReport("c1", [entry]), stream, live=False)
+    with view.waiting_for(entry, "reading the state of 10.0.0.3"):
+        gevent.sleep(0.35)
+    said = stream.getvalue().splitlines()
+    assert len(said) >= 2 and all(line.startswith("i-0a (10.0.0.3): reading the state of 10.0.0.3 (") for line in said)
+    gevent.sleep(0.25)
+    assert stream.getvalue().splitlines() == said  # not once the wait is over
