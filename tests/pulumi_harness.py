@@ -246,13 +246,22 @@ class MotoMocks(Mocks):
         fleet_id, outputs = self.create_fleet(name, inputs)
         self.created.append(name)
         if known is not None:  # replaced: the new one first, then the old one goes with its instances
-            self.ec2.delete_fleets(FleetIds=[known["id"]], TerminateInstances=True)
+            self.delete_fleet(known["id"])
         self.state[name] = {"id": fleet_id, "attempt": attempt, "outputs": outputs}
         return fleet_id, outputs
 
     def finish(self) -> None:
         for name in sorted(set(self.state) - self.declared):
-            self.ec2.delete_fleets(FleetIds=[self.state.pop(name)["id"]], TerminateInstances=True)
+            self.delete_fleet(self.state.pop(name)["id"])
+
+    def delete_fleet(self, fleet_id: str) -> None:
+        """DeleteFleets with its instances; moto refuses it when they are all gone already (EC2 does not)."""
+        fleet = self.moto_fleet(fleet_id)
+        if any(item["instance"].state == "running" for item in fleet.on_demand_instances) or \
+                any(request.instance.state == "running" for request in fleet.spot_requests):
+            self.ec2.delete_fleets(FleetIds=[fleet_id], TerminateInstances=True)
+        else:
+            fleet.state = "deleted"
 
     def create_launch_template(self, name: str, inputs: dict):
         data = {"ImageId": inputs["imageId"], "KeyName": inputs["keyName"],
