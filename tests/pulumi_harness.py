@@ -32,8 +32,9 @@ BASE_CONFIG = {
 }
 
 
-def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks) -> dict:
+def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks, preview: bool = False) -> dict:
     """Run PROGRAM under MOCKS with CONFIG (keys without the `flambe:` prefix); return its resolved exports.
+    PREVIEW: as `pulumi preview` runs it (the mocks still answer every resource).
 
     A fresh event loop and fresh runtime options each time: the runtime keeps state between programs.
     """
@@ -45,7 +46,7 @@ def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks
     try:
         own_ec2.__enter__()
         pulumi.runtime.settings.reset_options(project="flambe", stack="test")
-        pulumi.runtime.set_mocks(mocks, project="flambe", stack="test", preview=False)
+        pulumi.runtime.set_mocks(mocks, project="flambe", stack="test", preview=preview)
         pulumi.runtime.set_all_config({f"flambe:{key}": value for key, value in config.items()})
         exports: dict = {}
 
@@ -54,7 +55,7 @@ def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks
             return pulumi.Output.from_input(program()).apply(exports.update)
 
         body()
-        if hasattr(mocks, "finish"):
+        if hasattr(mocks, "finish") and not preview:
             mocks.finish()  # what the engine does after a successful update: delete what is no longer declared
         # Every resource's URN, which names its parents' types: "...::flambe:cluster:Cluster$aws:ec2/...::name".
         mocks.urns = list(pulumi.runtime.settings.get_monitor().get_registered_resources())
