@@ -107,10 +107,35 @@ def field_of(entry: Any, key: str) -> Any:
 
 
 def ec2_reader(region: str):
-    """The program's own read-only EC2 client (what the provider offers no data source for)."""
+    """The program's own read-only EC2 client (what the provider offers no data source for), with the stack's
+    aws:profile when it sets one."""
     from flambe_iac.aws.client import ec2_client
 
+    profile = pulumi.Config("aws").get("profile")
+    if profile:
+        import boto3
+
+        return boto3.Session(profile_name=profile).client("ec2", region_name=region)
     return ec2_client(region)
+
+
+def check_same_account(region: str) -> None:
+    """The program's own reads (the cluster's launches, the reasons of a failure) must see the account the provider
+    deploys to; else a running cluster would look absent and be launched twice."""
+    import boto3
+
+    from flambe_iac.aws.client import aws_errors
+
+    provider = aws.get_caller_identity().account_id
+    profile = pulumi.Config("aws").get("profile")
+    with aws_errors("reading which account the stack's own reads use (sts GetCallerIdentity)"):
+        session = boto3.Session(profile_name=profile) if profile else boto3.Session()
+        ours = session.client("sts", region_name=region).get_caller_identity().get("Account")
+    if ours != provider:
+        raise pulumi.RunError(
+            f"the AWS provider deploys to account {provider}, but the credentials the program reads EC2 with (boto3's "
+            f"default chain{', profile ' + profile if profile else ''}) are of account {ours}: the program reads the "
+            f"cluster's fleets itself, so give both the same account, e.g. export AWS_PROFILE=<the stack's profile>")
 
 
 def fleet_errors(region: str, fleet_id: str) -> dict[tuple[str, str], str]:

@@ -20,6 +20,7 @@ from flambe_iac.stacks.capacity import (
     SPOT,
     Candidate,
     candidates,
+    check_same_account,
     ec2_reader,
     fleet,
     launched,
@@ -67,6 +68,7 @@ class FlambeCluster(pulumi.ComponentResource):
             check_one_architecture(config, role, kinds)
         efa_interfaces = efa_interface_count(config, config.factory_types, kinds)
         region = aws.get_region().region
+        check_same_account(region)
         check_reservation(config, zones, region)
         self.amis = {role: choose_ami(config, role, kinds[types_of(config, role)[0]]) for role in (ORCHESTRATOR, FACTORY)}
         self.placement_group = placement_group(config, tags_for(config, "placement", f"{config.name}_placement"),

@@ -151,6 +151,9 @@ class RecordingMocks(Mocks):
 
     def call(self, args: MockCallArgs):
         self.calls.append(args)
+        if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
+            return {"id": MOTO_ACCOUNT, "accountId": MOTO_ACCOUNT, "arn": f"arn:aws:iam::{MOTO_ACCOUNT}:user/alice",
+                    "userId": "alice"}
         if args.token == "aws:index/getRegion:getRegion":
             return {"name": self.region, "region": self.region, "id": self.region, "endpoint": "", "description": ""}
         if args.token == "aws:ec2/getInstanceType:getInstanceType":
@@ -381,6 +384,10 @@ class MotoMocks(Mocks):
 
     def call(self, args: MockCallArgs):
         arguments = args.args
+        if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
+            identity = boto3_client("sts", self.region).get_caller_identity()
+            return {"id": identity["Account"], "accountId": identity["Account"], "arn": identity["Arn"],
+                    "userId": identity["UserId"]}
         if args.token == "aws:index/getRegion:getRegion":
             return {"name": self.region, "region": self.region, "id": self.region, "endpoint": "", "description": ""}
         if args.token == "aws:ec2/getInstanceType:getInstanceType":
@@ -426,6 +433,12 @@ class MotoMocks(Mocks):
             (group,) = self.ec2.describe_security_groups(GroupIds=[arguments["id"]])["SecurityGroups"]
             return {"id": group["GroupId"], "vpcId": group["VpcId"], "name": group["GroupName"]}
         raise NotImplementedError(args.token)
+
+
+def boto3_client(service: str, region: str):
+    import boto3
+
+    return boto3.client(service, region_name=region)
 
 
 EC2_MESSAGES = {

@@ -416,3 +416,15 @@ def test_an_orchestrator_gone_is_replaced_in_the_factories_zone(first_run):
     cluster = parse_outputs(exports)
     assert cluster.orchestrator.id != parse_outputs(before).orchestrator.id
     assert cluster.orchestrator.availability_zone == ZONES[1] and factory_ids(exports) == factory_ids(before)
+
+
+def test_reads_with_another_account_than_the_providers_are_refused():
+    """A running cluster must never look absent because the program read another account than it deploys to."""
+    class OtherAccount(RecordingMocks):
+        def call(self, args):
+            if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
+                return {"id": "999999999999", "accountId": "999999999999", "arn": "", "userId": ""}
+            return super().call(args)
+    message = refusal(OtherAccount())
+    assert "deploys to account 999999999999, but the credentials the program reads EC2 with" in message
+    assert "are of account 123456789012" in message
