@@ -132,22 +132,12 @@ class Watch:
         self.state.state, self.state.preempted_at, self.state.interruption = "preempted", self.wall(), notice.words
         self.state.cause = notice.cause
         self.save()
-        self.tell_the_runnable(notice.words)
+        untold = self.members.tell_the_runnable(notice.words)
+        if untold:
+            self.state.cause = "; ".join(filter(None, (notice.cause, untold)))
+            self.save()
         if self.config.ray_stop:
             run_quietly(("sh", "-c", f"cd && {self.config.ray_stop}"), STOP_TIMEOUT)
-        self.save()
-
-    def tell_the_runnable(self, words: str) -> None:
-        """On the orchestrator, the runner calls the runnable's on_preempt (at most 90 s); this waits for it."""
-        if not HOST_ID.fullmatch(self.config.member_id):
-            refused = f"this member's id {self.config.member_id[:40]!r} is no host id: on_preempt not told"
-            self.state.cause = "; ".join(filter(None, (self.state.cause, refused)))
-            return
-        command = (f"cd && {AGENT_ENVIRONMENT} python3 -m flambe_iac.agent notice "
-                   f"{shlex.quote(self.config.member_id)} {shlex.quote(words)}")
-        argv = ["sh", "-c", command] if self.config.orchestrator is None else self.members.hop(
-            self.config.orchestrator, command)
-        run_quietly(argv, NOTICE_TIMEOUT)
 
     def save(self) -> None:
         try:
@@ -225,6 +215,18 @@ class Members:
         if record.idle_minutes >= record.minutes:
             return None
         return f"busy ({record.last_busy or 'its window has not passed'})"
+
+    def tell_the_runnable(self, words: str) -> str | None:
+        """On the orchestrator, the runner calls the runnable's on_preempt (at most 90 s); this waits for it. None,
+        or why the runnable could not be told."""
+        if not HOST_ID.fullmatch(self.config.member_id):
+            return f"this member's id {self.config.member_id[:40]!r} is no host id: on_preempt not told"
+        command = (f"cd && {AGENT_ENVIRONMENT} python3 -m flambe_iac.agent notice "
+                   f"{shlex.quote(self.config.member_id)} {shlex.quote(words)}")
+        orchestrator = self.config.orchestrator
+        argv = ["sh", "-c", command] if orchestrator is None else self.hop(orchestrator, command)
+        run_quietly(argv, NOTICE_TIMEOUT)
+        return None
 
     def hop(self, address: str, command: str) -> list[str]:
         """ssh to another member under the members' policy (the cluster key, pinned host keys), marked as a probe

@@ -238,11 +238,12 @@ class NoMetadata:
         return None
 
 
-def watch_with(tmp_path, monkeypatch, signals: list, minutes=1.0, factories=(), shutdown_code=0):
-    """A Watch whose samples are SIGNALS (a list the test changes) and whose commands are recorded."""
+def watch_with(tmp_path, monkeypatch, signals: list, minutes=1.0, factories=(), shutdown_code=0, **settings):
+    """A Watch whose samples are SIGNALS (a list the test changes) and whose commands are recorded; SETTINGS are
+    the agent's others (member_id, ray_stop, ...)."""
     clock = Clock()
-    config = AgentConfig(minutes=minutes, role="orchestrator" if factories else "factory", member_id="i-1",
-                         user="ubuntu", factories=tuple(factories))
+    config = AgentConfig(**{"minutes": minutes, "role": "orchestrator" if factories else "factory", "member_id": "i-1",
+                            "user": "ubuntu", "factories": tuple(factories), **settings})
     (tmp_path / ".flambe").mkdir(exist_ok=True)
     agent = Watch(tmp_path, config, clock=clock, metadata=NoMetadata(), wall=clock)
     agent.sample = lambda: list(signals)
