@@ -70,7 +70,8 @@ class FlambeCluster(pulumi.ComponentResource):
         region = aws.get_region().region
         check_same_account(region)
         check_reservation(config, zones, region)
-        self.amis = {role: choose_ami(config, role, kinds[types_of(config, role)[0]]) for role in (ORCHESTRATOR, FACTORY)}
+        self.amis = {role: choose_ami(config, role, kinds[types_of(config, role)[0]])
+                     for role in (ORCHESTRATOR, FACTORY)}
         self.placement_group = placement_group(config, tags_for(config, "placement", f"{config.name}_placement"),
                                                child) if config.placement_group else None
         group = {role: self.placement_group if role in placed else None for role in (ORCHESTRATOR, FACTORY)}
@@ -349,11 +350,7 @@ def launch_template(config: ClusterConfig, role: str, ami: str, group: aws.ec2.P
         ) if config.dedicated or group is not None else None,
         instance_market_options=aws.ec2.LaunchTemplateInstanceMarketOptionsArgs(market_type="capacity-block")
         if factory and config.capacity_block else None,
-        capacity_reservation_specification=aws.ec2.LaunchTemplateCapacityReservationSpecificationArgs(
-            capacity_reservation_target=aws.ec2.LaunchTemplateCapacityReservationSpecificationCapacityReservationTargetArgs(
-                capacity_reservation_id=config.capacity_reservation_id,
-                capacity_reservation_resource_group_arn=config.capacity_reservation_group_arn),
-        ) if reservation else None,
+        capacity_reservation_specification=reservation_specification(config) if reservation else None,
         # IMDSv2 only: a server-side request forgery on the host cannot read the instance role's credentials.
         metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(http_endpoint="enabled", http_tokens="required"),
         # Encrypted: the root volume holds secret.ini and the cluster key.
@@ -369,6 +366,13 @@ def launch_template(config: ClusterConfig, role: str, ami: str, group: aws.ec2.P
         # later versions).
         opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(ignore_changes=["imageId"])),
     )
+
+
+def reservation_specification(config: ClusterConfig) -> aws.ec2.LaunchTemplateCapacityReservationSpecificationArgs:
+    target = aws.ec2.LaunchTemplateCapacityReservationSpecificationCapacityReservationTargetArgs
+    return aws.ec2.LaunchTemplateCapacityReservationSpecificationArgs(capacity_reservation_target=target(
+        capacity_reservation_id=config.capacity_reservation_id,
+        capacity_reservation_resource_group_arn=config.capacity_reservation_group_arn))
 
 
 def network_interfaces(config: ClusterConfig, efa_interfaces: int) -> list:

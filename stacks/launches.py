@@ -66,9 +66,10 @@ def live_ids(ec2, instance_ids: list[str]) -> dict[str, tuple[str, str]]:
         pages = ec2.get_paginator("describe_instances").paginate(Filters=[
             {"Name": "instance-id", "Values": instance_ids[start:start + IDS_A_CALL]},
             {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
-        live.update({item["InstanceId"]: (str(item.get("SubnetId", "")),
-                                          str((item.get("Placement") or {}).get("AvailabilityZone", "")))
-                     for page in pages for group in page.get("Reservations", []) for item in group.get("Instances", [])})
+        for page in pages:
+            for item in (found for group in page.get("Reservations", []) for found in group.get("Instances", [])):
+                live[item["InstanceId"]] = (str(item.get("SubnetId", "")),
+                                            str((item.get("Placement") or {}).get("AvailabilityZone", "")))
     return live
 
 

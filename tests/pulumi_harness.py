@@ -199,8 +199,8 @@ class MotoMocks(Mocks):
     can hold them, it ends as the real provider ends (terraform-provider-aws's aws_ec2_fleet does not read
     CreateFleet's Errors): a fleet that exists, launched nothing, and holds EC2's errors for DescribeFleets.
 
-    NO_ROOM: {(instance type, zone) or (instance type, zone, market): EC2 error code}. ROOM: {(instance type, zone): how many EC2 has there}, for a
-    fleet that does not ask for all or none (EC2 then launches what it has).
+    NO_ROOM: {(instance type, zone) or (instance type, zone, market): EC2 error code}. ROOM: the same keys: how many
+    EC2 has there (a fleet that asks for all or none gets none; one that does not gets what there is).
 
     PREVIOUS: the mocks of the run before, whose fleets are this run's state, as the engine's: a fleet declared
     again with the same attempt is left as it is (no CreateFleet), one with a new attempt is replaced (created,
