@@ -24,9 +24,10 @@ def three_zones(ec2, network) -> list[str]:
 
 
 def config_for(network, subnets, **overrides):
-    return {"name": "exp1", "creator": "alice", "factoryCount": "3", "orchestratorType": "m5.large",
-            "factoryTypes": json.dumps([P5, P4D]), "subnetIds": json.dumps(subnets),
-            **{key: network[key] for key in ("securityGroupIds", "keyName", "amiName", "amiOwners")}, **overrides}
+    config = {"name": "exp1", "creator": "alice", "factoryCount": "3", "orchestratorType": "m5.large",
+              "factoryTypes": json.dumps([P5, P4D]), "subnetIds": json.dumps(subnets),
+              **{key: network[key] for key in ("securityGroupIds", "keyName", "amiName", "amiOwners")}, **overrides}
+    return {key: value for key, value in config.items() if value is not None}
 
 
 def deploy(config, **mocks_arguments):
@@ -428,3 +429,37 @@ def test_reads_with_another_account_than_the_providers_are_refused():
     message = refusal(OtherAccount())
     assert "deploys to account 999999999999, but the credentials the program reads EC2 with" in message
     assert "are of account 123456789012" in message
+
+
+def test_after_a_fallback_the_next_run_keeps_the_on_demand_factories(aws):
+    ec2, network = aws
+    subnets = three_zones(ec2, network)
+    no_room = {(kind, zone, "spot"): "InsufficientInstanceCapacity" for kind in (P5, P4D) for zone in ZONES}
+    before, previous = deploy(config_for(network, subnets, spot="fallback"), no_room=no_room)
+    exports, mocks = deploy(config_for(network, subnets, spot="fallback"), previous=previous)
+    assert mocks.created == [] and factory_ids(exports) == factory_ids(before)
+    assert {host.market for host in parse_outputs(exports).factories} == {"on-demand"}
+
+
+def test_the_orchestrator_failure_names_the_orchestrators_types(aws):
+    ec2, network = aws
+    subnets = three_zones(ec2, network)
+    with pytest.raises(Exception) as caught:
+        deploy(config_for(network, subnets, factoryCount="0", orchestratorType=None,
+                          orchestratorTypes='["c5.large", "m5.large"]'),
+               no_room={**everywhere("c5.large"), **everywhere("m5.large", "VcpuLimitExceeded")})
+    message = str(caught.value)
+    assert "could not launch all 1 orchestrator" in message
+    assert len([line for line in message.splitlines() if line.startswith("  ")]) == 6
+    assert "pulumi config set --path 'flambe:orchestratorTypes[2]' TYPE" in message
+    assert "factoryCount" not in message
+
+
+def test_a_preview_of_three_types_in_three_zones_declares_two_fleets(aws):
+    ec2, network = aws
+    subnets = three_zones(ec2, network)
+    mocks = MotoMocks()
+    run_program(lambda: declare_cluster(load_config()),
+                config_for(network, subnets, factoryTypes=json.dumps([P5, P4D, "p5e.48xlarge"])), mocks, preview=True)
+    (factories,) = [resource.inputs for resource in mocks.of_type(FLEET) if resource.name == "exp1_factories"]
+    assert len(factories["launchTemplateConfigs"][0]["overrides"]) == 9
