@@ -339,6 +339,8 @@ class MotoMocks(Mocks):
                        {"Key": key, "Value": value} for key, value in inputs.get("tags", {}).items()]}]}
         self.fleet_requests.append(request)
         answer = self.ec2.create_fleet(**request)
+        keep_launch_records()
+        self.moto_fleet(answer["FleetId"]).launch_record = answer.get("Instances", [])
         group = (self.launch_templates[specification["launchTemplateId"]].get("placement") or {}).get("groupName")
         if group:
             self.group_named(group)["instances"] += [override["instanceType"]] * count
@@ -433,6 +435,19 @@ class MotoMocks(Mocks):
             (group,) = self.ec2.describe_security_groups(GroupIds=[arguments["id"]])["SecurityGroups"]
             return {"id": group["GroupId"], "vpcId": group["VpcId"], "name": group["GroupName"]}
         raise NotImplementedError(args.token)
+
+
+def keep_launch_records() -> None:
+    """DescribeFleets of an instant fleet lists what it launched, terminated since or not, as EC2 keeps the record
+    of the launch; moto drops the terminated ones, which would hide a gone member from the program."""
+    from moto.ec2.models.fleets import Fleet
+
+    if "launch_record" in vars(Fleet):
+        return
+    launched_now = Fleet.instances.fget
+    Fleet.launch_record = None
+    Fleet.instances = property(lambda fleet: fleet.launch_record if fleet.launch_record is not None
+                               else launched_now(fleet))
 
 
 def boto3_client(service: str, region: str):
