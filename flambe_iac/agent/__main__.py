@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ AGENT_LOCK = ".flambe/autostop.lock"
 EXIT_REFUSED = 3
 MAX_LOG = 1 << 20
 ON_PREEMPT_WAIT = 95
+MAX_OUTCOME = 500
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 PR_SET_NAME = 15
 
@@ -201,6 +203,8 @@ def notice(home: Path, host_id: str, text: str) -> str:
         raise Refused("a notice names a host id of letters, digits, '.', '_', ':' and '-'")
     directory = home / PREEMPTED_DIR
     directory.mkdir(mode=0o700, exist_ok=True)
+    if directory.is_symlink():  # what it points to is not ours: nothing there is removed or written
+        raise Refused(f"~/{PREEMPTED_DIR} is a symlink, not the runner's directory: the notice is not left there")
     (directory / f"{host_id}.done").unlink(missing_ok=True)
     words = text if NOTICE_WORDS.fullmatch(text) else "unknown action at unknown time"
     write_atomically(directory / f"{host_id}.json",
@@ -208,12 +212,25 @@ def notice(home: Path, host_id: str, text: str) -> str:
     deadline = time.monotonic() + ON_PREEMPT_WAIT
     while time.monotonic() < deadline:
         done = directory / f"{host_id}.done"
-        if done.exists():
-            return done.read_text(errors="replace")[:500]
+        if done.exists() or done.is_symlink():
+            return runners_outcome(done)
         if not runnable_alive(home):
             return "no runnable runs here"
         time.sleep(0.5)
     return "on_preempt did not answer in time"
+
+
+def runners_outcome(done: Path) -> str:
+    """The first MAX_OUTCOME bytes of ID.done, read only if it is a plain file (not a symlink elsewhere, nor a fifo
+    that a read would wait on forever)."""
+    try:
+        descriptor = os.open(done, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        return f"the runner's outcome is not a plain file: {error.strerror}"
+    with os.fdopen(descriptor, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return "the runner's outcome is not a plain file"
+        return stream.read(MAX_OUTCOME).decode(errors="replace")
 
 
 def main(argv: list[str]) -> int:

@@ -35,7 +35,7 @@ TOKEN = re.compile(r"[\x21-\x7e]{1,512}")  # printable ASCII: it goes back in a 
 @dataclass(frozen=True)
 class Notice:
     """An interruption notice: its action and time only if each is what EC2 writes, else None and a cause in words.
-    BODY, the service's bytes, tells one notice from another (EC2 serves the same one until the interruption)."""
+    BODY: the service's bytes, as they came."""
 
     action: str | None
     time: str | None
@@ -93,7 +93,7 @@ def parsed(data: bytes, ended: bool) -> tuple[int, bytes] | None:
         if response.length is None and not response.chunked and not ended:
             return None  # it ends only when the service closes
         return response.status, response.read()
-    except (http.client.HTTPException, ValueError):  # not whole yet, or not HTTP
+    except (http.client.HTTPException, ValueError, OverflowError):  # not whole yet, not HTTP, a length past any size
         return None
 
 

@@ -66,7 +66,7 @@ class Watch:
         self.cores = os.cpu_count() or 1
         self.interval = sample_seconds(config.minutes)
         self.next_sample = self.next_metadata_try = clock()
-        self.handled: bytes | None = None  # the body of the last notice answered: EC2 serves it until it interrupts
+        self.notice_answered = False  # until the service says there is none: EC2 serves it until it interrupts
 
     @property
     def state_path(self) -> Path:
@@ -115,16 +115,16 @@ class Watch:
             self.state.state, self.state.cause = "stopping", None
 
     def check_notice(self) -> None:
-        """A notice is answered once: EC2 serves the same one at every question until the interruption. When the
-        service says there is none again (back from hibernation), the member is watched afresh, and a later notice
-        is a second interruption, answered too."""
+        """A notice is answered once: EC2 serves the same one at every question until the interruption, and one
+        whose bytes change (its time) is still that interruption. When the service says there is none again (back
+        from hibernation), the member is watched afresh, and a later notice is a second interruption, answered too."""
         notice = self.metadata.interruption()
         if notice == NO_NOTICE:
             if self.state.state == "preempted":
                 self.state.state, self.state.cause, self.quiet_since = "watching", None, self.clock()
-            self.handled = None
-        elif isinstance(notice, Notice) and notice.body != self.handled:
-            self.handled = notice.body
+            self.notice_answered = False
+        elif isinstance(notice, Notice) and not self.notice_answered:
+            self.notice_answered = True
             self.preempt(notice)
 
     def preempt(self, notice: Notice) -> None:
@@ -225,7 +225,12 @@ class Members:
                    f"{shlex.quote(self.config.member_id)} {shlex.quote(words)}")
         orchestrator = self.config.orchestrator
         argv = ["sh", "-c", command] if orchestrator is None else self.hop(orchestrator, command)
-        run_quietly(argv, NOTICE_TIMEOUT)
+        answer = run_quietly(argv, NOTICE_TIMEOUT)
+        if answer is None:
+            return f"the orchestrator did not answer within {NOTICE_TIMEOUT} s: on_preempt not told"
+        if answer.returncode != 0:
+            said = answer.stderr.strip().splitlines()[-1:] or [f"exit {answer.returncode}"]
+            return f"the notice to the orchestrator failed ({said[0][:200]}): on_preempt not told"
         return None
 
     def hop(self, address: str, command: str) -> list[str]:

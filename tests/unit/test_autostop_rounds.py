@@ -6,6 +6,7 @@ agent that died. One reading proves little of a loop: each test runs it for many
 import dataclasses
 import io
 import json
+import os
 import shlex
 import socket
 import threading
@@ -325,3 +326,107 @@ def test_off_reads_what_an_install_leaves():
     request = reads(SimpleNamespace(plan=SimpleNamespace(autostop="off")))
     assert {AGENT_CONFIG, AGENT_ARCHIVE} <= set(request.files) and PREEMPTED_DIR in request.trees
 
+
+
+# A hostile metadata service, a notice that changes, a notice directory that is not ours (issue 31's review).
+
+def serving(answer: bytes):
+    """A bare service that gives its token, then ANSWER to the notice's question and holds the connection open."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def answer_one(connection):
+        with connection:
+            asked = connection.recv(4096)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\ntoken" if asked.startswith(b"PUT")
+                               else answer)
+            stop.wait(2)
+
+    def serve():
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer_one, args=(connection,), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", stop, listener
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n{}",  # more than any buffer can hold
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffffffff\r\n{}",
+])
+def test_an_answer_that_claims_more_bytes_than_any_buffer_is_no_answer(answer):
+    """http.client raises OverflowError on such a length: no answer, never a failed round logged every 5 s."""
+    address, stop, listener = serving(answer)
+    started = time.monotonic()
+    assert MetadataService(address, deadline=0.5).interruption() is None
+    assert time.monotonic() - started < 1.0
+    stop.set()
+    listener.close()
+
+
+def test_a_notice_whose_time_changes_at_every_question_is_answered_once(tmp_path, monkeypatch):
+    """Only a service that says there is no notice ends an interruption: until then a notice whose time moves (or
+    any other byte) is the same interruption, and on_preempt and Ray's stop are not run again every 5 s."""
+    def answers(now):
+        return read_notice(json.dumps({"action": "terminate", "time": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 120))}).encode())
+    agent, clock, ran, told = orchestrator_agent(tmp_path, monkeypatch, answers)
+    run_rounds(agent, clock, 120)
+    assert len(told) == 1 and ray_stops(ran) == 1 and agent.state.state == "preempted"
+
+
+def test_a_notice_directory_that_is_a_symlink_is_not_written_through(tmp_path):
+    """A `preempted` that points elsewhere: nothing there is removed or written; the notice is refused in words."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "i-1.done").write_text("the user's")
+    (tmp_path / ".flambe").mkdir()
+    (tmp_path / PREEMPTED_DIR).symlink_to(elsewhere)
+    with pytest.raises(agent_main.Refused, match="symlink"):
+        agent_main.notice(tmp_path, "i-1", "terminate at 2026-11-30T10:00:00Z")
+    assert [(path.name, path.read_text()) for path in elsewhere.iterdir()] == [("i-1.done", "the user's")]
+
+
+@pytest.mark.parametrize("left", ["a symlink to the user's file", "a fifo that never ends"])
+def test_the_runners_outcome_is_read_only_from_a_file_of_its_own(tmp_path, monkeypatch, left):
+    """An ID.done that is not a plain file (a symlink elsewhere, a fifo a read would wait on forever) is not read."""
+    (tmp_path / ".flambe").mkdir()
+    (tmp_path / "secret").write_text("the user's secret")
+    monkeypatch.setattr(agent_main, "runnable_alive", lambda home: True)
+    real_unlink = type(tmp_path).unlink
+
+    def outcome_left_at_once(path, missing_ok=False):  # the old outcome goes, and at once something is there
+        real_unlink(path, missing_ok=missing_ok)
+        if path.suffix == ".done":
+            path.symlink_to(tmp_path / "secret") if left.startswith("a symlink") else os.mkfifo(path)
+    monkeypatch.setattr(type(tmp_path), "unlink", outcome_left_at_once)
+    said = []
+    waiting = threading.Thread(target=lambda: said.append(agent_main.notice(
+        tmp_path, "i-1", "terminate at 2026-11-30T10:00:00Z")), daemon=True)
+    waiting.start()
+    waiting.join(5)
+    if waiting.is_alive():  # let the read that waits on the fifo end
+        with open(tmp_path / PREEMPTED_DIR / "i-1.done", "wb"):
+            pass
+    assert said and "not a plain file" in said[0] and "secret" not in said[0]
+
+
+@pytest.mark.parametrize("answer, said", [
+    (None, "did not answer"),
+    (Answer(255, "", "ssh: connect to host 10.0.0.2 port 22: Connection refused\n"), "Connection refused"),
+    (Answer(3, "", "autostop: ~/.flambe/preempted is a symlink, not the runner's directory\n"), "is a symlink"),
+])
+def test_a_notice_the_orchestrator_could_not_take_is_a_cause_in_the_record(tmp_path, monkeypatch, answer, said):
+    agent, clock, ran = watch_with(tmp_path, monkeypatch, [], minutes=30, orchestrator="10.0.0.2", ray_stop="ray stop")
+    agent.metadata = Metadata(clock, lambda now: read_notice(NOTICE))
+
+    def hop_fails(argv, timeout, limit=0):
+        ran.append(tuple(argv))
+        return answer if "flambe_iac.agent notice" in argv[-1] else Answer(0, "", "")
+    monkeypatch.setattr(watch_module, "run_quietly", hop_fails)
+    run_rounds(agent, clock, 20)
+    assert agent.state.state == "preempted" and said in agent.state.cause and "on_preempt" in agent.state.cause
+    assert ray_stops(ran) == 1
