@@ -15,8 +15,9 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from flambe_iac.aws.fleets import account_of, fleet_errors, fleet_records, live_ids, stack_ec2
 from flambe_iac.stacks.cluster_config import NAMESPACE, ClusterConfig
-from flambe_iac.stacks.launches import ATTEMPT_TAG, fleet_records, live_ids, small_number
+from flambe_iac.stacks.launches import ATTEMPT_TAG, small_number
 from flambe_iac.terminal import safe_field
 
 ON_DEMAND, SPOT, CAPACITY_BLOCK = "on-demand", "spot", "capacity-block"
@@ -91,7 +92,7 @@ def launched(target: aws.ec2.Fleet, count: int, choices: Any, what: str, region:
                    for entry in sets or [] for instance_id in field_of(entry, "instance_ids") or []]
         if len(members) >= count:
             return members[:count]
-        tried = (*earlier, *tried_lines(market, items, fleet_errors(region, fleet_id)))
+        tried = (*earlier, *tried_lines(market, items, reasons_of(region, fleet_id)))
         if otherwise is not None:
             return otherwise(tried)
         raise CapacityError(failure_message(what, count, items, tried))
@@ -109,28 +110,15 @@ def field_of(entry: Any, key: str) -> Any:
 def ec2_reader(region: str):
     """The program's own read-only EC2 client (what the provider offers no data source for), with the stack's
     aws:profile when it sets one."""
-    from flambe_iac.aws.client import ec2_client
-
-    profile = pulumi.Config("aws").get("profile")
-    if profile:
-        import boto3
-
-        return boto3.Session(profile_name=profile).client("ec2", region_name=region)
-    return ec2_client(region)
+    return stack_ec2(region, pulumi.Config("aws").get("profile"))
 
 
 def check_same_account(region: str) -> None:
     """The program's own reads (the cluster's launches, the reasons of a failure) must see the account the provider
     deploys to; else a running cluster would look absent and be launched twice."""
-    import boto3
-
-    from flambe_iac.aws.client import aws_errors
-
     provider = aws.get_caller_identity().account_id
     profile = pulumi.Config("aws").get("profile")
-    with aws_errors("reading which account the stack's own reads use (sts GetCallerIdentity)"):
-        session = boto3.Session(profile_name=profile) if profile else boto3.Session()
-        ours = session.client("sts", region_name=region).get_caller_identity().get("Account")
+    ours = account_of(region, profile)
     if ours != provider:
         raise pulumi.RunError(
             f"the AWS provider deploys to account {provider}, but the credentials the program reads EC2 with (boto3's "
@@ -138,19 +126,11 @@ def check_same_account(region: str) -> None:
             f"cluster's fleets itself, so give both the same account, e.g. export AWS_PROFILE=<the stack's profile>")
 
 
-def fleet_errors(region: str, fleet_id: str) -> dict[tuple[str, str], str]:
+def reasons_of(region: str, fleet_id: str) -> dict[tuple[str, str], str]:
     """{(instance type, subnet or zone): EC2's code and message} of an instant fleet, read with DescribeFleets."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from flambe_iac.aws.client import aws_errors
-
-    try:
-        with aws_errors("reading the fleet's errors (DescribeFleets)"):
-            fleets = ec2_reader(region).describe_fleets(FleetIds=[fleet_id]).get("Fleets", [])
-    except (BotoCoreError, ClientError) as error:
-        return {("", ""): f"EC2's reasons could not be read: {type(error).__name__}"}
-    reasons = {}
-    for item in (fleets[0].get("Errors") or []) if fleets else []:
+    errors, problem = fleet_errors(ec2_reader(region), fleet_id)
+    reasons = {("", ""): problem} if problem else {}
+    for item in errors:
         overrides = (item.get("LaunchTemplateAndOverrides") or {}).get("Overrides") or {}
         reason = safe_field(f"{item.get('ErrorCode', '?')}: {item.get('ErrorMessage', '')}"[:MAX_REASON])
         for where in (overrides.get("SubnetId"), overrides.get("AvailabilityZone")):

@@ -13,7 +13,7 @@ import pulumi_aws as aws
 
 from flambe_iac.aws.leftovers import LIVE_STATES
 from flambe_iac.inputs.outputs import contract_document
-from flambe_iac.aws.client import aws_errors
+from flambe_iac.aws.fleets import capacity_reservation
 from flambe_iac.stacks.capacity import (
     CAPACITY_BLOCK,
     ON_DEMAND,
@@ -108,8 +108,7 @@ class FlambeCluster(pulumi.ComponentResource):
         """The factories, launch by launch: those that run stay as they are; what is missing is one new launch,
         pinned to the type, zone and market of the cluster's first launch, or, for a new cluster, over every
         candidate (spot fallback: spot first, on-demand for all only when spot launched none)."""
-        with aws_errors("reading the cluster's launches (DescribeFleets, DescribeInstances)"):
-            launches, pending = history(ec2_reader(region), config.name, f"{config.name}_factories")
+        launches, pending = history(ec2_reader(region), config.name, f"{config.name}_factories")
         step = plan(config.factory_count, launches, pending)
         hosts = []
         for launch in step.kept:
@@ -149,8 +148,7 @@ class FlambeCluster(pulumi.ComponentResource):
 
     @staticmethod
     def orchestrator_attempt(config: ClusterConfig, region: str) -> int:
-        with aws_errors("reading the orchestrator's fleets (DescribeFleets, DescribeInstances)"):
-            return next_attempt(ec2_reader(region), config.name, ORCHESTRATOR)
+        return next_attempt(ec2_reader(region), config.name, ORCHESTRATOR)
 
     @staticmethod
     def launch_tags(config: ClusterConfig, index: int, name: str) -> dict[str, str]:
@@ -206,14 +204,12 @@ def check_reservation(config: ClusterConfig, zones: dict[str, str], region: str)
     """A capacity reservation whose type or zone is not in the lists would never be used: refused at preview."""
     if not config.capacity_reservation_id:
         return
-    with aws_errors(f"reading {NAMESPACE}:capacityReservationId (DescribeCapacityReservations)"):
-        found = ec2_reader(region).describe_capacity_reservations(
-            CapacityReservationIds=[config.capacity_reservation_id]).get("CapacityReservations", [])
+    found = capacity_reservation(ec2_reader(region), config.capacity_reservation_id)
     key = f"{NAMESPACE}:capacityReservationId {config.capacity_reservation_id}"
-    if not found:
+    if found is None:
         raise StackConfigError(f"{key} does not exist in {region}: aws ec2 describe-capacity-reservations "
                                f"--region {region} lists yours")
-    reserved_type, reserved_zone = found[0].get("InstanceType"), found[0].get("AvailabilityZone")
+    reserved_type, reserved_zone = found.get("InstanceType"), found.get("AvailabilityZone")
     if reserved_type not in config.factory_types:
         raise StackConfigError(
             f"{key} holds {reserved_type}, which {NAMESPACE}:factoryTypes does not list: "

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flambe_iac.aws.leftovers import LIVE_STATES
+from flambe_iac.aws.fleets import fleet_records, live_ids
 from flambe_iac.stacks.cluster_config import NAMESPACE, StackConfigError
 
 LAUNCH_TAG, FLEET_TAG, ATTEMPT_TAG = "flambe-launch", "flambe-fleet", "flambe-attempt"
-MAX_FLEET_PAGES = 20  # DescribeFleets pages read (1000 fleets a page at most)
-IDS_A_CALL = 200  # instance ids in one DescribeInstances filter
 
 
 @dataclass
@@ -43,34 +41,6 @@ class Plan:
 
 def small_number(text: str | None) -> int | None:
     return int(text) if text and text.isascii() and text.isdigit() and len(text) < 7 else None
-
-
-def fleet_records(ec2, cluster: str, role: str) -> list[dict]:
-    """This cluster's instant fleets of ROLE, as DescribeFleets has them (at most MAX_FLEET_PAGES pages)."""
-    found = []
-    pages = ec2.get_paginator("describe_fleets").paginate(Filters=[{"Name": "type", "Values": ["instant"]}])
-    for number, page in enumerate(pages):
-        if number >= MAX_FLEET_PAGES:
-            break
-        for item in page.get("Fleets", []):
-            tags = {tag.get("Key"): tag.get("Value") for tag in item.get("Tags") or []}
-            if tags.get("Cluster-Name") == cluster and tags.get("Role") == role and tags.get("Purpose") == "flambe":
-                found.append({**item, "tags": tags})
-    return found
-
-
-def live_ids(ec2, instance_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """{instance id: (subnet, zone)} of those of INSTANCE_IDS that still live (stopped ones too: they hold data)."""
-    live = {}
-    for start in range(0, len(instance_ids), IDS_A_CALL):
-        pages = ec2.get_paginator("describe_instances").paginate(Filters=[
-            {"Name": "instance-id", "Values": instance_ids[start:start + IDS_A_CALL]},
-            {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
-        for page in pages:
-            for item in (found for group in page.get("Reservations", []) for found in group.get("Instances", [])):
-                live[item["InstanceId"]] = (str(item.get("SubnetId", "")),
-                                            str((item.get("Placement") or {}).get("AvailabilityZone", "")))
-    return live
 
 
 def history(ec2, cluster: str, default_fleet: str) -> tuple[list[Launch], dict[int, int]]:

@@ -274,10 +274,10 @@ class ReservationsAnswer:
 
 @pytest.fixture
 def reservations(monkeypatch):
-    import flambe_iac.aws.client
+    import flambe_iac.aws.fleets
 
     held = []
-    monkeypatch.setattr(flambe_iac.aws.client, "ec2_client", lambda region: ReservationsAnswer(region, held))
+    monkeypatch.setattr(flambe_iac.aws.fleets, "ec2_client", lambda region: ReservationsAnswer(region, held))
     return held
 
 
