@@ -70,9 +70,51 @@ def test_a_scheduled_reconcile_runs_the_same_up_then_deploy_and_never_brings_bac
     existing, up = steps[commands.index("output")], steps[commands.index("up")]
     assert existing["if"] == "github.event_name == 'schedule'" and existing["id"] == "existing"
     assert up["with"]["refresh"] is True  # pulumi up --refresh: a member EC2 took away is created again
-    assert up["if"] == ("env.ACTION == 'up' && (github.event_name != 'schedule' || "
-                        "steps.existing.outputs.cluster_name != '')")
+    assert up["if"] == ("env.ACTION == 'up' && (github.event_name != 'schedule' "
+                        "|| (steps.existing.outputs.cluster_name != '' && steps.last.outputs.destroyed == 'false'))")
     deploy = next(step for step in steps if step.get("name") == "flambe-deploy")
     assert steps.index(deploy) > steps.index(up) and deploy["if"] == "steps.up.outcome == 'success'"
     assert "--keep-cluster-key" not in deploy["run"]  # members that left rotate the key
     assert workflow["concurrency"]["cancel-in-progress"] is False  # a reconcile waits for a run under way
+
+
+@pytest.mark.parametrize("history, destroyed", [
+    ('[{"version": 7, "kind": "destroy", "result": "failed"}, {"version": 6, "kind": "update"}]', "true"),
+    ('[{"version": 8, "kind": "destroy", "result": "in-progress"}]', "true"),  # cancelled: the runner was stopped
+    ('[{"version": 9, "kind": "update", "result": "succeeded"}, {"version": 8, "kind": "destroy"}]', "false"),
+])
+def test_a_reconcile_after_a_destroy_that_failed_part_way_brings_nothing_back(tmp_path, history, destroyed):
+    """A destroy that failed or was cancelled leaves the stack's outputs (Pulumi deletes the stack's own resource,
+    which holds them, last): the outputs alone would let `up --refresh` create again what the destroy took down."""
+    workflow = yaml.safe_load(EXAMPLE.read_text())
+    steps = workflow["jobs"]["cluster"]["steps"]
+    last = next(step for step in steps if step.get("id") == "last")
+    up = next(step for step in steps if step.get("id") == "up")
+    assert steps.index(last) < steps.index(up)
+    assert last["if"] == "github.event_name == 'schedule' && steps.existing.outputs.cluster_name != ''"
+    assert "steps.last.outputs.destroyed == 'false'" in up["if"]
+    fake = tmp_path / "bin" / "pulumi"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\n[ \"$1 $2 $3\" = 'stack history --json' ] || exit 3\ncat <<'EOF'\n{history}\nEOF\n")
+    fake.chmod(0o755)
+    outputs = tmp_path / "github_output"
+    result = subprocess.run(["bash", "-e", "-c", last["run"]], capture_output=True, text=True, timeout=30,
+                            env={"PATH": f"{fake.parent}:/usr/bin:/bin", "STACK": "dev",
+                                 "GITHUB_OUTPUT": str(outputs)})
+    assert result.returncode == 0, result.stderr
+    assert outputs.read_text() == f"destroyed={destroyed}\n"
+
+
+def test_a_reconcile_that_cannot_read_the_stacks_history_stops_there(tmp_path):
+    steps = yaml.safe_load(EXAMPLE.read_text())["jobs"]["cluster"]["steps"]
+    last = next(step for step in steps if step.get("id") == "last")
+    fake = tmp_path / "bin" / "pulumi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'error: could not reach the backend' >&2\nexit 255\n")
+    fake.chmod(0o755)
+    outputs = tmp_path / "github_output"
+    outputs.write_text("")
+    result = subprocess.run(["bash", "-e", "-c", last["run"]], capture_output=True, text=True, timeout=30,
+                            env={"PATH": f"{fake.parent}:/usr/bin:/bin", "STACK": "dev",
+                                 "GITHUB_OUTPUT": str(outputs)})
+    assert result.returncode != 0 and outputs.read_text() == ""  # a failed step: the up after it does not run
