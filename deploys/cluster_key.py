@@ -7,6 +7,7 @@ from flambe_iac.deploys.operations import staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import retired_list, updated_authorized_keys
 from flambe_iac.engine.departures import EXCERPTS as MANIFEST_MEMBERS
+from flambe_iac.engine.ray_cluster import RAY_TOKEN
 from flambe_iac.engine.remote_layout import (
     AUTHORIZED_KEYS,
     CLUSTER_PRIVATE_KEY,
@@ -24,7 +25,7 @@ READS = SnapshotRequest(
     links=(AUTHORIZED_KEYS,),
     tools=("tar",),
     excerpts=MANIFEST_MEMBERS,  # who the last run's members were: those gone from the source still hold the key
-)
+) | SnapshotRequest(files=(RAY_TOKEN,))  # whether they hold Ray's token too (its mode and digest, never its bytes)
 
 
 def install_cluster_key(context, member, snapshot: HostSnapshot) -> list:

@@ -94,13 +94,17 @@ def departed_members(snapshots, cluster: Cluster) -> list[RecordedMember]:
     return sorted(departed)
 
 
-def departure_note(departed: list[RecordedMember], rotated: bool, source: str) -> str:
-    """What the report and the summary say about members that left, and what the user can do."""
+def departure_note(departed: list[RecordedMember], rotated: bool, source: str, ray_token_kept: bool = False) -> str:
+    """What the report and the summary say about members that left, and what the user can do. RAY_TOKEN_KEPT: the
+    members hold a Ray token this run did not replace, which the members that left hold too."""
     names = ", ".join(map(str, departed[:5])) + (f" and {len(departed) - 5} more" if len(departed) > 5 else "")
     left = f"{len(departed)} member{'s' if len(departed) != 1 else ''} recorded on the hosts left the {source}: {names}"
+    ray = (". Ray's token on the members was not replaced, and they may hold it too: with it they can run code "
+           "through Ray on every member whenever Ray runs; replace it with `flambe-deploy ... --ray "
+           "--rotate-cluster-key`") if ray_token_kept else ""
     if rotated:
-        return (f"{left}. They still held the cluster key, so it was rotated (with --ray, Ray's token too): they are refused by every member from "
-                "now on (keep it with --keep-cluster-key). Any ~/secret.ini they received stays with them: "
-                "rotate the credentials in it at their source")
+        return (f"{left}. They still held the cluster key, so it was rotated (with --ray, Ray's token too): they are "
+                "refused by every member's sshd from now on (keep it with --keep-cluster-key). Any ~/secret.ini they "
+                f"received stays with them: rotate the credentials in it at their source{ray}")
     return (f"{left}. They STILL HOLD the cluster key and can log in to every member: it was kept because of "
-            "--keep-cluster-key. Stop them, or rotate it with `flambe-deploy ... --rotate-cluster-key`")
+            f"--keep-cluster-key. Stop them, or rotate it with `flambe-deploy ... --rotate-cluster-key`{ray}")

@@ -29,7 +29,11 @@ def settle(context: StepContext, report: DeployReport, fleet, snapshots: dict) -
     context.key, context.retired = settled.key, settled.retired
     report.settled_cluster_key(settled.key.fingerprint, settled.action, settled.note)
     if departed:
-        report.departed(departed, departure_note(departed, rotate, source_name(plan.request)), holds_key=not rotate)
+        # A Ray token on the members is replaced only by a rotation with --ray: until then they hold it too.
+        ray_token_kept = not (rotate and plan.request.ray) and any(RAY_TOKEN in snapshot.files
+                                                                    for snapshot in snapshots.values())
+        report.departed(departed, departure_note(departed, rotate, source_name(plan.request), ray_token_kept),
+                        holds_key=not rotate)
     if plan.request.ray:
         ray_plan = replace(plan, request=replace(plan.request, rotate_cluster_key=rotate))
         context.ray = settle_ray(snapshots, orchestrator, ray_plan, report.run_id,
