@@ -21,7 +21,7 @@ from flambe_iac.ssh.policy import ssh_config_block, updated_ssh_config
 
 READS = SnapshotRequest(
     files=(CLUSTER_PRIVATE_KEY, CLUSTER_PUBLIC_KEY, AUTHORIZED_KEYS, MEMBERS_KNOWN_HOSTS, SSH_CONFIG, RETIRED_KEYS),
-    contents=(CLUSTER_PUBLIC_KEY, AUTHORIZED_KEYS, SSH_CONFIG, RETIRED_KEYS),
+    contents=(CLUSTER_PUBLIC_KEY, AUTHORIZED_KEYS, SSH_CONFIG, RETIRED_KEYS, MEMBERS_KNOWN_HOSTS),
     links=(AUTHORIZED_KEYS,),
     tools=("tar",),
     excerpts=MANIFEST_MEMBERS,  # who the last run's members were: those gone from the source still hold the key

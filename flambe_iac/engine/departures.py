@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from flambe_iac.cluster import Cluster
 from flambe_iac.engine.cluster_key import FINGERPRINT, parse_retired_list
-from flambe_iac.engine.remote_layout import MANIFEST, RETIRED_KEYS
+from flambe_iac.engine.remote_layout import MANIFEST, MEMBERS_KNOWN_HOSTS, RETIRED_KEYS
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.names import check_address, check_host_id
 
@@ -36,11 +36,11 @@ MAX_RECORDED_MEMBERS = 4096
 
 @dataclass(frozen=True, order=True)
 class RecordedMember:
-    id: str
+    id: str  # "" for a member known only by its address (pinned on the members, see `pinned_addresses`)
     private_ip: str
 
     def __str__(self) -> str:
-        return f"{self.id} ({self.private_ip})"
+        return f"{self.id} ({self.private_ip})" if self.id else self.private_ip
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,27 @@ def departed_members(snapshots, cluster: Cluster) -> list[RecordedMember]:
         recorded = parse_manifest_excerpt(snapshot.excerpts.get(MANIFEST_EXCERPT))
         if recorded is not None and recorded.fingerprint not in retired:
             departed |= recorded.members - current
+    # The manifest is written last: a run that handed out the key and failed later on every host (a setup command,
+    # a resource) left none to say who got it. The members' pins are written with the key: an address pinned there
+    # that the source no longer lists got the key too.
+    named = {check_address(member.private_ip, "address") for member in current | departed}  # one form
+    pinned = set().union(*(pinned_addresses(snapshot.contents.get(MEMBERS_KNOWN_HOSTS)) for snapshot in snapshots))
+    departed |= {RecordedMember("", address) for address in pinned - named}
     return sorted(departed)
+
+
+def pinned_addresses(data: bytes | None) -> set[str]:
+    """The member addresses a host's members' known hosts (written with the cluster key) pins; a line that does not
+    start with an address is passed over."""
+    found = set()
+    for line in (data or b"").split(b"\n"):
+        try:
+            found.add(check_address(line.split(b" ", 1)[0].decode("ascii"), "address"))
+        except (UnicodeDecodeError, InputError):
+            continue
+        if len(found) >= MAX_RECORDED_MEMBERS:
+            break
+    return found
 
 
 def departure_note(departed: list[RecordedMember], rotated: bool, source: str, ray_token_kept: bool = False) -> str:

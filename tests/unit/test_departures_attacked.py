@@ -1,7 +1,9 @@
-"""A member that left holds Ray's token as well as the cluster key: a deploy that rotates only the key says so.
+"""Members that left, attacked: what they may hold besides the cluster key, and who got the key when no manifest says.
 
-Ray's token authenticates every client of the cluster's Ray (jobs run code on every member as the SSH user); a
-departed member on the same network that kept it is not refused by Ray when only sshd refuses it."""
+Ray's token authenticates every client of the cluster's Ray (jobs run code on every member as the SSH user): a
+departed member on the same network that kept it is not refused by Ray when only sshd refuses it, and a deploy
+that rotates only the key says so. The manifest is written at a run's end: the members' pins, written with the key,
+name who got it in a run that failed before."""
 
 import subprocess
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from flambe_iac.deploys.snapshot import parse_snapshot, snapshot_command
 from flambe_iac.engine import ray_settlement, settlement
 from flambe_iac.engine.cluster_key import KEPT, ROTATED, new_cluster_key
 from flambe_iac.engine.ray_cluster import RAY_TOKEN
-from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, manifest
+from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, MEMBERS_KNOWN_HOSTS, manifest
 from flambe_iac.engine.report import DeployReport
 from flambe_iac.inputs.plan import DeployRequest
 
@@ -65,13 +67,17 @@ class Plan:
 
 
 def settle_after_f2_left(monkeypatch, tmp_path, with_ray_token, **flags):
+    return settle_with_snapshot(monkeypatch, snapshot_of(home_of_a_member(tmp_path, with_ray_token)), **flags)
+
+
+def settle_with_snapshot(monkeypatch, snapshot, **flags):
+    """One settlement of a source without F2, every member's snapshot SNAPSHOT; returns the report."""
     monkeypatch.setattr(settlement, "read_file", lambda host, path: KEY.private_openssh)
     monkeypatch.setattr(settlement, "settle_ray", lambda *arguments: None)  # Ray's own settlement is not the point
     source = Cluster("c1", "ubuntu", "lab", ORCH, (F1,))
     plan = Plan(DeployRequest(outputs=Path("outputs.json"), **flags), source)
     context = SimpleNamespace(plan=plan, prepare_trees=lambda: None, key=None, retired=set())
     report = DeployReport("c1", [], run_id="run-1")
-    snapshot = snapshot_of(home_of_a_member(tmp_path, with_ray_token))
     settlement.settle(context, report, Fleet(plan), {member.id: snapshot for member in source.members})
     return report
 
@@ -101,3 +107,27 @@ def test_no_word_of_ray_where_no_token_stays_behind(monkeypatch, tmp_path, with_
 def test_the_token_is_read_by_its_digest_never_its_bytes():
     assert RAY_TOKEN in cluster_key_step.READS.files and RAY_TOKEN not in cluster_key_step.READS.contents
     assert ray_settlement.RAY_TOKEN == RAY_TOKEN
+
+
+def test_a_member_that_got_the_key_in_a_run_that_failed_before_any_manifest_still_rotates_it(monkeypatch, tmp_path):
+    """The first run handed the key to ORCH, F1 and F2 and failed at a later step on every host (a setup command's
+    typo): no manifest says who got the key. F2 is then left out of the source: its pin, written with the key, says
+    it was a member."""
+    home = home_of_a_member(tmp_path, with_ray_token=False)
+    (home / MANIFEST).unlink()
+    (home / MEMBERS_KNOWN_HOSTS).write_text("".join(f"{host.private_ip} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{n}\n"
+                                                    for n, host in enumerate((ORCH, F1, F2))))
+    report = settle_with_snapshot(monkeypatch, snapshot_of(home))
+    assert report.cluster_key_action == ROTATED
+    assert report.departed_members == [{"id": "", "private_ip": "10.0.0.3", "holds_cluster_key": False}]
+    assert "left the stack outputs: 10.0.0.3." in " ".join(report.notes)
+
+
+def test_pins_of_the_members_the_source_lists_are_no_departure(monkeypatch, tmp_path):
+    home = home_of_a_member(tmp_path, with_ray_token=False)
+    (home / MANIFEST).unlink()
+    (home / MEMBERS_KNOWN_HOSTS).write_text("10.0.0.1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI1\n"
+                                            "10.0.0.2 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI2\n"
+                                            "\x1b[2J ssh-ed25519 AAAA\n|1|hashed= ssh-ed25519 AAAA\n\n")
+    report = settle_with_snapshot(monkeypatch, snapshot_of(home))
+    assert report.cluster_key_action == KEPT and report.departed_members == [] and report.notes == []
