@@ -430,3 +430,39 @@ def test_a_notice_the_orchestrator_could_not_take_is_a_cause_in_the_record(tmp_p
     run_rounds(agent, clock, 20)
     assert agent.state.state == "preempted" and said in agent.state.cause and "on_preempt" in agent.state.cause
     assert ray_stops(ran) == 1
+
+
+@pytest.mark.parametrize("jump", [+7200.0, -7200.0, +1e6])
+def test_a_wall_clock_that_jumps_never_moves_the_window(tmp_path, monkeypatch, jump):
+    """The window is measured on the monotonic clock: a wall clock stepped (NTP, a VM resumed) while the member works
+    neither stops it early nor keeps it up; the record's times are the wall's."""
+    signals = ["gpu 80%"]
+    agent, clock, ran = watch_with(tmp_path, monkeypatch, signals, minutes=1)
+    wall = [1.7e9]
+    agent.wall = lambda: wall[0] + clock.now
+    start = clock.now
+    stopped_at = []
+
+    def each_round():
+        if clock.now - start >= 30:
+            signals.clear()  # the work ends at 30 s
+        if 40 <= clock.now - start < 41:
+            wall[0] += jump
+        if SHUTDOWN in ran and not stopped_at:
+            stopped_at.append(clock.now - start)
+    run_rounds(agent, clock, 200, each_round)
+    assert stopped_at and 80 <= stopped_at[0] <= 92, stopped_at  # a minute after the last busy sample (20 s)
+    assert abs(agent.state.updated_at - (1.7e9 + jump + clock.now)) < 20
+
+
+@pytest.mark.parametrize("command, answered", [
+    ("sleep 30 & sleep 30", False),  # too slow, and a child of its own keeps the output open after it is killed
+    ("sleep 30 & echo done", True),  # done at once, but a child it left behind keeps the output open
+])
+def test_a_command_whose_children_keep_its_output_open_holds_the_loop_no_longer_than_its_timeout(command, answered):
+    """A daemon that a command leaves (ray stop's, an ssh master's, a wedged nvidia-smi's helper) holds the pipe: the
+    agent's loop still goes on within the timeout and a second, never until the child ends."""
+    started = time.monotonic()
+    answer = run_quietly(["sh", "-c", command], 1)
+    assert time.monotonic() - started < 3.5
+    assert (answer is not None and answer.stdout == "done\n") if answered else answer is None
