@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass
 
 from flambe_iac.cluster import Cluster
-from flambe_iac.engine.cluster_key import FINGERPRINT, parse_retired_list
-from flambe_iac.engine.remote_layout import MANIFEST, MEMBERS_KNOWN_HOSTS, RETIRED_KEYS
+from flambe_iac.engine.cluster_key import FINGERPRINT, fingerprint_or_none, parse_retired_list
+from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, MEMBERS_KNOWN_HOSTS, RETIRED_KEYS
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.names import check_address, check_host_id
 
@@ -93,11 +93,17 @@ def departed_members(snapshots, cluster: Cluster) -> list[RecordedMember]:
             departed |= recorded.members - current
     # The manifest is written last: a run that handed out the key and failed later on every host (a setup command,
     # a resource) left none to say who got it. The members' pins are written with the key: an address pinned there
-    # that the source no longer lists got the key too.
+    # that the source no longer lists got the key too, while that host's key is not retired.
     named = {check_address(member.private_ip, "address") for member in current | departed}  # one form
-    pinned = set().union(*(pinned_addresses(snapshot.contents.get(MEMBERS_KNOWN_HOSTS)) for snapshot in snapshots))
+    pinned = set().union(*(pinned_addresses(snapshot.contents.get(MEMBERS_KNOWN_HOSTS)) for snapshot in snapshots
+                           if held_key(snapshot) not in retired))
     departed |= {RecordedMember("", address) for address in pinned - named}
     return sorted(departed)
+
+
+def held_key(snapshot) -> str | None:
+    """The fingerprint of the cluster key SNAPSHOT's host holds (written with its pins), or None."""
+    return fingerprint_or_none((snapshot.contents.get(CLUSTER_PUBLIC_KEY) or b"").decode(errors="replace").strip())
 
 
 def pinned_addresses(data: bytes | None) -> set[str]:

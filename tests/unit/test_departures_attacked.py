@@ -19,7 +19,8 @@ from flambe_iac.deploys.snapshot import parse_snapshot, snapshot_command
 from flambe_iac.engine import ray_settlement, settlement
 from flambe_iac.engine.cluster_key import KEPT, ROTATED, new_cluster_key
 from flambe_iac.engine.ray_cluster import RAY_TOKEN
-from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, MEMBERS_KNOWN_HOSTS, manifest
+from flambe_iac.engine.departures import RecordedMember, departed_members
+from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, MEMBERS_KNOWN_HOSTS, RETIRED_KEYS, manifest
 from flambe_iac.engine.report import DeployReport
 from flambe_iac.inputs.plan import DeployRequest
 
@@ -131,3 +132,20 @@ def test_pins_of_the_members_the_source_lists_are_no_departure(monkeypatch, tmp_
                                             "\x1b[2J ssh-ed25519 AAAA\n|1|hashed= ssh-ed25519 AAAA\n\n")
     report = settle_with_snapshot(monkeypatch, snapshot_of(home))
     assert report.cluster_key_action == KEPT and report.departed_members == [] and report.notes == []
+
+
+def test_pins_left_on_a_host_whose_key_was_retired_rotate_nothing_again(monkeypatch, tmp_path):
+    """A rotation that failed on one host left its old key and its old pins there; the others retired that key. The
+    stale pins open nothing: the next run does not rotate again (nor would any run after, while that host fails)."""
+    home = home_of_a_member(tmp_path, with_ray_token=False)
+    (home / MANIFEST).unlink()
+    (home / MEMBERS_KNOWN_HOSTS).write_text("10.0.0.3 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI3\n")
+    other = tmp_path / "other"
+    for path in (CLUSTER_PUBLIC_KEY, RETIRED_KEYS):
+        (other / path).parent.mkdir(parents=True, exist_ok=True)
+    (other / CLUSTER_PUBLIC_KEY).write_text(new_cluster_key("flambe-cluster:c1").public_line + "\n")
+    (other / RETIRED_KEYS).write_text(KEY.fingerprint + "\n")
+    stale, rotated = snapshot_of(home), snapshot_of(other)
+    source = Cluster("c1", "ubuntu", "lab", ORCH, (F1,))
+    assert departed_members([stale, rotated], source) == []
+    assert departed_members([stale], source) == [RecordedMember("", "10.0.0.3")]  # alone, its key is not retired
