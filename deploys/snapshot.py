@@ -18,7 +18,9 @@ from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 END = "@end-of-snapshot"
 LINK_TARGET = framed('printf %s "$t"')  # the host's text: a target may hold a newline and "@clock 0"
 SNAPSHOT_LIMIT = 64 << 20  # bytes of the whole read: small files, tree summaries, excerpts
-MAX_EXCERPT = 256 * 1024  # bytes of one excerpt's output; a longer one arrives cut (its parser must refuse it)
+# bytes of one excerpt's output; a longer one arrives cut (its parser must refuse it). The manifest's members
+# (departures.MANIFEST_EXCERPT_COMMAND) print up to 1 MiB: 4096 members take 300 KiB.
+MAX_EXCERPT = 2 << 20
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,12 @@ from flambe_iac.deploys.snapshot import parse_snapshot, snapshot_command
 from flambe_iac.engine import ray_settlement, settlement
 from flambe_iac.engine.cluster_key import KEPT, ROTATED, new_cluster_key
 from flambe_iac.engine.ray_cluster import RAY_TOKEN
-from flambe_iac.engine.departures import RecordedMember, departed_members
+from flambe_iac.engine.departures import (
+    MANIFEST_EXCERPT,
+    RecordedMember,
+    departed_members,
+    parse_manifest_excerpt,
+)
 from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, MEMBERS_KNOWN_HOSTS, RETIRED_KEYS, manifest
 from flambe_iac.engine.report import DeployReport
 from flambe_iac.inputs.plan import DeployRequest
@@ -149,3 +154,14 @@ def test_pins_left_on_a_host_whose_key_was_retired_rotate_nothing_again(monkeypa
     source = Cluster("c1", "ubuntu", "lab", ORCH, (F1,))
     assert departed_members([stale, rotated], source) == []
     assert departed_members([stale], source) == [RecordedMember("", "10.0.0.3")]  # alone, its key is not retired
+
+
+def test_the_members_of_a_manifest_of_4096_members_are_read_whole(tmp_path):
+    """4096 members (departures.MAX_RECORDED_MEMBERS) take 300 KiB of the manifest: an excerpt cut shorter than
+    that reads as recording no one, and a member that left would go unnoticed."""
+    home = home_of_a_member(tmp_path, with_ray_token=False)
+    members = [{"id": f"i-{index:017x}", "role": FACTORY, "private_ip": f"10.1.{index // 256}.{index % 256}"}
+               for index in range(4096)]
+    (home / MANIFEST).write_bytes(manifest("c1", FACTORY, "i-f1", members, KEY.fingerprint, {}, "0.1.0", {}))
+    recorded = parse_manifest_excerpt(snapshot_of(home).excerpts.get(MANIFEST_EXCERPT))
+    assert recorded is not None and len(recorded.members) == 4096 and recorded.fingerprint == KEY.fingerprint
