@@ -456,8 +456,8 @@ def test_a_wall_clock_that_jumps_never_moves_the_window(tmp_path, monkeypatch, j
 
 
 @pytest.mark.parametrize("command, answered", [
-    ("sleep 30 & sleep 30", False),  # too slow, and a child of its own keeps the output open after it is killed
-    ("sleep 30 & echo done", True),  # done at once, but a child it left behind keeps the output open
+    ("sleep 6 & sleep 6", False),  # too slow, and a child of its own keeps the output open after it is killed
+    ("sleep 6 & echo done", True),  # done at once, but a child it left behind keeps the output open
 ])
 def test_a_command_whose_children_keep_its_output_open_holds_the_loop_no_longer_than_its_timeout(command, answered):
     """A daemon that a command leaves (ray stop's, an ssh master's, a wedged nvidia-smi's helper) holds the pipe: the
