@@ -65,7 +65,7 @@ def kept_prefix(stream, limit: int, outputs: dict, name: str) -> None:
     """Read STREAM to its end (so its writer is never blocked), keeping only its first LIMIT bytes, in OUTPUTS as
     they come (a caller that stops waiting has what came)."""
     with stream:
-        outputs[name] = b""
+        outputs[name] = bytearray()  # grows in place: bytes += bytes copies the whole answer at every chunk
         for chunk in iter(lambda: stream.read1(1 << 16), b""):
             if len(outputs[name]) < limit:
                 outputs[name] += chunk[: limit - len(outputs[name])]
