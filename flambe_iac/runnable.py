@@ -28,6 +28,7 @@ from typing import Any
 
 from flambe_iac.agent.records import PREEMPTED_DIR
 from flambe_iac.inputs.secrets_file import secrets_parser
+from flambe_iac.local_files import READABLE, write_atomically
 
 ON_PREEMPT_SECONDS = 90
 NOTICE_LIFETIME_SECONDS = 150  # a spot notice comes two minutes before the interruption
@@ -93,33 +94,48 @@ def run_runnable(spec: str, args: dict[str, Any], config: configparser.ConfigPar
 
 
 def answer_preemptions(runnable: Runnable, notices: Path) -> None:
+    started = time.time()  # read once: a clock that jumps during the run cannot make a notice of this run stale
+    said = None
     while True:
         try:
-            answer_notices(runnable, notices)
+            cause = answer_notices(runnable, notices, started)
         except OSError as error:  # a full disk, a directory made unreadable: the next round tries again
-            print(f"preemption notices unreadable: {error}", flush=True)
+            cause = f"preemption notices unreadable: {error}"
+        if cause and cause != said:
+            print(cause, flush=True)
+        said = cause
         time.sleep(NOTICE_POLL_SECONDS)
 
 
-def answer_notices(runnable: Runnable, notices: Path) -> None:
+def answer_notices(runnable: Runnable, notices: Path, started: float) -> str | None:
     """For each notice an agent left in NOTICES (ID.json), call the runnable's on_preempt, at most
-    ON_PREEMPT_SECONDS, and leave what it did in ID.done for the agent that waits on it. A notice older than the
-    two minutes it announces (left before this run started) is answered without a call."""
+    ON_PREEMPT_SECONDS, and leave what it did in ID.done for the agent that waits on it (written whole, a symlink
+    there replaced, never followed). A notice whose own record says it was left more than the two minutes it
+    announces before this run STARTED is answered without a call. A cause when the directory is not ours."""
+    if notices.is_symlink():  # what it points to is not ours: nothing there is read or written
+        return f"~/{PREEMPTED_DIR} is a symlink, not the runner's directory: its notices are not answered"
     for notice in sorted(notices.glob("*.json")) if notices.is_dir() else []:
         done = notice.with_suffix(".done")
-        if done.exists():
+        if done.is_file() and not done.is_symlink():
             continue
-        stale = time.time() - notice.stat().st_mtime > NOTICE_LIFETIME_SECONDS
-        done.write_text(("a notice from before this run: on_preempt not called" if stale
-                         else call_on_preempt(runnable, notice)) + "\n")
+        write_atomically(done, answer_notice(runnable, notice, started) + "\n", READABLE)
+    return None
 
 
-def call_on_preempt(runnable: Runnable, notice: Path) -> str:
+def answer_notice(runnable: Runnable, notice: Path, started: float) -> str:
     try:
         document = json.loads(notice.read_text())
-        host, interruption = str(document["host"]), str(document["interruption"])
+        host, interruption, left_at = str(document["host"]), str(document["interruption"]), document["at"]
+        if isinstance(left_at, bool) or not isinstance(left_at, (int, float)):
+            raise TypeError("its time is not a number")
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "an unreadable notice: on_preempt not called"
+    if left_at < started - NOTICE_LIFETIME_SECONDS:
+        return "a notice from before this run: on_preempt not called"
+    return call_on_preempt(runnable, host, interruption)
+
+
+def call_on_preempt(runnable: Runnable, host: str, interruption: str) -> str:
     hook = getattr(runnable, "on_preempt", None)
     if hook is None:
         return "the runnable has no on_preempt"

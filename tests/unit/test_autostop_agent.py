@@ -36,7 +36,8 @@ from flambe_iac.agent.spot import NO_NOTICE, MetadataService, Notice, read_notic
 from flambe_iac.agent.watch import Watch, sample_seconds
 from flambe_iac.day_two.status import agent_status
 from flambe_iac.lab.metadata_service import handler_for
-from flambe_iac.runnable import Runnable, answer_notices
+from flambe_iac import runnable as runnable_module
+from flambe_iac.runnable import Runnable, answer_notices, answer_preemptions
 
 # Readings.
 
@@ -434,9 +435,10 @@ class Checkpointing(Runnable):
             threading.Event().wait(5)
 
 
-def notice(directory: Path, host: str, text="terminate at 2026-11-30T10:00:00Z"):
+def notice(directory: Path, host: str, text="terminate at 2026-11-30T10:00:00Z", at: float | None = None):
     directory.mkdir(exist_ok=True)
-    (directory / f"{host}.json").write_text(json.dumps({"host": host, "interruption": text, "at": 1.0}))
+    record = {"host": host, "interruption": text, "at": time.time() if at is None else at}
+    (directory / f"{host}.json").write_text(json.dumps(record))
 
 
 @pytest.mark.parametrize("behaviour, outcome", [
@@ -448,8 +450,8 @@ def test_each_notice_calls_on_preempt_once_and_leaves_its_outcome(tmp_path, monk
     monkeypatch.setattr("flambe_iac.runnable.ON_PREEMPT_SECONDS", 0.3)
     runnable = Checkpointing(behaviour)
     notice(tmp_path, "i-0abc")
-    answer_notices(runnable, tmp_path)
-    answer_notices(runnable, tmp_path)
+    answer_notices(runnable, tmp_path, time.time())
+    answer_notices(runnable, tmp_path, time.time())
     assert runnable.calls == [("i-0abc", "terminate at 2026-11-30T10:00:00Z")]
     assert (tmp_path / "i-0abc.done").read_text() == outcome + "\n"
 
@@ -459,10 +461,10 @@ def test_a_runnable_without_on_preempt_and_an_unreadable_notice(tmp_path):
         pass
     notice(tmp_path, "i-1")
     (tmp_path / "i-2.json").write_text("{broken")
-    answer_notices(Plain(), tmp_path)
+    answer_notices(Plain(), tmp_path, time.time())
     assert (tmp_path / "i-1.done").read_text() == "the runnable has no on_preempt\n"
     assert (tmp_path / "i-2.done").read_text() == "an unreadable notice: on_preempt not called\n"
-    answer_notices(Plain(), tmp_path / "missing")  # no notice directory yet: nothing to do
+    answer_notices(Plain(), tmp_path / "missing", time.time())  # no notice directory yet: nothing to do
 
 
 # What the agent refuses on the host.
@@ -501,13 +503,59 @@ def test_a_notice_names_a_host_id_never_a_path(tmp_path, monkeypatch):
 
 
 def test_stale_notices_are_answered_without_a_call(tmp_path):
-    import os
-
     runnable = Checkpointing("return")
-    notice(tmp_path, "i-old")
-    os.utime(tmp_path / "i-old.json", (1.0, 1.0))
-    answer_notices(runnable, tmp_path)
+    started = time.time()
+    notice(tmp_path, "i-old", at=started - 1000)  # its own record: left long before this run began
+    answer_notices(runnable, tmp_path, started)
     assert runnable.calls == [] and "from before this run" in (tmp_path / "i-old.done").read_text()
+
+
+def test_a_clock_that_jumps_forward_during_the_run_never_makes_a_notice_of_this_run_stale(tmp_path, monkeypatch):
+    runnable = Checkpointing("return")
+    started = time.time()
+    notice(tmp_path, "i-0abc", at=started + 5)
+    real_time = time.time
+    monkeypatch.setattr(runnable_module.time, "time", lambda: real_time() + 3600)  # NTP steps the clock an hour on
+    answer_notices(runnable, tmp_path, started)
+    assert runnable.calls == [("i-0abc", "terminate at 2026-11-30T10:00:00Z")]
+    assert (tmp_path / "i-0abc.done").read_text() == "on_preempt returned\n"
+
+
+def test_a_symlinked_notice_directory_is_never_read_or_written_and_says_why_once(tmp_path, monkeypatch, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    notice(elsewhere, "i-0abc")
+    (tmp_path / "preempted").symlink_to(elsewhere)
+    runnable = Checkpointing("return")
+    rounds = []
+
+    def sleep(seconds):
+        rounds.append(seconds)
+        if len(rounds) == 3:
+            raise StopIteration
+    monkeypatch.setattr(runnable_module.time, "sleep", sleep)
+    with pytest.raises(StopIteration):
+        answer_preemptions(runnable, tmp_path / "preempted")
+    assert runnable.calls == [] and sorted(path.name for path in elsewhere.iterdir()) == ["i-0abc.json"]
+    assert capsys.readouterr().out == (
+        "~/.flambe/preempted is a symlink, not the runner's directory: its notices are not answered\n")
+
+
+@pytest.mark.parametrize("target_exists", [False, True])
+def test_a_symlinked_done_is_replaced_whole_never_written_through(tmp_path, target_exists):
+    users_file = tmp_path / "users_file"
+    if target_exists:
+        users_file.write_text("the user's own\n")
+    notices = tmp_path / "preempted"
+    notice(notices, "i-0abc")
+    (notices / "i-0abc.done").symlink_to(users_file)
+    runnable = Checkpointing("return")
+    answer_notices(runnable, notices, time.time())
+    assert runnable.calls == [("i-0abc", "terminate at 2026-11-30T10:00:00Z")]
+    done = notices / "i-0abc.done"
+    assert not done.is_symlink() and done.read_text() == "on_preempt returned\n"
+    assert (users_file.read_text() if target_exists else users_file.exists()) == (
+        "the user's own\n" if target_exists else False)
+    assert sorted(path.name for path in notices.iterdir()) == ["i-0abc.done", "i-0abc.json"]  # no partial left
 
 
 def test_a_pid_file_that_names_another_process_is_not_the_agent(tmp_path):

@@ -90,7 +90,8 @@ def test_a_second_interruption_of_the_same_member_reaches_on_preempt_again(tmp_p
         return read_notice(NOTICE) if now < 1060 else NO_NOTICE if now < 1200 else read_notice(SECOND_NOTICE)
     agent, clock, ran, told = orchestrator_agent(tmp_path, monkeypatch, answers)
     runnable = Checkpointing("return")
-    run_rounds(agent, clock, 300, lambda: answer_notices(runnable, tmp_path / PREEMPTED_DIR))
+    started = time.time()
+    run_rounds(agent, clock, 300, lambda: answer_notices(runnable, tmp_path / PREEMPTED_DIR, started))
     assert runnable.calls == [("i-0abc", "terminate at 2026-11-30T10:00:00Z"),
                               ("i-0abc", "terminate at 2026-11-30T11:30:00Z")]
     assert ray_stops(ran) == 2 and agent.state.interruption == "terminate at 2026-11-30T11:30:00Z"
