@@ -31,11 +31,12 @@ and 49558 for the report site, and the subnet's network ACL in both directions. 
 With --efa (or flambe:efa true in the stack's config), also that one security group allows all traffic in from and
 out to itself, which EFA needs in both directions: a rule from the subnet's CIDR does not do.
 
-With --stack or --config, when the config names flambe:factoryTypes, subnetIds, factoryCount or spot (or their
-one-item keys), also the capacity: one table of the factories' (type, zone) candidates in EC2 Fleet's order (types
-outer, subnets inner), each with whether its zone offers the type and whether the account's vCPU quota for the
-type's family (Service Quotas; spot: true asks the spot quota, fallback either, otherwise on-demand), minus the vCPUs
-running now, holds the factories and the orchestrator; the first that fits is marked. When none does, the
+With --stack or --config, also the capacity (of the config's flambe:factoryTypes, orchestratorTypes, subnetIds,
+factoryCount and spot, or the stack's defaults: m5.large, one factory, on-demand): one table of the factories'
+(type, zone) candidates in EC2 Fleet's order (types outer, subnets inner), each with whether its zone offers the
+type and whether the account's vCPU quota for the type's family (Service Quotas; spot: true asks the spot quota,
+fallback either, otherwise on-demand), minus the vCPUs running now, holds the factories and the orchestrator; the
+first that fits is marked. When none does, the
 `aws service-quotas request-service-quota-increase` line that would raise the quota. Every subnet of subnetIds gets
 the network checks. --report FILE writes the findings and the table as JSON.
 
@@ -110,7 +111,7 @@ def run_check(arguments: argparse.Namespace) -> int:
                      if finding not in findings]
     print_findings(findings)
     report = {"region": ec2.meta.region_name}
-    if source.get("capacity"):
+    if arguments.stack or arguments.config:  # a config that names no capacity key still launches m5.large
         finding, report["capacity"] = check_capacity(ec2, source)
         findings.append(finding)
     failed = sum(finding.status == FAIL for finding in findings)

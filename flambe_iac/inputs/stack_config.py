@@ -17,8 +17,6 @@ from flambe_iac.inputs.pulumi_cli import stack_config
 
 DEFAULT_INSTANCE_TYPE = "m5.large"  # the stack's default for both roles
 INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]{0,30}\.[a-z0-9-]{1,30}")  # m5.large, u-6tb1.112xlarge, p6-b200.48xlarge
-CAPACITY_KEYS = ("factoryTypes", "factoryType", "orchestratorTypes", "orchestratorType", "subnetIds", "factoryCount",
-                 "spot")  # naming one asks check for the capacity preflight
 MAX_PREFERENCES = 50  # entries of one preference list: EC2 Fleet's overrides are types x subnets
 
 
@@ -113,8 +111,7 @@ def config_values(config: dict, source: str) -> dict:
             "key_name": key_name, "efa": efa, "factory_types": factory_types,
             "orchestrator_types": orchestrator_types, "factory_count": factory_count(config, source),
             "market": market(config.get("flambe:spot"), source),
-            "reservation": reservation,
-            "capacity": any(f"flambe:{key}" in config for key in CAPACITY_KEYS)}
+            "reservation": reservation}
 
 
 def string_list(item, key: str, source: str) -> list[str] | None:

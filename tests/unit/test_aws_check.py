@@ -19,7 +19,8 @@ def check_main(argv):
 def open_network(ec2, ssh=True, members="self", report_site=True):
     """A VPC, subnet, group and key pair, with the rules flambe needs unless told otherwise."""
     vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
+    # a zone moto's offerings say has m5.large: the capacity table of every --config check looks there
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24", AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
     group = ec2.create_security_group(GroupName="mine", Description="mine", VpcId=vpc)["GroupId"]
     ec2.create_key_pair(KeyName="alice-key")
     permissions = []

@@ -237,6 +237,36 @@ def test_bad_capacity_settings_are_bad_input_in_words(account, tmp_path, capsys,
     assert words in err
 
 
+def defaults_only_config(tmp_path, net):
+    """A stack config that names no capacity key: one flambe:subnetId, so m5.large, one factory, on-demand."""
+    path = tmp_path / "Pulumi.dev.yaml"
+    path.write_text(f"config:\n  aws:region: us-east-1\n  flambe:keyName: alice-key\n"
+                    f"  flambe:subnetId: {net['subnets'][0]}\n  flambe:securityGroupIds:\n    - {net['group']}\n")
+    return path
+
+
+def test_a_config_with_only_the_defaults_gets_the_capacity_of_the_m5_large_it_launches(account, tmp_path, capsys):
+    ec2, quotas = account
+    config = defaults_only_config(tmp_path, network(ec2, zones=("us-east-1a",)))
+    quotas.update({STANDARD_ON_DEMAND: 2})  # an m5.large factory and an m5.large orchestrator need 4
+    code, out, err = check(capsys, config)
+    assert code == 1, out + err
+    assert "capacity: 1 factory (on-demand) and an orchestrator (on-demand: m5.large)" in out
+    assert "m5.large" in table_row(out, 1) and "us-east-1a" in table_row(out, 1)
+    assert increase(STANDARD_ON_DEMAND, 4) in out
+    quotas.update({STANDARD_ON_DEMAND: 32})
+    code, out, err = check(capsys, config)
+    assert code == 0 and "PASS  capacity: #1 m5.large in us-east-1a" in out, out + err
+
+
+def test_a_quota_moto_cannot_read_is_a_skip_for_a_defaults_only_config(account, tmp_path, capsys):
+    ec2, _ = account
+    code, out, err = check(capsys, defaults_only_config(tmp_path, network(ec2, zones=("us-east-1a",))))
+    assert code == 0, out + err
+    assert "Service Quotas has no value for L-1216C47A in us-east-1" in table_row(out, 1)
+    assert "SKIP  capacity: no candidate is known to hold the cluster" in out
+
+
 def test_a_quota_that_is_not_a_number_is_a_cause_in_words(account, tmp_path, capsys):
     ec2, quotas = account
     quotas.update({STANDARD_ON_DEMAND: "lots"})
