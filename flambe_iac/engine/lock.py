@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import getpass
+import math
 import os
 import shlex
 import socket
@@ -22,6 +23,8 @@ from flambe_iac.ssh.channel import ANSWER_TIMEOUT, HeldCommand, RemoteCommandErr
 
 LOCKED, BUSY, UNWRITABLE, NO_LOCK = "LOCKED", "BUSY", "UNWRITABLE", "NO-LOCK"
 LOCK_IDLE_SECONDS = 30  # the lock frees itself this long after its holder's heartbeat stops
+ATTEMPT_FLOOR_SECONDS = 5.0  # what an attempt may take even with no --wait left: --wait 0 still asks once, honestly
+HOLDER_READ_SECONDS = 10.0
 
 
 def deploy_lock_command(lock_path: str) -> str:
@@ -49,9 +52,9 @@ def lock_holder_line() -> bytes:
     return holder.replace("\n", " ").encode() + b"\n"
 
 
-def open_deploy_lock(host) -> HeldCommand:
-    """Start the lock command on HOST: its first line says whether we hold the lock."""
-    return HeldCommand(host, deploy_lock_command(DEPLOY_LOCK), lock_holder_line(), ANSWER_TIMEOUT)
+def open_deploy_lock(host, timeout: float = ANSWER_TIMEOUT) -> HeldCommand:
+    """Start the lock command on HOST: its first line, within TIMEOUT seconds, says whether we hold the lock."""
+    return HeldCommand(host, deploy_lock_command(DEPLOY_LOCK), lock_holder_line(), timeout)
 
 
 @dataclass(frozen=True)
@@ -63,12 +66,16 @@ class LockOutcome:
 
 def take_deploy_lock(open_lock, address: str, cluster_name: str, wait: float, on_wait, clock=time.monotonic,
                      sleep=gevent.sleep) -> LockOutcome:
-    """Hold the lock OPEN_LOCK() starts on the member at ADDRESS; while another deploy holds it, wait up to WAIT
-    seconds (ON_WAIT(words) each time), then give up."""
+    """Hold the lock OPEN_LOCK(timeout) starts on the member at ADDRESS; while another deploy holds it, wait up to
+    WAIT seconds (ON_WAIT(words) each time), then give up. Each attempt (the lock's answer, then its holder's name)
+    has what is left of WAIT, at least ATTEMPT_FLOOR_SECONDS: the whole wait ends within WAIT plus that floor."""
     deadline = clock() + wait
     while True:
+        now = clock()
+        budget = min(ANSWER_TIMEOUT, max(ATTEMPT_FLOOR_SECONDS, math.floor((deadline - now) * 10) / 10))
+        attempt_until = now + budget
         try:
-            lock = open_lock()
+            lock = open_lock(budget)
         except RemoteCommandError as error:
             return LockOutcome(failure=f"could not take the deploy lock on {address}: {error}")
         answer = lock.first_line.decode(errors="replace")
@@ -78,7 +85,9 @@ def take_deploy_lock(open_lock, address: str, cluster_name: str, wait: float, on
             lock.release()
             return LockOutcome(failure=f"cannot open the deploy lock ~/{DEPLOY_LOCK} on {address}: the SSH user "
                                        "cannot write there (is ~/.flambe someone else's?)")
-        holder = lock.rest_of_output().decode(errors="replace").strip()[:200] or "someone (holder unknown)"
+        holder_read = min(HOLDER_READ_SECONDS, attempt_until - clock())
+        holder = (lock.rest_of_output(timeout=holder_read) if holder_read > 0 else b"").decode(
+            errors="replace").strip()[:200] or "someone (holder unknown)"
         lock.release()
         if answer != BUSY:
             return LockOutcome(note=f"{address} has no flock or bash: concurrent deploys of this cluster are not "
@@ -109,8 +118,9 @@ class ClusterLock:
             return not self.refused
         entry = self.fleet.entries[host]
         with self.view.waiting_for(entry, f"taking the deploy lock on {entry.address}"):
-            outcome = take_deploy_lock(lambda: self.open_lock(host), entry.address, self.fleet.plan.cluster.name,
-                                       self.wait, lambda words: self.view.note(entry, words))
+            outcome = take_deploy_lock(lambda timeout: self.open_lock(host, timeout), entry.address,
+                                       self.fleet.plan.cluster.name, self.wait,
+                                       lambda words: self.view.note(entry, words))
         if outcome.failure:
             self.refused = True
             for other in self.fleet.report.hosts:

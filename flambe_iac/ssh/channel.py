@@ -127,10 +127,10 @@ class HeldCommand:
 
         transport = active_transport(host)
         try:
-            self.channel = transport.open_session(timeout=30)
             # paramiko waits for the exec request's reply with no deadline of its own: a host that never answers it
-            # must not hold the deploy past TIMEOUT.
+            # must not hold the deploy past TIMEOUT, the session's opening included.
             with gevent.Timeout(timeout, RemoteCommandError(f"no answer within {timeout:g} s")):
+                self.channel = transport.open_session(timeout=min(30.0, timeout))
                 self.channel.exec_command(command)
                 self.channel.sendall(first_input)
                 self.first_line = _read_line(self.channel)

@@ -13,9 +13,9 @@ import pytest
 
 from flambe_iac.day_two import status
 from flambe_iac.engine import report
-from flambe_iac.engine.lock import ClusterLock
+from flambe_iac.engine.lock import ATTEMPT_FLOOR_SECONDS, ClusterLock, take_deploy_lock
 from flambe_iac.engine.report import DeployReport, HostReport, ProgressView
-from flambe_iac.ssh.channel import HeldCommand, RemoteCommandError, run_remote
+from flambe_iac.ssh.channel import ANSWER_TIMEOUT, HeldCommand, RemoteCommandError, run_remote
 
 
 class HostChannel:
@@ -106,7 +106,7 @@ def test_status_of_a_member_that_floods_is_refused_past_its_limit(monkeypatch):
 class BusyLock:
     first_line = b"BUSY"
 
-    def rest_of_output(self):
+    def rest_of_output(self, timeout):
         return b"ci@runner (pid 7) since 10:00 UTC\n"
 
     def release(self):
@@ -124,7 +124,7 @@ def cluster_lock(open_lock, wait: float):
 
 def test_a_busy_lock_is_named_in_the_live_table_while_it_lasts_and_in_the_report_after(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-    lock, entry, stream = cluster_lock(lambda host: BusyLock(), wait=3)
+    lock, entry, stream = cluster_lock(lambda host, timeout: BusyLock(), wait=3)
     started = time.monotonic()
     taking = gevent.spawn(lock.take, "h0")
     gevent.sleep(0.5)
@@ -138,11 +138,56 @@ def test_a_busy_lock_is_named_in_the_live_table_while_it_lasts_and_in_the_report
 
 
 def test_a_lock_the_host_never_answers_fails_within_its_deadline_naming_the_lock_and_the_member():
-    lock, entry, _ = cluster_lock(lambda host: HeldCommand(host_answering(HostChannel("silent")), "flock", b"me\n",
-                                                           0.3), wait=300)
+    lock, entry, _ = cluster_lock(lambda host, timeout: HeldCommand(host_answering(HostChannel("silent")), "flock",
+                                                                    b"me\n", 0.3), wait=300)
     started = time.monotonic()
     assert lock.take("h0") is False and time.monotonic() - started < 1.5
     assert entry.error == "could not take the deploy lock on 10.0.0.3: no answer within 0.3 s"
+
+
+class LockHostOnAFakeClock:
+    """A member whose deploy lock is BUSY for BUSY_ANSWERS attempts (its holder's name taking HOLDER_SECONDS, or the
+    whole deadline given), then never answers: each silent attempt lasts the whole deadline it is given."""
+
+    def __init__(self, busy_answers: int, holder_seconds: float | None):
+        self.now, self.deadlines, self.busy_answers, self.holder_seconds = 0.0, [], busy_answers, holder_seconds
+
+    def open_lock(self, timeout):
+        self.deadlines.append(timeout)
+        if self.busy_answers:
+            self.busy_answers -= 1
+            self.now += 1
+            return self
+        self.now += timeout
+        raise RemoteCommandError(f"no answer within {timeout:g} s")
+
+    first_line = b"BUSY"
+
+    def rest_of_output(self, timeout):
+        self.deadlines.append(timeout)
+        self.now += timeout if self.holder_seconds is None else min(timeout, self.holder_seconds)
+        return b"ci@runner (pid 7) since 10:00 UTC\n"
+
+    def release(self):
+        pass
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+@pytest.mark.parametrize("wait", [0, 3, 10, 300])
+@pytest.mark.parametrize("busy_answers, holder_seconds", [(0, None), (3, 1.0), (1, None)])
+def test_the_lock_wait_ends_within_wait_plus_one_floor_whatever_each_attempt_would_take(wait, busy_answers,
+                                                                                      holder_seconds):
+    host = LockHostOnAFakeClock(busy_answers, holder_seconds)
+    waits = []
+    outcome = take_deploy_lock(host.open_lock, "10.0.0.3", "c1", wait, waits.append, clock=lambda: host.now,
+                               sleep=host.sleep)
+    assert host.now <= max(wait, ATTEMPT_FLOOR_SECONDS) <= wait + ATTEMPT_FLOOR_SECONDS, host.deadlines
+    assert host.deadlines[0] == max(ATTEMPT_FLOOR_SECONDS, min(wait, ANSWER_TIMEOUT))  # --wait 0 still asks once
+    assert outcome.failure.startswith(("could not take the deploy lock on 10.0.0.3: no answer within ",
+                                       "another deploy of c1 is under way, from ci@runner (pid 7)"))
+    assert all(words.startswith("waiting for the deploy lock on 10.0.0.3: another deploy of c1") for words in waits)
 
 
 def test_no_wait_is_left_named_once_it_ends_and_short_ones_stay_out_of_the_report():

@@ -22,7 +22,7 @@ COMPROMISED = Host("h3", FACTORY, "10.0.0.4", "10.0.0.4")
 class HeldByTheAttacker:
     first_line = b"BUSY"
 
-    def rest_of_output(self):
+    def rest_of_output(self, timeout):
         return b"mallory@h3 (pid 1) since forever\n"
 
     def release(self):
@@ -44,7 +44,7 @@ def rotation(tmp_path, *, with_compromised: bool):
                                request=dataclasses.replace(plan.request, rotate_cluster_key=True))
     asked = []
 
-    def open_lock(host):
+    def open_lock(host, timeout):
         asked.append(host.name)
         return HeldByTheAttacker() if host.name == COMPROMISED.id else HeldLock()
     stand_ins = {**offline(operations_that(lambda host, call: None), snapshot=holding_the_old_key),

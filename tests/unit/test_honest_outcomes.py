@@ -51,7 +51,7 @@ def connected(host, entry, wait, policy, view):
 def offline(operations, connect=connected, snapshot=HostSnapshot, lock=HeldLock):
     """Stand-ins for everything that reaches a host: hosts that 'connect', hand over the lock and show an empty
     home, without any network; OPERATIONS stands in for pyinfra's run_host_op."""
-    return dict(connect=connect, open_lock=lambda host: lock(), read=lambda host, request, timeout: snapshot(),
+    return dict(connect=connect, open_lock=lambda host, timeout: lock(), read=lambda host, request, timeout: snapshot(),
                 run_operation=operations, alive=lambda host: True)
 
 

@@ -59,7 +59,7 @@ class AnsweringLock:
     def __init__(self, first_line: bytes, rest: bytes = b""):
         self.first_line, self.rest, self.released = first_line, rest, False
 
-    def rest_of_output(self):
+    def rest_of_output(self, timeout):
         return self.rest
 
     def release(self):
@@ -68,14 +68,14 @@ class AnsweringLock:
 
 def test_a_lock_file_that_cannot_be_opened_fails_at_once_instead_of_waiting_for_a_holder():
     waits = []
-    outcome = take_deploy_lock(lambda: AnsweringLock(b"UNWRITABLE"), "10.0.0.1", "c1", 300, waits.append,
+    outcome = take_deploy_lock(lambda timeout: AnsweringLock(b"UNWRITABLE"), "10.0.0.1", "c1", 300, waits.append,
                                sleep=lambda seconds: waits.append(seconds))
     assert outcome.failure and "cannot open the deploy lock" in outcome.failure and waits == []
 
 
 def test_a_busy_lock_waits_within_wait_then_names_the_holder():
     clock = iter(range(0, 1000, 2)).__next__
-    outcome = take_deploy_lock(lambda: AnsweringLock(b"BUSY", b"ci@runner (pid 7) since now\n"), "10.0.0.1", "c1",
+    outcome = take_deploy_lock(lambda timeout: AnsweringLock(b"BUSY", b"ci@runner (pid 7) since now\n"), "10.0.0.1", "c1",
                                10, lambda words: None, clock=clock, sleep=lambda seconds: None)
     assert "another deploy of c1 is under way, from ci@runner (pid 7) since now" in outcome.failure
 
