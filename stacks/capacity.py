@@ -4,7 +4,8 @@ instances in one zone and one type, or none.
 The provider (terraform-provider-aws's aws_ec2_fleet, under pulumi_aws) does not look at CreateFleet's `Errors`: an
 instant fleet that launched nothing is created all the same, with an empty `fleet_instance_set`. So the program
 checks what each fleet launched and, when it is short, fails the update itself with EC2's reason for every
-candidate (read with DescribeFleets), and the next run asks EC2 again: a fleet found empty is replaced.
+candidate (read with DescribeFleets, by the fleet's id), and the next run asks EC2 again: a fleet whose launch no
+live instance shows is declared with a new attempt, which replaces it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from flambe_iac.aws.fleets import account_of, fleet_errors, fleet_records, live_ids, stack_ec2
+from flambe_iac.aws.fleets import StackReadError, account_of, cluster_instances, fleet_errors, stack_ec2
 from flambe_iac.stacks.cluster_config import NAMESPACE, ClusterConfig
-from flambe_iac.stacks.launches import ATTEMPT_TAG, small_number
+from flambe_iac.stacks.launches import ATTEMPT_TAG
 from flambe_iac.terminal import safe_field
 
 ON_DEMAND, SPOT, CAPACITY_BLOCK = "on-demand", "spot", "capacity-block"
@@ -44,7 +45,7 @@ def candidates(types: list[str], subnets: list[str], zones: dict[str, str]) -> l
 
 
 def fleet(name: str, count: int, market: str, template: aws.ec2.LaunchTemplate, choices: Any,
-          config: ClusterConfig, tags: dict[str, str], attempt: int, opts: pulumi.ResourceOptions) -> aws.ec2.Fleet:
+          config: ClusterConfig, tags: dict[str, str], attempt: str, opts: pulumi.ResourceOptions) -> aws.ec2.Fleet:
     """An instant fleet of COUNT instances over CHOICES (a list of Candidate, or an Output of one), each a priority
     in order (1 first: the provider drops a priority of 0). min_target_capacity = COUNT with one zone and one type:
     EC2 launches all of them in one (type, zone), or nothing."""
@@ -71,11 +72,11 @@ def fleet(name: str, count: int, market: str, template: aws.ec2.LaunchTemplate, 
             **all_or_none) if spot else None,
         # Deleting the fleet (a smaller cluster, a destroy) terminates what it launched.
         terminate_instances=True,
-        tags={**tags, ATTEMPT_TAG: str(attempt)},
+        tags={**tags, ATTEMPT_TAG: attempt},
         # A new attempt (the last one launched nothing) replaces the fleet; nothing else about it may replace a
         # running instance: an instant fleet cannot be modified, and its launch is done.
         opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(
-            replacement_trigger=str(attempt),
+            replacement_trigger=attempt,
             ignore_changes=["launchTemplateConfigs", "targetCapacitySpecification", "onDemandOptions",
                             "spotOptions", "tags"])),
     )
@@ -114,7 +115,7 @@ def ec2_reader(region: str):
 
 
 def check_same_account(region: str) -> None:
-    """The program's own reads (the cluster's launches, the reasons of a failure) must see the account the provider
+    """The program's own reads (the cluster's instances, the reasons of a failure) must see the account the provider
     deploys to; else a running cluster would look absent and be launched twice."""
     provider = aws.get_caller_identity().account_id
     profile = pulumi.Config("aws").get("profile")
@@ -123,7 +124,7 @@ def check_same_account(region: str) -> None:
         raise pulumi.RunError(
             f"the AWS provider deploys to account {provider}, but the credentials the program reads EC2 with (boto3's "
             f"default chain{', profile ' + profile if profile else ''}) are of account {ours}: the program reads the "
-            f"cluster's fleets itself, so give both the same account, e.g. export AWS_PROFILE=<the stack's profile>")
+            f"cluster's instances itself, so give both the same account, e.g. export AWS_PROFILE=<the stack's profile>")
 
 
 def reasons_of(region: str, fleet_id: str) -> dict[tuple[str, str], str]:
@@ -165,18 +166,10 @@ def failure_message(what: str, count: int, items: list[Candidate], tried: tuple[
     return "\n".join(lines)
 
 
-def next_attempt(ec2, cluster: str, role: str) -> int:
-    """The attempt number for ROLE's fleets: the last one's while one of its fleets holds a live instance, the next
-    once none does (so the fleet is replaced and EC2 asked again). Read-only."""
-    records = fleet_records(ec2, cluster, role)
-    listed = {record["FleetId"]: [instance_id for entry in record.get("Instances") or []
-                                  for instance_id in entry.get("InstanceIds") or []] for record in records}
-    alive = live_ids(ec2, [instance_id for ids in listed.values() for instance_id in ids])
-    holds: dict[int, bool] = {}
-    for record in records:
-        attempt = small_number(record["tags"].get(ATTEMPT_TAG)) or 1
-        holds[attempt] = holds.get(attempt, False) or any(item in alive for item in listed[record["FleetId"]])
-    if not holds:
-        return 1
-    last = max(holds)
-    return last if holds[last] else last + 1
+def live_instances(region: str, cluster: str, role: str) -> list[dict]:
+    """The cluster's live instances of ROLE, the record of its launches; a read that cannot complete stops the
+    program with why (never "nothing there": Pulumi deletes what the program does not declare)."""
+    try:
+        return cluster_instances(ec2_reader(region), cluster, role)
+    except StackReadError as error:
+        raise pulumi.RunError(str(error)) from None

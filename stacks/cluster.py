@@ -24,7 +24,7 @@ from flambe_iac.stacks.capacity import (
     ec2_reader,
     fleet,
     launched,
-    next_attempt,
+    live_instances,
 )
 from flambe_iac.stacks.cluster_config import (
     AMAZON,
@@ -35,7 +35,16 @@ from flambe_iac.stacks.cluster_config import (
     ClusterConfig,
     StackConfigError,
 )
-from flambe_iac.stacks.launches import FLEET_TAG, LAUNCH_TAG, history, plan
+from flambe_iac.stacks.launches import (
+    ATTEMPT_TAG,
+    FLEET_TAG,
+    LAUNCH_TAG,
+    fleet_name,
+    held_attempt,
+    history,
+    new_attempt,
+    plan,
+)
 from flambe_iac.stacks.placement import (
     check_placement_type,
     efa_interface_count,
@@ -74,17 +83,18 @@ class FlambeCluster(pulumi.ComponentResource):
                      for role in (ORCHESTRATOR, FACTORY)}
         self.placement_group = placement_group(config, tags_for(config, "placement", f"{config.name}_placement"),
                                                child) if config.placement_group else None
-        group = {role: self.placement_group if role in placed else None for role in (ORCHESTRATOR, FACTORY)}
-        self.templates = {role: launch_template(config, role, self.amis[role], group[role],
-                                                efa_interfaces if role == FACTORY else 0, child)
-                          for role in (ORCHESTRATOR, FACTORY)}
+        self.group = {role: self.placement_group if role in placed else None for role in (ORCHESTRATOR, FACTORY)}
+        self.efa_interfaces = efa_interfaces
+        self.templates: dict[str, aws.ec2.LaunchTemplate] = {}  # by fleet name
         factory_choices = candidates(config.factory_types, config.subnet_ids, zones)
         self.factories = self.launch_factories(config, factory_choices, region, child) if config.factory_count else []
         orchestrator_choices = orchestrator_candidates(config, zones, self.factories)
-        self.orchestrator_fleet = fleet(f"{config.name}_orchestrator", 1, ON_DEMAND, self.templates[ORCHESTRATOR],
+        orchestrator_name = f"{config.name}_orchestrator"
+        attempt = held_attempt(live_instances(region, config.name, ORCHESTRATOR), config.name, ORCHESTRATOR)
+        self.orchestrator_fleet = fleet(orchestrator_name, 1, ON_DEMAND,
+                                        self.template(config, ORCHESTRATOR, orchestrator_name, None, attempt, child),
                                         orchestrator_choices, config,
-                                        tags_for(config, ORCHESTRATOR, f"{config.name}_orchestrator"),
-                                        self.orchestrator_attempt(config, region), child)
+                                        tags_for(config, ORCHESTRATOR, orchestrator_name), attempt, child)
         self.orchestrator = member(launched(self.orchestrator_fleet, 1, orchestrator_choices, "orchestrator", region),
                                    0, config, orchestrator=True)
         self.alarms = []
@@ -108,20 +118,21 @@ class FlambeCluster(pulumi.ComponentResource):
         """The factories, launch by launch: those that run stay as they are; what is missing is one new launch,
         pinned to the type, zone and market of the cluster's first launch, or, for a new cluster, over every
         candidate (spot fallback: spot first, on-demand for all only when spot launched none)."""
-        launches, pending = history(ec2_reader(region), config.name, f"{config.name}_factories")
-        step = plan(config.factory_count, launches, pending)
+        launches = history(live_instances(region, config.name, FACTORY), config.name)
+        step = plan(config.factory_count, launches)
         hosts = []
         for launch in step.kept:
             for name, held in launch.fleets.items():
                 first = held[0]
-                fleet(name, len(held), SPOT if first[4] == SPOT else ON_DEMAND, self.templates[FACTORY],
+                fleet(name, len(held), SPOT if first[4] == SPOT else ON_DEMAND,
+                      self.template(config, FACTORY, name, launch.index, launch.attempt, opts),
                       [Candidate(first[1], first[2], first[3])], config, self.launch_tags(config, launch.index, name),
                       launch.attempt, opts)
                 members = pulumi.Output.from_input([(item[0], item[1], item[4]) for item in held])
                 hosts += [member(members, index, config) for index in range(len(held))]
         if step.new_index is None:
             return hosts
-        name = f"{config.name}_factories" + (f"_{step.new_index}" if step.new_index else "")
+        name = fleet_name(config.name, step.new_index)
         if step.kept:  # more of what the cluster has: its type, its zone, its market
             first = step.kept[0].live[0]
             choices, market, fallback = [Candidate(first[1], first[2], first[3])], first[4], False
@@ -133,22 +144,33 @@ class FlambeCluster(pulumi.ComponentResource):
     def launch(self, config: ClusterConfig, name: str, step, choices: list[Candidate], market: str, fallback: bool,
                region: str, opts: pulumi.ResourceOptions) -> pulumi.Output:
         count, what = step.new_count, "factories" if not step.kept else "more factories in the cluster's type and zone"
-        self.new_fleet = fleet(name, count, market, self.templates[FACTORY], choices, config,
-                               self.launch_tags(config, step.new_index, name), step.new_attempt, opts)
+        attempt = new_attempt()
+        self.new_fleet = fleet(name, count, market, self.template(config, FACTORY, name, step.new_index, attempt, opts),
+                               choices, config, self.launch_tags(config, step.new_index, name), attempt, opts)
         if not fallback:
             return launched(self.new_fleet, count, choices, what, region, market)
 
         def on_demand(tried_with_spot):
-            fallback_name = f"{name}_on_demand"
-            self.fallback_fleet = fleet(fallback_name, count, ON_DEMAND, self.templates[FACTORY], choices, config,
-                                        self.launch_tags(config, step.new_index, fallback_name), step.new_attempt,
-                                        opts)
+            fallback_name = fleet_name(config.name, step.new_index, on_demand=True)
+            self.fallback_fleet = fleet(fallback_name, count, ON_DEMAND,
+                                        self.template(config, FACTORY, fallback_name, step.new_index, attempt, opts),
+                                        choices, config, self.launch_tags(config, step.new_index, fallback_name),
+                                        attempt, opts)
             return launched(self.fallback_fleet, count, choices, what, region, ON_DEMAND, earlier=tried_with_spot)
         return launched(self.new_fleet, count, choices, what, region, SPOT, otherwise=on_demand)
 
-    @staticmethod
-    def orchestrator_attempt(config: ClusterConfig, region: str) -> int:
-        return next_attempt(ec2_reader(region), config.name, ORCHESTRATOR)
+    def template(self, config: ClusterConfig, role: str, name: str, index: int | None, attempt: str,
+                 opts: pulumi.ResourceOptions) -> aws.ec2.LaunchTemplate:
+        """The launch template of fleet NAME: the role's, plus the tags by which the next run finds the fleet from
+        its instances (DescribeFleets lists no instant fleet unless asked by id). Named as the fleet, in the
+        singular: exp1_factory for exp1_factories, exp1_factory_1 for exp1_factories_1."""
+        marks = {FLEET_TAG: name, ATTEMPT_TAG: attempt, **({LAUNCH_TAG: str(index)} if index is not None else {})}
+        template_name = name if role == ORCHESTRATOR else \
+            f"{config.name}_factory" + name[len(f"{config.name}_factories"):]
+        self.templates[name] = launch_template(config, role, self.amis[role], self.group[role],
+                                               self.efa_interfaces if role == FACTORY else 0, opts,
+                                               template_name, marks)
+        return self.templates[name]
 
     @staticmethod
     def launch_tags(config: ClusterConfig, index: int, name: str) -> dict[str, str]:
@@ -321,16 +343,18 @@ def tags_for(config: ClusterConfig, role: str, name: str) -> dict[str, str]:
 
 
 def launch_template(config: ClusterConfig, role: str, ami: str, group: aws.ec2.PlacementGroup | None,
-                    efa_interfaces: int, opts: pulumi.ResourceOptions) -> aws.ec2.LaunchTemplate:
+                    efa_interfaces: int, opts: pulumi.ResourceOptions, name: str,
+                    marks: dict[str, str]) -> aws.ec2.LaunchTemplate:
     """What each of ROLE's instances carries, whatever type and subnet its fleet picks (the fleet's override sets
     those): image, key, encrypted root volume, IMDSv2 only, profile, shutdown behaviour, tags, security groups
-    (on the interfaces: EC2 refuses both), EFA interfaces, placement and a capacity reservation."""
+    (on the interfaces: EC2 refuses both), EFA interfaces, placement and a capacity reservation. MARKS: tags on the
+    instances only, which name their launch, fleet and attempt."""
     tags = tags_for(config, role, f"{config.name}_{role}")
     factory = role == FACTORY
     spot = factory and config.spot_mode != "off"
     reservation = factory and (config.capacity_reservation_id or config.capacity_reservation_group_arn)
     return aws.ec2.LaunchTemplate(
-        f"{config.name}_{role}",
+        name,
         image_id=ami,
         key_name=config.key_name,
         network_interfaces=network_interfaces(config, efa_interfaces),
@@ -355,8 +379,9 @@ def launch_template(config: ClusterConfig, role: str, ami: str, group: aws.ec2.P
             ebs=aws.ec2.LaunchTemplateBlockDeviceMappingEbsArgs(
                 volume_size=config.volume_size, volume_type=config.volume_type, iops=config.volume_iops,
                 encrypted="true", kms_key_id=config.kms_key_id, delete_on_termination="true"))],
-        tag_specifications=[aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=tags)
-                            for kind in ("instance", "volume")],
+        tag_specifications=[
+            aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type="instance", tags={**tags, **marks}),
+            aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type="volume", tags=tags)],
         tags=tags,
         # A new AMI release must not replace running instances (nor would it: a fleet ignores its template's
         # later versions).

@@ -3,19 +3,32 @@
 An instant fleet cannot grow or shrink. So a larger flambe:factoryCount adds one launch for the difference, pinned to
 the type, zone and market the cluster already has; a smaller one removes whole launches, newest first (deleting a
 launch's fleet terminates its instances), and a count that falls inside a launch is refused at preview with the
-two counts that would work. What EC2 holds is the record (DescribeFleets and DescribeInstances, read-only): a
+two counts that would work. The cluster's live instances are the record (DescribeInstances by the cluster's tags;
+each instance carries its launch, its fleet's resource name and its attempt, from its fleet's launch template): a
 factory that is gone (terminated by hand, a spot reclaim) leaves its launch short, and the next `pulumi up` adds a
-launch for what is missing.
+launch for what is missing. A launch no live instance shows gets a new attempt each run, so its fleet (empty, or
+all of its instances gone) is replaced and EC2 asked again; a fleet that holds a live instance keeps its attempt.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass, field
 
-from flambe_iac.aws.fleets import fleet_records, live_ids
+import pulumi
+
 from flambe_iac.stacks.cluster_config import NAMESPACE, StackConfigError
+from flambe_iac.terminal import safe_field
 
 LAUNCH_TAG, FLEET_TAG, ATTEMPT_TAG = "flambe-launch", "flambe-fleet", "flambe-attempt"
+ON_DEMAND_SUFFIX = "_on_demand"
+ATTEMPT_FORM = re.compile(r"[0-9a-f]{1,16}")
+
+
+class LaunchRecordError(pulumi.RunError):
+    """A live instance of the cluster does not say which launch, fleet or attempt it belongs to: the program stops
+    rather than declare its fleet wrong (a wrong name or attempt would delete or replace it, with the instance)."""
 
 
 @dataclass
@@ -23,7 +36,7 @@ class Launch:
     """One launch of factories: its index, its attempt, and the fleets (by resource name) that hold its live
     members, each member (instance id, type, subnet, zone, lifecycle)."""
     index: int
-    attempt: int
+    attempt: str
     fleets: dict[str, list[tuple[str, str, str, str, str]]] = field(default_factory=dict)
 
     @property
@@ -35,47 +48,70 @@ class Launch:
 class Plan:
     kept: list[Launch]  # launches that stay as they are
     new_index: int | None  # the launch to add, if any
-    new_attempt: int
     new_count: int
 
 
-def small_number(text: str | None) -> int | None:
-    return int(text) if text and text.isascii() and text.isdigit() and len(text) < 7 else None
+def new_attempt() -> str:
+    """An attempt no fleet had: a launch no live instance shows asks EC2 again each run."""
+    return secrets.token_hex(4)
 
 
-def history(ec2, cluster: str, default_fleet: str) -> tuple[list[Launch], dict[int, int]]:
-    """(launches that hold live factories, by index; {index: last attempt} of launches whose last attempt never
-    launched anything, so the next run asks EC2 again with the next attempt)."""
-    records = fleet_records(ec2, cluster, "factory")
-    listed = {record["FleetId"]: [(instance_id, str(entry.get("InstanceType", "")),
-                                   str(entry.get("Lifecycle", "on-demand")))
-                                  for entry in record.get("Instances") or []
-                                  for instance_id in entry.get("InstanceIds") or []] for record in records}
-    alive = live_ids(ec2, [item[0] for items in listed.values() for item in items])
-    members = {fleet_id: [(instance_id, kind, *alive.get(instance_id, ("", "")), lifecycle)
-                          for instance_id, kind, lifecycle in items] for fleet_id, items in listed.items()}
-    by_index: dict[int, dict[int, list[dict]]] = {}
-    for record in records:
-        index = small_number(record["tags"].get(LAUNCH_TAG)) or 0
-        attempt = small_number(record["tags"].get(ATTEMPT_TAG)) or 1
-        by_index.setdefault(index, {}).setdefault(attempt, []).append(record)
-    launches, pending = [], {}
-    for index, attempts in sorted(by_index.items()):
-        last = max(attempts)
-        launch = Launch(index, last)
-        for record in attempts[last]:
-            held = [item for item in members[record["FleetId"]] if item[0] in alive]
-            if held:
-                launch.fleets[record["tags"].get(FLEET_TAG) or default_fleet] = held
-        if launch.fleets:
-            launches.append(launch)
-        elif not any(listed[record["FleetId"]] for record in attempts[last]):
-            pending[index] = last  # it never launched: ask again
-    return launches, pending
+def fleet_name(cluster: str, index: int, on_demand: bool = False) -> str:
+    """The resource name of launch INDEX's fleet (the on-demand one of a spot fallback with ON_DEMAND)."""
+    return f"{cluster}_factories" + (f"_{index}" if index else "") + (ON_DEMAND_SUFFIX if on_demand else "")
 
 
-def plan(count: int, launches: list[Launch], pending: dict[int, int]) -> Plan:
-    """Keep launches in order while they fit COUNT; drop whole newest ones beyond it; add one launch for the rest."""
+def marks_of(instance: dict, cluster: str, role: str) -> tuple[int, str, str]:
+    """(launch index, fleet name, attempt) an instance of ROLE carries, checked; or a LaunchRecordError."""
+    tags = instance["tags"]
+    index_text, name, attempt = (tags.get(key, "") for key in (LAUNCH_TAG, FLEET_TAG, ATTEMPT_TAG))
+    index = int(index_text) if index_text.isascii() and index_text.isdigit() and len(index_text) < 5 else None
+    if role == "orchestrator":
+        index, names = 0, {f"{cluster}_orchestrator"}
+    else:
+        names = {fleet_name(cluster, index), fleet_name(cluster, index, on_demand=True)} if index is not None else set()
+    if index is None or name not in names or not ATTEMPT_FORM.fullmatch(attempt):
+        raise LaunchRecordError(
+            f"instance {safe_field(instance['id'])} is tagged as the {role} of cluster {cluster} but its tags "
+            f"{LAUNCH_TAG}={safe_field(index_text[:20])!r}, {FLEET_TAG}={safe_field(name[:80])!r}, "
+            f"{ATTEMPT_TAG}={safe_field(attempt[:20])!r} do not name a launch of it: the program stops rather than "
+            f"declare its fleet wrong. If flambe-iac did not launch it, remove its Cluster-Name tag: aws ec2 "
+            f"delete-tags --resources {safe_field(instance['id'])} --tags Key=Cluster-Name")
+    return index, name, attempt
+
+
+def history(instances: list[dict], cluster: str) -> list[Launch]:
+    """The launches that hold live factories, by index, from the cluster's live factory instances."""
+    launches: dict[int, Launch] = {}
+    for item in sorted(instances, key=lambda found: (found["launched"], found["id"])):
+        index, name, attempt = marks_of(item, cluster, "factory")
+        launch = launches.setdefault(index, Launch(index, attempt))
+        if launch.attempt != attempt:
+            raise LaunchRecordError(
+                f"launch {index} of cluster {cluster} has live instances of two attempts ({launch.attempt} and "
+                f"{attempt}; {safe_field(item['id'])}): one fleet per launch holds instances, so the program stops "
+                f"rather than replace either; see aws ec2 describe-instances --filters "
+                f"Name=tag:{LAUNCH_TAG},Values={index} Name=tag:Cluster-Name,Values={cluster}")
+        launch.fleets.setdefault(name, []).append(
+            (item["id"], item["type"], item["subnet"], item["zone"], item["lifecycle"]))
+    return [launches[index] for index in sorted(launches)]
+
+
+def held_attempt(instances: list[dict], cluster: str, role: str) -> str:
+    """The attempt of ROLE's one fleet while a live instance shows it, else a new one (EC2 is asked again)."""
+    attempts = {marks_of(item, cluster, role)[2] for item in instances}
+    if len(attempts) > 1:
+        raise LaunchRecordError(
+            f"the {role} of cluster {cluster} has live instances of {len(attempts)} attempts "
+            f"({', '.join(sorted(attempts))}): the program stops rather than replace any; see aws ec2 "
+            f"describe-instances --filters Name=tag:Cluster-Name,Values={cluster} Name=tag:Role,Values={role}")
+    return attempts.pop() if attempts else new_attempt()
+
+
+def plan(count: int, launches: list[Launch]) -> Plan:
+    """Keep launches in order while they fit COUNT; drop whole newest ones beyond it; add one launch for the rest,
+    after the newest live one (its fleet's name may be one the state holds empty or dead: a new attempt replaces
+    it)."""
     kept = list(launches)
     total = sum(len(launch.live) for launch in kept)
     while kept and total > count:
@@ -89,9 +125,5 @@ def plan(count: int, launches: list[Launch], pending: dict[int, int]) -> Plan:
                 f"Choose pulumi config set {NAMESPACE}:factoryCount {total} (removes that launch) or "
                 f"pulumi config set {NAMESPACE}:factoryCount {total + len(dropped.live)} (keeps it)")
     if total >= count:
-        return Plan(kept, None, 0, 0)
-    if pending:
-        index = max(pending)
-        return Plan(kept, index, pending[index] + 1, count - total)
-    index = max((launch.index for launch in launches), default=-1) + 1
-    return Plan(kept, index, 1, count - total)
+        return Plan(kept, None, 0)
+    return Plan(kept, max((launch.index for launch in launches), default=-1) + 1, count - total)

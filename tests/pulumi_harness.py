@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import uuid
+import weakref
 from typing import Any, Callable
 
 import pulumi
@@ -39,6 +40,10 @@ def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks
     A fresh event loop and fresh runtime options each time: the runtime keeps state between programs.
     """
     loop = asyncio.new_event_loop()
+    # A failed program leaves futures whose error (the one run_program raises) nobody read; their finalizers would
+    # log it with a traceback whenever the collector runs, and Python 3.11 formats that with ast.parse, which, run
+    # inside another parse (pytest importing a module then), fails it: "AST constructor recursion depth mismatch".
+    loop.set_exception_handler(lambda _loop, context: None)
     asyncio.set_event_loop(loop)
     # The program's own EC2 reads (DescribeFleets, DescribeCapacityReservations) go to moto: an empty one for the
     # fixed mocks, the test's for MotoMocks.
@@ -88,6 +93,8 @@ def close_stray_event_loops() -> None:
     collector, one fails in __del__ at interpreter exit, after pytest's summary. The session's end closes them
     (tests/conftest.py), once no program runs any more."""
     for candidate in gc.get_objects():
+        if isinstance(candidate, weakref.ProxyTypes):
+            continue  # a proxy whose object is gone fails any isinstance check with ReferenceError
         if isinstance(candidate, asyncio.BaseEventLoop) and not candidate.is_closed() and not candidate.is_running():
             try:
                 candidate.close()
@@ -223,6 +230,7 @@ class MotoMocks(Mocks):
         self.state: dict[str, dict] = dict(previous.state) if previous else {}  # fleet name -> id, attempt, outputs
         self.declared: set[str] = set()
         self.created: list[str] = []  # fleets CreateFleet was called for, this run
+        instant_fleets_by_id_only()
 
     def new_resource(self, args: MockResourceArgs):
         self.resources.append(args)
@@ -448,6 +456,33 @@ def keep_launch_records() -> None:
     Fleet.launch_record = None
     Fleet.instances = property(lambda fleet: fleet.launch_record if fleet.launch_record is not None
                                else launched_now(fleet))
+
+
+def instant_fleets_by_id_only() -> None:
+    """DescribeFleets without fleet ids leaves instant fleets out, as EC2's API reference says ("If a fleet is of
+    type instant, you must specify the fleet ID in the request, otherwise the fleet does not appear in the
+    response"); moto lists them, which would hide a program that finds its fleets by listing them."""
+    from moto.ec2.models.fleets import FleetsBackend
+
+    if getattr(FleetsBackend.describe_fleets, "instant_by_id_only", False):
+        return
+    listed_by_moto = FleetsBackend.describe_fleets
+
+    def describe_fleets(backend, fleet_ids):
+        found = listed_by_moto(backend, fleet_ids)
+        return found if fleet_ids else [fleet for fleet in found if fleet.fleet_type != "instant"]
+
+    describe_fleets.instant_by_id_only = True
+    FleetsBackend.describe_fleets = describe_fleets
+
+
+def fleet_tags(region: str = "us-east-1") -> list[dict[str, str]]:
+    """The tags of every fleet EC2 (moto) holds, instant or not: what a test sees of EC2's record, which the
+    program cannot list."""
+    from moto.ec2.models import ec2_backends
+
+    return [{tag["key"]: tag["value"] for tag in ec2_backends[MOTO_ACCOUNT][region].describe_tags(
+        filters={"resource-id": [fleet.id]})} for fleet in ec2_backends[MOTO_ACCOUNT][region].fleets.values()]
 
 
 def boto3_client(service: str, region: str):

@@ -1,15 +1,18 @@
-"""The stack program's own EC2 reads, for what the provider has no data source for: the cluster's instant fleets
-(what each launched, and EC2's reason for what it did not), which of their instances still live, and which account
-the reads see. Read-only; the pages read are bounded.
-"""
+"""The stack program's own EC2 reads, for what the provider has no data source for: the cluster's live instances
+(the record of its launches), EC2's reasons of an instant fleet (by its id: DescribeFleets lists no instant fleet
+otherwise), a capacity reservation, and which account the reads see. Read-only; the pages read are bounded."""
 
 from __future__ import annotations
 
 from flambe_iac.aws.client import aws_errors, ec2_client
+from flambe_iac.errors import InputError
 from flambe_iac.aws.leftovers import LIVE_STATES
 
-MAX_FLEET_PAGES = 20  # DescribeFleets pages read (1000 fleets a page at most)
-IDS_A_CALL = 200  # instance ids in one DescribeInstances filter
+MAX_INSTANCE_PAGES = 50  # DescribeInstances pages of one cluster's role read (1000 instances a page at most)
+
+
+class StackReadError(InputError):
+    """One of the program's own EC2 reads could not complete; the message says which and why."""
 
 
 def stack_ec2(region: str, profile: str | None):
@@ -30,35 +33,42 @@ def account_of(region: str, profile: str | None) -> str:
         return str(session.client("sts", region_name=region).get_caller_identity().get("Account"))
 
 
-def fleet_records(ec2, cluster: str, role: str) -> list[dict]:
-    """This cluster's instant fleets of ROLE, as DescribeFleets has them, each with its tags as a dict in `tags`."""
+def cluster_instances(ec2, cluster: str, role: str) -> list[dict]:
+    """This cluster's live instances of ROLE (stopped ones too: they hold data), filtered by its tags on EC2's side,
+    each {id, type, subnet, zone, lifecycle, tags}. Its instances are the record of what the cluster holds:
+    DescribeFleets leaves instant fleets out unless asked by id. A read that cannot complete stops the program
+    (StackReadError): never "nothing there", for what the program does not declare Pulumi deletes."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    doing = f"reading the cluster's {role} instances (ec2:DescribeInstances)"
     found = []
-    with aws_errors("reading the cluster's fleets (DescribeFleets)"):
-        pages = ec2.get_paginator("describe_fleets").paginate(Filters=[{"Name": "type", "Values": ["instant"]}])
-        for number, page in enumerate(pages):
-            if number >= MAX_FLEET_PAGES:
-                break
-            for item in page.get("Fleets", []):
-                tags = {tag.get("Key"): tag.get("Value") for tag in item.get("Tags") or []}
-                if tags.get("Cluster-Name") == cluster and tags.get("Role") == role and \
-                        tags.get("Purpose") == "flambe":
-                    found.append({**item, "tags": tags})
+    try:
+        with aws_errors(doing):
+            pages = ec2.get_paginator("describe_instances").paginate(Filters=[
+                {"Name": "tag:Cluster-Name", "Values": [cluster]}, {"Name": "tag:Role", "Values": [role]},
+                {"Name": "tag:Purpose", "Values": ["flambe"]},
+                {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
+            for number, page in enumerate(pages):
+                if number >= MAX_INSTANCE_PAGES:
+                    raise StackReadError(
+                        f"{doing}: more than {MAX_INSTANCE_PAGES} pages of instances answer the cluster's tags "
+                        f"(Cluster-Name {cluster}, Role {role}): the program stops rather than plan from part of "
+                        f"them; see aws ec2 describe-instances --filters Name=tag:Cluster-Name,Values={cluster}")
+                found += [instance_record(item) for group in page.get("Reservations", [])
+                          for item in group.get("Instances", [])]
+    except (BotoCoreError, ClientError) as error:
+        raise StackReadError(f"{doing} failed ({type(error).__name__}: {str(error)[:300]}): the program stops "
+                             f"rather than take the cluster for empty; run pulumi up again once EC2 answers") from None
     return found
 
 
-def live_ids(ec2, instance_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """{instance id: (subnet, zone)} of those of INSTANCE_IDS that still live (stopped ones too: they hold data)."""
-    live = {}
-    with aws_errors("reading which of the cluster's instances live (DescribeInstances)"):
-        for start in range(0, len(instance_ids), IDS_A_CALL):
-            pages = ec2.get_paginator("describe_instances").paginate(Filters=[
-                {"Name": "instance-id", "Values": instance_ids[start:start + IDS_A_CALL]},
-                {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
-            for page in pages:
-                for item in (found for group in page.get("Reservations", []) for found in group.get("Instances", [])):
-                    live[item["InstanceId"]] = (str(item.get("SubnetId", "")),
-                                                str((item.get("Placement") or {}).get("AvailabilityZone", "")))
-    return live
+def instance_record(item: dict) -> dict:
+    return {"id": str(item.get("InstanceId", "")), "type": str(item.get("InstanceType", "")),
+            "subnet": str(item.get("SubnetId", "")),
+            "zone": str((item.get("Placement") or {}).get("AvailabilityZone", "")),
+            "lifecycle": "spot" if item.get("InstanceLifecycle") == "spot" else "on-demand",
+            "launched": (str(item.get("LaunchTime", "")), int(item.get("AmiLaunchIndex") or 0)),
+            "tags": {str(tag.get("Key")): str(tag.get("Value")) for tag in item.get("Tags") or []}}
 
 
 def fleet_errors(ec2, fleet_id: str) -> tuple[list[dict], str | None]:

@@ -5,7 +5,7 @@ them, EC2 answering InsufficientInstanceCapacity, VcpuLimitExceeded or Unsupport
 import json
 
 import pytest
-from pulumi_harness import BASE_CONFIG, FLEET, LAUNCH_TEMPLATE, MotoMocks, RecordingMocks, run_program
+from pulumi_harness import BASE_CONFIG, FLEET, LAUNCH_TEMPLATE, MotoMocks, RecordingMocks, fleet_tags, run_program
 
 from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
@@ -99,27 +99,39 @@ def test_no_capacity_anywhere_names_every_attempt_and_leaves_nothing(aws):
     reservations = ec2.describe_instances()["Reservations"]
     assert [item for group in reservations for item in group["Instances"]] == []
     # Only the factories' (empty) fleet was asked for: the orchestrator waits for their zone, so it never launched.
-    roles = [{tag["Key"]: tag["Value"] for tag in item["Tags"]}["Role"] for item in ec2.describe_fleets()["Fleets"]]
-    assert roles == ["factory"]
+    assert [tags["Role"] for tags in fleet_tags()] == ["factory"]
+
+
+def test_ec2_lists_no_instant_fleet_unless_asked_by_id(aws):
+    """The harness answers DescribeFleets as EC2 does, so a program that lists its instant fleets finds none."""
+    ec2, network = aws
+    exports, mocks = deploy(config_for(network, [network["subnetId"]], factoryTypes=json.dumps(["m5.large"])))
+    assert ec2.describe_fleets()["Fleets"] == [] and len(fleet_tags()) == 2
+    ids = [mocks.state[name]["id"] for name in ("exp1_factories", "exp1_orchestrator")]
+    assert [item["FleetId"] for item in ec2.describe_fleets(FleetIds=ids)["Fleets"]] == ids
 
 
 def test_the_next_run_asks_ec2_again_with_a_new_attempt(aws):
     ec2, network = aws
-    subnets = three_zones(ec2, network)
+    config = config_for(network, three_zones(ec2, network))
+    failed = MotoMocks(no_room={**everywhere(P5), **everywhere(P4D)})
     with pytest.raises(Exception, match="EC2 could not launch all 3 factories"):
-        deploy(config_for(network, subnets), no_room={**everywhere(P5), **everywhere(P4D)})
-    (empty,) = ec2.describe_fleets()["Fleets"]
-    assert {tag["Key"]: tag["Value"] for tag in empty["Tags"]}["flambe-attempt"] == "1"
-    exports, mocks = deploy(config_for(network, subnets), no_room=everywhere(P5))
-    fleets = {resource.name: resource.inputs for resource in mocks.of_type(FLEET)}
-    # The empty fleet's attempt is over: this one is a new attempt, which replaces it (replacementTrigger).
-    assert fleets["exp1_factories"]["tags"]["flambe-attempt"] == "2"
-    assert fleets["exp1_orchestrator"]["tags"]["flambe-attempt"] == "1"
-    assert {host.instance_type for host in parse_outputs(exports).factories} == {P4D}
-    # A third run finds the fleet holding its instances: the same attempt, nothing replaced.
-    _, again = deploy(config_for(network, subnets), no_room=everywhere(P5))
-    assert {resource.name: resource.inputs["tags"]["flambe-attempt"] for resource in again.of_type(FLEET)} == {
-        "exp1_factories": "2", "exp1_orchestrator": "1"}
+        run_program(lambda: declare_cluster(load_config()), config, failed)
+    assert failed.live_instances() == [] and list(failed.state) == ["exp1_factories"]
+    (empty,) = fleet_tags()
+    # The state holds the empty fleet; no live instance shows its launch: a new attempt replaces it.
+    exports, mocks = deploy(config, no_room=everywhere(P5), previous=failed)
+    assert mocks.created == ["exp1_factories", "exp1_orchestrator"]
+    attempts = {resource.name: resource.inputs["tags"]["flambe-attempt"] for resource in mocks.of_type(FLEET)}
+    assert attempts["exp1_factories"] != empty["flambe-attempt"]
+    cluster = parse_outputs(exports)
+    assert {host.instance_type for host in cluster.factories} == {P4D}
+    # A third run finds every instance live: the same attempts, nothing replaced, nothing added.
+    again_exports, again = deploy(config, no_room=everywhere(P5), previous=mocks)
+    assert {resource.name: resource.inputs["tags"]["flambe-attempt"] for resource in again.of_type(FLEET)} == \
+        attempts
+    assert again.created == [] and parse_outputs(again_exports).members == cluster.members
+    assert len(again.live_instances()) == 4
 
 
 # Spot: spot only, or spot and else on-demand for all; never a mix.
@@ -366,6 +378,20 @@ def test_more_factories_where_ec2_has_no_more_fail_in_words_and_keep_the_others(
     assert sorted(factory_ids(before)) == live_factories(previous)
 
 
+def test_more_factories_ec2_had_no_room_for_are_asked_again_by_the_next_run(first_run):
+    ec2, network, subnets, before, previous = first_run
+    failed = MotoMocks(previous=previous, no_room={(P4D, ZONES[1]): "InsufficientInstanceCapacity"})
+    with pytest.raises(Exception, match="could not launch all 2 more factories"):
+        run_program(lambda: declare_cluster(load_config()), config_for(network, subnets, factoryCount="4"), failed)
+    assert failed.created == ["exp1_factories_1"] and live_factories(failed) == sorted(factory_ids(before))
+    exports, mocks = deploy(config_for(network, subnets, factoryCount="4"), previous=failed)
+    assert mocks.created == ["exp1_factories_1"]  # the empty fleet replaced by a new attempt
+    hosts = parse_outputs(exports).factories
+    assert [host.id for host in hosts[:2]] == factory_ids(before) and len(hosts) == 4
+    assert {(host.instance_type, host.availability_zone) for host in hosts} == {(P4D, ZONES[1])}
+    assert live_factories(mocks) == sorted(host.id for host in hosts)
+
+
 def test_fewer_factories_remove_whole_newest_launches_only(first_run):
     ec2, network, subnets, before, previous = first_run
     grown, grown_mocks = deploy(config_for(network, subnets, factoryCount="3"), previous=previous)
@@ -413,7 +439,8 @@ def test_an_orchestrator_gone_is_replaced_in_the_factories_zone(first_run):
     exports, mocks = deploy(config_for(network, subnets, factoryCount="2"), previous=previous)
     assert mocks.created == ["exp1_orchestrator"]
     (orchestrator,) = [resource.inputs for resource in mocks.of_type(FLEET) if resource.name == "exp1_orchestrator"]
-    assert orchestrator["tags"]["flambe-attempt"] == "2"
+    (first,) = [item.inputs for item in previous.of_type(FLEET) if item.name == "exp1_orchestrator"]
+    assert orchestrator["tags"]["flambe-attempt"] != first["tags"]["flambe-attempt"]
     cluster = parse_outputs(exports)
     assert cluster.orchestrator.id != parse_outputs(before).orchestrator.id
     assert cluster.orchestrator.availability_zone == ZONES[1] and factory_ids(exports) == factory_ids(before)
@@ -463,3 +490,73 @@ def test_a_preview_of_three_types_in_three_zones_declares_two_fleets(aws):
                 config_for(network, subnets, factoryTypes=json.dumps([P5, P4D, "p5e.48xlarge"])), mocks, preview=True)
     (factories,) = [resource.inputs for resource in mocks.of_type(FLEET) if resource.name == "exp1_factories"]
     assert len(factories["launchTemplateConfigs"][0]["overrides"]) == 9
+
+
+# Fail closed: a read of the cluster's instances that cannot complete, or an instance that does not say which launch
+# it is of, stops the program before it declares a fleet (what it does not declare, Pulumi deletes).
+
+class FailingReads:
+    """An EC2 client whose DescribeInstances fails with CODE; the rest is moto's."""
+
+    def __init__(self, region, code):
+        import boto3
+
+        self.moto, self.code = boto3.client("ec2", region_name=region), code
+
+    def get_paginator(self, operation):
+        from botocore.exceptions import ClientError
+
+        if operation != "describe_instances":
+            return self.moto.get_paginator(operation)
+        raise ClientError({"Error": {"Code": self.code, "Message": "Rate exceeded"}}, "DescribeInstances")
+
+    def __getattr__(self, name):
+        return getattr(self.moto, name)
+
+
+def test_a_read_of_the_instances_that_fails_stops_the_program_before_any_fleet(aws, monkeypatch):
+    import flambe_iac.aws.fleets
+
+    ec2, network = aws
+    _, previous = deploy(config_for(network, [network["subnetId"]], factoryTypes=json.dumps(["m5.large"])))
+    monkeypatch.setattr(flambe_iac.aws.fleets, "ec2_client",
+                        lambda region: FailingReads(region, "RequestLimitExceeded"))
+    mocks = MotoMocks(previous=previous)
+    with pytest.raises(Exception) as caught:
+        run_program(lambda: declare_cluster(load_config()),
+                    config_for(network, [network["subnetId"]], factoryTypes=json.dumps(["m5.large"])), mocks)
+    assert "reading the cluster's factory instances (ec2:DescribeInstances) failed (ClientError" in str(caught.value)
+    assert "rather than take the cluster for empty" in str(caught.value)
+    assert not mocks.of_type(FLEET) and len(previous.live_instances()) == 4
+
+
+def test_more_pages_than_the_cap_is_a_cause_not_a_part():
+    from flambe_iac.aws.fleets import MAX_INSTANCE_PAGES, StackReadError, cluster_instances
+
+    class Endless:
+        def get_paginator(self, operation):
+            return self
+
+        def paginate(self, Filters):
+            assert {item["Name"] for item in Filters} == {"tag:Cluster-Name", "tag:Role", "tag:Purpose",
+                                                          "instance-state-name"}
+            return iter([{"Reservations": [{"Instances": [{"InstanceId": "i-0abc"}]}]}] * (MAX_INSTANCE_PAGES + 1))
+    with pytest.raises(StackReadError, match=f"more than {MAX_INSTANCE_PAGES} pages of instances"):
+        cluster_instances(Endless(), "exp1", "factory")
+
+
+def test_an_instance_tagged_as_a_factory_by_hand_stops_the_program_in_words(aws):
+    ec2, network = aws
+    image = network["image"]
+    (stray,) = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, InstanceType="m5.large", TagSpecifications=[
+        {"ResourceType": "instance", "Tags": [{"Key": key, "Value": value} for key, value in (
+            ("Cluster-Name", "exp1"), ("Role", "factory"), ("Purpose", "flambe"), ("flambe-launch", "0"),
+            ("flambe-fleet", "exp1_factories_9"), ("flambe-attempt", "1"))]}])["Instances"]
+    mocks = MotoMocks()
+    with pytest.raises(Exception) as caught:
+        run_program(lambda: declare_cluster(load_config()), config_for(network, [network["subnetId"]]), mocks)
+    message = str(caught.value)
+    assert f"instance {stray['InstanceId']} is tagged as the factory of cluster exp1 but its tags" in message
+    assert "flambe-fleet='exp1_factories_9'" in message
+    assert f"aws ec2 delete-tags --resources {stray['InstanceId']} --tags Key=Cluster-Name" in message
+    assert not mocks.of_type(FLEET)

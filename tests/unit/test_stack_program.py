@@ -175,7 +175,8 @@ def test_ami_and_list_changes_are_ignored_so_instances_are_not_replaced(monkeypa
         else:  # a fleet: new lists, images or counts never replace what it launched
             assert {"launchTemplateConfigs", "targetCapacitySpecification", "onDemandOptions", "spotOptions",
                     "tags"} <= set(opts.ignore_changes)
-            assert opts.replacement_trigger == "1" and not opts.replace_on_changes
+            # A new cluster: each fleet a new attempt, so the next run asks EC2 again if its launch shows no instance.
+            assert opts.replacement_trigger and not opts.replace_on_changes
 
 
 def test_tags_on_instances_and_root_volumes_with_reserved_ones_ours():
@@ -183,10 +184,15 @@ def test_tags_on_instances_and_root_volumes_with_reserved_ones_ours():
     declared = templates(mocks)
     orchestrator_tags = {"team": "nlp", "cost-center": "42", "creator": "alice", "Purpose": "flambe",
                          "Cluster-Name": "exp1", "Role": "orchestrator", "Name": "exp1_orchestrator"}
-    assert {item["resourceType"]: item["tags"] for item in declared["exp1_orchestrator"]["tagSpecifications"]} == {
-        "instance": orchestrator_tags, "volume": orchestrator_tags}
-    (factory_tags, _) = [item["tags"] for item in declared["exp1_factory"]["tagSpecifications"]]
+    specifications = {item["resourceType"]: item["tags"] for item in declared["exp1_orchestrator"]["tagSpecifications"]}
+    # The instances also say which fleet, and which attempt of it, launched them: the next run finds them so.
+    attempt = specifications["instance"].pop("flambe-attempt")
+    assert specifications == {"instance": {**orchestrator_tags, "flambe-fleet": "exp1_orchestrator"},
+                              "volume": orchestrator_tags}
+    (factory_tags, volume_tags) = [item["tags"] for item in declared["exp1_factory"]["tagSpecifications"]]
     assert factory_tags["Role"] == "factory" and factory_tags["Name"] == "exp1_factory"
+    assert (factory_tags["flambe-launch"], factory_tags["flambe-fleet"]) == ("0", "exp1_factories")
+    assert "flambe-launch" not in volume_tags and len(attempt) == len(factory_tags["flambe-attempt"]) == 8
 
 
 def test_options_spot_dedicated_profile_and_private_addresses():
