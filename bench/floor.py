@@ -13,7 +13,11 @@ A first run is onto hosts put back as `flambe-lab up` left them; a re-run follow
 Compare every change to the deploy path against this floor, in the same run, not only against the commit before
 it: small costs that are each "within the noise" add up (see docs of the budget in bench/budget.json).
 
-Run as root: .venv/bin/python bench/floor.py [--hosts 1 16 64] [--repeats 3] [--fan-out auto]
+With --baseline DIR (a directory holding another flambe_iac package, e.g. an earlier commit's tree from `git archive`
+with `flambe_iac/deploys` and `flambe_iac/stacks` linked to its `deploys/` and `stacks/`), that deploy is measured
+too, in the same turns, and its ratios to the floor printed beside this one's.
+
+Run as root: .venv/bin/python bench/floor.py [--hosts 1 16 64] [--repeats 3] [--fan-out auto] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def ratio_summary(deploy: list[float], floor: list[float]) -> tuple[float, float
 
 
 def measure(lab_dir: Path, state: model.LabState, work: Path, hosts: int, repeats: int, fan_out: str,
-            inputs: tuple[Path, Path, Path]) -> dict:
+            inputs: tuple[Path, Path, Path], baseline: Path | None) -> dict:
     secrets, staging, resource = inputs
     sockets = Path(tempfile.mkdtemp(prefix="floor-", dir="/tmp"))  # short: a ControlPath must fit a socket's name
     script = work / f"floor-{hosts}.sh"
@@ -97,7 +101,9 @@ def measure(lab_dir: Path, state: model.LabState, work: Path, hosts: int, repeat
     floor = in_client(state, "sh", str(script))
     deploy = deploy_command(lab_dir, state, work, hosts, "--secrets", str(secrets), "--resource",
                             f"data={resource}", "--fan-out", fan_out)
-    runs = {"floor first": [], "floor re-run": [], "deploy first": [], "deploy re-run": []}
+    runs = {"floor first": [], "floor re-run": [], "deploy first": [], "deploy re-run": [],
+            "baseline first": [], "baseline re-run": []}
+    old = {**os.environ, "PYTHONPATH": str(baseline)} if baseline else None
     try:
         for _ in range(repeats):
             reset_hosts(lab_dir, state)
@@ -106,12 +112,20 @@ def measure(lab_dir: Path, state: model.LabState, work: Path, hosts: int, repeat
             reset_hosts(lab_dir, state)
             runs["deploy first"].append(timed(deploy))
             runs["deploy re-run"].append(timed(deploy))
+            if old is not None:
+                reset_hosts(lab_dir, state)
+                runs["baseline first"].append(timed(deploy, old))
+                runs["baseline re-run"].append(timed(deploy, old))
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
-    return {
+    result = {
         "first": ratio_summary(runs["deploy first"], runs["floor first"]),
         "rerun": ratio_summary(runs["deploy re-run"], runs["floor re-run"]),
     }
+    if old is not None:
+        result["baseline first"] = ratio_summary(runs["baseline first"], runs["floor first"])
+        result["baseline rerun"] = ratio_summary(runs["baseline re-run"], runs["floor re-run"])
+    return result
 
 
 def verdict(ratio: float, goal: float | None) -> str:
@@ -125,6 +139,7 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fan-out", default="auto", choices=("auto", "relay", "tree", "direct"))
+    parser.add_argument("--baseline", type=Path, metavar="DIR", help="also measure the flambe_iac package in DIR")
     arguments = parser.parse_args()
     budget = json.loads(BUDGET.read_text())["floor"]
     build.check_can_run_lab()
@@ -139,12 +154,18 @@ def main() -> int:
         print("| hosts | floor first / re-run | deploy first / re-run | deploy / floor, first | re-run |")
         print("| --- | --- | --- | --- | --- |")
         for hosts in sorted(arguments.hosts):
-            result = measure(lab_dir, state, work, hosts, arguments.repeats, arguments.fan_out, inputs)
+            result = measure(lab_dir, state, work, hosts, arguments.repeats, arguments.fan_out, inputs,
+                             arguments.baseline)
             goals = budget.get(str(hosts), {})
             (deploy_first, floor_first, first), (deploy_rerun, floor_rerun, rerun) = result["first"], result["rerun"]
             print(f"| {hosts} | {floor_first:.2f} / {floor_rerun:.2f} s | {deploy_first:.2f} / {deploy_rerun:.2f} s "
                   f"| {first:.2f}x {verdict(first, goals.get('first'))} "
                   f"| {rerun:.2f}x {verdict(rerun, goals.get('rerun'))} |", flush=True)
+            if arguments.baseline:
+                (old_first, _, old_ratio), (old_rerun, _, old_rerun_ratio) = (result["baseline first"],
+                                                                              result["baseline rerun"])
+                print(f"| {hosts}, baseline | | {old_first:.2f} / {old_rerun:.2f} s | {old_ratio:.2f}x "
+                      f"| {old_rerun_ratio:.2f}x |", flush=True)
             missed += sum(ratio > goals[key] for key, ratio in (("first", first), ("rerun", rerun)) if key in goals)
     finally:
         teardown.down(lab_dir)

@@ -51,9 +51,9 @@ def reset_hosts(lab_dir: Path, state: model.LabState) -> None:
         (home / ".ssh" / "authorized_keys").write_text(user_key)
 
 
-def timed(argv: list[str]) -> float:
+def timed(argv: list[str], environment: dict | None = None) -> float:
     started = time.perf_counter()
-    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
     if result.returncode != 0:
         raise SystemExit(f"command failed ({result.returncode}): {' '.join(argv)}\n{result.stderr[-2000:]}")
     return time.perf_counter() - started
