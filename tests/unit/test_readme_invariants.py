@@ -1,0 +1,40 @@
+"""The README's invariant table names every planted bug of scripts/mutants (issue 31), verbatim."""
+
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+HEADING = "## Security invariants, and what guards each"
+
+
+def planted_bugs():
+    loader = importlib.machinery.SourceFileLoader("mutants", str(ROOT / "scripts" / "mutants"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("mutants", loader))
+    saved = sys.modules.get("mutants")
+    sys.modules["mutants"] = module  # the dataclass decorator looks its module up while the file runs
+    try:
+        loader.exec_module(module)
+    finally:
+        if saved is None:
+            del sys.modules["mutants"]
+        else:
+            sys.modules["mutants"] = saved
+    return module.MUTANTS
+
+
+def invariant_section(readme: str) -> str:
+    start = readme.index(HEADING)
+    end = readme.find("\n## ", start + len(HEADING))
+    return readme[start:] if end == -1 else readme[start:end]
+
+
+def test_the_invariant_table_names_every_planted_bug():
+    section = invariant_section((ROOT / "README.md").read_text())
+    mutants = planted_bugs()
+    assert mutants, "scripts/mutants lists no planted bug"
+    missing = [f"{mutant.name} ({mutant.invariant})" for mutant in mutants if mutant.name not in section]
+    assert not missing, (f"{len(missing)} planted bug(s) of scripts/mutants not named in README.md's "
+                         f"'{HEADING[3:]}' table; add each, verbatim, to its invariant's row:\n  "
+                         + "\n  ".join(missing))
