@@ -75,7 +75,9 @@ def marks_of(instance: dict, cluster: str, role: str) -> tuple[int, str, str]:
             f"instance {safe_field(instance['id'])} is tagged as the {role} of cluster {cluster} but its tags "
             f"{LAUNCH_TAG}={safe_field(index_text[:20])!r}, {FLEET_TAG}={safe_field(name[:80])!r}, "
             f"{ATTEMPT_TAG}={safe_field(attempt[:20])!r} do not name a launch of it: the program stops rather than "
-            f"declare its fleet wrong. If flambe-iac did not launch it, remove its Cluster-Name tag: aws ec2 "
+            f"declare its fleet wrong. A member an earlier flambe-iac launched as a single instance (before fleets) "
+            f"cannot join a fleet: finish its work, pulumi destroy, then pulumi up with this version. If flambe-iac "
+            f"did not launch it, remove its Cluster-Name tag: aws ec2 "
             f"delete-tags --resources {safe_field(instance['id'])} --tags Key=Cluster-Name")
     return index, name, attempt
 
