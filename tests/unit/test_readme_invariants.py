@@ -38,3 +38,20 @@ def test_the_invariant_table_names_every_planted_bug():
     assert not missing, (f"{len(missing)} planted bug(s) of scripts/mutants not named in README.md's "
                          f"'{HEADING[3:]}' table; add each, verbatim, to its invariant's row:\n  "
                          + "\n  ".join(missing))
+
+
+def test_every_planted_bug_finds_its_text_exactly_once():
+    """A change to the code that moves a planted bug's text stops the mutant run at that bug (and CI with it): say so
+    here, in the unit tests, with the bug's name."""
+    stale = []
+    for mutant in planted_bugs():
+        found = (ROOT / mutant.path).read_text().count(mutant.old)
+        if found != 1:
+            stale.append(f"{mutant.name} ({mutant.path}: found {found} times)")
+    assert not stale, "planted bugs whose text is not in the code exactly once; update them:\n  " + "\n  ".join(stale)
+
+
+def test_every_planted_bug_names_tests_that_exist():
+    absent = [f"{mutant.name}: {test}" for mutant in planted_bugs() for test in mutant.tests
+              if not (ROOT / test.split("::")[0]).is_file()]
+    assert not absent, "planted bugs naming test files that do not exist:\n  " + "\n  ".join(absent)
