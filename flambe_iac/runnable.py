@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flambe_iac.agent.records import PREEMPTED_DIR
+from flambe_iac.agent.records import MAX_RECORD, PREEMPTED_DIR, read_plain_file
 from flambe_iac.inputs.secrets_file import secrets_parser
 from flambe_iac.local_files import READABLE, write_atomically
 
@@ -124,7 +124,7 @@ def answer_notices(runnable: Runnable, notices: Path, started: float) -> str | N
 
 def answer_notice(runnable: Runnable, notice: Path, started: float) -> str:
     try:
-        document = json.loads(notice.read_text())
+        document = json.loads(read_plain_file(notice, MAX_RECORD))
         host, interruption, left_at = str(document["host"]), str(document["interruption"]), document["at"]
         if isinstance(left_at, bool) or not isinstance(left_at, (int, float)):
             raise TypeError("its time is not a number")

@@ -11,7 +11,6 @@ import fcntl
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from flambe_iac.agent.records import (
     PREEMPTED_DIR,
     AgentConfig,
     read_config,
+    read_plain_file,
 )
 from flambe_iac.agent.signals import runnable_alive
 from flambe_iac.inputs.names import HOST_ID
@@ -224,13 +224,9 @@ def runners_outcome(done: Path) -> str:
     """The first MAX_OUTCOME bytes of ID.done, read only if it is a plain file (not a symlink elsewhere, nor a fifo
     that a read would wait on forever)."""
     try:
-        descriptor = os.open(done, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        return read_plain_file(done, MAX_OUTCOME).decode(errors="replace")
     except OSError as error:
         return f"the runner's outcome is not a plain file: {error.strerror}"
-    with os.fdopen(descriptor, "rb") as stream:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            return "the runner's outcome is not a plain file"
-        return stream.read(MAX_OUTCOME).decode(errors="replace")
 
 
 def main(argv: list[str]) -> int:

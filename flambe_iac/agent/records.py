@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 
 AGENT_ARCHIVE = ".flambe/autostop.zip"  # the agent's code: this flambe_iac, as one zip
@@ -40,6 +42,16 @@ class AgentConfig:
 
     def to_bytes(self) -> bytes:
         return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
+
+
+def read_plain_file(path, limit: int) -> bytes:
+    """The first LIMIT bytes of PATH, only if it is a plain file: not a symlink to elsewhere, nor a fifo that a read
+    would wait on for ever. OSError otherwise."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(0, "not a plain file")
+        return stream.read(limit)
 
 
 def read_config(data: bytes) -> AgentConfig:

@@ -3,6 +3,7 @@ crontab kept byte for byte, its decisions on a clock of the test's own, the meta
 runner's call of on_preempt."""
 
 import json
+import os
 import threading
 import time
 from http.server import ThreadingHTTPServer
@@ -584,3 +585,24 @@ def test_a_refused_install_takes_its_settings_away_so_the_next_deploy_cannot_rea
     with pytest.raises(agent_main.Refused, match="sudo -n shutdown"):
         agent_main.install(tmp_path)
     assert not settings.exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "huge", "fifo"])
+def test_a_notice_that_is_no_plain_record_of_the_agents_is_unreadable_and_never_waited_on(tmp_path, kind):
+    """A fifo would hold the runner's notice thread for ever; a symlink would read a file of the user's elsewhere;
+    a huge file would be read whole."""
+    notices = tmp_path / "preempted"
+    notices.mkdir()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"host": "i-0abc", "interruption": "terminate", "at": time.time()}))
+    if kind == "fifo":
+        os.mkfifo(notices / "i-0abc.json")
+    elif kind == "symlink":
+        (notices / "i-0abc.json").symlink_to(elsewhere)
+    else:
+        (notices / "i-0abc.json").write_text(json.dumps({"host": "i-0abc", "interruption": "x" * 10_000_000,
+                                                         "at": time.time()}))
+    runnable = Checkpointing("return")
+    answer_notices(runnable, notices, time.time())
+    assert runnable.calls == []
+    assert (notices / "i-0abc.done").read_text() == "an unreadable notice: on_preempt not called\n"
