@@ -82,13 +82,14 @@ def fleet(name: str, count: int, market: str, template: aws.ec2.LaunchTemplate, 
     )
 
 
-def launched(target: aws.ec2.Fleet, count: int, choices: Any, what: str, region: str, market: str = ON_DEMAND,
-             otherwise=None, earlier: tuple[str, ...] = ()) -> pulumi.Output:
+def launched(target: aws.ec2.Fleet, attempt: str, count: int, choices: Any, what: str, region: str,
+             market: str = ON_DEMAND, otherwise=None, earlier: tuple[str, ...] = ()) -> pulumi.Output:
     """[(instance id, instance type, lifecycle)] of TARGET's COUNT instances; when it launched fewer, what OTHERWISE
     (given the lines of this attempt) returns, or a CapacityError naming every candidate tried (EARLIER's lines,
-    then this fleet's) and EC2's reason for each."""
+    then this fleet's) and EC2's reason for each. ATTEMPT: the one TARGET was declared with."""
     def check(args):
-        fleet_id, sets, items = args
+        fleet_id, sets, items, tags, urn = args
+        check_replaced(what, attempt, (tags or {}).get(ATTEMPT_TAG), urn)
         members = [(instance_id, field_of(entry, "instance_type"), field_of(entry, "lifecycle"))
                    for entry in sets or [] for instance_id in field_of(entry, "instance_ids") or []]
         if len(members) >= count:
@@ -97,7 +98,18 @@ def launched(target: aws.ec2.Fleet, count: int, choices: Any, what: str, region:
         if otherwise is not None:
             return otherwise(tried)
         raise CapacityError(failure_message(what, count, items, tried))
-    return pulumi.Output.all(target.id, target.fleet_instance_sets, choices).apply(check)
+    return pulumi.Output.all(target.id, target.fleet_instance_sets, choices, target.tags, target.urn).apply(check)
+
+
+def check_replaced(what: str, attempt: str, kept_attempt: str | None, urn: str) -> None:
+    """A fleet declared with a new attempt must be a new fleet: an engine that ignores replacementTrigger keeps the
+    old one (its tags, ignored as changes, still name the old attempt), whose record would stand for members gone."""
+    if kept_attempt != attempt:
+        raise pulumi.RunError(
+            f"the {what} fleet was declared with attempt {attempt} to be replaced (no live instance shows its attempt "
+            f"{safe_field(str(kept_attempt)[:20])}), but the engine kept it: this Pulumi CLI ignores the "
+            f"replacementTrigger resource option. Upgrade the Pulumi CLI (curl -fsSL https://get.pulumi.com | sh), "
+            f"or replace the fleet by hand: pulumi up --replace '{urn}'")
 
 
 def field_of(entry: Any, key: str) -> Any:

@@ -95,8 +95,9 @@ class FlambeCluster(pulumi.ComponentResource):
                                         self.template(config, ORCHESTRATOR, orchestrator_name, None, attempt, child),
                                         orchestrator_choices, config,
                                         tags_for(config, ORCHESTRATOR, orchestrator_name), attempt, child)
-        self.orchestrator = member(launched(self.orchestrator_fleet, 1, orchestrator_choices, "orchestrator", region),
-                                   0, config, orchestrator=True)
+        self.orchestrator = member(
+            launched(self.orchestrator_fleet, attempt, 1, orchestrator_choices, "orchestrator", region),
+            0, config, orchestrator=True)
         self.alarms = []
         if config.orchestrator_idle_hours is not None:
             self.alarms.append(idle_alarm(config, self.orchestrator["id"], ORCHESTRATOR,
@@ -148,7 +149,7 @@ class FlambeCluster(pulumi.ComponentResource):
         self.new_fleet = fleet(name, count, market, self.template(config, FACTORY, name, step.new_index, attempt, opts),
                                choices, config, self.launch_tags(config, step.new_index, name), attempt, opts)
         if not fallback:
-            return launched(self.new_fleet, count, choices, what, region, market)
+            return launched(self.new_fleet, attempt, count, choices, what, region, market)
 
         def on_demand(tried_with_spot):
             fallback_name = fleet_name(config.name, step.new_index, on_demand=True)
@@ -156,8 +157,9 @@ class FlambeCluster(pulumi.ComponentResource):
                                         self.template(config, FACTORY, fallback_name, step.new_index, attempt, opts),
                                         choices, config, self.launch_tags(config, step.new_index, fallback_name),
                                         attempt, opts)
-            return launched(self.fallback_fleet, count, choices, what, region, ON_DEMAND, earlier=tried_with_spot)
-        return launched(self.new_fleet, count, choices, what, region, SPOT, otherwise=on_demand)
+            return launched(self.fallback_fleet, attempt, count, choices, what, region, ON_DEMAND,
+                            earlier=tried_with_spot)
+        return launched(self.new_fleet, attempt, count, choices, what, region, SPOT, otherwise=on_demand)
 
     def template(self, config: ClusterConfig, role: str, name: str, index: int | None, attempt: str,
                  opts: pulumi.ResourceOptions) -> aws.ec2.LaunchTemplate:

@@ -446,6 +446,22 @@ def test_an_orchestrator_gone_is_replaced_in_the_factories_zone(first_run):
     assert cluster.orchestrator.availability_zone == ZONES[1] and factory_ids(exports) == factory_ids(before)
 
 
+def test_an_engine_that_ignores_the_replacement_trigger_is_refused_not_taken_for_a_new_launch(first_run):
+    """An older Pulumi CLI keeps the gone orchestrator's fleet, whose record still names the gone instance."""
+    ec2, network, subnets, before, previous = first_run
+    gone = parse_outputs(before).orchestrator.id
+    ec2.terminate_instances(InstanceIds=[gone])
+    mocks = MotoMocks(previous=previous, ignores_trigger=True)
+    with pytest.raises(Exception) as caught:
+        run_program(lambda: declare_cluster(load_config()), config_for(network, subnets, factoryCount="2"), mocks)
+    message = str(caught.value)
+    assert "the orchestrator fleet was declared with attempt" in message
+    assert "this Pulumi CLI ignores the replacementTrigger resource option" in message
+    assert "pulumi up --replace 'urn:pulumi:test::flambe::flambe:cluster:Cluster$aws:ec2/fleet:Fleet::" \
+           "exp1_orchestrator'" in message
+    assert mocks.created == []
+
+
 def test_reads_with_another_account_than_the_providers_are_refused():
     """A running cluster must never look absent because the program read another account than it deploys to."""
     class OtherAccount(RecordingMocks):
