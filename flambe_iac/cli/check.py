@@ -1,4 +1,5 @@
-"""`flambe-deploy check`: read-only preflight of the network a cluster uses, with boto3's default credentials."""
+"""`flambe-deploy check`: read-only preflight of the network a cluster uses and of the capacity its stack asks EC2 for
+(offerings and vCPU quotas), with boto3's default credentials."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ of the last successful `pulumi up`: an instance a failed or running `up` created
   flambe-deploy check --leftovers --config infra/Pulumi.dev.yaml
 
 AWS credentials come from boto3's default chain (environment, ~/.aws, SSO, instance role).
+A SKIP (a quota Service Quotas cannot give) does not fail the check: read the table's verdicts.
 exit codes: 0 every check passed (no leftover), 1 something is missing (no candidate fits; a leftover found), 2 bad
 input, no credentials, or an AWS error."""
 
@@ -61,9 +63,11 @@ input, no credentials, or an AWS error."""
 def add_command(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "check", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="read-only preflight of the network on AWS: security groups, key pair, network ACL; or --leftovers",
+        help="read-only preflight on AWS: the network (security groups, key pair, network ACL), and with --stack or "
+             "--config the capacity (offerings, vCPU quotas); or --leftovers",
         description="Check, without changing anything, that the cluster's network lets flambe-deploy and the "
-                    "members through; or, with --leftovers, list the flambe instances still alive.")
+                    "members through and, from a stack's config, that EC2 offers and your vCPU quotas hold the "
+                    "cluster it asks for; or, with --leftovers, list the flambe instances still alive.")
     parser.set_defaults(handler=lambda arguments: exit_code_of("flambe-deploy check", lambda: run_check(arguments)))
     parser.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
     source = parser.add_mutually_exclusive_group()
@@ -82,7 +86,9 @@ def add_command(commands) -> argparse.ArgumentParser:
                            help="list the live instances tagged Purpose=flambe, read-only (exit 1 if one is a leftover)")
     leftovers.add_argument("--creator", metavar="NAME", help="only instances whose creator tag is NAME")
     leftovers.add_argument("--cluster", metavar="NAME", help="only instances whose Cluster-Name tag is NAME")
-    leftovers.add_argument("--report", type=Path, metavar="FILE", help="also write what was found to FILE, as JSON")
+    parser.add_argument("--report", type=Path, metavar="FILE",
+                        help="also write what was found (the findings and the capacity table, or the leftovers) to "
+                             "FILE, as JSON")
     return parser
 
 

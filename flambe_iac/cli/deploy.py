@@ -66,7 +66,7 @@ examples:
   # Ray on the cluster, and a runnable whose plain ray.init() joins it (Ray must be on the hosts: see README)
   flambe-deploy examples/ray_spread/ray_spread.yaml --stack dev --key ~/.ssh/flambe.pem --ray --run
 
-  flambe-deploy check --stack dev --from 203.0.113.7/32      # read-only preflight of the network (see check -h)
+  flambe-deploy check --stack dev --from 203.0.113.7/32      # read-only preflight: network and capacity (check -h)
 
 exit codes: 0 every host done, 1 some host failed (the others finished), 2 bad input (nothing was sent),
 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM; the report says which step each host reached.
