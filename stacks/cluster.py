@@ -39,11 +39,13 @@ from flambe_iac.stacks.launches import (
     ATTEMPT_TAG,
     FLEET_TAG,
     LAUNCH_TAG,
+    STACK_TAG,
     fleet_name,
     held_attempt,
     history,
     new_attempt,
     plan,
+    stack_identity,
 )
 from flambe_iac.stacks.placement import (
     check_placement_type,
@@ -90,7 +92,8 @@ class FlambeCluster(pulumi.ComponentResource):
         self.factories = self.launch_factories(config, factory_choices, region, child) if config.factory_count else []
         orchestrator_choices = orchestrator_candidates(config, zones, self.factories)
         orchestrator_name = f"{config.name}_orchestrator"
-        attempt = held_attempt(live_instances(region, config.name, ORCHESTRATOR), config.name, ORCHESTRATOR)
+        attempt = held_attempt(live_instances(region, config.name, ORCHESTRATOR), config.name, ORCHESTRATOR,
+                               stack_identity())
         self.orchestrator_fleet = fleet(orchestrator_name, 1, ON_DEMAND,
                                         self.template(config, ORCHESTRATOR, orchestrator_name, None, attempt, child),
                                         orchestrator_choices, config,
@@ -119,7 +122,7 @@ class FlambeCluster(pulumi.ComponentResource):
         """The factories, launch by launch: those that run stay as they are; what is missing is one new launch,
         pinned to the type, zone and market of the cluster's first launch, or, for a new cluster, over every
         candidate (spot fallback: spot first, on-demand for all only when spot launched none)."""
-        launches = history(live_instances(region, config.name, FACTORY), config.name)
+        launches = history(live_instances(region, config.name, FACTORY), config.name, stack_identity())
         step = plan(config.factory_count, launches)
         hosts = []
         for launch in step.kept:
@@ -166,7 +169,8 @@ class FlambeCluster(pulumi.ComponentResource):
         """The launch template of fleet NAME: the role's, plus the tags by which the next run finds the fleet from
         its instances (DescribeFleets lists no instant fleet unless asked by id). Named as the fleet, in the
         singular: exp1_factory for exp1_factories, exp1_factory_1 for exp1_factories_1."""
-        marks = {FLEET_TAG: name, ATTEMPT_TAG: attempt, **({LAUNCH_TAG: str(index)} if index is not None else {})}
+        marks = {FLEET_TAG: name, ATTEMPT_TAG: attempt, STACK_TAG: stack_identity(),
+                 **({LAUNCH_TAG: str(index)} if index is not None else {})}
         template_name = name if role == ORCHESTRATOR else \
             f"{config.name}_factory" + name[len(f"{config.name}_factories"):]
         self.templates[name] = launch_template(config, role, self.amis[role], self.group[role],

@@ -22,6 +22,7 @@ from flambe_iac.stacks.cluster_config import NAMESPACE, StackConfigError
 from flambe_iac.terminal import safe_field
 
 LAUNCH_TAG, FLEET_TAG, ATTEMPT_TAG = "flambe-launch", "flambe-fleet", "flambe-attempt"
+STACK_TAG = "flambe-stack"  # the stack whose state holds the instance's fleet
 ON_DEMAND_SUFFIX = "_on_demand"
 ATTEMPT_FORM = re.compile(r"[0-9a-f]{1,16}")
 
@@ -61,20 +62,30 @@ def fleet_name(cluster: str, index: int, on_demand: bool = False) -> str:
     return f"{cluster}_factories" + (f"_{index}" if index else "") + (ON_DEMAND_SUFFIX if on_demand else "")
 
 
-def marks_of(instance: dict, cluster: str, role: str) -> tuple[int, str, str]:
-    """(launch index, fleet name, attempt) an instance of ROLE carries, checked; or a LaunchRecordError."""
+def stack_identity() -> str:
+    """This stack, as its instances' STACK_TAG names it: organization/project/stack ("organization": the name a
+    self-managed backend gives, for an engine that names none)."""
+    return f"{pulumi.get_organization() or 'organization'}/{pulumi.get_project()}/{pulumi.get_stack()}"
+
+
+def marks_of(instance: dict, cluster: str, role: str, stack: str) -> tuple[int, str, str]:
+    """(launch index, fleet name, attempt) an instance of ROLE carries, checked, launched by STACK; or a
+    LaunchRecordError."""
     tags = instance["tags"]
-    index_text, name, attempt = (tags.get(key, "") for key in (LAUNCH_TAG, FLEET_TAG, ATTEMPT_TAG))
+    index_text, name, attempt, owner = (tags.get(key, "") for key in (LAUNCH_TAG, FLEET_TAG, ATTEMPT_TAG, STACK_TAG))
+    if owner and owner != stack:
+        raise another_stacks(instance["id"], cluster, role, owner, stack)
     index = int(index_text) if index_text.isascii() and index_text.isdigit() and len(index_text) < 5 else None
     if role == "orchestrator":
         index, names = 0, {f"{cluster}_orchestrator"}
     else:
         names = {fleet_name(cluster, index), fleet_name(cluster, index, on_demand=True)} if index is not None else set()
-    if index is None or name not in names or not ATTEMPT_FORM.fullmatch(attempt):
+    if index is None or name not in names or not ATTEMPT_FORM.fullmatch(attempt) or not owner:
         raise LaunchRecordError(
             f"instance {safe_field(instance['id'])} is tagged as the {role} of cluster {cluster} but its tags "
             f"{LAUNCH_TAG}={safe_field(index_text[:20])!r}, {FLEET_TAG}={safe_field(name[:80])!r}, "
-            f"{ATTEMPT_TAG}={safe_field(attempt[:20])!r} do not name a launch of it: the program stops rather than "
+            f"{ATTEMPT_TAG}={safe_field(attempt[:20])!r}, {STACK_TAG}={safe_field(owner[:120])!r} do not name a launch "
+            f"of it: the program stops rather than "
             f"declare its fleet wrong. A member an earlier flambe-iac launched as a single instance (before fleets) "
             f"cannot join a fleet: finish its work, pulumi destroy, then pulumi up with this version. If flambe-iac "
             f"did not launch it, remove its Cluster-Name tag: aws ec2 "
@@ -82,11 +93,20 @@ def marks_of(instance: dict, cluster: str, role: str) -> tuple[int, str, str]:
     return index, name, attempt
 
 
-def history(instances: list[dict], cluster: str) -> list[Launch]:
-    """The launches that hold live factories, by index, from the cluster's live factory instances."""
+def another_stacks(instance_id: str, cluster: str, role: str, owner: str, stack: str) -> LaunchRecordError:
+    return LaunchRecordError(
+        f"instance {safe_field(instance_id)} is tagged as the {role} of cluster {cluster}, launched by stack "
+        f"{safe_field(owner[:120])!r}, not by this one ({stack}): its fleet is in that stack's state, and declaring "
+        f"it here would launch it again, so the program stops. Two stacks in one account and region need two "
+        f"cluster names: pulumi config set {NAMESPACE}:name ANOTHER-NAME. If this stack was renamed, retag its "
+        f"instances: aws ec2 create-tags --resources {safe_field(instance_id)} --tags Key={STACK_TAG},Value={stack}")
+
+
+def history(instances: list[dict], cluster: str, stack: str) -> list[Launch]:
+    """The launches that hold live factories, by index, from the cluster's live factory instances (of STACK)."""
     launches: dict[int, Launch] = {}
     for item in sorted(instances, key=lambda found: (found["launched"], found["id"])):
-        index, name, attempt = marks_of(item, cluster, "factory")
+        index, name, attempt = marks_of(item, cluster, "factory", stack)
         launch = launches.setdefault(index, Launch(index, attempt))
         if launch.attempt != attempt:
             raise LaunchRecordError(
@@ -99,9 +119,9 @@ def history(instances: list[dict], cluster: str) -> list[Launch]:
     return [launches[index] for index in sorted(launches)]
 
 
-def held_attempt(instances: list[dict], cluster: str, role: str) -> str:
+def held_attempt(instances: list[dict], cluster: str, role: str, stack: str) -> str:
     """The attempt of ROLE's one fleet while a live instance shows it, else a new one (EC2 is asked again)."""
-    attempts = {marks_of(item, cluster, role)[2] for item in instances}
+    attempts = {marks_of(item, cluster, role, stack)[2] for item in instances}
     if len(attempts) > 1:
         raise LaunchRecordError(
             f"the {role} of cluster {cluster} has live instances of {len(attempts)} attempts "

@@ -33,9 +33,10 @@ BASE_CONFIG = {
 }
 
 
-def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks, preview: bool = False) -> dict:
-    """Run PROGRAM under MOCKS with CONFIG (keys without the `flambe:` prefix); return its resolved exports.
-    PREVIEW: as `pulumi preview` runs it (the mocks still answer every resource).
+def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks, preview: bool = False,
+                stack: str = "test") -> dict:
+    """Run PROGRAM under MOCKS with CONFIG (keys without the `flambe:` prefix) as STACK of project flambe; return
+    its resolved exports. PREVIEW: as `pulumi preview` runs it (the mocks still answer every resource).
 
     A fresh event loop and fresh runtime options each time: the runtime keeps state between programs.
     """
@@ -50,8 +51,8 @@ def run_program(program: Callable[[], Any], config: dict[str, str], mocks: Mocks
     own_ec2 = fake_aws() if getattr(mocks, "isolated_ec2", False) else contextlib.nullcontext()
     try:
         own_ec2.__enter__()
-        pulumi.runtime.settings.reset_options(project="flambe", stack="test")
-        pulumi.runtime.set_mocks(mocks, project="flambe", stack="test", preview=preview)
+        pulumi.runtime.settings.reset_options(project="flambe", stack=stack)
+        pulumi.runtime.set_mocks(mocks, project="flambe", stack=stack, preview=preview)
         pulumi.runtime.set_all_config({f"flambe:{key}": value for key, value in config.items()})
         exports: dict = {}
 

@@ -462,6 +462,21 @@ def test_an_engine_that_ignores_the_replacement_trigger_is_refused_not_taken_for
     assert mocks.created == []
 
 
+def test_a_stack_that_reuses_a_running_clusters_name_is_refused_and_launches_nothing(first_run):
+    """Another stack's instances would look like this stack's launches: declaring their fleets here would launch
+    them again (they are not in this stack's state) and join the other stack's machines to this cluster."""
+    ec2, network, subnets, before, previous = first_run
+    running = sorted(item["InstanceId"] for item in previous.live_instances())
+    mocks = MotoMocks()
+    with pytest.raises(Exception) as caught:
+        run_program(lambda: declare_cluster(load_config()), config_for(network, subnets, factoryCount="2"), mocks,
+                    stack="prod")
+    message = str(caught.value)
+    assert "launched by stack 'organization/flambe/test', not by this one (organization/flambe/prod)" in message
+    assert "pulumi config set flambe:name ANOTHER-NAME" in message
+    assert not mocks.of_type(FLEET) and sorted(item["InstanceId"] for item in mocks.live_instances()) == running
+
+
 def test_reads_with_another_account_than_the_providers_are_refused():
     """A running cluster must never look absent because the program read another account than it deploys to."""
     class OtherAccount(RecordingMocks):

@@ -187,7 +187,8 @@ def test_tags_on_instances_and_root_volumes_with_reserved_ones_ours():
     specifications = {item["resourceType"]: item["tags"] for item in declared["exp1_orchestrator"]["tagSpecifications"]}
     # The instances also say which fleet, and which attempt of it, launched them: the next run finds them so.
     attempt = specifications["instance"].pop("flambe-attempt")
-    assert specifications == {"instance": {**orchestrator_tags, "flambe-fleet": "exp1_orchestrator"},
+    assert specifications == {"instance": {**orchestrator_tags, "flambe-fleet": "exp1_orchestrator",
+                                           "flambe-stack": "organization/flambe/test"},
                               "volume": orchestrator_tags}
     (factory_tags, volume_tags) = [item["tags"] for item in declared["exp1_factory"]["tagSpecifications"]]
     assert factory_tags["Role"] == "factory" and factory_tags["Name"] == "exp1_factory"
