@@ -141,9 +141,9 @@ def plan(count: int, launches: list[Launch]) -> Plan:
         total -= len(dropped.live)
         if total < count:
             raise StackConfigError(
-                f"{NAMESPACE}:factoryCount {count} falls inside launch {dropped.index}, whose "
-                f"{len(dropped.live)} factories ({', '.join(item[0] for item in dropped.live)}) EC2 launched "
-                f"together, and an instant fleet cannot shrink: flambe-iac removes whole launches, newest first. "
+                f"{NAMESPACE}:factoryCount {count} falls inside launch {dropped.index}, whose {len(dropped.live)} "
+                f"factories ({safe_field(', '.join(item[0] for item in dropped.live))}) EC2 launched together, "
+                f"and an instant fleet cannot shrink: flambe-iac removes whole launches, newest first. "
                 f"Choose pulumi config set {NAMESPACE}:factoryCount {total} (removes that launch) or "
                 f"pulumi config set {NAMESPACE}:factoryCount {total + len(dropped.live)} (keeps it)")
     if total >= count:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from flambe_iac.aws.client import aws_errors, ec2_client
 from flambe_iac.errors import InputError
 from flambe_iac.aws.leftovers import LIVE_STATES
+from flambe_iac.terminal import safe_field
 
 MAX_INSTANCE_PAGES = 50  # DescribeInstances pages of one cluster's role read (1000 instances a page at most)
 
@@ -57,8 +58,9 @@ def cluster_instances(ec2, cluster: str, role: str) -> list[dict]:
                 found += [instance_record(item) for group in page.get("Reservations", [])
                           for item in group.get("Instances", [])]
     except (BotoCoreError, ClientError) as error:
-        raise StackReadError(f"{doing} failed ({type(error).__name__}: {str(error)[:300]}): the program stops "
-                             f"rather than take the cluster for empty; run pulumi up again once EC2 answers") from None
+        raise StackReadError(f"{doing} failed ({type(error).__name__}: {safe_field(str(error)[:300])}): the program "
+                             f"stops rather than take the cluster for empty; run pulumi up again once EC2 answers"
+                             ) from None
     return found
 
 

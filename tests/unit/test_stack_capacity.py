@@ -561,6 +561,27 @@ def test_a_read_of_the_instances_that_fails_stops_the_program_before_any_fleet(a
     assert not mocks.of_type(FLEET) and len(previous.live_instances()) == 4
 
 
+def test_ec2_text_in_the_read_and_count_messages_stays_on_its_line():
+    """What EC2 answers (an error's message, an instance id) reaches the terminal only made safe."""
+    from botocore.exceptions import ClientError
+
+    from flambe_iac.aws.fleets import StackReadError, cluster_instances
+    from flambe_iac.stacks.cluster_config import StackConfigError
+    from flambe_iac.stacks.launches import Launch, plan
+
+    class Hostile:
+        def get_paginator(self, operation):
+            raise ClientError({"Error": {"Code": "Throttling", "Message": "slow\x1b]0;owned\x07\ndown"}},
+                              "DescribeInstances")
+    with pytest.raises(StackReadError) as read:
+        cluster_instances(Hostile(), "exp1", "factory")
+    launch = Launch(0, "ab", {"exp1_factories": [("i-0\x1b[2J", P4D, "subnet-0b", ZONES[1], "on-demand")] * 2})
+    with pytest.raises(StackConfigError) as count:
+        plan(1, [launch])
+    for message in (str(read.value), str(count.value)):
+        assert "\x1b" not in message and "\x07" not in message and "\n" not in message
+
+
 def test_more_pages_than_the_cap_is_a_cause_not_a_part():
     from flambe_iac.aws.fleets import MAX_INSTANCE_PAGES, StackReadError, cluster_instances
 
