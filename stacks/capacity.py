@@ -16,7 +16,8 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from flambe_iac.aws.fleets import StackReadError, account_of, cluster_instances, fleet_errors, stack_ec2
+from flambe_iac.aws.fleets import (StackReadError, account_of, cluster_instances, fleet_errors, fleet_order,
+                                   stack_ec2)
 from flambe_iac.stacks.cluster_config import NAMESPACE, ClusterConfig
 from flambe_iac.stacks.launches import ATTEMPT_TAG
 from flambe_iac.terminal import safe_field
@@ -41,7 +42,7 @@ class Candidate:
 
 def candidates(types: list[str], subnets: list[str], zones: dict[str, str]) -> list[Candidate]:
     """Types x subnets in the order given: the first type in each zone, then the next type."""
-    return [Candidate(instance_type, subnet, zones[subnet]) for instance_type in types for subnet in subnets]
+    return [Candidate(instance_type, subnet, zones[subnet]) for instance_type, subnet in fleet_order(types, subnets)]
 
 
 def fleet(name: str, count: int, market: str, template: aws.ec2.LaunchTemplate, choices: Any,

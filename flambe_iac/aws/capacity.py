@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from flambe_iac.aws.client import aws_errors
+from flambe_iac.aws.fleets import fleet_order
 from flambe_iac.aws.network import describe_one
 from flambe_iac.aws.preflight import FAIL, PASS, SKIP, Finding, aws
 from flambe_iac.errors import InputError
@@ -298,16 +299,15 @@ def read_quota(quotas, code: str, usage: Counter, unreadable: dict[str, str], un
 def candidates(shape: Shape, reading: Reading) -> list[Candidate]:
     """Every factory candidate in EC2 Fleet's order, each with its verdict in every market the stack asks."""
     found = []
-    for instance_type in shape.factory_types:
-        for subnet_id in shape.subnet_ids:
-            zone = reading.zones.get(subnet_id)
-            offered = zone is not None and (instance_type, zone) in reading.offered
-            candidate = Candidate(len(found) + 1, instance_type, subnet_id, zone, offered,
-                                  reading.vcpus.get(instance_type, "unknown"))
-            if offered and shape.reservation is None:
-                candidate = Candidate(**{**candidate.__dict__, "verdicts": tuple(
-                    market_verdict(shape, reading, candidate, market) for market in MARKETS_ASKED[shape.market])})
-            found.append(candidate)
+    for instance_type, subnet_id in fleet_order(shape.factory_types, shape.subnet_ids):
+        zone = reading.zones.get(subnet_id)
+        offered = zone is not None and (instance_type, zone) in reading.offered
+        candidate = Candidate(len(found) + 1, instance_type, subnet_id, zone, offered,
+                              reading.vcpus.get(instance_type, "unknown"))
+        if offered and shape.reservation is None:
+            candidate = Candidate(**{**candidate.__dict__, "verdicts": tuple(
+                market_verdict(shape, reading, candidate, market) for market in MARKETS_ASKED[shape.market])})
+        found.append(candidate)
     return found
 
 

@@ -16,6 +16,12 @@ class StackReadError(InputError):
     """One of the program's own EC2 reads could not complete; the message says which and why."""
 
 
+def fleet_order(types: list[str], subnets: list[str]) -> list[tuple[str, str]]:
+    """(type, subnet) in EC2 Fleet's priority order, the one order the stack asks in and the preflight reports: the
+    first type in each subnet's zone, then the next type."""
+    return [(instance_type, subnet) for instance_type in types for subnet in subnets]
+
+
 def stack_ec2(region: str, profile: str | None):
     """An EC2 client with the stack's aws:profile when it sets one, else boto3's default chain."""
     if not profile:
