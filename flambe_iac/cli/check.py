@@ -12,7 +12,7 @@ from flambe_iac.aws.capacity import (FALLBACK, ON_DEMAND, QUOTA_NAMES, SPOT, Can
                                       capacity_finding, first_fit, read_capacity, service_quotas_client)
 from flambe_iac.aws.client import ec2_client
 from flambe_iac.aws.leftovers import find_flambe_instances, leftovers_report, marked
-from flambe_iac.aws.network import read_network, this_machines_address
+from flambe_iac.aws import network as aws_network
 from flambe_iac.aws.preflight import FAIL, Finding, check_network
 from flambe_iac.engine.ray_cluster import MEMBER_PORT_RANGES
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, InputError, exit_code_of
@@ -60,14 +60,12 @@ exit codes: 0 every check passed (no leftover), 1 something is missing (no candi
 input, no credentials, or an AWS error."""
 
 
-def add_command(commands) -> argparse.ArgumentParser:
-    parser = commands.add_parser(
-        "check", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="read-only preflight on AWS: the network (security groups, key pair, network ACL), and with --stack or "
-             "--config the capacity (offerings, vCPU quotas); or --leftovers",
-        description="Check, without changing anything, that the cluster's network lets flambe-deploy and the "
-                    "members through and, from a stack's config, that EC2 offers and your vCPU quotas hold the "
-                    "cluster it asks for; or, with --leftovers, list the flambe instances still alive.")
+def define_check(parser: argparse.ArgumentParser) -> None:
+    """The check command's flags, on its parser in flambe-deploy's tree (its one-line summary is the tree's)."""
+    parser.epilog = EPILOG
+    parser.description = ("Check, without changing anything, that the cluster's network lets flambe-deploy and the "
+                          "members through and, from a stack's config, that EC2 offers and your vCPU quotas hold the "
+                          "cluster it asks for; or, with --leftovers, list the flambe instances still alive.")
     parser.set_defaults(handler=lambda arguments: exit_code_of("flambe-deploy check", lambda: run_check(arguments)))
     parser.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
     source = parser.add_mutually_exclusive_group()
@@ -89,7 +87,6 @@ def add_command(commands) -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, metavar="FILE",
                         help="also write what was found (the findings and the capacity table, or the leftovers) to "
                              "FILE, as JSON")
-    return parser
 
 
 def run_check(arguments: argparse.Namespace) -> int:
@@ -105,10 +102,10 @@ def run_check(arguments: argparse.Namespace) -> int:
     deploy_cidr = parse_cidr(arguments.from_cidr) if arguments.from_cidr else None
     source = read_source(arguments)
     ec2 = ec2_client(arguments.region or source.get("region"))
-    networks = [read_network(ec2, {**source, "subnet_id": subnet_id})
+    networks = [aws_network.read_network(ec2, {**source, "subnet_id": subnet_id})
                 for subnet_id in source.get("subnet_ids", [source.get("subnet_id")])]
     if deploy_cidr is None:
-        deploy_cidr = this_machines_address()
+        deploy_cidr = aws_network.this_machines_address()
     findings = []
     for network in networks:  # one finding of the groups or the key pair, not one a subnet
         findings += [finding for finding in check_network(network, deploy_cidr,

@@ -1,4 +1,5 @@
-"""The day-two commands of flambe-deploy's tree: ssh-config, exec, download, status. Each takes the shared source."""
+"""The day-two commands of flambe-deploy's tree: ssh-config, exec, download, status. Each takes the shared source;
+the tree imports this module only once one of them is chosen."""
 
 from __future__ import annotations
 
@@ -17,46 +18,56 @@ from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, InputError, exit_code_o
 from flambe_iac.local_files import write_json_atomically
 
 
-def add_commands(commands) -> None:
-    def command(name: str, run, **texts) -> argparse.ArgumentParser:
-        parser = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **texts)
-        add_source_options(parser)
-        parser.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
-        # The deploy pinned the host keys already: no waiting for console output here.
-        parser.set_defaults(handler=lambda arguments: exit_code_of(f"flambe-deploy {name}",
-                                                                   lambda: with_access(arguments, run)),
-                            host_key_timeout=0)
-        return parser
+def reaching_hosts(parser: argparse.ArgumentParser, name: str, run, **texts) -> None:
+    """What every day-two command has: its texts (its one-line summary is the tree's), the shared cluster source and
+    SSH options, --version, and a handler that runs RUN with access to the hosts."""
+    for field, text in texts.items():
+        setattr(parser, field, text)
+    add_source_options(parser)
+    parser.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
+    # The deploy pinned the host keys already: no waiting for console output here.
+    parser.set_defaults(handler=lambda arguments: exit_code_of(f"flambe-deploy {name}",
+                                                               lambda: with_access(arguments, run)),
+                        host_key_timeout=0)
 
-    config = command(
-        "ssh-config", print_ssh_config,
-        help="print an ssh_config for the cluster's hosts; --write includes it from ~/.ssh/config",
+
+def define_ssh_config(parser: argparse.ArgumentParser) -> None:
+    reaching_hosts(
+        parser, "ssh-config", print_ssh_config,
         description="Print a Host block per member (CLUSTER-orchestrator, CLUSTER-factory-0, ...) with the key, "
                     "no other key, no agent and strict pinned host keys. --write saves it to "
                     "~/.flambe/ssh/CLUSTER.conf and adds an Include of it at the top of ~/.ssh/config once (a "
                     "backup of the old file first). Then `ssh CLUSTER-orchestrator` just works.")
-    config.add_argument("--write", action="store_true")
-    run = command(
-        "exec", run_exec, help="run a command on the hosts at once; each output line prefixed with its host",
+    parser.add_argument("--write", action="store_true")
+
+
+def define_exec(parser: argparse.ArgumentParser) -> None:
+    reaching_hosts(
+        parser, "exec", run_exec,
         description="Run CMD through each chosen host's login shell, all at once. Exit 0 only if it exited 0 "
                     "everywhere.", epilog="example: flambe-deploy exec --outputs outputs.json --key k -- nvidia-smi")
-    run.add_argument("--role", choices=ROLES, default="all")
-    run.add_argument("--report", type=Path, metavar="FILE", help="each host's exit code, as JSON")
-    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
-    fetch = command(
-        "download", run_download, help="rsync a path from the hosts into DIR/ALIAS/",
+    parser.add_argument("--role", choices=ROLES, default="all")
+    parser.add_argument("--report", type=Path, metavar="FILE", help="each host's exit code, as JSON")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+
+
+def define_download(parser: argparse.ArgumentParser) -> None:
+    reaching_hosts(
+        parser, "download", run_download,
         description="Bring PATH (relative to the home, or absolute) back from each chosen host into DIR/ALIAS/, "
                     "by rsync (delta transfer: a second download only fetches what changed).")
-    fetch.add_argument("--remote", required=True, metavar="PATH")
-    fetch.add_argument("--to", required=True, type=Path, metavar="DIR")
-    fetch.add_argument("--role", choices=ROLES, default="all")
-    state = command(
-        "status", run_status,
-        help="is every host reachable, with one cluster key, its resources intact, and the runnable?",
+    parser.add_argument("--remote", required=True, metavar="PATH")
+    parser.add_argument("--to", required=True, type=Path, metavar="DIR")
+    parser.add_argument("--role", choices=ROLES, default="all")
+
+
+def define_status(parser: argparse.ArgumentParser) -> None:
+    reaching_hosts(
+        parser, "status", run_status,
         description="Per host: reachable, its cluster key's fingerprint and whether all agree, whether its "
                     "resources match the manifest's checksums, and the runnable (running, finished, failed, with "
                     "the last lines of its log). Exit 0 when all is healthy, 1 otherwise.")
-    state.add_argument("--report", type=Path, metavar="FILE", help="the same, as JSON")
+    parser.add_argument("--report", type=Path, metavar="FILE", help="the same, as JSON")
 
 
 def with_access(arguments: argparse.Namespace, run) -> int:

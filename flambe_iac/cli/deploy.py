@@ -2,13 +2,15 @@
 
 One argparse tree: `deploy` (the default: `flambe-deploy ARGS` is `flambe-deploy deploy ARGS`), `check` and the
 day-two commands, every one of which that reaches hosts shares the cluster source and SSH options of `source`.
-Start-up imports only the standard library; pyinfra, paramiko and gevent load once the inputs are valid
-and a deploy is about to run.
+Each command's flags are defined in its own module, which the tree imports only once that command is chosen: a
+deploy never loads check's AWS modules or the day-two commands'. pyinfra, paramiko and gevent load once the inputs
+are valid and a deploy is about to run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import shlex
 import signal
@@ -18,7 +20,6 @@ import sys
 from pathlib import Path
 
 from flambe_iac import __version__
-from flambe_iac.cli import check, day_two
 from flambe_iac.cli.source import add_source_options, autostop_minutes, bounded_number, non_negative_number
 from flambe_iac.engine.ray_cluster import DASHBOARD_PORT
 from flambe_iac.engine.remote_layout import RUN_LOG
@@ -29,6 +30,20 @@ from flambe_iac.local_files import write_json_atomically
 from flambe_iac.ssh.policy import ssh_command_line
 
 DEFAULT_COMMAND = "deploy"
+
+# The commands defined elsewhere, in the listing's order: the one-line summary the listing shows, and the module and
+# function that define the command's parser, imported only once the command is chosen.
+OTHER_COMMANDS = {
+    "check": ("read-only preflight on AWS: the network (security groups, key pair, network ACL), and with --stack or "
+              "--config the capacity (offerings, vCPU quotas); or --leftovers", "flambe_iac.cli.check", "define_check"),
+    "ssh-config": ("print an ssh_config for the cluster's hosts; --write includes it from ~/.ssh/config",
+                   "flambe_iac.cli.day_two", "define_ssh_config"),
+    "exec": ("run a command on the hosts at once; each output line prefixed with its host", "flambe_iac.cli.day_two",
+             "define_exec"),
+    "download": ("rsync a path from the hosts into DIR/ALIAS/", "flambe_iac.cli.day_two", "define_download"),
+    "status": ("is every host reachable, with one cluster key, its resources intact, and the runnable?",
+               "flambe_iac.cli.day_two", "define_status"),
+}
 
 DESCRIPTION = """\
 Push to every host of a cluster, all hosts at once, over SSH with only the key you give:
@@ -74,12 +89,14 @@ An encrypted --key is unlocked with $FLAMBE_KEY_PASSPHRASE, or by asking on a te
 
 
 class CommandTree(argparse.ArgumentParser):
-    """flambe-deploy's parser. `flambe-deploy ARGS...` with no command word first is the deploy, as it always was."""
+    """flambe-deploy's parser. `flambe-deploy ARGS...` with no command word first is the deploy, as it always was.
+    Only the chosen command's parser gets its flags."""
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
         if not args or args[0] not in self.commands.choices:
             args = [DEFAULT_COMMAND, *args]
+        self.commands.choices[args[0]].define()
         return super().parse_known_args(args, namespace)
 
     def add_subparsers(self, **options):
@@ -87,15 +104,34 @@ class CommandTree(argparse.ArgumentParser):
         return self.commands
 
 
+class Command(argparse.ArgumentParser):
+    """A command's parser, empty until define() imports the module that defines it and has it add its flags."""
+
+    def __init__(self, *args, definition: tuple[str, str] | None = None, **options):
+        super().__init__(*args, **options)
+        self.definition = definition
+
+    def define(self) -> None:
+        if self.definition is not None:
+            module, function = self.definition
+            self.definition = None
+            getattr(importlib.import_module(module), function)(self)
+
+    def format_help(self) -> str:
+        self.define()
+        return super().format_help()
+
+
 def build_parser() -> CommandTree:
     tree = CommandTree(prog="flambe-deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Deploy to a cluster's hosts over SSH with only your key, check its network, "
                                    "and work with it on day two.")
     tree.add_argument("--version", action="version", version=f"flambe-iac {__version__}")
-    commands = tree.add_subparsers(dest="command", metavar="COMMAND", parser_class=argparse.ArgumentParser)
+    commands = tree.add_subparsers(dest="command", metavar="COMMAND", parser_class=Command)
     deploy_parser = add_deploy_command(commands)
-    check.add_command(commands)
-    day_two.add_commands(commands)
+    for name, (summary, module, function) in OTHER_COMMANDS.items():
+        commands.add_parser(name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            definition=(module, function))
     listing = "\n".join(f"  {name:<12} {action.help}" for name, action in
                          ((choice.dest, choice) for choice in commands._choices_actions))
     deploy_parser.description = DESCRIPTION.format(commands=listing)

@@ -1,5 +1,7 @@
-"""The CLIs start fast: --help imports none of pulumi, pulumi_aws, boto3, pyinfra, paramiko, gevent or ray."""
+"""The CLIs start fast: --help imports none of pulumi, pulumi_aws, boto3, pyinfra, paramiko, gevent or ray; and
+flambe-deploy imports a command's module only when that command runs."""
 
+import json
 import subprocess
 import sys
 
@@ -25,6 +27,72 @@ def test_help_loads_no_heavy_module(module):
                             capture_output=True, text=True, check=True)
     assert "LOADED []" in result.stderr
     assert "usage:" in result.stdout
+
+
+OTHER_COMMANDS_MODULES = ("flambe_iac.cli.check", "flambe_iac.cli.day_two", "flambe_iac.day_two",
+                          "flambe_iac.aws.capacity", "flambe_iac.aws.leftovers")
+
+LOADED_BY = """
+import json
+import sys
+from flambe_iac.cli.deploy import main
+try:
+    code = main({argv!r})
+except SystemExit as exit:
+    code = exit.code
+loaded = sorted(name for name in sys.modules if name.startswith({modules!r}))
+print("EXIT", code, "LOADED", json.dumps(loaded), file=sys.stderr)
+"""
+
+
+def modules_loaded_by(argv: list[str], modules: tuple[str, ...]) -> tuple[int, list[str]]:
+    """Run flambe-deploy ARGV in a fresh Python; its exit code and which of MODULES (or their submodules) it loaded."""
+    result = subprocess.run([sys.executable, "-c", LOADED_BY.format(argv=argv, modules=modules)],
+                            capture_output=True, text=True, check=True)
+    line = next(line for line in result.stderr.splitlines() if line.startswith("EXIT "))
+    code, loaded = line.removeprefix("EXIT ").split(" LOADED ")
+    return int(code), json.loads(loaded)
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["deploy", "--help"],
+                                  ["--outputs", "/nonexistent/outputs.json", "--key", "k"]])
+def test_a_deploy_loads_neither_check_nor_the_day_two_commands(argv):
+    """A deploy (the last: it runs as far as reading its inputs, with pyinfra and the driver loaded) pays for no
+    command it does not run."""
+    code, loaded = modules_loaded_by(argv, OTHER_COMMANDS_MODULES)
+    assert code in (0, 2)
+    assert loaded == []
+
+
+@pytest.mark.parametrize("command, module, other", [
+    ("check", "flambe_iac.cli.check", "flambe_iac.cli.day_two"),
+    *[(name, "flambe_iac.cli.day_two", "flambe_iac.cli.check") for name in ("ssh-config", "exec", "download",
+                                                                           "status")]])
+def test_each_command_loads_its_own_module_and_only_that(command, module, other):
+    code, loaded = modules_loaded_by([command, "--help"], (module, other))
+    assert code == 0
+    assert loaded == [module]
+
+
+OWN_FLAGS = {"check": "--leftovers", "ssh-config": "--write", "exec": "-- CMD ...", "download": "--remote PATH",
+             "status": "the same, as JSON"}
+
+
+def test_every_command_is_listed_with_its_summary_and_has_its_own_whole_help():
+    from flambe_iac.cli.deploy import OTHER_COMMANDS
+
+    listing = subprocess.run([sys.executable, "-m", "flambe_iac.cli.deploy", "--help"], capture_output=True,
+                             text=True, check=True).stdout
+    assert set(OTHER_COMMANDS) == set(OWN_FLAGS)
+    for name, (summary, _, _) in OTHER_COMMANDS.items():
+        assert f"  {name:<12} {summary}\n" in listing
+        own = subprocess.run([sys.executable, "-m", "flambe_iac.cli.deploy", name, "--help"], capture_output=True,
+                             text=True, check=True).stdout
+        assert own.startswith(f"usage: flambe-deploy {name} [-h]")
+        assert "--version" in own and OWN_FLAGS[name] in own
+        assert [other for other, flag in OWN_FLAGS.items() if flag in own] == [name]
+        if name != "check":  # every day-two command reaches the hosts through the shared source
+            assert "cluster (exactly one):" in own and "--connect-timeout SECONDS" in own
 
 
 def test_deploy_help_teaches_the_sources_trust_and_exit_codes():
