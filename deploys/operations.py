@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import posixpath
 import shlex
-import signal
 import tarfile
 from dataclasses import dataclass
 from typing import Callable
 
-from gevent.fileobject import FileObjectPosix
 from pyinfra.api import FunctionCommand, operation
 
 from flambe_iac.deploys.snapshot import HostSnapshot
@@ -33,6 +30,7 @@ from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.inputs.tree_listing import REMOTE_TREE_LISTING, LocalTree, parse_tree_listing
 from flambe_iac.ssh.channel import RemoteCommandError, read_file, run_remote
 from flambe_iac.ssh.policy import RsyncJob
+from flambe_iac.ssh.processes import spawn_and_wait, stop_children  # noqa: F401 (stop_children: the engine's)
 
 UPLOAD_TIMEOUT = 600.0
 VERIFY_TIMEOUT = 6 * 3600.0
@@ -323,42 +321,3 @@ def describe_rsync_failure(returncode: int, stderr: str) -> str:
     detail = "; ".join(telling[-2:])[-400:]
     retried = " (after one retry)" if returncode in RSYNC_CONNECTION_LOST else ""
     return f"rsync failed{retried} with exit code {returncode}, {meaning}" + (f": {detail}" if detail else "")
-
-
-RUNNING_CHILDREN: set[int] = set()  # rsync processes under way, so an interrupt can stop them
-
-
-def spawn_and_wait(argv: list[str], environment: dict | None) -> tuple[int, str]:
-    """Run ARGV and return (exit code, stderr), letting other hosts go on meanwhile.
-
-    posix_spawn, not gevent's subprocess: that one forks this whole process for every child, which cost ~20 ms per
-    host on a busy machine. gevent's os.waitpid and file objects wait cooperatively. Each child leads a process
-    group of its own, so stopping it stops its ssh too.
-    """
-    read_end, write_end = os.pipe()
-    try:
-        pid = os.posix_spawnp(argv[0], argv, os.environ if environment is None else environment, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-            (os.POSIX_SPAWN_DUP2, write_end, 2),
-            (os.POSIX_SPAWN_CLOSE, read_end),
-        ], setpgroup=0)
-    finally:
-        os.close(write_end)
-    RUNNING_CHILDREN.add(pid)
-    try:
-        with FileObjectPosix(read_end, "rb") as errors:
-            stderr = errors.read()
-        _, status = os.waitpid(pid, 0)
-    finally:
-        RUNNING_CHILDREN.discard(pid)
-    return os.waitstatus_to_exitcode(status), stderr.decode(errors="replace")
-
-
-def stop_children() -> None:
-    """Stop every rsync under way, and its ssh, before the process exits."""
-    for pid in list(RUNNING_CHILDREN):
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass

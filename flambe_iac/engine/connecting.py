@@ -14,9 +14,9 @@ FIRST_DELAY, LONGEST_DELAY = 1.0, 10.0
 def connect_with_wait(host, entry, wait: float, policy: SshPolicy, view, clock=time.monotonic,
                       sleep=gevent.sleep) -> bool:
     """Connect HOST; while its failure is worth waiting for, retry with backoff until WAIT seconds have passed.
-    A host that never connects fails ENTRY with its cause in words. Each attempt ends within paramiko's own
-    deadlines (the TCP connection, the banner, the key exchange and the authentication, each the policy's
-    connect timeout); no attempt starts past WAIT."""
+    A host that never connects fails ENTRY with its cause in words. Each attempt (opening the host's one OpenSSH
+    connection: the TCP connection, the banner, the key exchange and the authentication) ends within three times the
+    policy's connect timeout; no attempt starts past WAIT."""
     with view.waiting_for(entry, f"connecting to {entry.address}"):
         return _connect_with_wait(host, entry, wait, policy, view, clock, sleep)
 
@@ -30,7 +30,7 @@ def _connect_with_wait(host, entry, wait: float, policy: SshPolicy, view, clock,
             host.connect(show_errors=False, raise_exceptions=True)
             entry.connect_seconds = clock() - started
             return True
-        except Exception as error:  # pyinfra raises ConnectError; anything else is a failure of this host too
+        except Exception as error:  # the connector raises ConnectError; anything else is a failure of this host too
             cause = describe_connect_error(str(error), policy, entry.address)
         if not is_worth_waiting_for(cause) or clock() + delay > deadline:
             waited = clock() - started

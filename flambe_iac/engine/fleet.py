@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gevent
 
-from flambe_iac.deploys.operations import stop_children
 from flambe_iac.engine.report import DeployReport
 from flambe_iac.errors import describe_exception
 from flambe_iac.inputs.plan import DeployPlan
 from flambe_iac.ssh.policy import make_state
+from flambe_iac.ssh.processes import stop_children
 
 
 class Interrupted(gevent.GreenletExit):

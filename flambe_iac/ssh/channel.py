@@ -1,4 +1,5 @@
-"""The exec channel: a command on a connected host with bytes on its stdin, and a command held open with a heartbeat.
+"""A command on a connected host with bytes on its stdin, and a command held open with a heartbeat: each a session on
+the host's one connection (ssh/master.py).
 
 Transfers use the exec channel only: a host whose sshd has no SFTP subsystem gets everything, and no content ever
 appears on a command line. gevent is imported inside the functions, to keep start-up fast.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
+
+from flambe_iac.ssh.processes import RUNNING_CHILDREN, reap, spawn, stop
 
 ANSWER_TIMEOUT = 120.0  # for a short command: a host that says nothing for this long has failed
 ANSWER_LIMIT = 1 << 30  # bytes of one command's output: a hostile host cannot fill this process's memory
@@ -33,52 +36,47 @@ class RemoteResult:
 
 def run_remote(host, command: str, stdin: bytes = b"", timeout: float = ANSWER_TIMEOUT,
                limit: int = ANSWER_LIMIT) -> RemoteResult:
-    """Run COMMAND on a connected pyinfra HOST over a fresh exec channel, with STDIN's bytes as its input: the whole
-    answer within TIMEOUT seconds (from the channel's opening to the exit status) and LIMIT bytes of each output.
+    """Run COMMAND on a connected pyinfra HOST as a session on its one connection, with STDIN's bytes as its input: the
+    whole answer within TIMEOUT seconds (from the session's opening to the exit status) and LIMIT bytes of each output.
 
     Nothing is logged: STDIN may hold secrets, and stdout may hold the cluster's private key.
-    Raises RemoteCommandError when the channel cannot be opened or the connection drops.
+    Raises RemoteCommandError when the session cannot be opened or the connection drops.
     """
     import gevent
 
-    transport = active_transport(host)
-    try:
-        channel = transport.open_session(timeout=30)
-    except Exception as error:  # paramiko raises SSHException, EOFError or socket errors here
-        raise RemoteCommandError(describe_channel_error(error)) from None
+    connection = active_connection(host)
+    child = spawn(connection.command_argv(command), None, stdin=True, stdout=True, stderr=True)
     try:
         with gevent.Timeout(timeout, RemoteCommandError(f"no answer within {timeout:g} s")):
-            channel.exec_command(command)
-            stderr_reader = gevent.spawn(_read_all, channel.recv_stderr, limit)
-            if stdin:
-                channel.sendall(stdin)
-            channel.shutdown_write()
-            stdout = _read_all(channel.recv, limit)
+            feeding = gevent.spawn(_feed, child.stdin, stdin)
+            stderr_reader = gevent.spawn(_read_bounded, child.stderr, limit)
+            stdout = _read_all(child.stdout, limit)
             stderr = stderr_reader.get()
-            exit_code = channel.recv_exit_status()
-    except RemoteCommandError:
+            feeding.get()
+            exit_code = reap(child.pid)
+    except BaseException:
+        stop(child.pid)
+        gevent.spawn(reap, child.pid)
         raise
-    except Exception as error:
-        raise RemoteCommandError(describe_channel_error(error)) from None
-    finally:
-        channel.close()
-    if exit_code == -1:
-        raise RemoteCommandError("the connection dropped before the command finished")
+    if exit_code == SSH_FAILED and (not connection.alive or _is_session_failure(stderr)):
+        raise RemoteCommandError(describe_session_failure(stderr, connection.alive))
     return RemoteResult(exit_code, stdout, stderr)
 
 
-def active_transport(host):
-    """HOST's SSH transport; RemoteCommandError if its connection is closed."""
-    client = getattr(host.connector, "client", None)
-    transport = client.get_transport() if client is not None else None
-    if transport is None or not transport.is_active():
+SSH_FAILED = 255  # ssh's own failure; a remote command that exits 255 is told apart by the master's words
+
+
+def active_connection(host):
+    """HOST's one SSH connection; RemoteCommandError if it is closed."""
+    connection = getattr(host.connector, "connection", None)
+    if connection is None or not connection.alive:
         raise RemoteCommandError("the SSH connection is closed")
-    return transport
+    return connection
 
 
 def connection_alive(host) -> bool:
     try:
-        active_transport(host)
+        active_connection(host)
     except RemoteCommandError:
         return False
     return True
@@ -93,24 +91,60 @@ def read_file(host, path: str) -> bytes | None:
     return result.stdout if result.exit_code == 0 else None
 
 
-def _read_all(receive, limit: int) -> bytes:
+def _read_all(fd: int, limit: int) -> bytes:
+    from gevent.fileobject import FileObjectPosix
+
     chunks, size = [], 0
-    while chunk := receive(65536):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            raise RemoteCommandError(f"its answer passed {limit} bytes")
+    with FileObjectPosix(fd, "rb", bufsize=0) as stream:
+        while chunk := stream.read(65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise RemoteCommandError(f"its answer passed {limit} bytes")
     return b"".join(chunks)
 
 
-def describe_channel_error(error: BaseException) -> str:
-    text = str(error).strip()
-    if "administratively prohibited" in text or "Connect failed" in text or "ChannelException" in type(error).__name__:
+def _read_bounded(fd: int, limit: int) -> bytes:
+    """The first LIMIT bytes of what FD gives, the rest read and dropped (a writer must never block on us)."""
+    from gevent.fileobject import FileObjectPosix
+
+    kept = b""
+    with FileObjectPosix(fd, "rb", bufsize=0) as stream:
+        while chunk := stream.read(65536):
+            kept += chunk[:max(limit - len(kept), 0)]
+    return kept
+
+
+def _feed(fd: int, data: bytes) -> None:
+    """DATA to a session's stdin, then its end: a command that stops reading early is not an error of ours."""
+    from gevent.fileobject import FileObjectPosix
+
+    with FileObjectPosix(fd, "wb", bufsize=0) as stream:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[stream.write(view):]
+        except BrokenPipeError:
+            return
+
+
+SESSION_REFUSED = ("Session open refused", "session request failed", "administratively prohibited",
+                   "open failed")
+
+
+def _is_session_failure(stderr: bytes) -> bool:
+    text = stderr.decode(errors="replace")
+    return any(words in text for words in (*SESSION_REFUSED, "mux_client", "Control socket", "ProxyCommand"))
+
+
+def describe_session_failure(stderr: bytes, connection_alive: bool) -> str:
+    text = " ".join(stderr.decode(errors="replace").split())[-300:]
+    if any(words in text for words in SESSION_REFUSED):
         return ("the host refused a new SSH session (is its sshd's MaxSessions too low? flambe-deploy needs 2): "
-                + (text or type(error).__name__))
-    if isinstance(error, EOFError) or not text:
-        return f"the connection dropped ({type(error).__name__})"
-    return f"the connection failed: {text}"
+                + text)
+    if not connection_alive:
+        return "the connection dropped" + (f" ({text})" if text else "")
+    return f"the connection failed: {text or 'ssh exited with code 255'}"
 
 
 class HeldCommand:
@@ -124,22 +158,31 @@ class HeldCommand:
 
     def __init__(self, host, command: str, first_input: bytes, timeout: float):
         import gevent
+        from gevent.fileobject import FileObjectPosix
 
-        transport = active_transport(host)
+        self.connection = active_connection(host)
+        self.exit_code: int | None = None
+        self.child = spawn(self.connection.command_argv(command), None, stdin=True, stdout=True, stderr=True)
+        self.input = FileObjectPosix(self.child.stdin, "wb", bufsize=0)
+        self.output = FileObjectPosix(self.child.stdout, "rb")
+        self.errors = gevent.spawn(_read_bounded, self.child.stderr, LINE_LIMIT)  # ends when the session does
         try:
-            # paramiko waits for the exec request's reply with no deadline of its own: a host that never answers it
-            # must not hold the deploy past TIMEOUT, the session's opening included.
+            # A host that never answers must not hold the deploy past TIMEOUT, the session's opening included.
             with gevent.Timeout(timeout, RemoteCommandError(f"no answer within {timeout:g} s")):
-                self.channel = transport.open_session(timeout=min(30.0, timeout))
-                self.channel.exec_command(command)
-                self.channel.sendall(first_input)
-                self.first_line = _read_line(self.channel)
-        except Exception as error:  # paramiko raises SSHException, EOFError or socket errors here
-            if hasattr(self, "channel"):
-                self.channel.close()
-            if isinstance(error, RemoteCommandError):
+                self.input.write(first_input)
+                self.first_line = self.output.readline(LINE_LIMIT).strip()
+                if not self.first_line:
+                    self.exit_code = reap(self.child.pid)
+        except BaseException as error:
+            stop(self.child.pid)
+            self.release()
+            if isinstance(error, (RemoteCommandError, gevent.GreenletExit)):
                 raise
-            raise RemoteCommandError(describe_channel_error(error)) from None
+            raise RemoteCommandError(f"the connection failed: {error}") from None
+        if not self.first_line and self.exit_code == SSH_FAILED:
+            stderr = self.errors.get()
+            self.release()
+            raise RemoteCommandError(describe_session_failure(stderr, self.connection.alive))
         self.heartbeat = gevent.spawn(self._beat)
 
     def _beat(self) -> None:
@@ -148,17 +191,16 @@ class HeldCommand:
         while True:
             gevent.sleep(self.HEARTBEAT_SECONDS)
             try:
-                self.channel.sendall(b"\n")
-            except Exception:  # the channel is gone: the remote side has stopped by itself
+                self.input.write(b"\n")
+            except OSError:  # the session is gone: the remote side has stopped by itself
                 return
 
     @property
     def taken_away(self) -> bool:
         """The command ended while its connection lives on: what it held was released under us (a heartbeat that
         starved, a kill), not lost with the host."""
-        ended = self.channel.closed or self.channel.exit_status_ready() or self.heartbeat.dead
-        transport = self.channel.get_transport()
-        return ended and transport is not None and transport.is_active()
+        ended = self.errors.ready() or self.heartbeat.dead
+        return ended and self.connection.alive
 
     def rest_of_output(self, limit: int = 4096, timeout: float = 10.0) -> bytes:
         """What the command printed after its first line, up to LIMIT bytes and TIMEOUT seconds: a hostile host
@@ -167,24 +209,21 @@ class HeldCommand:
 
         received = b""
         with gevent.Timeout(timeout, False):
-            while len(received) < limit and (chunk := self.channel.recv(limit - len(received))):
+            while len(received) < limit and (chunk := self.output.read1(limit - len(received))):
                 received += chunk
         return received
 
     def release(self) -> None:
-        self.heartbeat.kill(block=False)
-        try:
-            self.channel.shutdown_write()
-            self.channel.close()
-        except Exception:  # a connection that already dropped has released the remote side too
-            return
+        """Close the command's input: the remote side sees its end and stops. Its ssh ends by itself then."""
+        import gevent
 
-
-def _read_line(channel) -> bytes:
-    line = b""
-    while not line.endswith(b"\n") and len(line) < LINE_LIMIT:
-        chunk = channel.recv(1)
-        if not chunk:
-            break
-        line += chunk
-    return line.strip()
+        heartbeat = getattr(self, "heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.kill(block=False)
+        if not self.input.closed:
+            try:
+                self.input.close()
+            except OSError:  # a session that already ended has released the remote side too
+                pass
+        if self.child.pid in RUNNING_CHILDREN:
+            gevent.spawn(reap, self.child.pid)

@@ -1,8 +1,9 @@
 """The whole SSH policy, in one place: how we connect to hosts and how hosts connect to each other.
 
 - From this machine: exactly the user's key (IdentitiesOnly, no agent, no default keys, no forwarding), no ssh
-  config, host keys checked against the pinned file only. paramiko (through pyinfra) and every OpenSSH process we
-  start (rsync's ssh) get the same policy.
+  config, host keys checked against the pinned file only. A deploy opens one OpenSSH connection per host under it
+  (ssh/master.py) and runs everything over it: pyinfra's commands, ours, rsync; day-two commands start ssh with the
+  same options.
 - Between members: the managed block of ~/.ssh/config that names the cluster key, IdentitiesOnly and strict
   host keys against the members' pinned keys.
 
@@ -26,6 +27,7 @@ from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_H
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.names import check_address, check_ssh_user, refuse_unsafe_fields
 from flambe_iac.local_files import PRIVATE, write_atomically
+from flambe_iac.ssh.master import MASTER_IDLE_SECONDS, MasterConnection
 from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE
 
 ASKPASS_SCRIPT = f'#!/bin/sh\nprintf "%s\\n" "${PASSPHRASE_VARIABLE}"\n'
@@ -71,6 +73,36 @@ def ssh_options(target: SshTarget) -> list[str]:
 
 
 SHARED_CONNECTION_LINGERS = 10  # seconds a shared connection stays open after its last command
+
+
+def master_command(target: SshTarget, socket: Path, strict_host_keys: str = "yes") -> list[str]:
+    """ssh that opens this run's one connection to TARGET (ssh/master.py) under the policy, STRICT_HOST_KEYS
+    `accept-new` only with --trust-on-first-use, and backgrounds once authenticated. It ends MASTER_IDLE_SECONDS
+    after its last session if this process dies; a host gone silent ends it within a minute."""
+    return ["ssh", "-o", f"StrictHostKeyChecking={strict_host_keys}", *ssh_options(target),
+            "-o", "ControlMaster=yes", "-o", f"ControlPath={socket}", "-o", f"ControlPersist={MASTER_IDLE_SECONDS}",
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "-f", "-N", login(target)]
+
+
+def master_check_command(target: SshTarget, socket: Path) -> list[str]:
+    """ssh asking the master at SOCKET whether it runs (it answers with its pid)."""
+    return ["ssh", "-F", "/dev/null", "-o", f"ControlPath={socket}", "-O", "check", login(target)]
+
+
+def session_options(socket: Path) -> list[str]:
+    """ssh options for a session over the master at SOCKET, and over nothing else: no way to connect of its own
+    (ProxyCommand=false), so a master that dropped fails the session instead of a second, silent handshake."""
+    return ["-F", "/dev/null", "-o", f"ControlPath={socket}", "-o", "ControlMaster=no",
+            "-o", "ProxyCommand=false", "-o", "BatchMode=yes", "-o", "ForwardX11=no",
+            "-o", "ForwardAgent=no", "-o", "IdentityAgent=none"]
+
+
+def session_command(target: SshTarget, socket: Path, command: str) -> list[str]:
+    return ["ssh", *session_options(socket), "--", login(target), command]
+
+
+def login(target: SshTarget) -> str:
+    return f"{target.user}@{target.address}"
 
 
 def close_shared_connection(target: SshTarget) -> list[str]:
@@ -160,14 +192,15 @@ def askpass_environment(helper: Path, passphrase: str) -> dict[str, str]:
 
 
 def rsync_command(source: str, destination: str, target: SshTarget, delete: bool = True,
-                  excludes: tuple[str, ...] = ()) -> list[str]:
+                  excludes: tuple[str, ...] = (), remote_shell: str | None = None) -> list[str]:
     """rsync with delta transfer into DESTINATION (relative to the remote home), over our ssh options.
 
     --protect-args keeps the remote path away from the remote shell; the remote side first makes
     DESTINATION's parent, since rsync makes only the last directory of a path. rsync writes each file to a
-    temporary name in its directory and renames it, so no final path ever holds a partial file.
+    temporary name in its directory and renames it, so no final path ever holds a partial file. REMOTE_SHELL: a
+    session on an open master (ssh/master.py) instead of a connection of rsync's own.
     """
-    remote_shell = shlex.join(["ssh", *ssh_options(target)])
+    remote_shell = remote_shell or shlex.join(["ssh", *ssh_options(target)])
     parent = posixpath.dirname(destination.rstrip("/")) or "."
     command = ["rsync", "--archive", "--protect-args", "--rsh", remote_shell,
                "--rsync-path", f"mkdir -p {shlex.quote(parent)} && rsync"]
@@ -227,6 +260,7 @@ class SshPolicy:
         self.strict_host_key_checking = strict_host_key_checking
         self._private_directory: tempfile.TemporaryDirectory | None = None
         self._private_files_lock = threading.Lock()
+        self.masters: dict[str, MasterConnection] = {}  # address -> this run's one connection to it
 
     def target(self, address: str) -> SshTarget:
         return SshTarget(address=address, user=self.user, key=self.key, known_hosts=self.known_hosts,
@@ -240,37 +274,25 @@ class SshPolicy:
         return askpass_environment(self._askpass_helper(), self.passphrase) if self.passphrase else None
 
     def rsync_job(self, source: str, destination: str, address: str, excludes: tuple[str, ...] = ()) -> RsyncJob:
-        return RsyncJob(rsync_command(source, destination, self.target(address), excludes=excludes),
-                        self.environment())
+        """rsync to ADDRESS, over the run's connection to it when there is one (no second handshake)."""
+        master = self.masters.get(address)
+        remote_shell = master.remote_shell if master is not None else None
+        return RsyncJob(rsync_command(source, destination, self.target(address), excludes=excludes,
+                                      remote_shell=remote_shell), self.environment())
 
-    def pyinfra_host_data(self, address: str) -> dict:
-        """pyinfra's (paramiko's) settings for one host: the same policy as ssh_options."""
-        data = {
-            "ssh_hostname": address,
-            "ssh_user": self.user,
-            "ssh_key": str(self.key),
-            "ssh_allow_agent": False,
-            "ssh_look_for_keys": False,
-            "ssh_forward_agent": False,
-            "ssh_config_file": self._ssh_config_file(),
-            "ssh_known_hosts_file": str(self.known_hosts),
-            "ssh_strict_host_key_checking": self.strict_host_key_checking,
-            "ssh_paramiko_connect_kwargs": {
-                "allow_agent": False, "look_for_keys": False,
-                # A host that accepts TCP but never speaks SSH must not hold the deploy longer than a dead one.
-                "banner_timeout": self.connect_timeout, "auth_timeout": self.connect_timeout,
-            },
-        }
-        if self.passphrase:
-            data["ssh_key_password"] = self.passphrase
-        return data
-
-    def _ssh_config_file(self) -> str:
-        """No ssh config at all, or with --jump, one of ours that says only the ProxyCommand (pyinfra reads a
-        bastion from there and starts it afresh for every connection attempt)."""
-        if not self.jump:
-            return "/dev/null"
-        return str(self._private_file("ssh_config", f"Host *\n    ProxyCommand {self.proxy_command()}\n"))
+    def master(self, address: str) -> MasterConnection:
+        """The one connection of this run to ADDRESS (made the first time it is asked for, opened by connecting)."""
+        environment = self.environment()
+        with self._private_files_lock:
+            if address not in self.masters:
+                socket = self._private_path() / f"m{len(self.masters)}"  # short: a socket's path has ~100 bytes
+                target = self.target(address)
+                self.masters[address] = MasterConnection(
+                    master_command(target, socket, self.strict_host_key_checking),
+                    master_check_command(target, socket), socket, environment,
+                    session=lambda command, target=target, socket=socket: session_command(target, socket, command),
+                    remote_shell=shlex.join(["ssh", *session_options(socket)]))
+            return self.masters[address]
 
     def _askpass_helper(self) -> Path:
         return self._private_file("askpass", ASKPASS_SCRIPT, mode=0o700)
@@ -279,14 +301,22 @@ class SshPolicy:
         """NAME in this policy's own temporary directory, written once with MODE. Day-two commands reach their
         members from threads at once: the first to ask writes it, and none sees a second directory or half a file."""
         with self._private_files_lock:
-            if self._private_directory is None:
-                self._private_directory = tempfile.TemporaryDirectory(prefix="flambe-deploy-")
-            path = Path(self._private_directory.name) / name
+            path = self._private_path() / name
             if not path.exists():
                 write_atomically(path, content, mode)
             return path
 
+    def _private_path(self) -> Path:
+        """This policy's own 0700 directory (callers hold the lock). Under /tmp when $TMPDIR is long (macOS's is):
+        a master's socket path must fit in about 100 bytes."""
+        if self._private_directory is None:
+            base = None if len(tempfile.gettempdir()) < 40 else "/tmp"
+            self._private_directory = tempfile.TemporaryDirectory(prefix="flambe-deploy-", dir=base)
+        return Path(self._private_directory.name)
+
     def close(self) -> None:
+        for master in list(self.masters.values()):
+            master.close()
         with self._private_files_lock:
             if self._private_directory is not None:
                 self._private_directory.cleanup()
@@ -294,26 +324,35 @@ class SshPolicy:
 
 
 def make_state(names_and_addresses: list[tuple[str, str]], policy: SshPolicy):
-    """A pyinfra State with one host per (name, address), every one connected under POLICY."""
+    """A pyinfra State with one host per (name, address), each driven over its one OpenSSH connection under POLICY
+    (ssh/connector.py): paramiko opens none."""
     from pyinfra.api import Config, Inventory, State
 
-    names = [(name, policy.pyinfra_host_data(address)) for name, address in names_and_addresses]
+    from flambe_iac.ssh.connector import SharedConnectionConnector
+
+    names = [(name, {"ssh_hostname": address}) for name, address in names_and_addresses]
     config = Config(CONNECT_TIMEOUT=policy.connect_timeout, PARALLEL=max(len(names), 1))
-    return State(Inventory((names, {})), config, check_for_changes=False)
+    state = State(Inventory((names, {})), config, check_for_changes=False)
+    for name, address in names_and_addresses:
+        host = state.inventory.get_host(name)
+        host.connector = SharedConnectionConnector(state, host, policy.master(address), policy.connect_timeout)
+    return state
 
 
 def describe_connect_error(message: str, policy: SshPolicy, address: str) -> str:
-    """A connection failure in words that say what to do."""
+    """A connection failure (OpenSSH's words) in words that say what to do."""
     lowered = message.lower()
-    if "host key" in lowered and "does not match" in lowered:
+    if "remote host identification has changed" in lowered or ("host key" in lowered and "does not match" in lowered):
         return (f"REFUSED: the host key of {address} does not match the key pinned in {policy.known_hosts}; "
                 "nothing was sent. If you know the host was rebuilt, forget the old pin with "
                 f"`ssh-keygen -R {address} -f {policy.known_hosts}` and pin the new key")
-    if "No host key for" in message:
+    if "host key is known for" in lowered or "no host key for" in lowered or "host key verification failed" in lowered:
         return f"REFUSED: no pinned host key for {address} in {policy.known_hosts}; nothing was sent"
-    if "authentication" in lowered:
+    if "permission denied" in lowered or "authentication" in lowered:
         return f"the host refused the key {policy.key} for user {policy.user!r}"
-    return message or "could not connect"
+    lines = [line.strip() for line in message.splitlines()
+             if line.strip() and not line.lower().startswith(("warning:", "@@@"))]
+    return (lines[-1] if lines else "could not connect")[:300]
 
 
 # -- host to host

@@ -215,3 +215,21 @@ def test_stack_outputs_through_the_pulumi_cli(fresh_lab, deploy_inputs, tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "pulumi-arguments").read_text().split() == ["stack", "output", "--json", "--stack", "dev"]
     assert (fresh_lab.home("factory-2") / "secret.ini").read_bytes() == CANARY_SECRETS
+
+
+def test_each_host_is_reached_over_one_connection(fresh_lab, deploy_inputs):
+    """Commands, uploads, the lock and rsync all ride one authenticated connection per host (ssh/master.py): each
+    sshd accepts this machine's key once per deploy, first run and re-run alike, and no master outlives the run."""
+    client = fresh_lab.state["client_address"]
+
+    def accepted() -> dict:
+        return {name: fresh_lab.sshd_log(name).count(f"Accepted publickey for {fresh_lab.user} from {client} ")
+                for name in fresh_lab.hostnames}
+
+    for _ in ("first run", "re-run"):
+        before = accepted()
+        deploy_everything(fresh_lab, deploy_inputs, "--fan-out", "direct")
+        assert {name: count - before[name] for name, count in accepted().items()} == dict.fromkeys(
+            fresh_lab.hostnames, 1)
+    masters = subprocess.run(["pgrep", "-f", "ControlMaster=yes.*flambe-deploy-"], capture_output=True, text=True)
+    assert masters.stdout == ""

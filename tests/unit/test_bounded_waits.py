@@ -15,65 +15,52 @@ from flambe_iac.day_two import status
 from flambe_iac.engine import report
 from flambe_iac.engine.lock import ATTEMPT_FLOOR_SECONDS, ClusterLock, take_deploy_lock
 from flambe_iac.engine.report import DeployReport, HostReport, ProgressView
+from flambe_iac.ssh import processes
 from flambe_iac.ssh.channel import ANSWER_TIMEOUT, HeldCommand, RemoteCommandError, run_remote
 
 
-class HostChannel:
-    """A paramiko channel to a hostile host: it never answers the exec request (SILENT), or sends one byte every
-    50 ms (TRICKLE), or floods (FLOOD)."""
+HOSTILE_COMMANDS = {
+    "silent": "exec sleep 60",  # never answers
+    "trickle": "while :; do printf x; sleep 0.05; done",  # one byte every 50 ms
+    "flood": "exec cat /dev/zero",  # floods
+}
+
+
+class HostileConnection:
+    """A host's one connection whose every session runs BEHAVIOUR here, in a real process: what a hostile host's
+    session would do to our side of the pipe."""
 
     def __init__(self, behaviour: str):
-        self.behaviour, self.closed = behaviour, False
+        self.behaviour, self.alive = behaviour, True
 
-    def exec_command(self, command):
-        if self.behaviour == "silent":
-            gevent.event.Event().wait()  # paramiko waits for the request's reply on an event, with no deadline
-
-    def sendall(self, data):
-        pass
-
-    def shutdown_write(self):
-        pass
-
-    def recv(self, size):
-        if self.behaviour == "flood":
-            gevent.sleep(0)
-            return b"x" * size
-        gevent.sleep(0.05)
-        return b"x"
-
-    def recv_stderr(self, size):
-        while not self.closed:
-            gevent.sleep(0.01)
-        return b""
-
-    def recv_exit_status(self):
-        return 0
-
-    def close(self):
-        self.closed = True
+    def command_argv(self, command: str) -> list[str]:
+        return ["sh", "-c", HOSTILE_COMMANDS[self.behaviour]]
 
 
-def host_answering(channel: HostChannel):
-    transport = SimpleNamespace(is_active=lambda: True, open_session=lambda timeout: channel)
-    return SimpleNamespace(connector=SimpleNamespace(client=SimpleNamespace(get_transport=lambda: transport)))
+def host_answering(connection: HostileConnection):
+    return SimpleNamespace(connector=SimpleNamespace(connection=connection))
 
 
-def test_a_lock_request_the_host_never_answers_ends_at_its_deadline_and_closes_the_channel():
-    channel = HostChannel("silent")
+def test_a_lock_request_the_host_never_answers_ends_at_its_deadline_and_stops_the_session():
     started = time.monotonic()
+    before = set(processes.RUNNING_CHILDREN)
     with pytest.raises(RemoteCommandError, match="no answer within 0.3 s"):
-        HeldCommand(host_answering(channel), "flock ...", b"me\n", 0.3)
-    assert time.monotonic() - started < 1.5 and channel.closed
+        HeldCommand(host_answering(HostileConnection("silent")), "flock ...", b"me\n", 0.3)
+    assert time.monotonic() - started < 1.5
+    gevent.sleep(0.3)
+    assert not processes.RUNNING_CHILDREN - before
 
 
 @pytest.mark.parametrize("behaviour, cause", [("trickle", "no answer within 0.5 s"), ("silent", "no answer within 0.5 s"),
                                               ("flood", "its answer passed 1048576 bytes")])
 def test_a_command_whose_host_trickles_stalls_or_floods_ends_within_its_deadline_and_limit(behaviour, cause):
     started = time.monotonic()
+    before = set(processes.RUNNING_CHILDREN)
     with pytest.raises(RemoteCommandError, match=cause):
-        run_remote(host_answering(HostChannel(behaviour)), "cat big", timeout=0.5, limit=1 << 20)
+        run_remote(host_answering(HostileConnection(behaviour)), "cat big", timeout=0.5, limit=1 << 20)
     assert time.monotonic() - started < 1.5
+    gevent.sleep(0.3)
+    assert not processes.RUNNING_CHILDREN - before
 
 
 def status_of_one_member(monkeypatch, ssh_argv, **limits):
@@ -138,7 +125,7 @@ def test_a_busy_lock_is_named_in_the_live_table_while_it_lasts_and_in_the_report
 
 
 def test_a_lock_the_host_never_answers_fails_within_its_deadline_naming_the_lock_and_the_member():
-    lock, entry, _ = cluster_lock(lambda host, timeout: HeldCommand(host_answering(HostChannel("silent")), "flock",
+    lock, entry, _ = cluster_lock(lambda host, timeout: HeldCommand(host_answering(HostileConnection("silent")), "flock",
                                                                     b"me\n", 0.3), wait=300)
     started = time.monotonic()
     assert lock.take("h0") is False and time.monotonic() - started < 1.5

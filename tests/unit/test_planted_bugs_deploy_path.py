@@ -14,7 +14,8 @@ import gevent
 import pytest
 
 from flambe_iac.deploys import operations
-from flambe_iac.deploys.operations import RecordedResources, Transfer, spawn_and_wait, stop_children, synced_tree
+from flambe_iac.deploys.operations import RecordedResources, Transfer, synced_tree
+from flambe_iac.ssh.processes import spawn_and_wait, stop_children
 from flambe_iac.deploys.runnable import detached_run
 from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.engine.fan_out import RELAY, FanOut, Hop
