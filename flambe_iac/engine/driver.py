@@ -1,6 +1,6 @@
 """Runs a DeployPlan: the order of the phases, and nothing else. Each phase runs on all hosts at once.
 
-connect (waiting for sshd; the orchestrator takes the deploy lock at once) -> read each host's snapshot -> settle the
+connect (waiting for sshd) -> take the deploy lock on every member at once -> read each host's snapshot -> settle the
 cluster key and Ray's token -> run each host's asked steps -> release the lock, clean up. The caller patched gevent.
 """
 
@@ -12,7 +12,6 @@ import time
 
 import gevent
 
-from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.deploys.operations import stop_children
 from flambe_iac.deploys.steps import STEP_NAMES, StepContext, asked_steps, snapshot_request
 from flambe_iac.engine.connecting import connect_with_wait
@@ -64,7 +63,7 @@ class Deployment:
     def run(self) -> None:
         fleet = self.fleet
         connected = [host for host, ok in zip(fleet.hosts, fleet.each_host(self.connect_host, fleet.hosts)) if ok]
-        if not connected or not self.lock.take_in_order(connected):
+        if not connected or not self.lock.take_all(connected):  # all or nothing, once all are connected
             return
         if self.context.fan_out is not None:  # built here, once: members connecting at once each built their own
             self.context.fan_out.hosts.update({self.fleet.members[host].id: host for host in connected})
@@ -85,8 +84,6 @@ class Deployment:
         if connected:
             self.fleet.state.activate_host(host)
         self.view.connected(self.fleet.entries[host])
-        if connected and self.fleet.members[host].role == ORCHESTRATOR:  # lock at once, while the others connect
-            self.lock.take(host)
         return connected
 
     def close(self) -> None:

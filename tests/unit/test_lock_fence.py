@@ -74,10 +74,12 @@ def test_a_lock_file_that_cannot_be_opened_fails_at_once_instead_of_waiting_for_
 
 
 def test_a_busy_lock_waits_within_wait_then_names_the_holder():
-    clock = iter(range(0, 1000, 2)).__next__
+    clock = iter(range(0, 1000)).__next__  # every reading a second later
+    waits = []
     outcome = take_deploy_lock(lambda timeout: AnsweringLock(b"BUSY", b"ci@runner (pid 7) since now\n"), "10.0.0.1", "c1",
-                               10, lambda words: None, clock=clock, sleep=lambda seconds: None)
+                               10, waits.append, clock=clock, sleep=lambda seconds: None)
     assert "another deploy of c1 is under way, from ci@runner (pid 7) since now" in outcome.failure
+    assert waits and all("from ci@runner (pid 7) since now" in words for words in waits)
 
 
 def test_the_lock_script_tells_an_unwritable_lock_file_from_a_busy_one(tmp_path):
