@@ -30,7 +30,7 @@ from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.inputs.tree_listing import REMOTE_TREE_LISTING, LocalTree, parse_tree_listing
 from flambe_iac.ssh.channel import RemoteCommandError, read_file, run_remote
 from flambe_iac.ssh.policy import RsyncJob
-from flambe_iac.ssh.processes import spawn_and_wait, stop_children  # noqa: F401 (stop_children: the engine's)
+from flambe_iac.ssh.processes import spawn_and_wait
 
 UPLOAD_TIMEOUT = 600.0
 VERIFY_TIMEOUT = 6 * 3600.0

@@ -12,7 +12,6 @@ import time
 
 import gevent
 
-from flambe_iac.deploys.operations import stop_children
 from flambe_iac.deploys.steps import STEP_NAMES, StepContext, asked_steps, snapshot_request
 from flambe_iac.engine.connecting import connect_with_wait
 from flambe_iac.engine.fleet import Fleet
@@ -21,6 +20,7 @@ from flambe_iac.engine.lock import ClusterLock, open_deploy_lock
 from flambe_iac.engine.report import DeployReport, ProgressView
 from flambe_iac.engine.settlement import settle
 from flambe_iac.errors import describe_exception
+from flambe_iac.ssh.processes import stop_children
 
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
