@@ -24,7 +24,7 @@ from flambe_iac.deploys import autostop, cluster_key, extensions, manifest, ray,
 from flambe_iac.deploys.operations import RecordedResources, Transfer
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import ClusterKey
-from flambe_iac.engine.fan_out import DIRECT, FanOut, Hop, chosen_mode
+from flambe_iac.engine.fan_out import AUTO, DIRECT, FanOut, Hop, auto_choice, chosen_mode
 from flambe_iac.engine.ray_settlement import RayCluster as Ray
 from flambe_iac.engine.remote_layout import MANIFEST, RUNNER_LIBRARY, members_known_hosts, run_staging_dir
 from flambe_iac.engine.remote_layout import manifest as manifest_content
@@ -98,6 +98,7 @@ class StepContext:
     details: dict[str, str] = field(default_factory=dict)  # host name -> what a step did, e.g. setup exit codes
     ray: Ray | None = None  # with --ray: the plan the members share, settled from their snapshots
     manifests: dict[str, bytes] = field(default_factory=dict)  # member id -> its ~/.flambe/cluster.json
+    uplink: float | None = None  # bytes a second from here to the orchestrator, as measured, for --fan-out auto
 
     @property
     def staging(self) -> str:
@@ -116,9 +117,13 @@ class StepContext:
         if self.plan.fan_out == DIRECT or not self.plan.cluster.factories:
             return None
         trees = [tree.remote_directory for tree in [*self.plan.resources, *self.plan.extension_trees]]
-        return FanOut([member.id for member in self.plan.cluster.members],
-                      {tree: chosen_mode(self.plan.fan_out, self.local_trees[tree].size) for tree in trees},
-                      writes_stopped=self.writes_stopped)
+        members = self.plan.cluster.members
+        modes = {tree: chosen_mode(self.plan.fan_out, self.local_trees[tree].size, len(members), self.uplink)
+                 for tree in trees}
+        if self.plan.fan_out == AUTO:
+            self.notes.extend(auto_choice(tree, mode, self.local_trees[tree].size, len(members), self.uplink)
+                              for tree, mode in modes.items())
+        return FanOut([member.id for member in members], modes, writes_stopped=self.writes_stopped)
 
     @cached_property
     def private_addresses(self) -> list[str]:

@@ -14,6 +14,7 @@ import gevent
 
 from flambe_iac.deploys.steps import STEP_NAMES, StepContext, asked_steps, snapshot_request
 from flambe_iac.engine.connecting import connect_with_wait
+from flambe_iac.engine.fan_out import AUTO, measure_uplink
 from flambe_iac.engine.fleet import Fleet
 from flambe_iac.engine.host_steps import HostSteps, remove_staging
 from flambe_iac.engine.lock import ClusterLock, open_deploy_lock
@@ -65,6 +66,7 @@ class Deployment:
         connected = [host for host, ok in zip(fleet.hosts, fleet.each_host(self.connect_host, fleet.hosts)) if ok]
         if not connected or not self.lock.take_all(connected):  # all or nothing, once all are connected
             return
+        self.measure_uplink(connected)
         if self.context.fan_out is not None:  # built here, once: members connecting at once each built their own
             self.context.fan_out.hosts.update({self.fleet.members[host].id: host for host in connected})
         self.watchdog = gevent.spawn(self.lock.watch, stop_children)
@@ -78,6 +80,15 @@ class Deployment:
             fleet.each_host(lambda host: self.steps.run_steps(host, snapshots[host]), list(snapshots))
         finally:
             self.report.notes.extend(dict.fromkeys(self.context.notes))
+
+    def measure_uplink(self, connected: list) -> None:
+        """For --fan-out auto: how fast this machine reaches the orchestrator, before any tree is sent."""
+        orchestrator = self.fleet.hosts[0]
+        trees = self.plan.resources or self.plan.extension_trees
+        if self.plan.fan_out == AUTO and trees and self.plan.cluster.factories and orchestrator in connected:
+            entry = self.fleet.entries[orchestrator]
+            with self.view.waiting_for(entry, f"measuring the uplink to {entry.address}"):
+                self.context.uplink = measure_uplink(orchestrator)
 
     def connect_host(self, host) -> bool:
         connected = self.connect(host, self.fleet.entries[host], self.plan.wait, self.fleet.policy, self.view)

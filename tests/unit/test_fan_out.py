@@ -1,18 +1,25 @@
 """The fan-out's plan and its waits, with hops that only record what they would run: who serves whom, passes while
 the server receives, one last pass once its copy is whole, and a failed server handing its members on."""
 
+from types import SimpleNamespace
+from unittest.mock import patch
+
 import gevent
 import pytest
 
+from flambe_iac.engine import fan_out as fan_out_module
 from flambe_iac.engine.fan_out import (
     AUTO,
+    DIRECT,
     RELAY,
     TREE,
     TREE_ABOVE_BYTES,
+    UPLINK_PROBE_BYTES,
     WRITES_STOPPED,
     FanOut,
     Hop,
     chosen_mode,
+    measure_uplink,
     server_of,
 )
 
@@ -43,6 +50,35 @@ def test_who_serves_whom(mode, expected):
 def test_auto_sends_large_trees_by_tree_and_small_ones_by_relay():
     assert chosen_mode(AUTO, TREE_ABOVE_BYTES) == TREE and chosen_mode(AUTO, TREE_ABOVE_BYTES - 1) == RELAY
     assert chosen_mode(RELAY, 10 * TREE_ABOVE_BYTES) == RELAY and chosen_mode(TREE, 0) == TREE
+
+
+def test_auto_goes_direct_when_the_measured_uplink_carries_every_copy_within_what_the_hops_cost():
+    five_mb = 5_000_000
+    assert chosen_mode(AUTO, five_mb, 16, uplink=300e6) == DIRECT  # the lab with no link limit
+    assert chosen_mode(AUTO, five_mb, 64, uplink=65e6) == DIRECT  # 4.9 s of copies, cheaper than 63 hops
+    assert chosen_mode(AUTO, five_mb, 16, uplink=12.5e6) == RELAY  # a 100 Mbit/s uplink: 6.4 s of copies
+    assert chosen_mode(AUTO, TREE_ABOVE_BYTES, 16, uplink=12.5e6) == TREE
+    assert chosen_mode(AUTO, five_mb, 16, uplink=None) == RELAY  # not measured: by size, as before
+    assert chosen_mode(RELAY, five_mb, 16, uplink=1e12) == RELAY  # asked for: never overridden
+
+
+def test_a_direct_tree_has_no_servers():
+    fan_out = FanOut(MEMBERS[:4], {"resources/data": DIRECT})
+    assert all(fan_out.server["resources/data", member] is None for member in MEMBERS[:4])
+
+
+def test_the_uplink_is_measured_by_the_probe_less_an_empty_session():
+    calls = []
+
+    def run(host, command, stdin=b"", timeout=0.0):
+        calls.append(len(stdin))
+        clock.now += 0.03 + len(stdin) / 10e6  # 30 ms a session, 10 MB/s
+        return SimpleNamespace(exit_code=0)
+
+    clock = SimpleNamespace(now=0.0)
+    with patch.object(fan_out_module, "run_remote", run):
+        uplink = measure_uplink("orchestrator", clock=lambda: clock.now)
+    assert calls == [0, UPLINK_PROBE_BYTES] and uplink == pytest.approx(10e6)
 
 
 def test_each_tree_has_its_own_servers():
