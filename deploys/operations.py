@@ -188,10 +188,12 @@ def _transfer_tree(state, host, transfer: Transfer, changed_since: int | None, c
 
 
 class RecordedResources:
-    """The checksums a host's manifest records, read at most once for all of the member's trees."""
+    """The checksums a host's manifest records, read at most once for all of the member's trees: from MANIFEST (its
+    bytes, as the state read found them; b"" if it found none), else from the host when first asked."""
 
-    def __init__(self):
-        self.read, self.resources = False, None
+    def __init__(self, manifest: bytes | None = None):
+        self.read = manifest is not None
+        self.resources = recorded_resources(manifest) if manifest is not None else None
 
     def of(self, host) -> dict | None:
         if not self.read:

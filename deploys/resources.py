@@ -8,11 +8,13 @@ from flambe_iac.engine.remote_layout import MANIFEST
 
 
 def reads(context) -> SnapshotRequest:
-    """The copies' listings, and the manifest's sha256: whether it vouches for their checksums."""
+    """The copies' listings, and the manifest: its sha256 (does it vouch for their checksums?), and its bytes (which
+    files' checksums it records), read here rather than in a round trip of their own."""
     return SnapshotRequest(trees=tuple(tree.remote_directory for tree in context.plan.resources), files=(MANIFEST,),
-                           tools=("rsync", "find", "sort", "sha256sum", "base64"))
+                           contents=(MANIFEST,), tools=("rsync", "find", "sort", "sha256sum", "base64"))
 
 
 def sync_resources(context, member, snapshot: HostSnapshot) -> list:
-    transfers = context.transfers(member, context.plan.resources, vouched=context.manifest_vouches(member, snapshot))
+    transfers = context.transfers(member, context.plan.resources, vouched=context.manifest_vouches(member, snapshot),
+                                  manifest=snapshot.contents.get(MANIFEST, b""))
     return synced_trees(transfers, context.causes, context.notes, snapshot)

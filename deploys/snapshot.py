@@ -98,11 +98,26 @@ def read_snapshot(host, request: SnapshotRequest, timeout: float) -> HostSnapsho
         result = run_remote(host, snapshot_command(request), timeout=timeout, limit=SNAPSHOT_LIMIT)
     except RemoteCommandError as error:
         raise SnapshotError(f"could not read the host's state: {error}") from None
-    lines = answer_lines(result.stdout)
-    if not lines or lines[-1] != END:
-        raise SnapshotError(f"could not read the host's state: the read was cut short ({result.reason})")
-    if result.exit_code != 0:
+    if result.exit_code != 0 and answer_lines(result.stdout)[-1:] == [END]:
         raise SnapshotError(f"could not read the host's state: {result.reason}")
+    return snapshot_from_answer(result.stdout, result.reason)
+
+
+def snapshot_after_lock(held, timeout: float) -> HostSnapshot:
+    """The host's state as its deploy lock's session printed it once locked (engine/lock.py runs the read there)."""
+    try:
+        answer = held.read_through(END.encode(), SNAPSHOT_LIMIT, timeout)
+    except RemoteCommandError as error:
+        raise SnapshotError(f"could not read the host's state: {error}") from None
+    return snapshot_from_answer(answer)
+
+
+def snapshot_from_answer(output: bytes, reason: str = "") -> HostSnapshot:
+    """The host's state from what the read printed (in its own session, or after the deploy lock in the lock's)."""
+    lines = answer_lines(output)
+    if not lines or lines[-1] != END:
+        cut = f" ({reason})" if reason else ""
+        raise SnapshotError(f"could not read the host's state: the read was cut short{cut}")
     return parse_snapshot(lines[:-1])
 
 

@@ -24,7 +24,7 @@ from flambe_iac.deploys import autostop, cluster_key, extensions, manifest, ray,
 from flambe_iac.deploys.operations import RecordedResources, Transfer
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import ClusterKey
-from flambe_iac.engine.fan_out import AUTO, DIRECT, FanOut, Hop, auto_choice, chosen_mode
+from flambe_iac.engine.fan_out import DIRECT, FanOut, Hop, tree_modes
 from flambe_iac.engine.ray_settlement import RayCluster as Ray
 from flambe_iac.engine.remote_layout import MANIFEST, RUNNER_LIBRARY, members_known_hosts, run_staging_dir
 from flambe_iac.engine.remote_layout import manifest as manifest_content
@@ -117,13 +117,10 @@ class StepContext:
         if self.plan.fan_out == DIRECT or not self.plan.cluster.factories:
             return None
         trees = [tree.remote_directory for tree in [*self.plan.resources, *self.plan.extension_trees]]
-        members = self.plan.cluster.members
-        modes = {tree: chosen_mode(self.plan.fan_out, self.local_trees[tree].size, len(members), self.uplink)
-                 for tree in trees}
-        if self.plan.fan_out == AUTO:
-            self.notes.extend(auto_choice(tree, mode, self.local_trees[tree].size, len(members), self.uplink)
-                              for tree, mode in modes.items())
-        return FanOut([member.id for member in members], modes, writes_stopped=self.writes_stopped)
+        members = [member.id for member in self.plan.cluster.members]
+        modes = tree_modes(self.plan.fan_out, {tree: self.local_trees[tree].size for tree in trees}, len(members),
+                           self.uplink, self.notes)
+        return FanOut(members, modes, writes_stopped=self.writes_stopped)
 
     @cached_property
     def private_addresses(self) -> list[str]:
@@ -154,12 +151,13 @@ class StepContext:
         return {tree.remote_directory: self.plan.local_trees.get(tree.remote_directory)
                 or threads.apply(walk_tree, (tree.path, tree.excludes)) for tree in trees}
 
-    def transfers(self, member: Member, trees: list[Resource], relayed: bool = True,
-                  vouched: bool = True) -> list[Transfer]:
-        """How each tree gets to one member, and how its copy is checked (VOUCHED: see `manifest_vouches`)."""
+    def transfers(self, member: Member, trees: list[Resource], relayed: bool = True, vouched: bool = True,
+                  manifest: bytes | None = None) -> list[Transfer]:
+        """How each tree gets to one member, and how its copy is checked (VOUCHED: see `manifest_vouches`; MANIFEST:
+        the host's manifest as its state read found it, if that read it)."""
         address = self.plan.address(member)
         fan_out = self.fan_out if relayed else None
-        recorded = RecordedResources()
+        recorded = RecordedResources(manifest)
 
         def served(tree: Resource) -> bool:
             return fan_out is not None and fan_out.server[tree.remote_directory, member.id] is not None

@@ -12,11 +12,12 @@ import time
 
 import gevent
 
+from flambe_iac.deploys.snapshot import snapshot_command
 from flambe_iac.deploys.steps import STEP_NAMES, StepContext, asked_steps, snapshot_request
 from flambe_iac.engine.connecting import connect_with_wait
-from flambe_iac.engine.fan_out import AUTO, measure_uplink
+from flambe_iac.engine.fan_out import prepare_fan_out
 from flambe_iac.engine.fleet import Fleet
-from flambe_iac.engine.host_steps import HostSteps, remove_staging
+from flambe_iac.engine.host_steps import HostSteps, read_after_lock, remove_staging
 from flambe_iac.engine.lock import ClusterLock, open_deploy_lock
 from flambe_iac.engine.report import DeployReport, ProgressView
 from flambe_iac.engine.settlement import settle
@@ -56,7 +57,9 @@ class Deployment:
         self.lock = ClusterLock(self.fleet, plan.wait, view, open_lock)
         self.context = StepContext(plan, self.fleet.policy, report.run_id, writes_stopped=self.lock.lost)
         self.watchdog = None
-        self.steps = HostSteps(self.fleet, self.context, view, lock_lost=self.lock.lost, **host_steps)
+        self.read_with_lock = "read" not in host_steps  # tests read through stand-ins of their own
+        self.steps = HostSteps(self.fleet, self.context, view, lock_lost=self.lock.lost,
+                               **{"read": read_after_lock(self.lock), **host_steps})
         for host, member in self.fleet.members.items():
             for step in asked_steps(plan, member):
                 self.fleet.entries[host].ask(step.name)
@@ -64,13 +67,12 @@ class Deployment:
     def run(self) -> None:
         fleet = self.fleet
         connected = [host for host, ok in zip(fleet.hosts, fleet.each_host(self.connect_host, fleet.hosts)) if ok]
-        if not connected or not self.lock.take_all(connected):  # all or nothing, once all are connected
-            return
-        self.measure_uplink(connected)
-        if self.context.fan_out is not None:  # built here, once: members connecting at once each built their own
-            self.context.fan_out.hosts.update({self.fleet.members[host].id: host for host in connected})
-        self.watchdog = gevent.spawn(self.lock.watch, stop_children)
         request = snapshot_request(self.context)
+        then = snapshot_command(request) if self.read_with_lock else ""  # the read in the lock's round trip
+        if not connected or not self.lock.take_all(connected, then=then):  # all or nothing, once all are connected
+            return
+        prepare_fan_out(self.context, fleet, self.view, connected)
+        self.watchdog = gevent.spawn(self.lock.watch, stop_children)
         read = fleet.each_host(lambda host: self.steps.read_state(host, request), connected)
         snapshots = {host: snapshot for host, snapshot in zip(connected, read) if snapshot is not None}
         if not snapshots or self.report.interrupted:
@@ -80,15 +82,6 @@ class Deployment:
             fleet.each_host(lambda host: self.steps.run_steps(host, snapshots[host]), list(snapshots))
         finally:
             self.report.notes.extend(dict.fromkeys(self.context.notes))
-
-    def measure_uplink(self, connected: list) -> None:
-        """For --fan-out auto: how fast this machine reaches the orchestrator, before any tree is sent."""
-        orchestrator = self.fleet.hosts[0]
-        trees = self.plan.resources or self.plan.extension_trees
-        if self.plan.fan_out == AUTO and trees and self.plan.cluster.factories and orchestrator in connected:
-            entry = self.fleet.entries[orchestrator]
-            with self.view.waiting_for(entry, f"measuring the uplink to {entry.address}"):
-                self.context.uplink = measure_uplink(orchestrator)
 
     def connect_host(self, host) -> bool:
         connected = self.connect(host, self.fleet.entries[host], self.plan.wait, self.fleet.policy, self.view)

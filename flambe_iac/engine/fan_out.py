@@ -181,6 +181,28 @@ def chosen_mode(asked: str, tree_bytes: int, members: int = 1, uplink: float | N
     return TREE if tree_bytes >= TREE_ABOVE_BYTES else RELAY
 
 
+def tree_modes(asked: str, sizes: dict[str, int], members: int, uplink: float | None, notes: list) -> dict[str, str]:
+    """Each tree's fan-out (SIZES: bytes by destination); with AUTO, what it chose and from what is added to NOTES."""
+    modes = {tree: chosen_mode(asked, size, members, uplink) for tree, size in sizes.items()}
+    if asked == AUTO:
+        notes.extend(auto_choice(tree, mode, sizes[tree], members, uplink) for tree, mode in modes.items())
+    return modes
+
+
+def prepare_fan_out(context, fleet, view, connected: list) -> None:
+    """Once every member is connected and locked: for --fan-out auto, measure the uplink to the orchestrator (before
+    any tree is sent); then build the fan-out, once (members starting at once would each build their own), with
+    the members that can serve."""
+    plan, orchestrator = context.plan, fleet.hosts[0]
+    if plan.fan_out == AUTO and (plan.resources or plan.extension_trees) and plan.cluster.factories \
+            and orchestrator in connected:
+        entry = fleet.entries[orchestrator]
+        with view.waiting_for(entry, f"measuring the uplink to {entry.address}"):
+            context.uplink = measure_uplink(orchestrator)
+    if context.fan_out is not None:
+        context.fan_out.hosts.update({fleet.members[host].id: host for host in connected})
+
+
 def auto_choice(destination: str, mode: str, tree_bytes: int, members: int, uplink: float | None) -> str:
     """What --fan-out auto chose for a tree, and from what it measured: for the report."""
     measured = (f"{members} copies of {tree_bytes / 1e6:.1f} MB cross the measured uplink of {uplink / 1e6:.0f} MB/s "

@@ -9,7 +9,7 @@ import gevent
 from pyinfra.api.operations import run_host_op
 from pyinfra.context import ctx_host, ctx_state
 
-from flambe_iac.deploys.snapshot import SnapshotError, read_snapshot
+from flambe_iac.deploys.snapshot import SnapshotError, read_snapshot, snapshot_after_lock
 from flambe_iac.deploys.steps import StepContext, asked_steps
 from flambe_iac.engine.fleet import Fleet
 from flambe_iac.engine.report import CHANGED, FAILED, UNCHANGED
@@ -100,6 +100,15 @@ class HostSteps:
         if not self.alive(host):
             return "the connection to the host dropped"
         return "the command failed without saying why (run with -v to see pyinfra's log)"
+
+
+def read_after_lock(lock):
+    """A READ for HostSteps: each member's state from its deploy lock's session, where the read ran once the lock was
+    held (ClusterLock.take_all's THEN); a member without flock (no lock held) is read in a session of its own."""
+    def read(host, request, timeout: float):
+        held = lock.held.get(host)
+        return snapshot_after_lock(held, timeout) if held is not None else read_snapshot(host, request, timeout)
+    return read
 
 
 def remove_staging(hosts: list, staging: str) -> None:

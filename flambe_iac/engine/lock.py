@@ -39,17 +39,19 @@ def backoff_pause() -> float:
     return _JITTER.uniform(*BACKOFF_SECONDS)
 
 
-def deploy_lock_command(lock_path: str) -> str:
+def deploy_lock_command(lock_path: str, then: str = "") -> str:
     """Hold an flock on LOCK_PATH for as long as a heartbeat line arrives every few seconds; record who holds it.
 
-    Prints LOCKED (then holds), BUSY and the holder's line, UNWRITABLE where the lock file cannot be opened, or
-    NO-LOCK where the host has no flock or bash.
+    Prints LOCKED (then runs THEN, the state read, with no input: the read costs no round trip of its own; then
+    holds), BUSY and the holder's line, UNWRITABLE where the lock file cannot be opened, or NO-LOCK where the host has
+    no flock or bash.
     """
     owner = shlex.quote(f"{lock_path}.owner")
     script = (
         f"umask 077; mkdir -p {shlex.quote(lock_path.rsplit('/', 1)[0])}; "
         f"exec 9>>{shlex.quote(lock_path)} || {{ echo {UNWRITABLE}; exit 0; }}; "
         f"if flock -n 9; then IFS= read -r holder; printf '%s\\n' \"$holder\" > {owner}; echo {LOCKED}; "
+        + (f"{{ {then}; }} </dev/null 9>&-; " if then else "") +
         f"while IFS= read -r -t {LOCK_IDLE_SECONDS} _; do :; done; rm -f {owner}; "
         f"else echo {BUSY}; cat {owner} 2>/dev/null; fi"
     )
@@ -64,9 +66,10 @@ def lock_holder_line() -> bytes:
     return holder.replace("\n", " ").encode() + b"\n"
 
 
-def open_deploy_lock(host, timeout: float = ANSWER_TIMEOUT) -> HeldCommand:
-    """Start the lock command on HOST: its first line, within TIMEOUT seconds, says whether we hold the lock."""
-    return HeldCommand(host, deploy_lock_command(DEPLOY_LOCK), lock_holder_line(), timeout)
+def open_deploy_lock(host, timeout: float = ANSWER_TIMEOUT, then: str = "") -> HeldCommand:
+    """Start the lock command on HOST: its first line, within TIMEOUT seconds, says whether we hold the lock; once
+    held, it runs THEN (the state read) and its output follows."""
+    return HeldCommand(host, deploy_lock_command(DEPLOY_LOCK, then), lock_holder_line(), timeout)
 
 
 @dataclass(frozen=True)
@@ -195,14 +198,16 @@ class ClusterLock:
     def take(self, host) -> bool:
         return self.take_all([host])
 
-    def take_all(self, hosts: list) -> bool:
+    def take_all(self, hosts: list, then: str = "") -> bool:
         """Lock every one of HOSTS at once, once a run; False (every host failed with the reason) if one cannot be
-        locked, or another deploy holds one past --wait."""
+        locked, or another deploy holds one past --wait. THEN: a command each member runs once locked, in the lock's
+        own session (the state read); its output follows the lock's answer (`HeldCommand.read_through`)."""
+        asked = {"then": then} if then else {}
         entries = {host: self.fleet.entries[host] for host in hosts}
         with contextlib.ExitStack() as waits:
             for entry in entries.values():
                 waits.enter_context(self.view.waiting_for(entry, f"taking the deploy lock on {entry.address}"))
-            outcome = take_deploy_locks({host: functools.partial(self.open_lock, host) for host in hosts},
+            outcome = take_deploy_locks({host: functools.partial(self.open_lock, host, **asked) for host in hosts},
                                         {host: entry.address for host, entry in entries.items()},
                                         self.fleet.plan.cluster.name, self.wait, self.say_wait(entries.values()),
                                         pause=self.pause)

@@ -213,6 +213,21 @@ class HeldCommand:
                 received += chunk
         return received
 
+    def read_through(self, last_line: bytes, limit: int, timeout: float) -> bytes:
+        """What the command printed after its first line, through the line LAST_LINE, within LIMIT bytes and TIMEOUT
+        seconds; RemoteCommandError if it says less, more or nothing in time (a hostile host's answer is bounded)."""
+        import gevent
+
+        received = b""
+        with gevent.Timeout(timeout, RemoteCommandError(f"no answer within {timeout:g} s")):
+            while True:
+                line = self.output.readline(limit + 1 - len(received))
+                received += line
+                if len(received) > limit:
+                    raise RemoteCommandError(f"its answer passed {limit} bytes")
+                if not line or line.rstrip(b"\r\n") == last_line:
+                    return received
+
     def release(self) -> None:
         """Close the command's input: the remote side sees its end and stops. Its ssh ends by itself then."""
         import gevent
@@ -220,10 +235,11 @@ class HeldCommand:
         heartbeat = getattr(self, "heartbeat", None)
         if heartbeat is not None:
             heartbeat.kill(block=False)
-        if not self.input.closed:
-            try:
-                self.input.close()
-            except OSError:  # a session that already ended has released the remote side too
-                pass
+        for stream in (self.input, self.output):  # nothing more is sent, nor read: a flood stops on its broken pipe
+            if not stream.closed:
+                try:
+                    stream.close()
+                except OSError:  # a session that already ended has released the remote side too
+                    pass
         if self.child.pid in RUNNING_CHILDREN:
             gevent.spawn(reap, self.child.pid)
