@@ -16,6 +16,11 @@ from flambe_iac.lab import model
 from flambe_iac.ssh.policy import SshTarget, rsync_command
 
 
+# Every measured command runs here: `python -m` puts its working directory first on sys.path, so run from a checkout
+# it would load that checkout's flambe_iac whatever PYTHONPATH says, and a --baseline would measure today's code.
+OUTSIDE_ANY_CHECKOUT = "/"
+
+
 def machine_cpu_ticks() -> tuple[int, int]:
     """(busy, total) CPU ticks of the whole machine so far: the lab's sshds run on the same cores."""
     times = machine_cpu()
@@ -27,7 +32,8 @@ def run_measured(argv: list[str], environment: dict | None = None) -> tuple[floa
     side: flambe-deploy, rsync, ssh), and how busy the whole machine was meanwhile."""
     busy_before, total_before = machine_cpu_ticks()
     started = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment)
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment,
+                               cwd=OUTSIDE_ANY_CHECKOUT)
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
@@ -53,7 +59,8 @@ def reset_hosts(lab_dir: Path, state: model.LabState) -> None:
 
 def timed(argv: list[str], environment: dict | None = None) -> float:
     started = time.perf_counter()
-    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
+    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment,
+                            cwd=OUTSIDE_ANY_CHECKOUT)
     if result.returncode != 0:
         raise SystemExit(f"command failed ({result.returncode}): {' '.join(argv)}\n{result.stderr[-2000:]}")
     return time.perf_counter() - started
