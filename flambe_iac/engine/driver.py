@@ -71,6 +71,7 @@ class Deployment:
         then = snapshot_command(request) if self.read_with_lock else ""  # the read in the lock's round trip
         if not connected or not self.lock.take_all(connected, then=then):  # all or nothing, once all are connected
             return
+        connected = [host for host in connected if self.fleet.entries[host].error is None]  # not locked: nothing
         prepare_fan_out(self.context, fleet, self.view, connected)
         self.watchdog = gevent.spawn(self.lock.watch, stop_children)
         read = fleet.each_host(lambda host: self.steps.read_state(host, request), connected)

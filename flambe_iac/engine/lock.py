@@ -17,7 +17,7 @@ import random
 import shlex
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gevent
 
@@ -77,8 +77,9 @@ class MemberAnswer:
     """One member's answer in one round: exactly one field is set."""
     held: HeldCommand | None = None  # LOCKED: held until released
     holder: str | None = None  # BUSY: who holds it (its lock was not ours, nothing is held)
-    failure: str | None = None  # no deploy may go on: the lock cannot be opened, or the member did not answer
+    failure: str | None = None  # no deploy may go on: the lock file cannot be opened
     note: str | None = None  # the member has no flock: it goes on unguarded, and the report says why
+    alone: str | None = None  # the member could not be asked (no answer, its session refused): it fails alone
 
 
 def ask_member(open_lock, address: str, budget: float, attempt_until: float, clock) -> MemberAnswer:
@@ -86,7 +87,7 @@ def ask_member(open_lock, address: str, budget: float, attempt_until: float, clo
     try:
         lock = open_lock(budget)
     except RemoteCommandError as error:
-        return MemberAnswer(failure=f"could not take the deploy lock on {address}: {error}")
+        return MemberAnswer(alone=f"could not take the deploy lock on {address}: {error}")
     answer = lock.first_line.decode(errors="replace")
     if answer == LOCKED:
         return MemberAnswer(held=lock)
@@ -100,6 +101,9 @@ def ask_member(open_lock, address: str, budget: float, attempt_until: float, clo
     if answer == UNWRITABLE:
         return MemberAnswer(failure=f"cannot open the deploy lock ~/{DEPLOY_LOCK} on {address}: the SSH user "
                                     "cannot write there (is ~/.flambe someone else's?)")
+    if answer != NO_LOCK:  # a shell that died, a ForceCommand: never a reason to go on unguarded
+        shown = "".join(character if character.isprintable() else "?" for character in answer[:80]) or "nothing"
+        return MemberAnswer(alone=f"could not take the deploy lock on {address}: the host answered {shown!r}")
     return MemberAnswer(note=f"{address} has no flock or bash: concurrent deploys of this cluster are not "
                              "prevented (install util-linux)")
 
@@ -129,6 +133,7 @@ class LocksOutcome:
     held: dict  # member -> HeldCommand: every lock a member handed over, held until released
     failure: str | None = None  # why no deploy may go on: every host fails with it (nothing is held then)
     notes: tuple[str, ...] = ()  # members that go on unguarded, and why
+    alone: dict = field(default_factory=dict)  # member -> why it fails alone: not locked, so nothing is sent there
 
 
 def take_deploy_locks(open_locks: dict, addresses: dict, cluster_name: str, wait: float, on_wait,
@@ -151,7 +156,8 @@ def take_deploy_locks(open_locks: dict, addresses: dict, cluster_name: str, wait
         busy = next((member for member, answer in answers.items() if answer.holder is not None), None)
         if failure is None and busy is None:
             return LocksOutcome(held={member: answer.held for member, answer in answers.items() if answer.held},
-                                notes=tuple(answer.note for answer in answers.values() if answer.note))
+                                notes=tuple(answer.note for answer in answers.values() if answer.note),
+                                alone={member: answer.alone for member, answer in answers.items() if answer.alone})
         release_all(answers)
         if failure is not None:
             return LocksOutcome(held={}, failure=failure)
@@ -175,7 +181,8 @@ def take_deploy_lock(open_lock, address: str, cluster_name: str, wait: float, on
     """The lock of the one member at ADDRESS: take_deploy_locks over a set of one."""
     outcome = take_deploy_locks({address: open_lock}, {address: address}, cluster_name, wait, on_wait, clock, sleep,
                                 pause)
-    return LockOutcome(held=outcome.held.get(address), failure=outcome.failure, note=next(iter(outcome.notes), None))
+    return LockOutcome(held=outcome.held.get(address), failure=outcome.failure or outcome.alone.get(address),
+                       note=next(iter(outcome.notes), None))
 
 
 class ClusterLock:
@@ -217,7 +224,9 @@ class ClusterLock:
             return False
         self.fleet.report.notes.extend(outcome.notes)
         self.held.update(outcome.held)
-        return True
+        for host, cause in outcome.alone.items():  # a member we could not lock gets nothing; the others go on
+            entries[host].fail(cause)
+        return len(outcome.alone) < len(hosts)
 
     def say_wait(self, entries):
         """What every member waits for, said again only when it changes: not a line per member every round."""

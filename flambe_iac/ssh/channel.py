@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from flambe_iac.ssh.processes import RUNNING_CHILDREN, reap, spawn, stop
+from flambe_iac.ssh.processes import RUNNING_CHILDREN, reap, reap_later, spawn, stop
 
 ANSWER_TIMEOUT = 120.0  # for a short command: a host that says nothing for this long has failed
 ANSWER_LIMIT = 1 << 30  # bytes of one command's output: a hostile host cannot fill this process's memory
@@ -49,14 +49,16 @@ def run_remote(host, command: str, stdin: bytes = b"", timeout: float = ANSWER_T
     try:
         with gevent.Timeout(timeout, RemoteCommandError(f"no answer within {timeout:g} s")):
             feeding = gevent.spawn(_feed, child.stdin, stdin)
-            stderr_reader = gevent.spawn(_read_bounded, child.stderr, limit)
+            stderr_reader = gevent.spawn(_read_bounded, child.stderr, ERRORS_KEPT, child.pid)
             stdout = _read_all(child.stdout, limit)
-            stderr = stderr_reader.get()
+            stderr, flooded = stderr_reader.get()
+            if flooded:
+                raise RemoteCommandError(f"its error output passed {ERRORS_CAP} bytes")
             feeding.get()
             exit_code = reap(child.pid)
     except BaseException:
         stop(child.pid)
-        gevent.spawn(reap, child.pid)
+        reap_later(child.pid)
         raise
     if exit_code == SSH_FAILED and (not connection.alive or _is_session_failure(stderr)):
         raise RemoteCommandError(describe_session_failure(stderr, connection.alive))
@@ -104,15 +106,24 @@ def _read_all(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_bounded(fd: int, limit: int) -> bytes:
-    """The first LIMIT bytes of what FD gives, the rest read and dropped (a writer must never block on us)."""
+def _read_bounded(fd: int, keep: int, child: int) -> tuple[bytes, bool]:
+    """(the first KEEP bytes of what FD gives, whether it passed ERRORS_CAP): past the cap, CHILD is stopped, so a
+    host that floods its error output costs neither our memory nor our time until the deadline."""
     from gevent.fileobject import FileObjectPosix
 
-    kept = b""
+    kept, total = bytearray(), 0
     with FileObjectPosix(fd, "rb", bufsize=0) as stream:
         while chunk := stream.read(65536):
-            kept += chunk[:max(limit - len(kept), 0)]
-    return kept
+            total += len(chunk)
+            kept += chunk[:max(keep - len(kept), 0)]
+            if total > ERRORS_CAP:
+                stop(child)
+                return bytes(kept), True
+    return bytes(kept), False
+
+
+ERRORS_KEPT = 64 * 1024  # bytes of a command's error output kept, for its cause in words
+ERRORS_CAP = 16 << 20  # bytes of error output after which the command is stopped
 
 
 def _feed(fd: int, data: bytes) -> None:
@@ -140,7 +151,8 @@ def _is_session_failure(stderr: bytes) -> bool:
 def describe_session_failure(stderr: bytes, connection_alive: bool) -> str:
     text = " ".join(stderr.decode(errors="replace").split())[-300:]
     if any(words in text for words in SESSION_REFUSED):
-        return ("the host refused a new SSH session (is its sshd's MaxSessions too low? flambe-deploy needs 2): "
+        return ("the host refused a new SSH session (is its sshd's MaxSessions too low? flambe-deploy needs 3: "
+                "its connection's keeper, the deploy lock and one command): "
                 + text)
     if not connection_alive:
         return "the connection dropped" + (f" ({text})" if text else "")
@@ -165,7 +177,7 @@ class HeldCommand:
         self.child = spawn(self.connection.command_argv(command), None, stdin=True, stdout=True, stderr=True)
         self.input = FileObjectPosix(self.child.stdin, "wb", bufsize=0)
         self.output = FileObjectPosix(self.child.stdout, "rb")
-        self.errors = gevent.spawn(_read_bounded, self.child.stderr, LINE_LIMIT)  # ends when the session does
+        self.errors = gevent.spawn(_read_bounded, self.child.stderr, LINE_LIMIT, self.child.pid)  # ends with it
         try:
             # A host that never answers must not hold the deploy past TIMEOUT, the session's opening included.
             with gevent.Timeout(timeout, RemoteCommandError(f"no answer within {timeout:g} s")):
@@ -180,7 +192,7 @@ class HeldCommand:
                 raise
             raise RemoteCommandError(f"the connection failed: {error}") from None
         if not self.first_line and self.exit_code == SSH_FAILED:
-            stderr = self.errors.get()
+            stderr, _ = self.errors.get()
             self.release()
             raise RemoteCommandError(describe_session_failure(stderr, self.connection.alive))
         self.heartbeat = gevent.spawn(self._beat)
@@ -218,20 +230,19 @@ class HeldCommand:
         seconds; RemoteCommandError if it says less, more or nothing in time (a hostile host's answer is bounded)."""
         import gevent
 
-        received = b""
+        lines, received = [], 0
         with gevent.Timeout(timeout, RemoteCommandError(f"no answer within {timeout:g} s")):
             while True:
-                line = self.output.readline(limit + 1 - len(received))
-                received += line
-                if len(received) > limit:
+                line = self.output.readline(limit + 1 - received)
+                lines.append(line)
+                received += len(line)
+                if received > limit:
                     raise RemoteCommandError(f"its answer passed {limit} bytes")
                 if not line or line.rstrip(b"\r\n") == last_line:
-                    return received
+                    return b"".join(lines)
 
     def release(self) -> None:
         """Close the command's input: the remote side sees its end and stops. Its ssh ends by itself then."""
-        import gevent
-
         heartbeat = getattr(self, "heartbeat", None)
         if heartbeat is not None:
             heartbeat.kill(block=False)
@@ -242,4 +253,4 @@ class HeldCommand:
                 except OSError:  # a session that already ended has released the remote side too
                     pass
         if self.child.pid in RUNNING_CHILDREN:
-            gevent.spawn(reap, self.child.pid)
+            reap_later(self.child.pid)

@@ -30,7 +30,9 @@ from flambe_iac.local_files import PRIVATE, write_atomically
 from flambe_iac.ssh.master import MASTER_IDLE_SECONDS, MasterConnection
 from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE
 
-ASKPASS_SCRIPT = f'#!/bin/sh\nprintf "%s\\n" "${PASSPHRASE_VARIABLE}"\n'
+# It answers only ssh's question for the key's passphrase: a host that asks for a password gets nothing.
+ASKPASS_SCRIPT = (f'#!/bin/sh\ncase "$1" in\n  "Enter passphrase for"*) printf "%s\\n" "${PASSPHRASE_VARIABLE}" ;;\n'
+                  '  *) exit 1 ;;\nesac\n')
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ def ssh_options(target: SshTarget) -> list[str]:
         "-F", "/dev/null",
         "-i", str(target.key),
         "-o", "IdentitiesOnly=yes",
+        "-o", "PreferredAuthentications=publickey",  # never a password: askpass would answer with the passphrase
+        "-o", "PasswordAuthentication=no",
+        "-o", "KbdInteractiveAuthentication=no",
         "-o", "IdentityAgent=none",
         "-o", "ForwardAgent=no",
         "-o", "StrictHostKeyChecking=yes",
@@ -84,9 +89,16 @@ def master_command(target: SshTarget, socket: Path, strict_host_keys: str = "yes
             "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "-f", "-N", login(target)]
 
 
-def master_check_command(target: SshTarget, socket: Path) -> list[str]:
-    """ssh asking the master at SOCKET whether it runs (it answers with its pid)."""
-    return ["ssh", "-F", "/dev/null", "-o", f"ControlPath={socket}", "-O", "check", login(target)]
+def master_check_command(target: SshTarget, socket: Path, request: str = "check") -> list[str]:
+    """ssh asking the master at SOCKET whether it runs (it answers with its pid), or to `exit`."""
+    return ["ssh", "-F", "/dev/null", "-o", f"ControlPath={socket}", "-O", request, login(target)]
+
+
+def master_keeper_command(target: SshTarget, socket: Path) -> list[str]:
+    """A client of the master that opens no session (a proxy that is never spoken to): while it lives, the master's
+    idle countdown (ControlPersist) does not run, however long the run waits; once this process dies, its input
+    ends, the keeper ends, and the countdown starts."""
+    return ["ssh", *session_options(socket), "-O", "proxy", login(target)]
 
 
 def session_options(socket: Path) -> list[str]:
@@ -276,9 +288,11 @@ class SshPolicy:
     def rsync_job(self, source: str, destination: str, address: str, excludes: tuple[str, ...] = ()) -> RsyncJob:
         """rsync to ADDRESS, over the run's connection to it when there is one (no second handshake)."""
         master = self.masters.get(address)
-        remote_shell = master.remote_shell if master is not None else None
-        return RsyncJob(rsync_command(source, destination, self.target(address), excludes=excludes,
-                                      remote_shell=remote_shell), self.environment())
+        if master is not None:  # the master holds the authentication: no passphrase in rsync's environment
+            return RsyncJob(rsync_command(source, destination, self.target(address), excludes=excludes,
+                                          remote_shell=master.remote_shell))
+        return RsyncJob(rsync_command(source, destination, self.target(address), excludes=excludes),
+                        self.environment())
 
     def master(self, address: str) -> MasterConnection:
         """The one connection of this run to ADDRESS (made the first time it is asked for, opened by connecting)."""
@@ -289,7 +303,8 @@ class SshPolicy:
                 target = self.target(address)
                 self.masters[address] = MasterConnection(
                     master_command(target, socket, self.strict_host_key_checking),
-                    master_check_command(target, socket), socket, environment,
+                    master_check_command(target, socket), master_keeper_command(target, socket),
+                    master_check_command(target, socket, "exit"), socket, environment,
                     session=lambda command, target=target, socket=socket: session_command(target, socket, command),
                     remote_shell=shlex.join(["ssh", *session_options(socket)]))
             return self.masters[address]

@@ -62,13 +62,26 @@ def reap(pid: int) -> int:
     delay = 0.001
     try:
         while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped already (a stop raced another reaper): its status is gone
+                return UNKNOWN_EXIT
             if done:
                 return os.waitstatus_to_exitcode(status)
             gevent.sleep(delay)
             delay = min(delay * 2, 0.05)
     finally:
         RUNNING_CHILDREN.discard(pid)
+
+
+UNKNOWN_EXIT = 255  # as ssh's own failure: never read as success
+
+
+def reap_later(pid: int) -> None:
+    """Reap PID in the background: a child we stopped, or whose end we need not wait for."""
+    import gevent
+
+    gevent.spawn(reap, pid)
 
 
 def stop(pid: int) -> None:

@@ -106,6 +106,20 @@ def test_sshd_killed_after_the_state_read_fails_that_host_only(make_lab, tmp_pat
         assert_holds_everything(lab, name, deploy_inputs)
 
 
+def test_hosts_that_connect_early_keep_their_connection_while_a_late_one_boots(make_lab, tmp_path, deploy_inputs):
+    """A factory's sshd starts 40 s late (an instance still booting after `pulumi up`): the members that connected
+    at once keep their one connection through the wait (a master with no session would close itself after 30 s
+    idle), and every host gets everything."""
+    lab = faulty_lab(make_lab, 3, "2:late-sshd=40")
+    result, report = deploy_with_report(lab, tmp_path, "--secrets", str(deploy_inputs["secrets"]),
+                                        "--resource", f"data={deploy_inputs['resource']}", "--wait", "90",
+                                        timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert report["ok"] is True and "waiting for sshd" in result.stderr
+    for name in lab.hostnames:
+        assert_holds_everything(lab, name, deploy_inputs)
+
+
 def test_five_hostile_hosts_with_wait(make_lab, tmp_path, deploy_inputs):
     """Host 2 has no SFTP, host 3's home is a 256 KiB tmpfs, host 4's sshd starts 10 s late."""
     lab = faulty_lab(make_lab, 5, "1:no-sftp", "2:small-home=256k", "3:late-sshd=10")

@@ -23,6 +23,7 @@ HOSTILE_COMMANDS = {
     "silent": "exec sleep 60",  # never answers
     "trickle": "while :; do printf x; sleep 0.05; done",  # one byte every 50 ms
     "flood": "exec cat /dev/zero",  # floods
+    "error flood": "exec cat /dev/zero >&2",  # floods its error output, and never ends
 }
 
 
@@ -59,6 +60,16 @@ def test_a_command_whose_host_trickles_stalls_or_floods_ends_within_its_deadline
     with pytest.raises(RemoteCommandError, match=cause):
         run_remote(host_answering(HostileConnection(behaviour)), "cat big", timeout=0.5, limit=1 << 20)
     assert time.monotonic() - started < 1.5
+    gevent.sleep(0.3)
+    assert not processes.RUNNING_CHILDREN - before
+
+
+def test_a_host_flooding_its_error_output_is_stopped_at_the_cap_not_the_deadline():
+    before = set(processes.RUNNING_CHILDREN)
+    started = time.monotonic()
+    with pytest.raises(RemoteCommandError, match="error output passed"):
+        run_remote(host_answering(HostileConnection("error flood")), "make", timeout=20)
+    assert time.monotonic() - started < 10
     gevent.sleep(0.3)
     assert not processes.RUNNING_CHILDREN - before
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from flambe_iac.deploys.snapshot import SnapshotError, SnapshotRequest, snapshot_after_lock, snapshot_command
-from flambe_iac.engine.lock import BUSY, LOCKED, deploy_lock_command
+from flambe_iac.engine.lock import BUSY, LOCKED, NO_LOCK, ask_member, deploy_lock_command
 from flambe_iac.ssh.channel import HeldCommand, RemoteCommandError
 
 
@@ -64,3 +64,14 @@ def test_a_hostile_answer_after_the_lock_is_bounded_in_bytes_and_time(tmp_path):
             snapshot_after_lock(silent, timeout=0.5)
     finally:
         silent.release()
+
+
+@pytest.mark.parametrize("answer", [b"", b"Connection to host closed", b"\x1b[31mwelcome"])
+def test_only_an_exact_no_lock_lets_a_deploy_go_on_unguarded(answer):
+    """A shell that died or a ForceCommand answers something else: never a reason to deploy without the lock."""
+    lock = SimpleNamespace(first_line=answer, release=lambda: None)
+    outcome = ask_member(lambda budget: lock, "10.0.0.5", 5.0, 5.0, clock=lambda: 0.0)
+    assert outcome.alone and "could not take the deploy lock on 10.0.0.5" in outcome.alone and not outcome.note
+    unguarded = ask_member(lambda budget: SimpleNamespace(first_line=NO_LOCK.encode(), release=lambda: None),
+                           "10.0.0.5", 5.0, 5.0, clock=lambda: 0.0)
+    assert unguarded.note and not unguarded.alone

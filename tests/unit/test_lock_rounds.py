@@ -169,9 +169,25 @@ def test_every_member_is_asked_at_once_one_round_trip_whatever_the_cluster_size(
     assert sorted(lock.held) == sorted(hosts)
 
 
+def test_a_member_that_cannot_be_asked_fails_alone_and_the_others_are_held():
+    """No answer, or a session refused: that member is not locked, so it gets nothing; the others go on, locked."""
+    deploy = Deploy("me", {host: Flock() for host in HOSTS})
+
+    def open_lock(host, timeout):
+        if host == "h2":
+            raise RemoteCommandError("no answer within 5 s")
+        return deploy.open_lock(host, timeout)
+
+    lock, report, _ = cluster_lock(open_lock, wait=30, pause=lambda: pytest.fail("paused for a member alone"))
+    assert lock.take_all(HOSTS) is True
+    assert sorted(lock.held) == sorted(host for host in HOSTS if host != "h2")
+    errors = {entry.address: entry.error for entry in report.hosts}
+    assert errors.pop("10.0.0.3") == "could not take the deploy lock on 10.0.0.3: no answer within 5 s"
+    assert set(errors.values()) == {None}
+
+
 @pytest.mark.parametrize("answer, cause", [
     (Answering(b"UNWRITABLE"), "cannot open the deploy lock ~/.flambe/deploy.lock on 10.0.0.3: the SSH user"),
-    (RemoteCommandError("no answer within 5 s"), "could not take the deploy lock on 10.0.0.3: no answer within 5 s"),
 ])
 def test_a_member_that_cannot_be_locked_fails_every_host_at_once_and_the_round_lets_go_of_the_others(answer, cause):
     flocks = {host: Flock() for host in HOSTS}

@@ -58,3 +58,25 @@ def test_rsync_rides_the_hosts_master_once_there_is_one(tmp_path):
     assert master.socket.parent.stat().st_mode & 0o077 == 0
     rules.close()
     assert not master.socket.parent.exists()
+
+
+def test_the_askpass_helper_answers_only_the_question_for_the_keys_passphrase(tmp_path):
+    """A host that refuses the key and asks for a password is never told the key's passphrase."""
+    rules = policy(tmp_path)
+    rules.passphrase = "canary-passphrase-never-sent"
+    environment = rules.environment()
+    helper = environment["SSH_ASKPASS"]
+    asked = {prompt: subprocess.run([helper, prompt], capture_output=True, text=True, env=environment)
+             for prompt in ("Enter passphrase for key '/home/me/.ssh/id': ", "ubuntu@10.0.0.5's password: ",
+                            "(ubuntu@10.0.0.5) Password: ", "Verification code: ")}
+    answers = {prompt: (result.returncode, result.stdout) for prompt, result in asked.items()}
+    assert answers.pop("Enter passphrase for key '/home/me/.ssh/id': ") == (0, "canary-passphrase-never-sent\n")
+    assert all(code != 0 and out == "" for code, out in answers.values()), answers
+    rules.close()
+
+
+def test_every_ssh_offers_the_key_and_nothing_else(tmp_path):
+    options = " ".join(policy(tmp_path).master("10.0.0.5").open_command)
+    for option in ("PreferredAuthentications=publickey", "PasswordAuthentication=no",
+                   "KbdInteractiveAuthentication=no"):
+        assert option in options
