@@ -218,6 +218,7 @@ def direct_within_seconds(members: int) -> float:
 
 HOP_SECONDS = 0.12
 UPLINK_PROBE_BYTES = 2 * 2**20  # 0.17 s at 100 Mbit/s; a tbf or cloud burst allowance is far smaller
+PROBE_TIMEOUT = 30.0
 
 
 def measure_uplink(host, clock=time.monotonic) -> float | None:
@@ -235,8 +236,6 @@ def measure_uplink(host, clock=time.monotonic) -> float | None:
         timings.append(clock() - started)
     return UPLINK_PROBE_BYTES / max(timings[1] - timings[0], 0.001)
 
-
-PROBE_TIMEOUT = 30.0
 
 
 def server_of(mode: str, member_ids: list[str], index: int, branching: int) -> str | None:

@@ -3,7 +3,7 @@ upload, rsync and held lock of the run carried over it as a session (one handsha
 
 The master's socket lives in the policy's private directory (0700) and the master ends with the run: `close` stops it
 by the pid it reported, on every exit path the driver has (a normal end, an error, SIGINT, SIGTERM). While the run
-lives, a keeper (a client of the master that opens no session) holds the master's idle countdown off, however long
+lives, a keeper (a client of the master that runs no command) holds the master's idle countdown off, however long
 the run waits for another host; were this process killed outright, the keeper's input would end with it, and the
 master would end by itself MASTER_IDLE_SECONDS later.
 

@@ -95,9 +95,9 @@ def master_check_command(target: SshTarget, socket: Path, request: str = "check"
 
 
 def master_keeper_command(target: SshTarget, socket: Path) -> list[str]:
-    """A client of the master that opens no session (a proxy that is never spoken to): while it lives, the master's
-    idle countdown (ControlPersist) does not run, however long the run waits; once this process dies, its input
-    ends, the keeper ends, and the countdown starts."""
+    """A client of the master that runs no command (a proxy that is never spoken to; sshd still counts it against
+    MaxSessions): while it lives, the master's idle countdown (ControlPersist) does not run, however long the run
+    waits; once this process dies, its input ends, the keeper ends, and the countdown starts."""
     return ["ssh", *session_options(socket), "-O", "proxy", login(target)]
 
 
@@ -277,9 +277,6 @@ class SshPolicy:
     def target(self, address: str) -> SshTarget:
         return SshTarget(address=address, user=self.user, key=self.key, known_hosts=self.known_hosts,
                          connect_timeout=self.connect_timeout, batch_mode=self.passphrase is None, jump=self.jump)
-
-    def proxy_command(self) -> str:
-        return proxy_command(self.target("%h"))
 
     def environment(self) -> dict[str, str] | None:
         """The environment for our own ssh and rsync processes: an askpass helper when the key is encrypted."""
