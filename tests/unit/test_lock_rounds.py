@@ -64,11 +64,15 @@ class Deploy:
         self.busy_rounds = []  # the round of each BUSY answer this deploy got
 
     def open_lock(self, host, timeout):
+        """The request reaches the member's flock half way, and its answer comes back the other half: a lock is taken
+        when asked, not when the answer arrives, so whose request came first does not hang on timer order here."""
         self.asked[host] += 1
-        gevent.sleep(self.latency.get(host, 0))
+        one_way = self.latency.get(host, 0) / 2
+        gevent.sleep(one_way)
         command = LockCommand(self.flocks[host], self.name)
         if command.first_line == b"BUSY":
             self.busy_rounds.append(self.asked[host])
+        gevent.sleep(one_way)
         return command
 
     def holds(self) -> list:
@@ -124,7 +128,7 @@ def test_a_holder_that_stays_fails_every_host_with_its_name_and_the_waiter_holds
 
 @pytest.fixture
 def short_backoff(monkeypatch):
-    monkeypatch.setattr(lock_module, "BACKOFF_SECONDS", (0.02, 0.3))  # wide next to a round's 0.05 s
+    monkeypatch.setattr(lock_module, "BACKOFF_SECONDS", (0.02, 0.3))  # wide next to a round's 0.1 s
 
 
 def contend(first: Deploy, second: Deploy, wait: float, hold_seconds: float) -> list:
@@ -150,8 +154,8 @@ def test_two_deploys_whose_rounds_collide_drift_apart_and_each_gets_the_whole_cl
     deploys, lets go, and the other then gets every lock."""
     for _ in range(3):  # each time from a collision: not one lucky reading
         flocks = {host: Flock() for host in HOSTS}
-        first = Deploy("A", flocks, {"h2": 0.05, "h3": 0.05})
-        second = Deploy("B", flocks, {"h0": 0.05, "h1": 0.05})
+        first = Deploy("A", flocks, {"h2": 0.1, "h3": 0.1})
+        second = Deploy("B", flocks, {"h0": 0.1, "h1": 0.1})
         won = contend(first, second, wait=5, hold_seconds=0.1)
         assert [holds for _, holds, _ in won] == [HOSTS, HOSTS], won
         assert 1 in first.busy_rounds and 1 in second.busy_rounds  # they collided in their first round
