@@ -16,7 +16,7 @@ import io
 import posixpath
 import shlex
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from pyinfra.api import FunctionCommand, operation
@@ -150,7 +150,19 @@ def synced_tree(transfer: Transfer, causes: dict, notes: list, snapshot: HostSna
         return
     # Files written in the host's clock tick of the read, or a second before, are checked too.
     changed_since = None if snapshot.clock is None else snapshot.clock - 2
+    if snapshot.trees.get(transfer.destination) is None:
+        transfer = streamed(transfer)
     yield host_function(_transfer_tree, transfer, changed_since, causes, notes, causes=causes)
+
+
+def streamed(transfer: Transfer) -> Transfer:
+    """A member's first copy of a tree in a relay or tree: its files written in place as they arrive, so that the
+    members it serves take them while they grow (engine/fan_out.py). Nothing reads a copy that was not there."""
+    if transfer.fan_out is None or transfer.checksums is None:  # the last pass trusts sizes: checked trees only
+        return transfer
+    serves = transfer.fan_out.serves(transfer.destination, transfer.member)
+    return replace(transfer, rsync=transfer.rsync.writing_in_place() if serves else transfer.rsync,
+                   hop=replace(transfer.hop, streamed=True) if transfer.hop is not None else None)
 
 
 def synced_trees(transfers: list[Transfer], causes: dict, notes: list, snapshot: HostSnapshot) -> list:

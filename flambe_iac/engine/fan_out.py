@@ -5,9 +5,16 @@ others, so no member's own link carries more than BRANCHING copies, whatever the
 A member forwards while it receives: from the moment its own copy starts, it rsyncs what it already holds whole to
 the members it serves, pass after pass over one shared SSH connection, and once its own copy is complete, one last
 pass with --delete makes theirs exact. Each member then checks its own copy against the checksums: its server's
-check is not on the way, so a chain of members costs one pass more a member, not a check. rsync writes a file under
-a temporary name (`.NAME.XXXXXX`) and renames it, so the passes leave those names out and never forward a partial
-file.
+check is not on the way, so a chain of members costs one pass more a member, not a check.
+
+Below the file, on a member's first copy: a member that had no copy writes each file in place as it arrives, and the
+passes to the members it serves add to their files what its copy holds past their end (rsync's --append), so a file of
+gigabytes flows down the tree while it arrives, as a pipelined broadcast does, instead of being stored whole at every
+level. The last pass (no --append; by size, as every byte is there) makes each copy exact, and each member checks its
+own: a new member served by one whose file changes in the same run may append the new file's tail to the old one,
+which its check finds, and the file is sent again from here. On a re-run a changed file is written as rsync always
+does, under a temporary name (`.NAME.XXXXXX`) renamed into place, so a job reading the old file never sees a mix: the
+passes leave those names out and forward such a file once whole.
 
 Each hop runs on the serving member, over the cluster's own key and pinned host keys (~/.ssh/flambe_known_hosts),
 strict host key checking, that key only, no agent: the same `ssh_options` as every connection we make. The user's key
@@ -28,7 +35,8 @@ from gevent.lock import BoundedSemaphore
 
 from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
-from flambe_iac.ssh.policy import SshTarget, close_shared_connection, comparing_contents, rsync_command
+from flambe_iac.ssh.policy import (SshTarget, appending, close_shared_connection, comparing_contents, deciding_by_size,
+                                   rsync_command, writing_in_place)
 
 DIRECT, RELAY, TREE, AUTO = "direct", "relay", "tree", "auto"
 BRANCHING = 2  # members a member serves in a tree
@@ -42,7 +50,7 @@ TREE_ABOVE_BYTES = 32 * 2**20
 # lock and the member's own commands.
 PARALLEL_HOPS = 7
 HOP_TIMEOUT = 6 * 3600.0
-PASS_PAUSE = 0.05  # seconds between forwarding passes, unless the server's copy is whole sooner
+PASS_PAUSE = 0.25  # seconds between forwarding passes, unless the server's copy is whole sooner
 RSYNC_TEMPORARY = ".*.??????"
 SHARED_HOP_CONNECTION = "~/.flambe/hop-%h"  # %h: the member it reaches (one user, one port)
 # The socket's path, HOME + "/.flambe/hop-" + an IPv6 address (39) + ssh's temporary suffix (17), fits in 107 bytes.
@@ -62,6 +70,7 @@ class Hop:
     address: str
     connect_timeout: int
     excludes: tuple[str, ...] = ()  # the tree's own: left out, and kept on the member, as a direct transfer does
+    streamed: bool = False  # the member had no copy: each pass adds to its files what its server's copy holds more
 
     def command(self, last: bool, by_contents: bool = False) -> str:
         """A forwarding pass, or the LAST pass (--delete); BY_CONTENTS: deciding by checksums, not sizes and mtimes.
@@ -77,10 +86,14 @@ class Hop:
                            shared_connection=shared_connection)
         source = destination = f"{self.destination}/"
         if not last:
-            return shlex.join(rsync_command(source, destination, target, delete=False,
-                                            excludes=(*self.excludes, RSYNC_TEMPORARY)))
+            argv = rsync_command(source, destination, target, delete=False, excludes=(*self.excludes, RSYNC_TEMPORARY))
+            return shlex.join(appending(argv) if self.streamed else argv)
         argv = rsync_command(source, destination, target, excludes=self.excludes)
-        argv = comparing_contents(argv) if by_contents else argv
+        if by_contents:
+            argv = comparing_contents(argv)
+        elif self.streamed:  # the appending passes left every byte: a whole-file delta pass would reread them all
+            argv = deciding_by_size(argv)
+        argv = writing_in_place(argv) if self.streamed else argv
         if shared_connection is None:
             return shlex.join(argv)
         return (f"{shlex.join(argv)}; status=$?; {shlex.join(close_shared_connection(target))} >/dev/null 2>&1; "
@@ -103,6 +116,10 @@ class FanOut:
         self.started = {(tree, member): Event() for tree in destinations for member in member_ids}
         self.whole = {(tree, member): AsyncResult() for tree in destinations for member in member_ids}
         self.hop_slots = {member: BoundedSemaphore(PARALLEL_HOPS) for member in member_ids}
+
+    def serves(self, destination: str, member: str) -> bool:
+        """MEMBER forwards its copy of DESTINATION to another member."""
+        return any(server == member for (tree, _), server in self.server.items() if tree == destination)
 
     def receiving(self, destination: str, member: str) -> None:
         self.started[destination, member].set()

@@ -190,10 +190,35 @@ class RsyncJob:
         failed may have forwarded a damaged file with the right size and mtime."""
         return RsyncJob(comparing_contents(self.argv), self.environment)
 
+    def writing_in_place(self) -> RsyncJob:
+        return RsyncJob(writing_in_place(self.argv), self.environment)
+
 
 def comparing_contents(argv: list[str]) -> list[str]:
+    return _with_options(argv, "--checksum")
+
+
+def writing_in_place(argv: list[str]) -> list[str]:
+    """The same transfer, each file written under its final name as it arrives, not renamed into place once whole: a
+    member's first copy, which the members it serves take while it grows (engine/fan_out.py)."""
+    return _with_options(argv, "--inplace")
+
+
+def appending(argv: list[str]) -> list[str]:
+    """The same transfer, only adding to each file what lies past the end of the receiver's copy (and writing in
+    place): a forwarding pass of a copy that is still growing."""
+    return _with_options(argv, "--append")
+
+
+def deciding_by_size(argv: list[str]) -> list[str]:
+    """The same transfer, sending only files whose size differs (setting every file's mode and mtime still): the last
+    pass after appending passes, whose copy is then checked by sha256 (engine/fan_out.py)."""
+    return _with_options(argv, "--size-only")
+
+
+def _with_options(argv: list[str], *options: str) -> list[str]:
     end_of_options = argv.index("--")
-    return [*argv[:end_of_options], "--checksum", *argv[end_of_options:]]
+    return [*argv[:end_of_options], *options, *argv[end_of_options:]]
 
 
 def askpass_environment(helper: Path, passphrase: str) -> dict[str, str]:
@@ -209,7 +234,8 @@ def rsync_command(source: str, destination: str, target: SshTarget, delete: bool
 
     --protect-args keeps the remote path away from the remote shell; the remote side first makes
     DESTINATION's parent, since rsync makes only the last directory of a path. rsync writes each file to a
-    temporary name in its directory and renames it, so no final path ever holds a partial file. REMOTE_SHELL: a
+    temporary name in its directory and renames it, so no final path ever holds a partial file (unless
+    `writing_in_place` or `appending` says otherwise, on a copy that was not there). REMOTE_SHELL: a
     session on an open master (ssh/master.py) instead of a connection of rsync's own.
     """
     remote_shell = remote_shell or shlex.join(["ssh", *ssh_options(target)])

@@ -5,6 +5,8 @@ stay with the host they belong to."""
 import json
 import os
 import signal
+import threading
+import time
 
 import pytest
 
@@ -190,3 +192,62 @@ def test_auto_measures_the_uplink_and_goes_direct_only_where_it_is_fast(make_lab
     assert bool(from_orchestrator) == (mode == "relay")
     for name in lab.hostnames:
         assert (lab.home(name) / "resources" / "data" / "blob.bin").read_bytes() == (resource / "blob.bin").read_bytes()
+
+
+class Watcher:
+    """Reads one file on every host, over and over, while a deploy runs: every distinct content seen, by host."""
+
+    def __init__(self, lab, relative: str):
+        self.paths = {name: lab.home(name) / relative for name in lab.hostnames}
+        self.seen = {name: [] for name in lab.hostnames}
+        self.sizes = []  # each round's size of each host's file (-1: absent)
+        self.running = True
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+
+    def watch(self):
+        while self.running:
+            sizes = {}
+            for name, path in self.paths.items():
+                try:
+                    content = path.read_bytes()
+                except OSError:
+                    sizes[name] = -1
+                    continue
+                sizes[name] = len(content)
+                if not self.seen[name] or self.seen[name][-1] != content:
+                    self.seen[name].append(content)
+            self.sizes.append(sizes)
+            time.sleep(0.01)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self.running = False
+        self.thread.join()
+
+
+def test_a_first_copy_flows_on_while_it_arrives_and_a_rerun_never_shows_a_mixed_file(make_lab, tmp_path):
+    """Behind a 20 Mbit/s uplink, one file of 6 MB (2.4 s to the orchestrator): a factory holds part of it while the
+    orchestrator's own copy is still short of it, and every copy ends whole. On a re-run the file, changed, is renamed
+    into place on each host: a reader there sees the old bytes or the new, never a mix."""
+    lab = make_lab(3, "--uplink-mbit", "20")
+    tree = tmp_path / "data"
+    tree.mkdir()
+    old, new = os.urandom(6_000_000), os.urandom(7_000_000)
+    (tree / "blob.bin").write_bytes(old)
+    arguments = (*lab.lab_arguments(), "--resource", f"data={tree}", "--fan-out", "tree")
+    with Watcher(lab, "resources/data/blob.bin") as first_run:
+        first = lab.deploy(*arguments)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert all(first_run.seen[name][-1] == old for name in lab.hostnames)
+    assert any(0 < sizes["factory-1"] and sizes["orchestrator"] < len(old) for sizes in first_run.sizes)
+    assert all(old.startswith(content) for name in lab.hostnames for content in first_run.seen[name])
+    (tree / "blob.bin").write_bytes(new)
+    with Watcher(lab, "resources/data/blob.bin") as rerun:
+        again = lab.deploy(*arguments)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for name in lab.hostnames:
+        never_mixed = rerun.seen[name] in ([old, new], [new])
+        assert never_mixed, (name, [len(content) for content in rerun.seen[name]])

@@ -7,6 +7,7 @@ from unittest.mock import patch
 import gevent
 import pytest
 
+from flambe_iac.deploys.operations import Transfer, streamed
 from flambe_iac.engine import fan_out as fan_out_module
 from flambe_iac.engine.fan_out import (
     AUTO,
@@ -22,6 +23,7 @@ from flambe_iac.engine.fan_out import (
     measure_uplink,
     server_of,
 )
+from flambe_iac.ssh.policy import RsyncJob
 
 MEMBERS = ["orchestrator", *(f"factory-{index}" for index in range(1, 16))]
 HOP = Hop("resources/data", "ubuntu", "10.0.0.9", 10)
@@ -155,6 +157,7 @@ def test_a_pass_never_deletes_and_leaves_rsyncs_partial_files_out():
     assert "--delete" not in passing and "--exclude=.*.??????" in passing
     assert "--delete" in last and "--exclude" not in last and "--checksum" not in last
     assert "--checksum" in thorough.split(" -- ")[0]
+    assert not {"--append", "--inplace", "--size-only"} & set(f"{passing} {last} {thorough}".split())
     excluding = Hop("extensions/lib", "ubuntu", "10.0.0.9", 10, (".git",)).command(last=True)
     assert excluding.count("--exclude=.git") == 2  # a member's .git is kept, as a direct transfer keeps it
     for command in (passing, last, thorough):
@@ -162,6 +165,35 @@ def test_a_pass_never_deletes_and_leaves_rsyncs_partial_files_out():
         assert command.count("ControlMaster=auto") == 1 and 'if [ "${#HOME}" -le 38 ]' in command
         assert "StrictHostKeyChecking=yes" in command and "IdentitiesOnly=yes" in command
         assert "ForwardAgent=no" in command and ".ssh/flambe_known_hosts" in command
+
+
+def test_a_first_copy_is_appended_to_pass_after_pass_and_its_last_pass_goes_by_size_in_place():
+    """A member that had no copy: each pass adds what its server holds past the end of its files, and the last pass
+    sends only files whose size differs (its copy is checked by sha256 next), writing in place; after a failed server,
+    the last pass compares contents."""
+    streamed = Hop("resources/data", "ubuntu", "10.0.0.9", 10, streamed=True)
+    options = [command.split(" -- ")[0].split() for command in
+               (streamed.command(last=False), streamed.command(last=True), streamed.command(True, by_contents=True))]
+    passing, last, thorough = ([option for option in words if option.startswith("--") and "=" not in option]
+                               for words in options)
+    assert "--append" in passing and "--delete" not in passing and "--inplace" not in passing
+    assert {"--size-only", "--inplace", "--delete"} <= set(last) and "--append" not in last
+    assert {"--checksum", "--inplace", "--delete"} <= set(thorough) and "--size-only" not in thorough
+
+
+@pytest.mark.parametrize("member, checksums, in_place, hop_streamed", [
+    ("orchestrator", {"a": "0" * 64}, True, None),  # it serves others: its own copy grows in place
+    ("factory-15", {"a": "0" * 64}, False, True),  # it serves no one: only its passes append
+    ("factory-1", None, False, False),  # an unchecked tree (extensions): its last pass could not trust sizes
+])
+def test_only_a_checked_trees_first_copy_is_streamed(member, checksums, in_place, hop_streamed):
+    fan_out = FanOut(MEMBERS, {"resources/data": TREE})
+    transfer = Transfer(destination="resources/data", expected=None, checksums=checksums, fan_out=fan_out,
+                        rsync=RsyncJob(["rsync", "--archive", "--", "here/", "there/"]), member=member,
+                        hop=None if member == "orchestrator" else HOP)
+    first_copy = streamed(transfer)
+    assert ("--inplace" in first_copy.rsync.argv) is in_place
+    assert (first_copy.hop.streamed if first_copy.hop else None) is hop_streamed
 
 
 def test_once_the_lock_is_lost_no_pass_and_no_hop_starts():
