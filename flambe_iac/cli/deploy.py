@@ -158,8 +158,8 @@ def add_deploy_command(commands) -> argparse.ArgumentParser:
                              "output to show its host keys (default 300)")
     parser.add_argument("--fan-out", choices=("auto", "relay", "tree", "direct"),
                         help="how resources and extensions reach the factories. relay: each tree crosses your uplink "
-                             "once, to the orchestrator, which forwards each file to every factory as soon as it "
-                             "holds it, with the cluster key; tree: the same, but each member serves at most 2 "
+                             "once, to the orchestrator, which forwards each file to every factory while it "
+                             "arrives, with the cluster key; tree: the same, but each member serves at most 2 "
                              "others, so no instance's own link carries more than 2 copies; direct: from here to every "
                              "host; auto (the default with factories): first measures your uplink to the "
                              "orchestrator (2 MiB), then direct where every copy crosses it sooner than the hops "

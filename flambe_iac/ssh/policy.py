@@ -17,7 +17,9 @@ import os
 import posixpath
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -267,21 +269,35 @@ def rsync_host(address: str) -> str:
 SAFE_RSYNC = (3, 4, 0)  # older clients have holes a hostile server can use (CVE-2024-12086, CVE-2024-12087)
 
 
-def require_safe_rsync(version_text: str | None = None) -> None:
-    """Refuse a local rsync older than SAFE_RSYNC, or none: every command that runs rsync asks first."""
+def require_safe_rsync(version_text: str | None = None, platform: str = sys.platform) -> None:
+    """Refuse a local rsync older than SAFE_RSYNC, or none, naming the fix for PLATFORM: every command that runs
+    rsync asks first."""
     if version_text is None:
         try:
             version_text = subprocess.run(["rsync", "--version"], capture_output=True, text=True,
                                           stdin=subprocess.DEVNULL, timeout=30).stdout
         except (OSError, subprocess.TimeoutExpired):
-            raise InputError("rsync is not installed here (or does not answer): install rsync 3.4.0 or newer") \
-                from None
+            raise InputError(f"rsync is not installed here (or does not answer): {rsync_fix(platform)}") from None
     found = re.search(r"version\s+v?(\d+)\.(\d+)\.(\d+)", version_text)
     version = tuple(int(part) for part in found.groups()) if found else None
-    if version is None or version < SAFE_RSYNC:
-        shown = ".".join(map(str, version)) if version else "of an unknown version"
-        raise InputError(f"this machine's rsync is {shown}; rsync before 3.4.0 lets a hostile host read or write "
-                         "files here (CVE-2024-12086, CVE-2024-12087): install rsync 3.4.0 or newer")
+    if version is not None and version >= SAFE_RSYNC and "openrsync" not in version_text:
+        return
+    shown = ".".join(map(str, version)) if version else "of an unknown version"
+    if "openrsync" in version_text:
+        shown = "openrsync, macOS's own (it speaks the protocol of rsync 2.6.9)"
+    where = shutil.which("rsync") or "rsync"
+    raise InputError(f"this machine's rsync ({where}) is {shown}; rsync before 3.4.0 lets a hostile host read or "
+                     f"write files here (CVE-2024-12086, CVE-2024-12087): {rsync_fix(platform)}")
+
+
+def rsync_fix(platform: str) -> str:
+    """How to get a safe rsync first on PATH, on PLATFORM (sys.platform's words)."""
+    if platform == "darwin":  # /usr/bin/rsync is openrsync (macOS 15.4 and later) or rsync 2.6.9
+        return ("install rsync 3.4.0 or newer with Homebrew (`brew install rsync`) and put Homebrew's bin before "
+                "/usr/bin on PATH (/opt/homebrew/bin on Apple silicon, /usr/local/bin on Intel); `rsync --version` "
+                "then says 3.4.0 or newer")
+    return ("install rsync 3.4.0 or newer (your distribution's package if it is that new, else a build from "
+            "https://rsync.samba.org) and make it the first `rsync` on PATH")
 
 
 class SshPolicy:

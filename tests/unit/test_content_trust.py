@@ -16,6 +16,7 @@ from flambe_iac.inputs.cluster_file import load_cluster_file
 from flambe_iac.inputs.names import check_address
 from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.inputs.plan import DeployRequest, build_plan
+from flambe_iac.ssh import policy as policy_module
 from flambe_iac.ssh.policy import (
     SshTarget,
     parse_jump,
@@ -188,6 +189,32 @@ def test_an_rsync_older_than_3_4_0_is_refused_with_the_version_and_the_fix(text,
         return
     with pytest.raises(InputError, match="install rsync 3.4.0 or newer"):
         require_safe_rsync(text)
+
+
+MACOS_RSYNCS = {
+    "openrsync": "openrsync: protocol version 29\nrsync version 2.6.9 compatible\n",
+    "Apple's rsync 2.6.9": "rsync  version 2.6.9  protocol version 29\nCopyright (C) 1996-2006 by Andrew Tridgell\n",
+}
+
+
+@pytest.mark.parametrize("name", MACOS_RSYNCS)
+def test_on_macos_its_own_rsync_is_refused_with_homebrews_fix_and_which_rsync_was_found(name, monkeypatch):
+    monkeypatch.setattr(policy_module.shutil, "which", lambda command: f"/usr/bin/{command}")
+    with pytest.raises(InputError) as refused:
+        require_safe_rsync(MACOS_RSYNCS[name], platform="darwin")
+    said = str(refused.value)
+    assert "this machine's rsync (/usr/bin/rsync) is " in said and "brew install rsync" in said
+    assert "/opt/homebrew/bin" in said and "before /usr/bin on PATH" in said
+    assert ("openrsync" in said) == (name == "openrsync") and "2.6.9" in said
+
+
+def test_elsewhere_the_refusal_names_no_homebrew_and_a_missing_rsync_is_said_so(monkeypatch):
+    with pytest.raises(InputError) as refused:
+        require_safe_rsync("rsync  version 3.2.7  protocol version 31\n", platform="linux")
+    assert "brew" not in str(refused.value) and "first `rsync` on PATH" in str(refused.value)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(InputError, match="rsync is not installed here .*brew install rsync"):
+        require_safe_rsync(platform="darwin")
 
 
 def test_download_refuses_a_destination_that_is_a_symlink_or_a_file(tmp_path):
