@@ -26,11 +26,10 @@ from flambe_iac.agent.records import (
     AgentConfig,
 )
 from flambe_iac.cluster import ORCHESTRATOR
-from flambe_iac.deploys.operations import host_function, staged_files
+from flambe_iac.deploys.operations import host_function, ran, staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import stop_command
 from flambe_iac.inputs.secrets_file import HiddenBytes
-from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 AGENT_TIMEOUT = 120.0
 OFF = "off"
@@ -119,13 +118,9 @@ def agent_command(action: str, causes: dict, details: dict):
 
 def _agent_command(state, host, action: str, causes: dict, details: dict) -> bool:
     command = f"cd && {AGENT_ENVIRONMENT} exec python3 -m flambe_iac.agent {shlex.quote(action)}"
-    try:
-        result = run_remote(host, command, timeout=AGENT_TIMEOUT)
-    except RemoteCommandError as error:
-        causes[host.name] = f"autostop {action} did not finish: {error}"
-        return False
-    if result.exit_code != 0:
-        causes[host.name] = f"autostop {action} failed: {result.reason}"
+    result = ran(host, command, causes, f"autostop {action} did not finish", f"autostop {action} failed",
+                 timeout=AGENT_TIMEOUT)
+    if result is None:
         return False
     details[host.name] = result.stdout.decode(errors="replace").strip()[-200:]
     return True

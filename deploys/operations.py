@@ -48,6 +48,21 @@ def host_function(function: Callable, *arguments, causes: dict) -> FunctionComma
     return FunctionCommand(recorded, arguments, {})
 
 
+def ran(host, command: str, causes: dict, unfinished: str, failed: str | None = None, **options):
+    """COMMAND's result on HOST (run_remote's OPTIONS: stdin, timeout), or None with the host's cause in CAUSES:
+    "UNFINISHED: why" when it could not run or finish (no session, its deadline, the connection); given FAILED,
+    "FAILED: its reason" when it exited non-zero. The one way a step runs a command whose failure fails its host."""
+    try:
+        result = run_remote(host, command, **options)
+    except RemoteCommandError as error:
+        causes[host.name] = f"{unfinished}: {error}"
+        return None
+    if failed is not None and result.exit_code != 0:
+        causes[host.name] = f"{failed}: {result.reason}"
+        return None
+    return result
+
+
 @operation()
 def staged_files(files: list[tuple[str, HiddenBytes, str]], snapshot: HostSnapshot, staging: str, causes: dict):
     """Write each (PATH, CONTENT, MODE) that differs from the snapshot, in one round trip.
@@ -69,15 +84,9 @@ def _upload_and_install(state, host, files: list, snapshot: HostSnapshot, stagin
     except UnwritableLink as error:
         causes[host.name] = str(error)
         return False
-    try:
-        result = run_remote(host, command, stdin=tar_stream(files), timeout=UPLOAD_TIMEOUT)
-    except RemoteCommandError as error:
-        causes[host.name] = f"upload failed: {error}"
-        return False
-    if result.exit_code != 0:
-        causes[host.name] = f"writing {', '.join(path for path, _, _ in files)} failed: {result.reason}"
-        return False
-    return True
+    written = f"writing {', '.join(path for path, _, _ in files)} failed"
+    return ran(host, command, causes, "upload failed", written, stdin=tar_stream(files),
+               timeout=UPLOAD_TIMEOUT) is not None
 
 
 class UnwritableLink(Exception):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pyinfra.api import operation
 
 from flambe_iac.cluster import ORCHESTRATOR
-from flambe_iac.deploys.operations import host_function, staged_files
+from flambe_iac.deploys.operations import host_function, ran, staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import (
     GCS_PORT,
@@ -20,7 +20,6 @@ from flambe_iac.engine.ray_cluster import (
     stop_command,
 )
 from flambe_iac.engine.ray_settlement import Head, RayCluster, RayUnavailable, outcome_of
-from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 READS = SnapshotRequest(files=(RAY_TOKEN,), contents=(RAY_STATE,), processes=(*HEAD_PROCESSES,),
                         tools=("pgrep", "tar"))
@@ -94,10 +93,8 @@ def _start_worker(state, host, ray: RayCluster, member, causes: dict, details: d
 
 def _start(host, command: str, python: str, causes: dict, head: Head | None = None):
     """Run a start command; the outcome if Ray started, else None with the cause in words in CAUSES."""
-    try:
-        result = run_remote(host, command, timeout=START_TIMEOUT)
-    except RemoteCommandError as error:
-        causes[host.name] = f"starting Ray did not finish: {error}"
+    result = ran(host, command, causes, "starting Ray did not finish", timeout=START_TIMEOUT)
+    if result is None:
         return None
     outcome = parse_start_output(result.stdout)
     if outcome.status == "started":
@@ -119,10 +116,8 @@ def stop_ray(python: str, causes: dict):
 
 
 def _stop_ray(state, host, python: str, causes: dict) -> bool:
-    try:
-        result = run_remote(host, stop_command(python), timeout=START_TIMEOUT)
-    except RemoteCommandError as error:
-        causes[host.name] = f"stopping Ray did not finish: {error}"
+    result = ran(host, stop_command(python), causes, "stopping Ray did not finish", timeout=START_TIMEOUT)
+    if result is None:
         return False
     if b"@stopped" not in result.stdout:
         causes[host.name] = f"Ray still runs after `ray stop` with {python}: {result.reason}"

@@ -7,9 +7,8 @@ import shlex
 
 from pyinfra.api import operation
 
-from flambe_iac.deploys.operations import host_function
+from flambe_iac.deploys.operations import host_function, ran
 from flambe_iac.deploys.snapshot import HostSnapshot
-from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
 SETUP_TIMEOUT = 6 * 3600.0
 
@@ -28,10 +27,9 @@ def _run_in_order(state, host, commands: list[str], causes: dict, details: dict)
     outcomes = []
     for number, command in enumerate(commands, 1):
         login_shell = f'exec "${{SHELL:-/bin/sh}}" -l -c {shlex.quote(command)}'
-        try:
-            result = run_remote(host, login_shell, timeout=SETUP_TIMEOUT)
-        except RemoteCommandError as error:
-            causes[host.name] = f"setup command {number} of {len(commands)} ({command!r}) did not finish: {error}"
+        result = ran(host, login_shell, causes, f"setup command {number} of {len(commands)} ({command!r}) did not "
+                     "finish", timeout=SETUP_TIMEOUT)
+        if result is None:
             return False
         outcomes.append(f"{command!r} exited {result.exit_code}")
         if result.exit_code != 0:

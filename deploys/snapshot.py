@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from flambe_iac.engine.remote_probes import answer_lines, framed, host_sections, inside_home
+from flambe_iac.engine.remote_probes import answer_lines, framed, host_sections, inside_home, parse_checksums
 from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY, TreeSummary, parse_tree_summary
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 
@@ -130,6 +130,10 @@ def parse_snapshot(output: list[str]) -> HostSnapshot:
                             "is the host's shell clean?") from None
 
 
+def _malformed(what: str):
+    raise ValueError(f"{what} that is not one")
+
+
 def _parse_snapshot(output: list[str]) -> HostSnapshot:
     snapshot = HostSnapshot()
     modes, digests = {}, {}
@@ -143,9 +147,8 @@ def _parse_snapshot(output: list[str]) -> HostSnapshot:
             raw_mode, mode, name = rest.split(" ", 2)
             if int(raw_mode, 16) & 0o170000 == 0o100000:  # a regular file, not a directory
                 modes[name] = mode.zfill(3)
-        elif marker == "@sha":
-            digest, name = rest.split("  ", 1)
-            digests[name] = digest
+        elif marker == "@sha":  # sha256sum's line, escaped as it escapes a name with a newline or a backslash
+            digests.update(parse_checksums(rest.encode(errors="surrogateescape")) or _malformed("a checksum line"))
         elif marker == "@link":
             writable, name = rest.split(" ", 1)
             snapshot.links[name] = (section.text().decode(errors="surrogateescape"), writable == "1")

@@ -12,6 +12,7 @@ from flambe_iac.inputs.tree_listing import (
     REMOTE_TREE_SUMMARY,
     TreeSummary,
     base64_lines,
+    is_sha256,
     nul_fields,
     parse_tree_summary,
 )
@@ -21,7 +22,6 @@ from flambe_iac.inputs.tree_listing import (
 # carriage returns escaped).
 _CHOOSE_HASH = ("if command -v openssl >/dev/null 2>&1; then hash='openssl dgst -sha256 -r'; "
                 "else hash='sha256sum --'; fi")
-_DIGEST = re.compile(rb"[0-9a-f]{64}")
 _ESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r"}
 
 # True while the runnable that RUN_PID names is alive (a reused pid of another program does not count); sets $pid.
@@ -129,7 +129,7 @@ def parse_checksums(output: bytes) -> dict[str, str]:
     for line in output.split(b"\n"):
         escaped = line.startswith(b"\\")
         digest, _, path = line[escaped:].partition(b" ")
-        if not _DIGEST.fullmatch(digest) or not path.startswith((b"*", b" ")):
+        if not is_sha256(digest.decode("ascii", "replace")) or not path.startswith((b"*", b" ")):
             continue
         path = path[1:]  # openssl: "HASH *PATH"; sha256sum: "HASH  PATH"
         if escaped:

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sqlite3
 import stat
 from pathlib import Path
 from typing import Callable, Iterable
 
-from flambe_iac.inputs.tree_listing import Stamp, stamp
+from flambe_iac.inputs.tree_listing import Stamp, is_sha256, stamp
 
 CACHE_PATH = Path("~/.flambe/checksums.sqlite")
-_DIGEST = re.compile(r"[0-9a-f]{64}")
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
            "ctime_ns INTEGER, inode INTEGER, device INTEGER, sha256 TEXT) WITHOUT ROWID")
 
@@ -44,7 +42,7 @@ class ChecksumCache:
             except sqlite3.Error:  # damaged pages, a lock held too long: this run hashes without the cache
                 return {}
             return {row[0]: (tuple(row[1:6]), row[6]) for row in rows
-                    if isinstance(row[6], str) and _DIGEST.fullmatch(row[6])}
+                    if is_sha256(row[6])}
 
     def remember(self, root: Path, checksums: dict[bytes, tuple[Stamp, str]]) -> None:
         """CHECKSUMS become what the cache holds under ROOT: files no longer there are forgotten."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,10 +134,19 @@ def find_time(nanoseconds: int) -> bytes:
     return b"%d.%09d0" % (seconds, fraction)
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(text: str) -> bool:
+    """TEXT is a sha256 as every tool here prints it: 64 lowercase hexadecimal digits, nothing else. The one check of
+    a digest's shape, for what hosts answer and what the checksum cache holds."""
+    return isinstance(text, str) and _SHA256_HEX.fullmatch(text) is not None
+
+
 def parse_tree_summary(digest_line: str, link_lines: list[str]) -> TreeSummary:
     """What REMOTE_TREE_SUMMARY printed, as lines; anything else is a ValueError."""
     digest = digest_line.strip()
-    if len(digest) != 64 or any(character not in "0123456789abcdef" for character in digest):
+    if not is_sha256(digest):
         raise ValueError("a tree summary without its digest")
     fields = nul_fields(base64_lines(link_lines))
     if len(fields) % 2:

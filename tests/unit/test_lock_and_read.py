@@ -5,7 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from flambe_iac.deploys.snapshot import SnapshotError, SnapshotRequest, snapshot_after_lock, snapshot_command
+from flambe_iac.deploys.snapshot import (
+    SnapshotError,
+    SnapshotRequest,
+    parse_snapshot,
+    snapshot_after_lock,
+    snapshot_command,
+)
 from flambe_iac.engine.lock import BUSY, LOCKED, NO_LOCK, ask_member, deploy_lock_command
 from flambe_iac.ssh.channel import HeldCommand, RemoteCommandError
 
@@ -75,3 +81,14 @@ def test_only_an_exact_no_lock_lets_a_deploy_go_on_unguarded(answer):
     unguarded = ask_member(lambda budget: SimpleNamespace(first_line=NO_LOCK.encode(), release=lambda: None),
                            "10.0.0.5", 5.0, 5.0, clock=lambda: 0.0)
     assert unguarded.note and not unguarded.alone
+
+
+def test_the_state_reads_checksums_with_the_one_parser_and_refuses_one_that_is_not_a_sha256():
+    digest = "ab" * 32
+    read = parse_snapshot(["@file 81a4 600 secret.ini", f"@sha {digest}  secret.ini",
+                           "@file 81a4 644 a\\b", f"@sha \\{digest}  a\\\\b"])  # sha256sum escapes a backslash
+    assert read.files == {"secret.ini": ("600", digest), "a\\b": ("644", digest)}
+    for hostile in ("@sha " + "g" * 64 + "  secret.ini", "@sha ../../etc/passwd", f"@sha {digest[:-1]}  secret.ini",
+                    f"@sha {digest.upper()}  secret.ini"):
+        with pytest.raises(SnapshotError, match="malformed line"):
+            parse_snapshot(["@file 81a4 600 secret.ini", hostile])
