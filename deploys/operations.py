@@ -144,6 +144,7 @@ class Transfer:
     fan_out: FanOut | None = None  # None: directly from this machine
     member: str = ""  # the member's id, in the fan-out
     hop: Hop | None = None  # how a serving member reaches this one
+    first_copy: bool = False  # see is_first_copy
 
 
 @operation()
@@ -159,19 +160,17 @@ def synced_tree(transfer: Transfer, causes: dict, notes: list, snapshot: HostSna
         return
     # Files written in the host's clock tick of the read, or a second before, are checked too.
     changed_since = None if snapshot.clock is None else snapshot.clock - 2
-    if snapshot.trees.get(transfer.destination) is None:
-        transfer = streamed(transfer)
+    if is_first_copy(transfer, snapshot):
+        transfer = replace(transfer, first_copy=True)
     yield host_function(_transfer_tree, transfer, changed_since, causes, notes, causes=causes)
 
 
-def streamed(transfer: Transfer) -> Transfer:
-    """A member's first copy of a tree in a relay or tree: its files written in place as they arrive, so that the
-    members it serves take them while they grow (engine/fan_out.py). Nothing reads a copy that was not there."""
-    if transfer.fan_out is None or transfer.checksums is None:  # the last pass trusts sizes: checked trees only
-        return transfer
-    serves = transfer.fan_out.serves(transfer.destination, transfer.member)
-    return replace(transfer, rsync=transfer.rsync.writing_in_place() if serves else transfer.rsync,
-                   hop=replace(transfer.hop, streamed=True) if transfer.hop is not None else None)
+def is_first_copy(transfer: Transfer, snapshot: HostSnapshot) -> bool:
+    """The member had no copy of a checked tree that members serve one another: its files may be written in place as
+    they arrive, so that the members it serves take them while they grow (engine/fan_out.py), as nothing reads a copy
+    that was not there. Checked trees only: the last pass then trusts sizes, and the check reads every byte."""
+    return (transfer.fan_out is not None and transfer.checksums is not None
+            and snapshot.trees.get(transfer.destination) is None)
 
 
 def synced_trees(transfers: list[Transfer], causes: dict, notes: list, snapshot: HostSnapshot) -> list:
@@ -185,8 +184,10 @@ def _transfer_tree(state, host, transfer: Transfer, changed_since: int | None, c
     its own copy: one that fails its check after a member served it is sent again from here, compared by contents
     (a damaged file may have the right size and mtime), and checked again."""
     fan_out = transfer.fan_out
-    if fan_out is not None:
-        fan_out.receiving(transfer.destination, transfer.member)
+    if fan_out is not None and transfer.hop is None:  # from here; a served member is said receiving by its take
+        in_place = transfer.first_copy and fan_out.serves(transfer.destination, transfer.member)
+        transfer = replace(transfer, rsync=transfer.rsync.writing_in_place()) if in_place else transfer
+        fan_out.receiving(transfer.destination, transfer.member, in_place)
     served_by, cause = fetched_copy(host, transfer, notes)
     if fan_out is not None:
         if cause is None:
@@ -236,7 +237,8 @@ def fetched_copy(host, transfer: Transfer, notes: list) -> tuple[str | None, str
     """(the member that served the copy, or None for this machine; None, or why it failed)."""
     if transfer.hop is None:
         return None, run_rsync(host, transfer.rsync, transfer)
-    server, returncode, stderr = transfer.fan_out.take(transfer.destination, transfer.member, transfer.hop, notes)
+    server, returncode, stderr = transfer.fan_out.take(transfer.destination, transfer.member, transfer.hop, notes,
+                                                       transfer.first_copy)
     if server is None:  # after a server that failed, what it forwarded is compared by contents
         return None, run_rsync(host, transfer.rsync.comparing_contents(), transfer)
     if returncode == 0:

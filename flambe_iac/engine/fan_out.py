@@ -7,14 +7,17 @@ the members it serves, pass after pass over one shared SSH connection, and once 
 pass with --delete makes theirs exact. Each member then checks its own copy against the checksums: its server's
 check is not on the way, so a chain of members costs one pass more a member, not a check.
 
-Below the file, on a member's first copy: a member that had no copy writes each file in place as it arrives, and the
-passes to the members it serves add to their files what its copy holds past their end (rsync's --append), so a file of
-gigabytes flows down the tree while it arrives, as a pipelined broadcast does, instead of being stored whole at every
-level. The last pass (no --append; by size, as every byte is there) makes each copy exact, and each member checks its
-own: a new member served by one whose file changes in the same run may append the new file's tail to the old one,
-which its check finds, and the file is sent again from here. On a re-run a changed file is written as rsync always
-does, under a temporary name (`.NAME.XXXXXX`) renamed into place, so a job reading the old file never sees a mix: the
-passes leave those names out and forward such a file once whole.
+Below the file, on first copies: a member that had no copy of a checked tree writes each file in place as it
+arrives, and a member that had none either, served by it, takes what its files hold past the end of its own (rsync's
+--append), pass after pass, so a file of gigabytes flows down the tree while it arrives, as a pipelined broadcast
+does, instead of being stored whole at every level. Both copies being first copies, every file only ever grows, so
+appending is exact; the last pass (no --append; by size, as every byte is there) makes each copy whole, and each
+member checks its own by sha256. A member that has a copy takes no pass from a server whose files grow in place: it
+waits for them whole, and its last pass replaces each file whole. A first copy served by a member that had a copy
+takes whole files only. A changed file is otherwise written as rsync always does, under a temporary name
+(`.NAME.XXXXXX`) renamed into place, so a job reading the old file never sees a mix: the passes leave those names out
+and forward such a file once whole. A first copy that fails part-way leaves the files it wrote, part-written; the
+host is failed, and the next run finishes them.
 
 Each hop runs on the serving member, over the cluster's own key and pinned host keys (~/.ssh/flambe_known_hosts),
 strict host key checking, that key only, no agent: the same `ssh_options` as every connection we make. The user's key
@@ -24,6 +27,7 @@ its own check after a member served it is sent again from this machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import time
 from dataclasses import dataclass
@@ -115,13 +119,17 @@ class FanOut:
         self.hosts: dict[str, object] = {}  # member id -> its connected pyinfra host
         self.started = {(tree, member): Event() for tree in destinations for member in member_ids}
         self.whole = {(tree, member): AsyncResult() for tree in destinations for member in member_ids}
+        self.in_place: set[tuple[str, str]] = set()  # copies written in place as they arrive (first copies)
         self.hop_slots = {member: BoundedSemaphore(PARALLEL_HOPS) for member in member_ids}
 
     def serves(self, destination: str, member: str) -> bool:
         """MEMBER forwards its copy of DESTINATION to another member."""
         return any(server == member for (tree, _), server in self.server.items() if tree == destination)
 
-    def receiving(self, destination: str, member: str) -> None:
+    def receiving(self, destination: str, member: str, in_place: bool = False) -> None:
+        """MEMBER's copy of DESTINATION has begun; IN_PLACE: its files grow under their final names."""
+        if in_place:
+            self.in_place.add((destination, member))
         self.started[destination, member].set()
 
     def holds(self, destination: str, member: str) -> None:
@@ -139,15 +147,20 @@ class FanOut:
             if holder == member:
                 self.lacks(destination, member, cause)
 
-    def take(self, destination: str, member: str, hop: Hop, notes: list) -> tuple[str | None, int, str]:
+    def take(self, destination: str, member: str, hop: Hop, notes: list,
+             first_copy: bool = False) -> tuple[str | None, int, str]:
         """MEMBER's copy of DESTINATION from the nearest server that holds it whole: (the server, rsync's exit code,
         its errors), or (None, 0, "") when no member can serve it and it must come from this machine. After a server
         that failed, the copy is compared by contents: what it forwarded may be damaged, with the right size and
-        mtime."""
+        mtime. FIRST_COPY: MEMBER had none (and its copy is checked), so it may take a server's growing files."""
         server = self.server[destination, member]
         while server is not None:
             self.started[destination, server].wait()
-            self.forward_while_receiving(destination, server, hop)
+            hop = self.hop_from(destination, server, member, hop, first_copy)
+            if hop.streamed or (destination, server) not in self.in_place:
+                self.forward_while_receiving(destination, server, hop)
+            # else: the server's files grow under their final names, and MEMBER's own copy stays whole until the last
+            # pass replaces each file whole
             unavailable = self.whole[destination, server].get()
             if unavailable is None:
                 return (server, *self.last_pass(server, hop,
@@ -156,6 +169,15 @@ class FanOut:
             notes.append(f"relay unavailable for ~/{destination} from {unavailable_server} ({unavailable}): "
                          + (f"taken from {server} instead" if server else "sent directly instead"))
         return None, 0, ""
+
+    def hop_from(self, destination: str, server: str, member: str, hop: Hop, first_copy: bool) -> Hop:
+        """The hop from SERVER, streamed only onto a first copy from a server whose own first copy grows in place:
+        then every file only ever grows, so appending is exact. The first server decides whether MEMBER's copy is in
+        place, for the members it serves in turn."""
+        streamed = first_copy and (destination, server) in self.in_place
+        if not self.started[destination, member].is_set():
+            self.receiving(destination, member, in_place=streamed)
+        return dataclasses.replace(hop, streamed=streamed and (destination, member) in self.in_place)
 
     def last_pass(self, server: str, hop: Hop, by_contents: bool) -> tuple[int, str]:
         """The pass with --delete, once more if the connection dropped."""

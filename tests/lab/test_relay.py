@@ -4,6 +4,7 @@ stay with the host they belong to."""
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -231,7 +232,8 @@ class Watcher:
 def test_a_first_copy_flows_on_while_it_arrives_and_a_rerun_never_shows_a_mixed_file(make_lab, tmp_path):
     """Behind a 20 Mbit/s uplink, one file of 6 MB (2.4 s to the orchestrator): a factory holds part of it while the
     orchestrator's own copy is still short of it, and every copy ends whole. On a re-run the file, changed, is renamed
-    into place on each host: a reader there sees the old bytes or the new, never a mix."""
+    into place on each host: a reader there sees the old bytes or the new, never a mix; and so it is on factories
+    that have a copy while a replaced orchestrator's grows in place."""
     lab = make_lab(3, "--uplink-mbit", "20")
     tree = tmp_path / "data"
     tree.mkdir()
@@ -251,3 +253,13 @@ def test_a_first_copy_flows_on_while_it_arrives_and_a_rerun_never_shows_a_mixed_
     for name in lab.hostnames:
         never_mixed = rerun.seen[name] in ([old, new], [new])
         assert never_mixed, (name, [len(content) for content in rerun.seen[name]])
+    # A replaced orchestrator (no copy) serving factories that have one: its file grows in place, theirs do not.
+    shutil.rmtree(lab.home("orchestrator") / "resources")
+    newest = os.urandom(5_000_000)
+    (tree / "blob.bin").write_bytes(newest)
+    with Watcher(lab, "resources/data/blob.bin") as replaced:
+        third = lab.deploy(*arguments)
+    assert third.returncode == 0, third.stdout + third.stderr
+    for name in lab.hostnames[1:]:
+        never_mixed = replaced.seen[name] in ([new, newest], [newest])
+        assert never_mixed, (name, [len(content) for content in replaced.seen[name]])

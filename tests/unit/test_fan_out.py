@@ -7,7 +7,8 @@ from unittest.mock import patch
 import gevent
 import pytest
 
-from flambe_iac.deploys.operations import Transfer, streamed
+from flambe_iac.deploys.operations import Transfer, is_first_copy
+from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.engine import fan_out as fan_out_module
 from flambe_iac.engine.fan_out import (
     AUTO,
@@ -181,19 +182,45 @@ def test_a_first_copy_is_appended_to_pass_after_pass_and_its_last_pass_goes_by_s
     assert {"--checksum", "--inplace", "--delete"} <= set(thorough) and "--size-only" not in thorough
 
 
-@pytest.mark.parametrize("member, checksums, in_place, hop_streamed", [
-    ("orchestrator", {"a": "0" * 64}, True, None),  # it serves others: its own copy grows in place
-    ("factory-15", {"a": "0" * 64}, False, True),  # it serves no one: only its passes append
-    ("factory-1", None, False, False),  # an unchecked tree (extensions): its last pass could not trust sizes
+@pytest.mark.parametrize("trees, checksums, fan_out, first", [
+    ({}, {"a": "0" * 64}, True, True),  # no copy of a checked tree that members serve
+    ({"resources/data": "a listing"}, {"a": "0" * 64}, True, False),  # a copy: a job may read it
+    ({}, None, True, False),  # an unchecked tree (extensions): a last pass by size could not be trusted
+    ({}, {"a": "0" * 64}, False, False),  # direct, from here: nothing forwards it
 ])
-def test_only_a_checked_trees_first_copy_is_streamed(member, checksums, in_place, hop_streamed):
-    fan_out = FanOut(MEMBERS, {"resources/data": TREE})
-    transfer = Transfer(destination="resources/data", expected=None, checksums=checksums, fan_out=fan_out,
-                        rsync=RsyncJob(["rsync", "--archive", "--", "here/", "there/"]), member=member,
-                        hop=None if member == "orchestrator" else HOP)
-    first_copy = streamed(transfer)
-    assert ("--inplace" in first_copy.rsync.argv) is in_place
-    assert (first_copy.hop.streamed if first_copy.hop else None) is hop_streamed
+def test_only_a_checked_trees_copy_that_was_not_there_is_a_first_copy(trees, checksums, fan_out, first):
+    transfer = Transfer(destination="resources/data", expected=None, checksums=checksums,
+                        rsync=RsyncJob(["rsync", "--archive", "--", "here/", "there/"]),
+                        fan_out=FanOut(MEMBERS, {"resources/data": TREE}) if fan_out else None)
+    assert is_first_copy(transfer, HostSnapshot(trees=dict(trees))) is first
+
+
+class StreamRecordingFanOut(RecordingFanOut):
+    def hop(self, server, hop, last, by_contents=False):
+        self.hops.append((server, last, hop.streamed))
+        gevent.sleep(0.01)
+        return 0, ""
+
+
+@pytest.mark.parametrize("server_in_place, first_copy, passes, streamed", [
+    (True, True, True, True),  # both first copies: the member appends what the server's growing files hold more
+    (True, False, False, False),  # the member has a copy: no pass while the server's files grow; then one whole pass
+    (False, True, True, False),  # a server with a copy of its own may rename a file: only whole files, renamed
+    (False, False, True, False),  # as always
+])
+def test_a_member_takes_growing_files_only_onto_a_first_copy_and_only_from_a_first_copy(
+        server_in_place, first_copy, passes, streamed):
+    fan_out = StreamRecordingFanOut(MEMBERS[:3], {"resources/data": TREE})
+    taking = gevent.spawn(fan_out.take, "resources/data", "factory-1", HOP, [], first_copy)
+    fan_out.receiving("resources/data", "orchestrator", in_place=server_in_place)
+    gevent.sleep(0.3)
+    forwarding = list(fan_out.hops)
+    fan_out.holds("resources/data", "orchestrator")
+    assert taking.get(timeout=5) == ("orchestrator", 0, "")
+    assert bool(forwarding) is passes and all(not last for _, last, _ in forwarding)
+    assert fan_out.hops[-1] == ("orchestrator", True, streamed)
+    assert {hop_streamed for _, _, hop_streamed in fan_out.hops} == {streamed}
+    assert (("resources/data", "factory-1") in fan_out.in_place) is streamed  # what factory-1's own members see
 
 
 def test_once_the_lock_is_lost_no_pass_and_no_hop_starts():
