@@ -61,7 +61,7 @@ def run_remote(host, command: str, stdin: bytes = b"", timeout: float = ANSWER_T
         reap_later(child.pid)
         raise
     if exit_code == SSH_FAILED and (not connection.alive or _is_session_failure(stderr)):
-        raise RemoteCommandError(describe_session_failure(stderr, connection.alive))
+        raise RemoteCommandError(describe_session_failure(stderr, connection.alive, connection))
     return RemoteResult(exit_code, stdout, stderr)
 
 
@@ -148,7 +148,11 @@ def _is_session_failure(stderr: bytes) -> bool:
     return any(words in text for words in (*SESSION_REFUSED, "mux_client", "Control socket", "ProxyCommand"))
 
 
-def describe_session_failure(stderr: bytes, connection_alive: bool) -> str:
+def describe_session_failure(stderr: bytes, connection_alive: bool, connection=None) -> str:
+    """Why a session failed, in words; CONNECTION's keeper's words count too: a keeper refused its session by a low
+    MaxSessions may take the master down with it, and then the session itself says nothing."""
+    if not connection_alive and connection is not None and hasattr(connection, "keeper_words"):
+        stderr = stderr + b" " + connection.keeper_words()
     text = " ".join(stderr.decode(errors="replace").split())[-300:]
     if any(words in text for words in SESSION_REFUSED):
         return ("the host refused a new SSH session (is its sshd's MaxSessions too low? flambe-deploy needs 3: "
@@ -194,7 +198,7 @@ class HeldCommand:
         if not self.first_line and self.exit_code == SSH_FAILED:
             stderr, _ = self.errors.get()
             self.release()
-            raise RemoteCommandError(describe_session_failure(stderr, self.connection.alive))
+            raise RemoteCommandError(describe_session_failure(stderr, self.connection.alive, self.connection))
         self.heartbeat = gevent.spawn(self._beat)
 
     def _beat(self) -> None:

@@ -55,7 +55,7 @@ class MasterConnection:
                 code = reap(child.pid)
                 self.pid = self._master_pid() if code == 0 else None
                 if self.pid is not None:
-                    self.keeper = spawn(self.keeper_command, None, stdin=True)
+                    self.keeper = spawn(self.keeper_command, None, stdin=True, stderr=str(self._keeper_log))
                     opened = True
                     return
                 raise MasterError(_read_words(errors) or f"ssh exited with code {code}")
@@ -109,6 +109,19 @@ class MasterConnection:
             self.keeper = None
         self.pid = None
         self.socket.unlink(missing_ok=True)
+        self._keeper_log.unlink(missing_ok=True)
+
+    @property
+    def _keeper_log(self) -> Path:
+        return self.socket.with_suffix(".keeper")
+
+    def keeper_words(self) -> bytes:
+        """What the keeper's ssh said (a refused session ends it, and may end the master with it), bounded."""
+        try:
+            with open(self._keeper_log, "rb") as log:
+                return log.read(ERROR_LIMIT)
+        except OSError:
+            return b""
 
     def _keeper_ended(self) -> bool:
         try:
