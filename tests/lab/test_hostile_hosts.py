@@ -251,7 +251,9 @@ def test_an_interrupt_mid_transfer_exits_130_or_143_and_the_next_run_converges(m
     for name in lab.hostnames:
         target = lab.home(name) / "resources" / "data"
         for path in target.glob("part*.bin") if target.exists() else []:
-            assert path.read_bytes() == (resource / path.name).read_bytes(), f"{path} is truncated"
+            # A first copy that members take grows in place (engine/fan_out.py): cut short, it holds the file's
+            # first bytes, never others, and its host is failed; the next run finishes it.
+            assert (resource / path.name).read_bytes().startswith(path.read_bytes()), f"{path} holds other bytes"
         assert staging_left(lab, name) == []
 
     again = lab.deploy(*lab.lab_arguments(), "--resource", f"data={resource}", timeout=180)
