@@ -18,6 +18,7 @@ from flambe_iac.lab.model import (
     FAULTS,
     KNOWN_HOSTS_FILE,
     OUTPUTS_FILE,
+    S3_PORT,
     USER_KEY_FILE,
     LabState,
 )
@@ -45,6 +46,8 @@ def describe(lab_dir: Path, state: LabState) -> str:
         status = "sshd running" if pid_alive(host.pid) else "sshd NOT running"
         lines.append(f"  {host.role:<13} {host.hostname:<13} {host.address:<15} {status} (pid {host.pid})")
     lines.append(f"  client namespace {state.client_netns} at {state.client_address}")
+    if state.s3_endpoint:
+        lines.append(f"  S3 stand-in at {state.s3_endpoint} (namespace {state.s3_netns})")
     lines.append(f"  user key {lab_dir / USER_KEY_FILE}, host keys {lab_dir / KNOWN_HOSTS_FILE}, "
                  f"stack outputs {lab_dir / OUTPUTS_FILE}")
     return "\n".join(lines)
@@ -88,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     up_parser.add_argument("--host-mbit", type=float, metavar="N",
                            help="limit every host's link to N Mbit/s both ways, as an instance's network bandwidth "
                                 "(then the orchestrator's own link bounds what it can relay)")
+    up_parser.add_argument("--s3", action="store_true",
+                           help="an S3 stand-in (moto's server) on the lab network at the subnet's last address, port "
+                                f"{S3_PORT}; every host's sessions find it in AWS_ENDPOINT_URL_S3, and its metadata "
+                                "service hands out an instance role's credentials")
     for name, text in (("down", "stop every sshd and remove every namespace and link of the lab (idempotent)"),
                        ("show", "list the hosts, their addresses and whether their sshd runs")):
         commands.add_parser(name, help=text, description=text).add_argument("--dir", type=Path, required=True)
@@ -114,7 +121,7 @@ def run_command(arguments: argparse.Namespace) -> int:
         started = time.monotonic()
         state = up(arguments.dir, arguments.hosts, arguments.user, arguments.subnet, arguments.addresses,
                    arguments.fault, arguments.uplink_mbit, arguments.record_commands, arguments.bastion,
-                   arguments.host_mbit)
+                   arguments.host_mbit, arguments.s3)
         print(describe(arguments.dir.resolve(), state))
         print(f"lab up: {len(state.hosts)} hosts in {time.monotonic() - started:.2f} s")
     elif arguments.command == "down":

@@ -115,20 +115,25 @@ def prepare_host_files(lab_dir: Path, state: LabState, host: LabHost, user_publi
         os.chown(path, state.uid, state.uid)
     etc = directory / "etc"
     write_accounts(etc, state)
-    (etc / "sshd_config").write_text(sshd_config(host, state.record_commands))
+    (etc / "sshd_config").write_text(sshd_config(host, state.record_commands, state.s3_endpoint))
     if state.record_commands:
         (directory / "record-command").write_text(RECORDING_SHELL)
         (directory / "record-command").chmod(0o755)
-    (directory / "boot.sh").write_text(boot_script(directory, host))
+    (directory / "boot.sh").write_text(boot_script(directory, host, serves_metadata(state, host)))
     if has_fault(host, "small-home"):
         mount_small_home(directory / "home", host.faults["small-home"])
     if has_fault(host, "corrupt-rsync"):
         (directory / "rsync-corrupting").write_text(CORRUPTING_RSYNC)
         (directory / "rsync-corrupting").chmod(0o755)
-    prepare_stand_ins(directory, host, state.uid)
+    prepare_stand_ins(directory, host, state.uid, serves_metadata(state, host))
 
 
-def prepare_stand_ins(directory: Path, host: LabHost, uid: int) -> None:
+def serves_metadata(state: LabState, host: LabHost) -> bool:
+    """The metadata stand-in runs for a spot notice, and with --s3 for the instance role's credentials."""
+    return has_fault(host, "spot-notice") or state.s3_address is not None
+
+
+def prepare_stand_ins(directory: Path, host: LabHost, uid: int, metadata: bool) -> None:
     """What a cloud host has and the lab must fake: sudo for `shutdown` (recorded, not run), a GPU, the metadata
     service, and a crontab of the host's own."""
     executable = {"sudo": REFUSING_SUDO if has_fault(host, "no-sudo") else LAB_SUDO}
@@ -141,8 +146,10 @@ def prepare_stand_ins(directory: Path, host: LabHost, uid: int) -> None:
     shutdowns = directory / "shutdowns"
     shutdowns.touch()
     os.chown(shutdowns, uid, uid)
-    if has_fault(host, "spot-notice"):
+    if metadata:
         shutil.copy(Path(__file__).with_name("metadata_service.py"), directory / "metadata_service.py")
+    if has_fault(host, "no-role"):
+        (directory / "metadata-mode").write_text("no-role\n")
     if CRONTABS.is_dir():  # cron's spool, one per host (root:crontab 1730, as the package makes it)
         (directory / "crontabs").mkdir()
         os.chown(directory / "crontabs", 0, CRONTABS.stat().st_gid)
@@ -171,7 +178,9 @@ def write_accounts(etc: Path, state: LabState) -> None:
     shadow.chmod(0o600)
 
 
-def sshd_config(host: LabHost, record_commands: bool = False) -> str:
+def sshd_config(host: LabHost, record_commands: bool = False, s3_endpoint: str | None = None) -> str:
+    """The host's sshd; with the lab's S3 stand-in, every session finds it the standard way (AWS_ENDPOINT_URL_S3)."""
+    endpoint = f" AWS_ENDPOINT_URL_S3={s3_endpoint}" if s3_endpoint else ""
     return "\n".join([
         f"ListenAddress {host.address}",
         f"HostKey {IN_HOST_DIR}/etc/ssh_host_ed25519_key",
@@ -184,7 +193,7 @@ def sshd_config(host: LabHost, record_commands: bool = False) -> str:
         "UsePAM no",
         "StrictModes yes",
         "PrintMotd no",
-        f"SetEnv PATH={LAB_PATH}",
+        f"SetEnv PATH={LAB_PATH}{endpoint}",
         *([] if has_fault(host, "no-sftp") else ["Subsystem sftp internal-sftp"]),
         *([f"MaxSessions {host.faults['max-sessions']}"] if has_fault(host, "max-sessions") else []),
         *([f"ForceCommand {IN_HOST_DIR}/record-command"] if record_commands else []),
@@ -192,7 +201,7 @@ def sshd_config(host: LabHost, record_commands: bool = False) -> str:
     ])
 
 
-def boot_script(directory: Path, host: LabHost) -> str:
+def boot_script(directory: Path, host: LabHost, metadata: bool = False) -> str:
     """Run inside fresh mount, UTS and PID namespaces (with their own /proc and /dev/shm); ends by becoming sshd,
     the host's PID 1, so that `ps`, `pkill` or `ray stop` on a host see and stop only that host's processes.
 
@@ -218,12 +227,16 @@ def boot_script(directory: Path, host: LabHost) -> str:
         *([f"mount --bind {IN_HOST_DIR}/crontabs {CRONTABS}", "/usr/sbin/cron"] if CRONTABS.is_dir() else []),
         *([f"ip address replace {METADATA_ADDRESS}/32 dev lo",
            # The system's Python, from /: a shim on root's PATH (pyenv) may need a directory the host's /tmp hides.
-           f"cd / && {HOST_PYTHON} {IN_HOST_DIR}/metadata_service.py {float(host.faults['spot-notice'])} &"]
-          if has_fault(host, "spot-notice") else []),
+           f"cd / && {HOST_PYTHON} {IN_HOST_DIR}/metadata_service.py {notice_seconds(host)} &"]
+          if metadata else []),
         *([f"sleep {host.faults['late-sshd']}"] if has_fault(host, "late-sshd") else []),
         f"exec /usr/sbin/sshd -D -e -f {IN_HOST_DIR}/etc/sshd_config",
         "",
     ])
+
+
+def notice_seconds(host: LabHost) -> float:
+    return float(host.faults["spot-notice"]) if has_fault(host, "spot-notice") else float("inf")
 
 
 def reboot_host(lab_dir: Path, state: LabState, index: int) -> LabHost:

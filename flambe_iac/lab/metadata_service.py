@@ -1,5 +1,6 @@
-"""A stand-in for EC2's instance metadata service, for one lab host (--fault INDEX:spot-notice=SECONDS): IMDSv2 only,
-and a spot interruption notice from SECONDS after it starts, the same notice at every question, as EC2 serves it.
+"""A stand-in for EC2's instance metadata service, for one lab host (--fault INDEX:spot-notice=SECONDS, or --s3):
+IMDSv2 only; a spot interruption notice from SECONDS after it starts (inf: never), the same notice at every question,
+as EC2 serves it; and the instance role's credentials (ROLE), fresh for six hours.
 Standard library only: the host's python3 runs it.
 
     python3 metadata_service.py SECONDS [ADDRESS PORT]
@@ -8,6 +9,7 @@ A test changes how it answers by writing words into `metadata-mode` beside it (r
     trickle   the notice's question is answered one byte every TRICKLE_SECONDS (4 KiB: about half an hour)
     again     the notice is withdrawn AGAIN_SECONDS after it came (as after a hibernation), and a second one, with
               its own time, comes AGAIN_SECONDS later
+    no-role   the host has no instance role: the role listing answers 404, as EC2's does
 """
 
 import json
@@ -23,6 +25,8 @@ TOKEN_PATH = "/latest/api/token"
 WARNING_SECONDS = 120  # AWS's two minutes between the notice and the interruption
 MODE_FILE = Path(__file__).with_name("metadata-mode")
 TRICKLE_SECONDS = 0.5
+ROLE = "flambe-lab-role"
+ROLES_PATH = "/latest/meta-data/iam/security-credentials/"
 AGAIN_SECONDS = 20
 
 
@@ -80,12 +84,25 @@ def handler_for(notice_at: float, mode_file: Path = MODE_FILE):
             if self.headers.get("X-aws-ec2-metadata-token") not in tokens:
                 return self.answer(401)  # IMDSv2 only, as the stack requires
             mode = modes(mode_file)
+            if self.path.startswith(ROLES_PATH):
+                return self.role(self.path[len(ROLES_PATH):], "no-role" in mode)
             since = notice_since(notice_at, time.time(), "again" in mode)
             if self.path != NOTICE_PATH or since is None:
                 return self.answer(404, trickle=self.path == NOTICE_PATH and "trickle" in mode)
             when = datetime.fromtimestamp(since + WARNING_SECONDS, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
             self.answer(200, json.dumps({"action": "terminate", "time": when}).encode(), "application/json",
                         trickle="trickle" in mode)
+
+        def role(self, name: str, no_role: bool) -> None:
+            if no_role or name not in ("", ROLE):
+                return self.answer(404)
+            if not name:
+                return self.answer(200, ROLE.encode())
+            expires = datetime.fromtimestamp(time.time() + 6 * 3600, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            document = {"Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "ASIA" + secrets.token_hex(8).upper(),
+                        "SecretAccessKey": secrets.token_urlsafe(30), "Token": secrets.token_urlsafe(60),
+                        "Expiration": expires}
+            self.answer(200, json.dumps(document).encode(), "application/json")
 
     return Metadata
 

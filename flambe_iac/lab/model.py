@@ -44,7 +44,12 @@ FAULTS = {
     "gpu": "an nvidia-smi on its PATH reports one GPU at VALUE percent utilization",
     "spot-notice": "its instance metadata service (IMDSv2) gives a spot interruption notice VALUE seconds after `up`",
     "no-sudo": "its sudo refuses everything, `sudo -n shutdown` too",
+    "no-role": "with --s3: its instance metadata service hands out no instance role",
+    "s3-corrupt": "with --s3: the S3 stand-in changes the first byte of every object it serves this host",
+    "s3-slowdown": "with --s3: the S3 stand-in answers every second object request of this host 503 SlowDown",
 }
+S3_FAULT_KINDS = ("no-role", "s3-corrupt", "s3-slowdown")
+S3_PORT = 5000
 
 
 @dataclass
@@ -76,6 +81,7 @@ class LabState:
     host_mbit: float | None = None  # every host's link, limited in both directions
     record_commands: bool = False  # every host notes each command its sessions run, for tests
     bastion: int | None = None  # the client reaches only this host: the others only through it
+    s3_address: str | None = None  # with --s3: where the S3 stand-in (moto's server) listens, on port S3_PORT
 
     @property
     def switch_netns(self) -> str:
@@ -86,8 +92,17 @@ class LabState:
         return f"{NETNS_PREFIX}{self.lab_id}-client"
 
     @property
+    def s3_netns(self) -> str:
+        return f"{NETNS_PREFIX}{self.lab_id}-s3"
+
+    @property
+    def s3_endpoint(self) -> str | None:
+        return f"http://{self.s3_address}:{S3_PORT}" if self.s3_address else None
+
+    @property
     def namespaces(self) -> list[str]:
-        return [self.switch_netns, self.client_netns, *(host.netns for host in self.hosts)]
+        s3 = [self.s3_netns] if self.s3_address else []
+        return [self.switch_netns, self.client_netns, *s3, *(host.netns for host in self.hosts)]
 
     def save(self, lab_dir: Path) -> None:
         write_json_atomically(lab_dir / STATE_FILE, asdict(self))

@@ -17,6 +17,8 @@ def create_network(state: LabState) -> None:
     ip_batch(None, [f"netns add {name}" for name in state.namespaces])
     members = [(state.client_netns, "client", state.client_address)]
     members += [(host.netns, f"h{host.index}", host.address) for host in state.hosts]
+    if state.s3_address:
+        members.append((state.s3_netns, "s3", state.s3_address))
     switch = ["link add br0 type bridge", "link set br0 up"]
     for netns, port, _ in members:
         switch += [f"link add {port} type veth peer name eth0 netns {netns}",
