@@ -20,7 +20,18 @@ import flambe_iac
 from flambe_iac import __version__
 from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.cluster import Host as Member
-from flambe_iac.deploys import autostop, cluster_key, extensions, manifest, ray, resources, runnable, secrets, setup
+from flambe_iac.deploys import (
+    autostop,
+    cluster_key,
+    extensions,
+    manifest,
+    ray,
+    resources,
+    runnable,
+    s3_resources,
+    secrets,
+    setup,
+)
 from flambe_iac.deploys.operations import RecordedResources, Transfer
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import ClusterKey
@@ -54,6 +65,8 @@ STEPS: tuple[Step, ...] = (
     Step("secrets", lambda context: secrets.READS, lambda plan, member: plan.secrets is not None,
          secrets.push_secrets),
     Step("resources", resources.reads, lambda plan, member: bool(plan.resources), resources.sync_resources),
+    Step("s3 resources", s3_resources.reads, lambda plan, member: bool(plan.s3_listings),
+         s3_resources.pull_s3_resources),
     Step("extensions", extensions.reads, lambda plan, member: bool(plan.extension_trees),
          extensions.push_extensions),
     Step("install", lambda context: SnapshotRequest(), lambda plan, member: plan.request.install_extensions,

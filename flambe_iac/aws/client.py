@@ -26,6 +26,13 @@ def ec2_client(region: str | None):
         raise InputError(f"{region!r} is not an AWS region (like us-east-1): check --region or aws:region") from None
 
 
+def service_client(service: str, region: str | None = None):
+    """A boto3 client of SERVICE (s3, iam), with the default chain's credentials and region."""
+    import boto3
+
+    return boto3.client(service, region_name=region)
+
+
 @contextmanager
 def aws_errors(doing: str, otherwise: str = ""):
     """Map AWS's credential and permission errors, raised while DOING, to an InputError that says what to do.

@@ -10,14 +10,16 @@ from pathlib import Path
 from flambe_iac import __version__
 from flambe_iac.aws.capacity import (FALLBACK, ON_DEMAND, QUOTA_NAMES, SPOT, Candidate, Reading, Shape, candidates,
                                       capacity_finding, first_fit, read_capacity, service_quotas_client)
-from flambe_iac.aws.client import ec2_client
+from flambe_iac.aws.client import ec2_client, service_client
 from flambe_iac.aws.leftovers import find_flambe_instances, leftovers_report, marked
 from flambe_iac.aws import network as aws_network
 from flambe_iac.aws.preflight import FAIL, Finding, check_network
+from flambe_iac.aws.s3_access import check_s3_access
 from flambe_iac.engine.ray_cluster import MEMBER_PORT_RANGES
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_OK, InputError, exit_code_of
 from flambe_iac.inputs.outputs import load_outputs, parse_outputs
 from flambe_iac.inputs.pulumi_cli import stack_outputs_document
+from flambe_iac.inputs.s3_location import split_s3_pairs
 from flambe_iac.inputs.stack_config import cluster_named_in_config, cluster_named_in_stack, parse_cidr, read_source
 from flambe_iac.local_files import write_json_atomically
 from flambe_iac.terminal import safe_field
@@ -84,6 +86,13 @@ def define_check(parser: argparse.ArgumentParser) -> None:
                            help="list the live instances tagged Purpose=flambe, read-only (exit 1 if one is a leftover)")
     leftovers.add_argument("--creator", metavar="NAME", help="only instances whose creator tag is NAME")
     leftovers.add_argument("--cluster", metavar="NAME", help="only instances whose Cluster-Name tag is NAME")
+    parser.add_argument("--resource", dest="resources", action="append", default=[],
+                        metavar="NAME=s3://BUCKET/PREFIX",
+                        help="also check that the stack's instance profile (flambe:iamInstanceProfile, or "
+                             "--instance-profile) exists and that its role may read the prefix (s3:GetObject), and "
+                             "warn when it may write, delete, or read other buckets (repeatable)")
+    parser.add_argument("--instance-profile", metavar="NAME",
+                        help="the instance profile the hosts run with, if not the stack's")
     parser.add_argument("--report", type=Path, metavar="FILE",
                         help="also write what was found (the findings and the capacity table, or the leftovers) to "
                              "FILE, as JSON")
@@ -117,6 +126,7 @@ def run_check(arguments: argparse.Namespace) -> int:
     if arguments.stack or arguments.config:  # a config that names no capacity key still launches m5.large
         finding, report["capacity"] = check_capacity(ec2, source)
         findings.append(finding)
+    findings += check_s3_resources(arguments, source)
     failed = sum(finding.status == FAIL for finding in findings)
     print(f"{len(findings) - failed} of {len(findings)} checks passed" + (f", {failed} failed" if failed else ""))
     write_report(arguments.report, {**report, "findings": [asdict(finding) for finding in findings]})
@@ -134,6 +144,19 @@ def check_capacity(ec2, source: dict) -> tuple[Finding, dict]:
     finding = capacity_finding(shape, found, reading.region)
     print_findings([finding])
     return finding, capacity_report(shape, found, reading)
+
+
+def check_s3_resources(arguments: argparse.Namespace, source: dict) -> list[Finding]:
+    local, resources = split_s3_pairs(arguments.resources)
+    if local:
+        raise InputError(f"check --resource {local[0]}: only an S3 resource (NAME=s3://BUCKET/PREFIX) has access "
+                         "to check")
+    if not resources:
+        return []
+    findings = check_s3_access(service_client("iam"), arguments.instance_profile or source.get("instance_profile"),
+                               resources)
+    print_findings(findings)
+    return findings
 
 
 def print_findings(findings: list[Finding]) -> None:

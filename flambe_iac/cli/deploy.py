@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from flambe_iac import __version__
@@ -149,7 +150,18 @@ def add_deploy_command(commands) -> argparse.ArgumentParser:
                         help="a runnable file: its resources and extensions are pushed too (see flambe-run --help)")
     parser.add_argument("--secrets", type=Path, metavar="FILE", help="secrets ini, to ~/secret.ini on every host")
     parser.add_argument("--resource", dest="resources", action="append", default=[], metavar="NAME=PATH",
-                        help="rsync PATH to ~/resources/NAME/ on every host (repeatable)")
+                        help="rsync PATH to ~/resources/NAME/ on every host (repeatable). PATH may be "
+                             "s3://BUCKET/PREFIX: this machine lists it with your AWS credentials (read-only), and "
+                             "every host pulls it with its own instance role (iamInstanceProfile), each object checked "
+                             "by its SHA256 or single-part MD5; your credentials never leave this machine")
+    parser.add_argument("--stage-via", metavar="s3://BUCKET/PREFIX",
+                        help="send the local resources through S3: each file's content crosses your uplink once, to "
+                             "PREFIX/sha256/<its sha256> (a re-run uploads only content S3 lacks), and every host "
+                             "pulls it with its instance role, checked against the sha256 computed here. Files only: "
+                             "a tree with a symlink is refused")
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="pull S3 objects that have no checksum a host can check (multipart or KMS uploads "
+                             "without SHA256) unchecked; the report names them")
     parser.add_argument("--trust-on-first-use", action="store_true",
                         help="instead of --known-hosts: accept the keys hosts present now and pin them in "
                              "~/.flambe/known_hosts/<cluster>")
@@ -272,7 +284,7 @@ def deploy(arguments: argparse.Namespace, early_sigterm) -> int:
     from flambe_iac.engine.driver import run_deploy  # pyinfra, paramiko and gevent: only once a deploy runs
 
     try:
-        plan = build_plan(DeployRequest.from_arguments(arguments))
+        plan = with_s3_listings(build_plan(DeployRequest.from_arguments(arguments)))
         if plan.request.install_extensions:
             install_locally(plan)
     except InputError as error:
@@ -291,6 +303,21 @@ def deploy(arguments: argparse.Namespace, early_sigterm) -> int:
     if report.interrupted:
         return EXIT_INTERRUPTED[report.interrupted]
     return EXIT_OK if report.ok else EXIT_HOST_FAILED
+
+
+def with_s3_listings(plan):
+    """The plan with every S3 resource listed and, with --stage-via, every local resource staged into S3 and listed
+    for the hosts to pull instead (boto3 only then), before anything connects."""
+    if not plan.s3_resources and not plan.request.stage_via:
+        return plan
+    from flambe_iac.aws.s3_listing import list_s3_resources
+    from flambe_iac.aws.s3_staging import stage_local_resources
+
+    listings = list_s3_resources(plan.s3_resources, plan.request.allow_unverified)
+    if plan.request.stage_via:
+        listings.update(stage_local_resources(plan.request.stage_via, plan.resources, plan.local_trees))
+        plan = replace(plan, resources=[])
+    return replace(plan, s3_listings=listings)
 
 
 def install_locally(plan) -> None:

@@ -29,6 +29,14 @@ RUN_PLAN = ".flambe/run.json"
 RUN_LOG = ".flambe/run.log"
 RUN_PID = ".flambe/run.pid"
 RUN_EXIT = ".flambe/run.exit"  # the runnable's exit code, once it has ended
+S3_PULLER = ".flambe/tools/s3_pull.py"  # agent/s3_pull.py, run by the host's python3
+S3_RECORDS = ".flambe/s3"  # NAME/: an S3 resource's records (`s3_records`)
+
+
+def s3_records(name: str) -> tuple[str, str, str]:
+    """Where the pulls of the S3 resource NAME keep their records: what the last one pulled and the tree's digest
+    after it; each file's size, mtime, checksum and mode once checked; and the lock a pull holds."""
+    return f"{S3_RECORDS}/{name}/state.json", f"{S3_RECORDS}/{name}/files.json", f"{S3_RECORDS}/{name}/lock"
 
 
 def run_staging_dir(run_id: str) -> str:

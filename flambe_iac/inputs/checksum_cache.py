@@ -60,14 +60,15 @@ class ChecksumCache:
                 return
 
     def _connection(self):
-        return _Connection(self.path)
+        return PrivateDatabase(self.path, _SCHEMA)
 
 
-class _Connection:
-    """A connection to the cache file, made private before SQLite first opens it; None when it cannot be used."""
+class PrivateDatabase:
+    """A connection to a cache file of this user's (SCHEMA: its table), made private before SQLite first opens it;
+    None when it cannot be used. The S3 listing's cache of HeadObject answers uses it too."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, schema: str):
+        self.path, self.schema = path, schema
         self.database = None
 
     def __enter__(self) -> sqlite3.Connection | None:
@@ -100,7 +101,7 @@ class _Connection:
             os.close(descriptor)
         database = sqlite3.connect(self.path, timeout=30)
         try:
-            database.execute(_SCHEMA)
+            database.execute(self.schema)
         except sqlite3.DatabaseError:
             database.close()
             raise

@@ -13,6 +13,7 @@ from flambe_iac.inputs.extensions import checkout
 from flambe_iac.inputs.outputs import load_outputs
 from flambe_iac.inputs.pulumi_cli import load_stack
 from flambe_iac.inputs.resources import Resource, parse_resources, refuse_secrets
+from flambe_iac.inputs.s3_location import S3Resource, split_s3_pairs
 from flambe_iac.inputs.runnable_file import check_runnable_class, import_paths, load_runnable_file
 from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file
 from flambe_iac.inputs.tree_listing import LocalTree
@@ -56,6 +57,8 @@ class DeployRequest:
     autostop: float | str | None = None  # minutes idle before a member stops itself, or "off"; None: as the outputs say
     autostop_gpu: float = 10.0
     autostop_cpu: float = 0.5
+    allow_unverified: bool = False  # S3 objects without a checksum a host can check are pulled unchecked
+    stage_via: str | None = None  # s3://BUCKET/PREFIX: local resources go through S3, the hosts pull them
 
     @classmethod
     def from_arguments(cls, arguments) -> DeployRequest:
@@ -74,6 +77,8 @@ class DeployPlan:
     host_keys: HostKeyPolicy
     secrets: HiddenBytes | None
     resources: list[Resource]
+    s3_resources: list[S3Resource] = field(default_factory=list)
+    s3_listings: dict = field(default_factory=dict)  # name -> aws.s3_listing.S3Listing, listed before connecting
     runnable: object | None = None  # a runnable_file.RunnableFile
     extensions: list = field(default_factory=list)  # extensions.Checkout, in the runnable file's order
     wait: float = 0.0  # how long to keep retrying hosts whose sshd is not answering yet
@@ -144,7 +149,8 @@ def build_plan(request: DeployRequest) -> DeployPlan:
     cluster, user_key, host_keys, source = access_parts(request)
     runnable, extensions, runnable_resources = load_runnable(request.runnable_file)
     walks: dict[Resource, LocalTree] = {}
-    resources = parse_resources([*request.resources, *runnable_resources], walks)
+    local_pairs, s3_resources = split_s3_pairs([*request.resources, *runnable_resources])
+    resources = parse_resources(local_pairs, walks)
     refuse_secrets(resources, user_key.path, walks=walks)
     refuse_secrets([tree for tree in extension_trees(extensions) if tree is not None], user_key.path, "extension",
                    own_cache=EXTENSION_CACHE.expanduser(), walks=walks)
@@ -157,6 +163,7 @@ def build_plan(request: DeployRequest) -> DeployPlan:
         host_keys=host_keys,
         secrets=HiddenBytes(read_secrets_file(request.secrets)) if request.secrets else None,
         resources=resources,
+        s3_resources=s3_resources,
         runnable=runnable,
         extensions=extensions,
         wait=request.wait if request.wait is not None else (0.0 if request.cluster_file else 300.0),

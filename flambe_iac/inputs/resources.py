@@ -10,6 +10,7 @@ from pathlib import Path
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.checksum_cache import ChecksumCache, cached_checksums
 from flambe_iac.inputs.names import check_tree_name
+from flambe_iac.inputs.s3_location import is_s3_location
 from flambe_iac.inputs.tree_listing import LocalTree, walk_tree
 
 
@@ -40,6 +41,9 @@ def parse_resources(pairs: list[str], walks: dict | None = None) -> list[Resourc
         name, separator, path_text = pair.partition("=")
         if not separator or not name or not path_text:
             raise InputError(f"--resource {pair!r}: write it as NAME=PATH, for example --resource data=./data")
+        if is_s3_location(path_text):
+            raise InputError(f"--resource {pair}: an S3 resource is pulled onto the hosts by flambe-deploy; here, "
+                             "give a local path")
         resource = Resource(check_resource_name(name), Path(path_text).expanduser().resolve())
         if name in resources:
             raise InputError(f"--resource: the name {name!r} is given twice; each resource needs its own name")

@@ -22,6 +22,7 @@ import yaml
 
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.extensions import ExtensionLocation, parse_location
+from flambe_iac.inputs.s3_location import is_s3_location
 
 RUNNABLE_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 RUNNABLE_KEYS = {"runnable", "args", "resources"}
@@ -33,7 +34,7 @@ class RunnableFile:
     extensions: dict[str, ExtensionLocation]
     runnable: str
     args: dict[str, Any]
-    resources: dict[str, Path]
+    resources: dict[str, Path | str]  # a local path, or an s3://BUCKET/PREFIX the hosts pull
 
 
 def load_runnable_file(path: Path) -> RunnableFile:
@@ -70,9 +71,10 @@ def load_runnable_file(path: Path) -> RunnableFile:
         raise InputError(f"{where}, key 'args': give a mapping of argument names to values")
     resources = runnable_document.get("resources") or {}
     if not isinstance(resources, dict) or not all(isinstance(value, str) for value in resources.values()):
-        raise InputError(f"{where}, key 'resources': give a mapping of names to local paths")
+        raise InputError(f"{where}, key 'resources': give a mapping of names to local paths or s3:// prefixes")
     return RunnableFile(path, extensions, spec, args,
-                        {str(name): (base / Path(value).expanduser()).resolve() for name, value in resources.items()})
+                        {str(name): value if is_s3_location(value) else (base / Path(value).expanduser()).resolve()
+                         for name, value in resources.items()})
 
 
 def _extensions(document: Any, path: Path, base: Path) -> dict[str, ExtensionLocation]:

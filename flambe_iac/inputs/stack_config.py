@@ -111,7 +111,7 @@ def config_values(config: dict, source: str) -> dict:
             "key_name": key_name, "efa": efa, "factory_types": factory_types,
             "orchestrator_types": orchestrator_types, "factory_count": factory_count(config, source),
             "market": market(config.get("flambe:spot"), source),
-            "reservation": reservation}
+            "reservation": reservation, "instance_profile": value("flambe:iamInstanceProfile")}
 
 
 def string_list(item, key: str, source: str) -> list[str] | None:

@@ -59,9 +59,9 @@ def test_boto3_is_used_only_under_the_aws_package():
 # Light modules imported late on purpose: the driver loads pyinfra, paramiko and gevent; `flambe_iac.Runnable` is
 # resolved on first use, so `import flambe_iac` loads nothing; the runner imports itself through the package; the
 # autostop agent's install, run on every member by the deploy, does not load the agent's loop; the pyinfra connector
-# (ssh/connector.py) is pyinfra's, set on hosts only once a deploy runs.
+# (ssh/connector.py) is pyinfra's, set on hosts only once a deploy runs; S3's listing, only for an S3 resource.
 LATE_ON_PURPOSE = {"flambe_iac.engine.driver", "flambe_iac.runnable", "flambe_iac.agent.watch",
-                   "flambe_iac.ssh.connector"}
+                   "flambe_iac.ssh.connector", "flambe_iac.aws.s3_listing", "flambe_iac.aws.s3_staging"}
 
 
 def test_imports_inside_functions_are_only_the_heavy_ones():
