@@ -1,5 +1,6 @@
 """S3 resources: every host pulls each listed prefix into ~/resources/NAME/ with its own instance role, checking
-each object against the checksum this machine listed (agent/s3_pull.py, sent as one file, run by python3)."""
+each object against the checksum this machine listed (agent/s3_pull.py and agent/s3_client.py, sent to
+~/.flambe/tools/, run by python3)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pyinfra.api import operation
 import flambe_iac.agent
 from flambe_iac.deploys.operations import host_function, ran, staged_files
 from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
-from flambe_iac.engine.remote_layout import S3_PULLER, s3_records
+from flambe_iac.engine.remote_layout import S3_CLIENT, S3_PULLER, s3_records
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY
 
@@ -19,13 +20,23 @@ PULL_DEADLINE = 6 * 3600.0
 RESULT_LIMIT = 4096  # bytes of the puller's answer: one line of JSON
 
 
-def puller_code() -> bytes:
-    return Path(flambe_iac.agent.__file__).with_name("s3_pull.py").read_bytes()
+# The host's python3 checked before the puller runs (it would not even compile on 3.7); -E -s: no PYTHON*
+# variable or user site-packages reaches the puller's imports.
+PULL_COMMAND = (f"cd && python3 -E -s -c 'import sys; sys.exit(sys.version_info < (3, 9))' || "
+                f"{{ echo \"$(python3 -V 2>&1) is too old to pull from S3: 3.9 or newer is needed\" >&2; exit 1; }}; "
+                f"exec python3 -E -s {S3_PULLER}")
+
+
+def puller_files() -> list[tuple[str, HiddenBytes, str]]:
+    """The puller and its S3 side, as the hosts get them (each sent again only when it changed)."""
+    here = Path(flambe_iac.agent.__file__).parent
+    return [(S3_PULLER, HiddenBytes((here / "s3_pull.py").read_bytes()), "644"),
+            (S3_CLIENT, HiddenBytes((here / "s3_client.py").read_bytes()), "644")]
 
 
 def reads(context) -> SnapshotRequest:
     listings = context.plan.s3_listings.values()
-    return SnapshotRequest(files=(S3_PULLER,), contents=tuple(s3_records(listing.resource.name)[0]
+    return SnapshotRequest(files=(S3_PULLER, S3_CLIENT), contents=tuple(s3_records(listing.resource.name)[0]
                                                                for listing in listings),
                            trees=tuple(listing.resource.remote_directory for listing in listings),
                            tools=("python3", "find", "sort", "sha256sum", "base64"))
@@ -50,7 +61,7 @@ def pull_s3_resources(context, member, snapshot: HostSnapshot) -> list:
     stale = [listing for listing in context.plan.s3_listings.values() if not pulled_already(listing, snapshot)]
     if not stale:
         return []
-    puller = staged_files(name="the S3 puller", files=[(S3_PULLER, HiddenBytes(puller_code()), "644")],
+    puller = staged_files(name="the S3 puller", files=puller_files(),
                           snapshot=snapshot, staging=context.staging, causes=context.causes)
     return [puller, *(pulled_prefix(name=f"pull {listing.resource.url}", job=pull_job(listing),
                                     url=listing.resource.url, causes=context.causes, details=context.details)
@@ -75,7 +86,7 @@ def pulled_prefix(job: bytes, url: str, causes: dict, details: dict):
 
 
 def _pull_prefix(state, host, job: bytes, url: str, causes: dict, details: dict) -> bool:
-    result = ran(host, f"cd && exec python3 {S3_PULLER}", causes, f"pulling {url} did not finish",
+    result = ran(host, PULL_COMMAND, causes, f"pulling {url} did not finish",
                  f"pulling {url} failed", stdin=job, timeout=PULL_DEADLINE + 60, limit=RESULT_LIMIT)
     if result is None:
         return False

@@ -1,7 +1,7 @@
 """On a host: make ~/DESTINATION hold exactly the objects this machine listed under an S3 prefix, each checked.
 
-Sent to every host as this one file, run by its python3 (3.9 or newer, standard library only: why, README's
-"Resources from S3"). The job comes as JSON on stdin: names, sizes, checksums. S3 is read with the instance role
+Sent to every host with s3_client.py beside it, run by its python3 (3.9 or newer, standard library only: why, in
+docs/s3.md). The job comes as JSON on stdin: names, sizes, checksums. S3 is read with the instance role
 alone (IMDSv2), never with credentials from the environment, a file or an argument. Each object is fetched once
 with If-Match (the version listed, or a failure), hashed as it streams, and renamed into place only once every
 object of the prefix has passed its check.
@@ -10,11 +10,8 @@ object of the prefix has passed its check.
 from __future__ import annotations
 
 import concurrent.futures
-import datetime
 import fcntl
 import hashlib
-import hmac
-import http.client
 import json
 import os
 import shutil
@@ -22,23 +19,15 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 
-METADATA = "169.254.169.254"
+from s3_client import PullError, Retry, S3Client, raise_for_status  # sent beside this file
+
 CHUNK = 1 << 20
-ANSWER_LIMIT = 64 << 10  # bytes read of a metadata answer or an S3 error
 ATTEMPTS = 5  # for 500, 503 (SlowDown), RequestTimeout and dropped connections
 WORKERS = 8
-SOCKET_TIMEOUT = 60.0
-LOCK_WAIT = 30.0  # an earlier pull of the same resource, cut off with its deploy, stops within this
-
-
-class PullError(Exception):
-    """A cause in words: the host fails with it."""
-
-
-class Retry(Exception):  # a failure worth another try: S3 busy, or the connection dropped
-    pass
+LOCK_WAIT = 120.0  # an earlier pull of the same resource, cut off with its deploy, stops within this
+STAGING = ".flambe-s3-partial"  # inside the resource's directory: on its filesystem, whatever is mounted there
+ALGORITHMS = {"sha256": 64, "md5": 32, "none": 0}  # what a host checks, and its digest's length in hex
 
 
 def main() -> int:
@@ -84,23 +73,24 @@ def pull(job: dict, guard: Guard) -> dict:
     objects = [dict(zip(("path", "key", "size", "etag", "algorithm", "checksum", "mode"), entry))
                for entry in job["objects"]]
     for entry in objects:
-        safe_relative(entry["path"])
+        check_entry(entry)
     with PullLock(job["lock"], destination, guard):
         refuse_linked(destination)
         records = read_records(job["records"])
         wanted = [entry for entry in objects if not held(destination, entry, records, guard)]
-        staging = os.path.join(os.path.dirname(destination), f".{os.path.basename(destination)}.s3-partial")
+        staging = os.path.join(destination, STAGING)
         shutil.rmtree(staging, ignore_errors=True)  # ours by its name: left by a pull cut off
         if wanted:
             os.makedirs(staging, mode=0o700)
             try:
-                for entry, temporary in fetch_all(S3Client(job["bucket"], job["region"]), wanted, staging, guard):
-                    install(destination, entry, temporary)
+                fetched = fetch_all(S3Client(job["bucket"], job["region"]), wanted, staging, guard)
+                guard.check(f"installing into ~/{destination}")
+                install_all(destination, wanted, fetched)
             finally:  # a failed pull keeps none of what it fetched
                 shutil.rmtree(staging, ignore_errors=True)
         removed = remove_unlisted(destination, {entry["path"] for entry in objects})
         write_json(job["records"], {entry["path"]: record(destination, entry) for entry in objects})
-        write_json(job["state"], {"job": job["job"], "tree": tree_digest(destination, job["summary"])})
+        write_json(job["state"], {"job": job["job"], "tree": tree_digest(destination, job["summary"], guard)})
     return {"fetched": len(wanted), "bytes": sum(entry["size"] for entry in wanted), "removed": removed}
 
 
@@ -139,6 +129,15 @@ def refuse_linked(destination: str) -> None:
     os.makedirs(destination, exist_ok=True)
 
 
+def check_entry(entry: dict) -> None:
+    safe_relative(entry["path"])
+    if entry["path"].split("/")[0] == STAGING:
+        raise PullError(f"refused the path {entry['path']!r}: {STAGING} is the pull's own")
+    length = ALGORITHMS.get(entry["algorithm"])
+    if length is None or len(entry["checksum"]) != length:
+        raise PullError(f"refused {entry['path']!r}: its checksum is not a sha256, an md5 or none")
+
+
 def safe_relative(path: str) -> str:
     parts = path.split("/")
     if not path or path.startswith("/") or "\0" in path or any(part in ("", ".", "..") for part in parts):
@@ -147,7 +146,7 @@ def safe_relative(path: str) -> str:
 
 
 def read_records(path: str) -> dict:
-    """What the last pull checked: path -> [size, mtime_ns, algorithm, checksum, mode]; nothing if unreadable."""
+    """What the last pull checked: path -> `record`; nothing if unreadable."""
     try:
         with open(path, "rb") as file:
             records = json.loads(file.read(256 << 20))
@@ -157,8 +156,10 @@ def read_records(path: str) -> dict:
 
 
 def record(destination: str, entry: dict) -> list:
+    """The file as this pull left it, checked: a file rewritten since has another ctime, which no one can set back."""
     status = os.lstat(os.path.join(destination, entry["path"]))
-    return [status.st_size, status.st_mtime_ns, entry["algorithm"], entry["checksum"], status.st_mode & 0o777]
+    return [status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, entry["algorithm"],
+            entry["checksum"], status.st_mode & 0o777]
 
 
 def plain_file(destination: str, path: str) -> bool:
@@ -193,10 +194,12 @@ def held(destination: str, entry: dict, records: dict, guard: Guard) -> bool:
         return False
 
 
-def fetch_all(client, wanted: list, staging: str, guard: Guard) -> list:
-    """Every wanted object into STAGING, checked; the first failure stops the rest and is the host's cause."""
-    places = [(entry, os.path.join(staging, str(index))) for index, entry in enumerate(wanted)]
-    with concurrent.futures.ThreadPoolExecutor(min(WORKERS, len(wanted))) as pool:
+def fetch_all(client, wanted: list, staging: str, guard: Guard) -> dict[str, str]:
+    """Every wanted object into STAGING once (files with the same content share their key), checked: {key: its
+    file}. The first failure stops the rest and is the host's cause."""
+    keys = {entry["key"]: entry for entry in wanted}
+    places = [(entry, os.path.join(staging, str(index))) for index, entry in enumerate(keys.values())]
+    with concurrent.futures.ThreadPoolExecutor(min(WORKERS, len(places))) as pool:
         futures = [pool.submit(fetch_checked, client, entry, temporary, guard) for entry, temporary in places]
         done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
         failed = [future for future in done if future.exception() is not None]
@@ -205,7 +208,7 @@ def fetch_all(client, wanted: list, staging: str, guard: Guard) -> list:
             for future in futures:
                 future.cancel()
             raise failed[0].exception()
-    return places
+    return {entry["key"]: temporary for entry, temporary in places}
 
 
 def fetch_checked(client, entry: dict, temporary: str, guard: Guard) -> None:
@@ -252,147 +255,18 @@ def get_object(client, entry: dict, temporary: str, guard: Guard) -> tuple[str, 
         raise
 
 
-def raise_for_status(response, url: str, role: str) -> None:
-    body = response.read(ANSWER_LIMIT).decode(errors="replace")
-    code = between(body, "<Code>", "</Code>") or str(response.status)
-    if response.status in (500, 502, 503, 504) or code == "RequestTimeout":
-        raise Retry(f"S3 answered {response.status} {code}")
-    if response.status == 412:
-        raise PullError(f"{url} changed after this machine listed it (its ETag is no longer the one listed): "
-                        "deploy again to take the new version; nothing of it kept")
-    if code == "AccessDenied":
-        raise PullError(f"{url}: the instance role {role} is refused s3:GetObject (AccessDenied): give the instances "
-                        "an iamInstanceProfile whose role may read the prefix (flambe-deploy check --resource ...)")
-    if code == "NoSuchKey":
-        raise PullError(f"{url} was deleted after this machine listed it: deploy again")
-    if code == "RequestTimeTooSkewed":
-        raise PullError(f"{url}: S3 refused the request because this host's clock is off (RequestTimeTooSkewed)")
-    raise PullError(f"{url}: S3 answered {response.status} {code}")
-
-
-def between(text: str, start: str, end: str) -> str:
-    return "".join(ch for ch in text.partition(start)[2].partition(end)[0] if ch.isprintable())[:200]
-
-
-class S3Client:
-    """GETs of one bucket's objects, signed (SigV4) with the instance role's credentials from IMDSv2 and fetched
-    again before they lapse; each worker thread keeps its own connection open from one object to the next."""
-
-    def __init__(self, bucket: str, region: str):
-        self.bucket, self.region = bucket, region
-        self.lock = threading.Lock()
-        self.local = threading.local()
-        self.credentials: dict = {}
-        self.role = ""
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            parts = urllib.parse.urlsplit(endpoint)
-            self.secure, self.netloc, self.prefix = parts.scheme == "https", parts.netloc, f"/{bucket}"
-        elif "." in bucket:  # a dotted name breaks the wildcard certificate of virtual-hosted addresses
-            self.secure, self.netloc, self.prefix = True, f"s3.{region}.amazonaws.com", f"/{bucket}"
-        else:
-            self.secure, self.netloc, self.prefix = True, f"{bucket}.s3.{region}.amazonaws.com", ""
-        self.refresh()
-
-    def get(self, key: str, extra: dict):
-        path = f"{self.prefix}/{urllib.parse.quote(key, safe='/~')}"
-        connection = getattr(self.local, "connection", None)
-        if connection is None:
-            kind = http.client.HTTPSConnection if self.secure else http.client.HTTPConnection
-            connection = self.local.connection = kind(self.netloc, timeout=SOCKET_TIMEOUT)
-        headers = {**self.headers("GET", path), **extra}
-        try:
-            connection.request("GET", path, headers=headers)  # its Host header is ours: the one signed
-            return connection.getresponse()
-        except (OSError, http.client.HTTPException) as error:
-            self.drop()
-            raise Retry(f"the connection failed: {error}") from None
-
-    @staticmethod
-    def read(response, size: int) -> bytes:
-        try:
-            return response.read(size)
-        except (OSError, http.client.HTTPException) as error:
-            raise Retry(f"the connection failed: {error}") from None
-
-    def drop(self) -> None:
-        if getattr(self.local, "connection", None) is not None:
-            self.local.connection.close()
-            self.local.connection = None
-
-    def headers(self, method: str, path: str) -> dict:
-        with self.lock:
-            if time.time() > self.credentials["expires"] - 300:
-                self.refresh()
-            credentials = dict(self.credentials)
-        now = datetime.datetime.now(datetime.timezone.utc)
-        return sigv4_headers(method, self.netloc, path, self.region, credentials, now)
-
-    def refresh(self) -> None:
-        token = metadata("PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
-        headers = {"X-aws-ec2-metadata-token": token}
-        roles = metadata("GET", "/latest/meta-data/iam/security-credentials/", headers, missing_ok=True)
-        role = roles.strip().splitlines()[0].strip() if roles.strip() else ""
-        if not role or "/" in role:
-            raise PullError("this host has no instance role (the metadata service lists none): give the instances an "
-                            "iamInstanceProfile whose role may read the prefix (s3:GetObject)")
-        answer = metadata("GET", f"/latest/meta-data/iam/security-credentials/{urllib.parse.quote(role)}", headers)
-        try:
-            document = json.loads(answer)
-            self.credentials = {"id": document["AccessKeyId"], "secret": document["SecretAccessKey"],
-                                "token": document.get("Token", ""),
-                                "expires": parse_expiration(document.get("Expiration"))}
-        except (ValueError, KeyError, TypeError):
-            raise PullError(f"the metadata service's credentials for the role {role} are not readable") from None
-        self.role = role
-
-
-def parse_expiration(text) -> float:
-    try:
-        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc).timestamp()
-    except (TypeError, ValueError):  # none, or not EC2's format: fetch them again in five minutes
-        return time.time() + 300
-
-
-def metadata(method: str, path: str, headers: dict, missing_ok: bool = False) -> str:
-    address = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://{METADATA}")
-    connection = http.client.HTTPConnection(urllib.parse.urlsplit(address).netloc, timeout=5)
-    try:
-        connection.request(method, path, headers=headers)
-        response = connection.getresponse()
-        body = response.read(ANSWER_LIMIT).decode(errors="replace")
-    except (OSError, http.client.HTTPException) as error:
-        raise PullError(f"the instance metadata service did not answer ({error}): S3 is read with the instance "
-                        "role, which it hands out") from None
-    finally:
-        connection.close()
-    if response.status == 404 and missing_ok:
-        return ""
-    if response.status != 200:
-        raise PullError(f"the instance metadata service answered {response.status} to {path}")
-    return body
-
-
-def sigv4_headers(method: str, host: str, path: str, region: str, credentials: dict,
-                  now: datetime.datetime) -> dict:
-    """AWS Signature Version 4 for an S3 request without a body (the tests compare it with botocore's signer).
-    HOST is sent as signed: with its port, if it has one."""
-    stamp_time, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-    headers = {"host": host, "x-amz-content-sha256": "UNSIGNED-PAYLOAD", "x-amz-date": stamp_time}
-    if credentials.get("token"):
-        headers["x-amz-security-token"] = credentials["token"]
-    signed = ";".join(sorted(headers))
-    canonical = "\n".join([method, path, "", *(f"{name}:{headers[name].strip()}" for name in sorted(headers)), "",
-                           signed, "UNSIGNED-PAYLOAD"])
-    scope = f"{day}/{region}/s3/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp_time, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    key = ("AWS4" + credentials["secret"]).encode()
-    for part in (day, region, "s3", "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={credentials['id']}/{scope}, SignedHeaders={signed}, "
-                                f"Signature={signature}")
-    return headers
+def install_all(destination: str, wanted: list, fetched: dict[str, str]) -> None:
+    """Each wanted file into place: renamed from its key's fetched file, or copied when another file takes it too."""
+    users = {}
+    for entry in wanted:
+        users[entry["key"]] = users.get(entry["key"], 0) + 1
+    for entry in wanted:
+        users[entry["key"]] -= 1
+        source = fetched[entry["key"]]
+        if users[entry["key"]]:
+            shutil.copyfile(source, f"{source}.copy")
+            source = f"{source}.copy"
+        install(destination, entry, source)
 
 
 def install(destination: str, entry: dict, temporary: str) -> None:
@@ -429,12 +303,13 @@ def remove_unlisted(destination: str, listed: set[str]) -> int:
     return removed
 
 
-def tree_digest(destination: str, summary_command: str) -> str:
+def tree_digest(destination: str, summary_command: str, guard: Guard) -> str:
     """The directory's digest as the deploy's state read computes it, so an untouched copy is seen as such there."""
+    left = max(60.0, guard.deadline - time.monotonic())
     try:
-        result = subprocess.run(["sh", "-c", summary_command], cwd=destination, capture_output=True, timeout=3600)
+        result = subprocess.run(["sh", "-c", summary_command], cwd=destination, capture_output=True, timeout=left)
     except subprocess.TimeoutExpired:
-        raise PullError(f"listing ~/{destination} after the pull took over an hour") from None
+        raise PullError(f"listing ~/{destination} after the pull took over {left:.0f} s") from None
     return result.stdout.split(b"\n", 1)[0].decode(errors="replace")
 
 

@@ -41,7 +41,8 @@ def check_s3_access(iam, profile: str | None, resources: list[S3Resource]) -> li
     for resource in resources:
         objects = f"arn:aws:s3:::{resource.bucket}/{resource.prefix}*"
         allowed, where = simulated(iam, role, NEEDED, objects)
-        findings.append(Finding(PASS, f"role reads {resource.url}", f"{NEEDED} allowed ({where})") if allowed else
+        findings.append(Finding(PASS, f"role reads {resource.url}", f"the role's own policies allow {NEEDED} ({where}; "
+                                "a bucket or KMS key policy may still refuse it)") if allowed else
                         Finding(FAIL, f"role reads {resource.url}", f"{NEEDED} is not allowed to {role}",
                                 (minimal_policy(resource),)))
         for action in TOO_MUCH:

@@ -3,7 +3,7 @@
 
 The checksum a host checks is, in this order: the object's SHA256 where S3 stores one for the whole object; else
 the MD5 that a single-part upload's ETag is (not under SSE-KMS or SSE-C, whose ETags are not an MD5). S3's
-CRC64NVME is not used yet: a host has no CRC64NVME in its standard library (README, "Resources from S3").
+CRC64NVME is not used yet: a host has no CRC64NVME in its standard library (docs/s3.md).
 An object with neither is refused unless --allow-unverified.
 """
 
@@ -28,6 +28,8 @@ HEAD_BATCH = 10_000
 LIST_DEADLINE = 900.0  # seconds for one resource's whole listing
 MAX_OBJECTS = 1_000_000
 MD5_ETAG = re.compile(r'"([0-9a-f]{32})"')
+PULL_STAGING = ".flambe-s3-partial"  # agent/s3_pull.py's STAGING, inside each S3 resource's directory
+CHECKSUM_HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "md5": re.compile(r"[0-9a-f]{32}"), "none": re.compile("")}
 NONE = "none"  # the algorithm of an object no host can check (with --allow-unverified)
 
 
@@ -85,19 +87,26 @@ def list_resource(client, resource: S3Resource, allow_unverified: bool, cache: H
             region = bucket_region(client, resource.bucket)
             keys = listed_keys(client, resource, deadline)
             heads = read_heads(client, resource, keys, cache, deadline)
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "") or "?"
-        meaning = {"403": "refused (s3:ListBucket and s3:GetObject are needed here)", "404": "no such bucket or key",
-                   "NoSuchBucket": "no such bucket"}.get(code, "failed")
-        raise InputError(f"listing {resource.url}: {meaning} ({code})") from None
-    except BotoCoreError as error:
-        raise InputError(f"listing {resource.url} failed: {error}") from None
+    except (ClientError, BotoCoreError) as error:
+        raise InputError(s3_failure(f"listing {resource.url}", error)) from None
     if not keys:
         raise InputError(f"{resource.url} holds no object: check the prefix (an empty listing would empty "
                          f"~/resources/{resource.name} on every host)")
     objects = tuple(described(resource, path, key, heads[key], allow_unverified) for key, path, _ in keys)
     refuse_clashes(resource, [item.path for item in objects])
     return S3Listing(resource, region, objects)
+
+
+def s3_failure(doing: str, error) -> str:
+    """A ClientError or BotoCoreError of S3, in words (an HTTP status alone for HEAD requests, which have no body)."""
+    code = getattr(error, "response", {}).get("Error", {}).get("Code", "")
+    if not code:
+        return f"{doing} failed: {error}"
+    meaning = {"403": "refused (this machine needs s3:ListBucket, s3:GetObject and, to stage, s3:PutObject)",
+               "AccessDenied": "refused (this machine needs s3:ListBucket, s3:GetObject and, to stage, s3:PutObject)",
+               "404": "no such bucket or key", "NoSuchBucket": "no such bucket",
+               "BadDigest": "S3 refused bytes that are not the file's sha256: it changed while it was sent"}
+    return f"{doing}: {meaning.get(code, 'failed')} ({code})"
 
 
 def bucket_region(client, bucket: str) -> str:
@@ -127,9 +136,10 @@ def listed_keys(client, resource: S3Resource, deadline: float) -> list[tuple[str
 
 def check_object_path(resource: S3Resource, key: str, path: str) -> None:
     parts = path.split("/")
-    if not path or any(part in ("", ".", "..") for part in parts) or "\0" in path:
+    if not path or any(part in ("", ".", "..") for part in parts) or "\0" in path or parts[0] == PULL_STAGING:
         raise InputError(f"{resource.url}: the key {key!r} has no plain path below the prefix (an empty, '.' or '..' "
-                         "part): it cannot become a file in ~/resources/" + resource.name)
+                         f"part, or {PULL_STAGING}, the pull's own): it cannot become a file in ~/resources/"
+                         + resource.name)
 
 
 def refuse_clashes(resource: S3Resource, paths: list[str]) -> None:
@@ -146,7 +156,7 @@ def refuse_clashes(resource: S3Resource, paths: list[str]) -> None:
 def read_heads(client, resource: S3Resource, keys: list, cache: HeadCache, deadline: float) -> dict[str, tuple]:
     """{key: (ETag, size, LastModified, algorithm, checksum)}: from CACHE where the listing shows the object as it
     was when its HeadObject was read; from HeadObject (ChecksumMode ENABLED) for the rest, then remembered."""
-    known = cache.known(resource.bucket, resource.prefix)
+    known = {key: row for key, row in cache.known(resource.bucket, resource.prefix).items() if sound(row)}
     unknown = [key for key, _, listed in keys if known.get(key, ())[:3] != listed]
     for key, answer in zip(unknown, heads_of(client, resource, unknown, deadline)):
         known[key] = (answer["ETag"], int(answer["ContentLength"]), answer["LastModified"].isoformat(),
@@ -155,6 +165,12 @@ def read_heads(client, resource: S3Resource, keys: list, cache: HeadCache, deadl
     if unknown or len(heads) != len(known):
         cache.remember(resource.bucket, resource.prefix, heads)
     return heads
+
+
+def sound(row: tuple) -> bool:
+    """A cached row as `read_heads` writes them: an algorithm a host checks, with a digest of its length."""
+    pattern = CHECKSUM_HEX.get(row[3]) if len(row) == 5 and isinstance(row[3], str) else None
+    return pattern is not None and isinstance(row[4], str) and pattern.fullmatch(row[4]) is not None
 
 
 def heads_of(client, resource: S3Resource, keys: list[str], deadline: float) -> list[dict]:

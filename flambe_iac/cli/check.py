@@ -109,6 +109,10 @@ def run_check(arguments: argparse.Namespace) -> int:
         raise InputError("give the cluster's network with --stack NAME, --config Pulumi.<stack>.yaml or --outputs "
                          "FILE (or list leftover instances with --leftovers)")
     deploy_cidr = parse_cidr(arguments.from_cidr) if arguments.from_cidr else None
+    local, s3_resources = split_s3_pairs(arguments.resources)
+    if local:
+        raise InputError(f"check --resource {local[0]}: only an S3 resource (NAME=s3://BUCKET/PREFIX) has access "
+                         "to check")
     source = read_source(arguments)
     ec2 = ec2_client(arguments.region or source.get("region"))
     networks = [aws_network.read_network(ec2, {**source, "subnet_id": subnet_id})
@@ -126,7 +130,7 @@ def run_check(arguments: argparse.Namespace) -> int:
     if arguments.stack or arguments.config:  # a config that names no capacity key still launches m5.large
         finding, report["capacity"] = check_capacity(ec2, source)
         findings.append(finding)
-    findings += check_s3_resources(arguments, source)
+    findings += check_s3_resources(s3_resources, arguments.instance_profile or source.get("instance_profile"))
     failed = sum(finding.status == FAIL for finding in findings)
     print(f"{len(findings) - failed} of {len(findings)} checks passed" + (f", {failed} failed" if failed else ""))
     write_report(arguments.report, {**report, "findings": [asdict(finding) for finding in findings]})
@@ -146,15 +150,10 @@ def check_capacity(ec2, source: dict) -> tuple[Finding, dict]:
     return finding, capacity_report(shape, found, reading)
 
 
-def check_s3_resources(arguments: argparse.Namespace, source: dict) -> list[Finding]:
-    local, resources = split_s3_pairs(arguments.resources)
-    if local:
-        raise InputError(f"check --resource {local[0]}: only an S3 resource (NAME=s3://BUCKET/PREFIX) has access "
-                         "to check")
+def check_s3_resources(resources: list, profile: str | None) -> list[Finding]:
     if not resources:
         return []
-    findings = check_s3_access(service_client("iam"), arguments.instance_profile or source.get("instance_profile"),
-                               resources)
+    findings = check_s3_access(service_client("iam"), profile, resources)
     print_findings(findings)
     return findings
 

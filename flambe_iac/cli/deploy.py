@@ -79,7 +79,7 @@ examples:
   flambe-deploy --outputs lab/outputs.json --key lab/id_ed25519 --known-hosts lab/known_hosts \\
       --secrets secrets.ini --report report.json
 
-  # Ray on the cluster, and a runnable whose plain ray.init() joins it (Ray must be on the hosts: see README)
+  # Ray on the cluster, and a runnable whose plain ray.init() joins it (Ray must be on the hosts: see docs/ray.md)
   flambe-deploy examples/ray_spread/ray_spread.yaml --stack dev --key ~/.ssh/flambe.pem --ray --run
 
   flambe-deploy check --stack dev --from 203.0.113.7/32      # read-only preflight: network and capacity (check -h)
@@ -193,7 +193,7 @@ def add_deploy_command(commands) -> argparse.ArgumentParser:
     runnable.add_argument("--run", action="store_true",
                           help="start the runnable on the orchestrator, detached; it logs to ~/.flambe/run.log")
     runnable.add_argument("--force", action="store_true", help="with --run: stop a runnable still running first")
-    ray = parser.add_argument_group("Ray (the hosts need Ray; see README: Ray)")
+    ray = parser.add_argument_group("Ray (the hosts need Ray; see docs/ray.md)")
     ray.add_argument("--ray", action="store_true",
                      help="start Ray, or keep it running: the head on the orchestrator at its private address, a "
                           "worker on every factory; token authentication on (a token made for this cluster, 0600 in "
@@ -202,7 +202,7 @@ def add_deploy_command(commands) -> argparse.ArgumentParser:
     ray.add_argument("--ray-python", metavar="PATH",
                      help="the hosts' Python that has Ray, the same on every host (default python3)")
     ray.add_argument("--ray-stop", action="store_true", help="stop Ray on every host")
-    idle = parser.add_argument_group("autostop (see README: Idle clusters stop themselves)")
+    idle = parser.add_argument_group("autostop (see docs/autostop.md)")
     idle.add_argument("--autostop", type=autostop_minutes, metavar="MINUTES|off",
                       help="an agent on every member shuts it down (on EC2: stop, or as the stack's idleAction says "
                            "when flambe:autostopMinutes is set) after MINUTES without work: a GPU above --autostop-gpu, CPU above "

@@ -29,7 +29,8 @@ RUN_PLAN = ".flambe/run.json"
 RUN_LOG = ".flambe/run.log"
 RUN_PID = ".flambe/run.pid"
 RUN_EXIT = ".flambe/run.exit"  # the runnable's exit code, once it has ended
-S3_PULLER = ".flambe/tools/s3_pull.py"  # agent/s3_pull.py, run by the host's python3
+S3_PULLER = ".flambe/tools/s3_pull.py"  # agent/s3_pull.py, run by the host's python3, and agent/s3_client.py beside it
+S3_CLIENT = ".flambe/tools/s3_client.py"
 S3_RECORDS = ".flambe/s3"  # NAME/: an S3 resource's records (`s3_records`)
 
 

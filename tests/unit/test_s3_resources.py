@@ -20,7 +20,7 @@ from werkzeug.serving import make_server
 from flambe_iac.aws.s3_head_cache import HeadCache
 from flambe_iac.aws.s3_listing import NONE, checked_checksum, list_s3_resources
 from flambe_iac.aws.s3_staging import stage_resources
-from flambe_iac.deploys.s3_resources import pull_job, pull_result, pulled_already, puller_code
+from flambe_iac.deploys.s3_resources import PULL_COMMAND, pull_job, pull_result, pulled_already, puller_files
 from flambe_iac.deploys.snapshot import HostSnapshot
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.resources import Resource, checksums
@@ -87,12 +87,14 @@ def listing(s3, prefix="data", allow_unverified=False):
 
 
 def run_puller(s3, home: Path, job: bytes, **environment) -> subprocess.CompletedProcess:
-    """As a host runs it: `cd && python3 .flambe/tools/s3_pull.py`, with only the standard variables set."""
-    home.mkdir(exist_ok=True)
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "AWS_ENDPOINT_URL_S3": s3["endpoint"],
-           "AWS_EC2_METADATA_SERVICE_ENDPOINT": s3["metadata"], **environment}
-    return subprocess.run([sys.executable, str(PULLER)], input=job, capture_output=True, cwd=home, env=env,
-                          timeout=120)
+    """As a host runs it: the files the deploy sends, in the home, and the deploy's command, with only the standard
+    variables set (python3 is this Python)."""
+    for path, content, _ in puller_files():
+        (home / path).parent.mkdir(parents=True, exist_ok=True)
+        (home / path).write_bytes(content.data)
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(home),
+           "AWS_ENDPOINT_URL_S3": s3["endpoint"], "AWS_EC2_METADATA_SERVICE_ENDPOINT": s3["metadata"], **environment}
+    return subprocess.run(["sh", "-c", PULL_COMMAND], input=job, capture_output=True, cwd=home, env=env, timeout=120)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -222,7 +224,8 @@ def test_an_object_no_host_can_check_is_refused_unless_allowed_and_then_named(s3
     assert listing(s3, allow_unverified=True).unverified == ["data/multi.bin"]
 
 
-@pytest.mark.parametrize("key", ["data/../escape", "data//double", "data/./dot", "data/trailing/"])
+@pytest.mark.parametrize("key", ["data/../escape", "data//double", "data/./dot", "data/trailing/",
+                                 "data/.flambe-s3-partial/x"])
 def test_a_key_with_no_plain_path_below_the_prefix_is_refused_in_words(s3, key):
     put(s3, key, b"x" if not key.endswith("/") else b"not a folder marker")
     with pytest.raises(InputError, match="has no plain path below the prefix"):
@@ -251,7 +254,7 @@ def test_the_signature_is_botocores_for_the_same_request(monkeypatch):
 
     sys.path.insert(0, str(PULLER.parent))
     try:
-        import s3_pull
+        import s3_client
     finally:
         sys.path.pop(0)
     now = datetime.datetime(2026, 12, 6, 23, 59, 1, tzinfo=datetime.timezone.utc)
@@ -261,7 +264,7 @@ def test_the_signature_is_botocores_for_the_same_request(monkeypatch):
                        ("https://s3.eu-west-1.amazonaws.com", "/my.bucket/a%2Bb%3D/~c"),
                        ("http://127.0.0.1:9000", "/bucket/key")):  # a port is signed as the Host header sends it
         netloc = base.split("://")[1]
-        ours = s3_pull.sigv4_headers("GET", netloc, path, "eu-west-1", credentials, now)
+        ours = s3_client.sigv4_headers("GET", netloc, path, "eu-west-1", credentials, now)
         request = AWSRequest("GET", f"{base}{path}")
         request.context["client_config"] = Config(s3={"payload_signing_enabled": False})  # UNSIGNED-PAYLOAD
         botocore.auth.S3SigV4Auth(Credentials("ASIAEXAMPLE", "wJalr/XUtnFEMI+K7MDENG", "FwoGZX/token=="), "s3",
@@ -331,7 +334,17 @@ def test_an_empty_prefix_is_refused_before_it_could_empty_every_hosts_copy(s3):
 
 
 def test_the_puller_sent_is_the_one_in_this_package():
-    assert puller_code() == PULLER.read_bytes()
+    assert [content.data for _, content, _ in puller_files()] == \
+        [PULLER.read_bytes(), PULLER.with_name("s3_client.py").read_bytes()]
+
+
+def test_a_host_python_too_old_for_the_puller_is_named_before_it_runs(s3, tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\ncase \"$*\" in *-V*) echo 'Python 3.7.16';; *) exit 1;; esac\n")
+    (fake / "python3").chmod(0o755)
+    result = run_puller(s3, tmp_path / "home", b"{}", PATH=f"{fake}:/usr/bin:/bin")
+    assert result.returncode == 1 and b"Python 3.7.16 is too old to pull from S3" in result.stderr
 
 
 def staged(s3, tree: Path, said: list):
