@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from flambe_iac.cluster import ORCHESTRATOR, Cluster, Host
-from flambe_iac.inputs.plan import DeployRequest, build_plan
-from flambe_iac.ssh.policy import SshPolicy, SshTarget, ssh_command_line
+from flambe_iac.inputs.plan import DeployRequest, access_parts, ssh_policy
+from flambe_iac.ssh.policy import SshPolicy, SshTarget, parse_jump, ssh_command_line
 from flambe_iac.terminal import safe_line
 
 ROLES = ("all", "orchestrator", "factories")
@@ -49,10 +49,12 @@ class Access:
 
 
 def load_access(arguments) -> Access:
-    """The cluster and the SSH policy, read and checked as the deploy reads them (no console wait: the deploy
-    pinned the host keys already)."""
-    plan = build_plan(DeployRequest.from_arguments(arguments))
-    return Access(plan.cluster, plan.ssh_policy(), plan.request.address_kind)
+    """The cluster and the SSH policy, read and checked as the deploy reads them, and nothing else a deploy reads
+    (no secrets, resources or runnable)."""
+    request = DeployRequest.from_arguments(arguments)
+    cluster, user_key, host_keys, _ = access_parts(request)
+    return Access(cluster, ssh_policy(cluster, user_key, host_keys, request, parse_jump(request.jump)),
+                  request.address_kind)
 
 
 class PrefixedOutput:

@@ -13,8 +13,8 @@ from flambe_iac.inputs.extensions import checkout
 from flambe_iac.inputs.outputs import load_outputs
 from flambe_iac.inputs.pulumi_cli import load_stack
 from flambe_iac.inputs.resources import Resource, parse_resources, refuse_secrets
-from flambe_iac.inputs.s3_location import S3Resource, split_s3_pairs
 from flambe_iac.inputs.runnable_file import check_runnable_class, import_paths, load_runnable_file
+from flambe_iac.inputs.s3_location import S3Resource, split_s3_pairs
 from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file
 from flambe_iac.inputs.tree_listing import LocalTree
 from flambe_iac.ssh.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
@@ -91,9 +91,7 @@ class DeployPlan:
 
     def ssh_policy(self) -> SshPolicy:
         """How this machine reaches the members: the one SSH policy, with this plan's key, pins and bastion."""
-        return SshPolicy(self.cluster.ssh_user, self.user_key.path.resolve(), self.user_key.passphrase,
-                         self.host_keys.known_hosts.resolve(), self.request.connect_timeout,
-                         self.host_keys.strict_host_key_checking, jump=self.jump)
+        return ssh_policy(self.cluster, self.user_key, self.host_keys, self.request, self.jump)
 
     def address(self, host: Host) -> str:
         return host.address(self.request.address_kind)
@@ -123,6 +121,13 @@ def load_cluster(request: DeployRequest):
         return ClusterSource(load_stack(request.stack, request.stack_directory), None)
 
     return load_cluster_file(request.cluster_file)
+
+
+def ssh_policy(cluster: Cluster, user_key: UserKey, host_keys: HostKeyPolicy, request: DeployRequest,
+               jump: str | None) -> SshPolicy:
+    """The one SSH policy for CLUSTER: the user's key, the pinned host keys, the bastion, the connect timeout."""
+    return SshPolicy(cluster.ssh_user, user_key.path.resolve(), user_key.passphrase, host_keys.known_hosts.resolve(),
+                     request.connect_timeout, host_keys.strict_host_key_checking, jump=jump)
 
 
 def access_parts(request: DeployRequest):
