@@ -200,12 +200,20 @@ class StepContext:
                                          in_thread=threads.apply, hash_files=threads.map)
                 for resource in self.plan.resources}
 
+    @cached_property
+    def recorded_checksums(self) -> dict[str, dict[str, str]]:
+        """What the manifest records, for `status` to check: every resource file's sha256, an S3 resource's where
+        its listing has one (an object checked by its MD5 is left out: no sha256 of it is known here)."""
+        s3 = {name: {item.path: item.checksum for item in listing.objects if item.algorithm == "sha256"}
+              for name, listing in self.plan.s3_listings.items()}
+        return {**self.resource_checksums, **s3}
+
     def manifest_for(self, member: Member) -> bytes:
         if member.id not in self.manifests:
             members = [{"id": other.id, "role": other.role, "private_ip": other.private_ip}
                        for other in self.plan.cluster.members]
             self.manifests[member.id] = manifest_content(
-                self.plan.cluster.name, member.role, member.id, members, self.key.fingerprint, self.resource_checksums,
+                self.plan.cluster.name, member.role, member.id, members, self.key.fingerprint, self.recorded_checksums,
                 __version__, extension_sources(self.plan))
         return self.manifests[member.id]
 

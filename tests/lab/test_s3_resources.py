@@ -103,3 +103,9 @@ def test_stage_via_sends_each_content_once_and_every_host_pulls_the_tree_with_it
     assert content_uploads(lab) == 5 and "1 of 4 contents to upload" in second.stderr
     for hostname in lab.hostnames:
         assert held(lab, hostname)["shard 2.bin"] == b"new shard"
+
+    status = lab.deploy("status", *lab.lab_arguments(), env=env)
+    assert status.returncode == 0 and status.stdout.count("resources match") == 3, status.stdout
+    (lab.home("factory-1") / "resources" / "data" / "shard 0.bin").write_bytes(b"edited on the host")
+    edited = lab.deploy("status", *lab.lab_arguments(), env=env)
+    assert edited.returncode == 1 and "resources differ from the manifest's checksums" in edited.stdout
