@@ -27,13 +27,13 @@ from flambe_iac.agent.records import (
 )
 from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.deploys.operations import host_function, ran, staged_files
-from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.engine.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import stop_command
 from flambe_iac.inputs.secrets_file import HiddenBytes
 
 AGENT_TIMEOUT = 120.0
 OFF = "off"
-AGENTS_SEEN = SnapshotRequest(processes=(AGENT_PROCESS,))  # read on every deploy: see `uncovered_members`
+AGENTS_SEEN = SnapshotRequest(processes=(AGENT_PROCESS,))  # read on every deploy: see settlement.uncovered_members
 LEFT_BY_AN_INSTALL = (AGENT_CONFIG, AGENT_ARCHIVE, AGENT_STATE, AGENT_LOG)  # any one: `off` has work to do
 
 
@@ -41,19 +41,6 @@ def reads(context) -> SnapshotRequest:
     installing = context.plan.autostop != OFF
     return SnapshotRequest(files=LEFT_BY_AN_INSTALL, tools=("python3", "crontab") if installing else (),
                            trees=() if installing else (PREEMPTED_DIR,), processes=(AGENT_PROCESS,))
-
-
-def uncovered_members(running: dict) -> str | None:
-    """A deploy without --autostop leaves the agents as they are. When some members run one and others do not (a
-    factory added since), the ones without would never stop themselves: the report says which, and what to do.
-    RUNNING: member -> whether its agent runs, for the members read."""
-    without = [member.id for member, agent in running.items() if not agent]
-    if not without or len(without) == len(running):
-        return None
-    shown = ", ".join(without[:5]) + (f" and {len(without) - 5} more" if len(without) > 5 else "")
-    return (f"autostop agents run on {len(running) - len(without)} of {len(running)} members, but not on {shown}: "
-            f"a deploy without --autostop leaves the agents as they are, so these would never stop themselves. "
-            f"Deploy with --autostop MINUTES (or set flambe:autostopMinutes in the stack) to cover every member")
 
 
 def autostop_step(context, member, snapshot: HostSnapshot) -> list:

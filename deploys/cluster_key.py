@@ -4,11 +4,11 @@ and the list of retired keys that keeps a replaced key out for good."""
 from __future__ import annotations
 
 from flambe_iac.deploys.operations import staged_files
-from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.engine.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.cluster_key import retired_list, updated_authorized_keys
 from flambe_iac.engine.departures import EXCERPTS as MANIFEST_MEMBERS
 from flambe_iac.engine.ray_cluster import RAY_TOKEN
-from flambe_iac.engine.remote_layout import (
+from flambe_iac.remote_layout import (
     AUTHORIZED_KEYS,
     CLUSTER_PRIVATE_KEY,
     CLUSTER_PUBLIC_KEY,

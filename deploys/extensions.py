@@ -6,8 +6,8 @@ import shlex
 
 from pyinfra.api import StringCommand, operation
 
-from flambe_iac.deploys.operations import synced_trees
-from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.deploys.operations import synced_trees, transfers
+from flambe_iac.engine.snapshot import HostSnapshot, SnapshotRequest
 
 
 def reads(context) -> SnapshotRequest:
@@ -16,7 +16,7 @@ def reads(context) -> SnapshotRequest:
 
 
 def push_extensions(context, member, snapshot: HostSnapshot) -> list:
-    return synced_trees(context.transfers(member, context.plan.extension_trees), context.causes, context.notes,
+    return synced_trees(transfers(context, member, context.plan.extension_trees), context.causes, context.notes,
                         snapshot)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from flambe_iac.deploys.operations import staged_files
-from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
-from flambe_iac.engine.remote_layout import MANIFEST
+from flambe_iac.engine.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.remote_layout import MANIFEST
 from flambe_iac.inputs.secrets_file import HiddenBytes
 
 READS = SnapshotRequest(files=(MANIFEST,), tools=("tar",))

@@ -21,11 +21,12 @@ from typing import Callable
 
 from pyinfra.api import FunctionCommand, operation
 
-from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine.snapshot import HostSnapshot
 from flambe_iac.engine.fan_out import RSYNC_CONNECTION_LOST, WRITES_STOPPED, FanOut, Hop
-from flambe_iac.engine.remote_layout import MANIFEST, recorded_resources
+from flambe_iac.remote_layout import MANIFEST, recorded_resources
 from flambe_iac.engine.remote_probes import copy_check_command, inside_home, listed_paths, parse_copy_check
 from flambe_iac.errors import describe_exception
+from flambe_iac.inputs.resources import Resource
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.inputs.tree_listing import REMOTE_TREE_LISTING, LocalTree, parse_tree_listing
 from flambe_iac.ssh.channel import RemoteCommandError, read_file, run_remote
@@ -346,3 +347,29 @@ def describe_rsync_failure(returncode: int, stderr: str) -> str:
     detail = "; ".join(telling[-2:])[-400:]
     retried = " (after one retry)" if returncode in RSYNC_CONNECTION_LOST else ""
     return f"rsync failed{retried} with exit code {returncode}, {meaning}" + (f": {detail}" if detail else "")
+
+
+def transfers(context, member, trees: list[Resource], relayed: bool = True, vouched: bool = True,
+              manifest: bytes | None = None) -> list[Transfer]:
+    """How each tree gets to one member in CONTEXT's run, and how its copy is checked (VOUCHED: see `manifest_vouches`; MANIFEST:
+    the host's manifest as its state read found it, if that read it)."""
+    address = context.plan.address(member)
+    fan_out = context.fan_out if relayed else None
+    recorded = RecordedResources(manifest)
+
+    def served(tree: Resource) -> bool:
+        return fan_out is not None and fan_out.server[tree.remote_directory, member.id] is not None
+    return [Transfer(
+        destination=tree.remote_directory,
+        expected=context.local_trees[tree.remote_directory],
+        rsync=context.policy.rsync_job(tree.rsync_source, f"{tree.remote_directory}/", address, tree.excludes),
+        checksums=context.resource_checksums.get(tree.name) if tree in context.plan.resources else None,
+        recorded_as=tree.name,
+        recorded=recorded,
+        vouched=vouched,
+        writes_stopped=context.writes_stopped,
+        fan_out=fan_out,
+        member=member.id,
+        hop=Hop(tree.remote_directory, context.plan.cluster.ssh_user, member.private_ip,
+                context.plan.request.connect_timeout, tree.excludes) if served(tree) else None,
+    ) for tree in trees]

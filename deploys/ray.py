@@ -9,7 +9,7 @@ from pyinfra.api import operation
 
 from flambe_iac.cluster import ORCHESTRATOR
 from flambe_iac.deploys.operations import host_function, ran, staged_files
-from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.engine.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import (
     GCS_PORT,
     HEAD_PROCESSES,

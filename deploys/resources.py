@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from flambe_iac.deploys.operations import synced_trees
-from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
-from flambe_iac.engine.remote_layout import MANIFEST
+from flambe_iac.deploys.operations import synced_trees, transfers
+from flambe_iac.engine.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.remote_layout import MANIFEST
 
 
 def reads(context) -> SnapshotRequest:
@@ -15,6 +15,6 @@ def reads(context) -> SnapshotRequest:
 
 
 def sync_resources(context, member, snapshot: HostSnapshot) -> list:
-    transfers = context.transfers(member, context.plan.resources, vouched=context.manifest_vouches(member, snapshot),
-                                  manifest=snapshot.contents.get(MANIFEST, b""))
-    return synced_trees(transfers, context.causes, context.notes, snapshot)
+    copies = transfers(context, member, context.plan.resources, vouched=context.manifest_vouches(member, snapshot),
+                       manifest=snapshot.contents.get(MANIFEST, b""))
+    return synced_trees(copies, context.causes, context.notes, snapshot)

@@ -8,11 +8,11 @@ import shlex
 from pyinfra.api import StringCommand, operation
 
 from flambe_iac import __version__
-from flambe_iac.deploys.operations import staged_files, synced_tree
+from flambe_iac.deploys.operations import staged_files, synced_tree, transfers
 from flambe_iac.deploys.ray import wait_for_workers
-from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.engine.snapshot import HostSnapshot, SnapshotRequest
 from flambe_iac.engine.ray_cluster import runner_environment
-from flambe_iac.engine.remote_layout import (
+from flambe_iac.remote_layout import (
     LIBRARY_ENVIRONMENT,
     RESOURCES_DIR,
     RUN_EXIT,
@@ -33,7 +33,7 @@ def reads(context) -> SnapshotRequest:
 
 
 def launch_runnable(context, member, snapshot: HostSnapshot) -> list:
-    [library] = context.transfers(member, [context.runner_library], relayed=False)
+    [library] = transfers(context, member, [context.runner_library], relayed=False)
     ray_cluster = context.ray
     waits = [wait_for_workers(name="wait for the Ray workers", ray=ray_cluster, causes=context.causes)] \
         if ray_cluster is not None else []

@@ -11,8 +11,8 @@ from pyinfra.api import operation
 
 import flambe_iac.agent
 from flambe_iac.deploys.operations import host_function, ran, staged_files
-from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
-from flambe_iac.engine.remote_layout import S3_CLIENT, S3_PULLER, s3_records
+from flambe_iac.engine.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.remote_layout import S3_CLIENT, S3_PULLER, s3_records
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.inputs.tree_listing import REMOTE_TREE_SUMMARY
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from flambe_iac.deploys.operations import staged_files
-from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest
-from flambe_iac.engine.remote_layout import SECRETS
+from flambe_iac.engine.snapshot import HostSnapshot, SnapshotRequest
+from flambe_iac.remote_layout import SECRETS
 
 READS = SnapshotRequest(files=(SECRETS,), tools=("tar",))  # its mode and digest only: never its contents
 

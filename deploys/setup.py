@@ -8,7 +8,7 @@ import shlex
 from pyinfra.api import operation
 
 from flambe_iac.deploys.operations import host_function, ran
-from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine.snapshot import HostSnapshot
 
 SETUP_TIMEOUT = 6 * 3600.0
 

@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import _shown as shown_value
-from flambe_iac.inputs.names import check_address, check_cluster_name, check_host_id, check_ssh_user
+from flambe_iac.names import _shown as shown_value
+from flambe_iac.names import check_address, check_cluster_name, check_host_id, check_ssh_user
 
 ORCHESTRATOR = "orchestrator"
 FACTORY = "factory"

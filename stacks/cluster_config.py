@@ -17,7 +17,7 @@ from typing import Any
 import pulumi
 
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import CLUSTER_NAME_RULE, check_cluster_name, check_ssh_user
+from flambe_iac.names import CLUSTER_NAME_RULE, check_cluster_name, check_ssh_user
 
 NAMESPACE = "flambe"
 CANONICAL = "099720109477"

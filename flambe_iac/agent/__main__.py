@@ -32,7 +32,7 @@ from flambe_iac.agent.records import (
     read_plain_file,
 )
 from flambe_iac.agent.signals import runnable_alive
-from flambe_iac.inputs.names import HOST_ID
+from flambe_iac.names import HOST_ID
 from flambe_iac.local_files import READABLE, write_atomically
 
 AGENT_LOCK = ".flambe/autostop.lock"

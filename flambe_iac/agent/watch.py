@@ -30,8 +30,8 @@ from flambe_iac.agent.signals import (
     processes,
 )
 from flambe_iac.agent.spot import NO_NOTICE, MetadataService, Notice
-from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
-from flambe_iac.inputs.names import HOST_ID
+from flambe_iac.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
+from flambe_iac.names import HOST_ID
 from flambe_iac.local_files import READABLE, write_atomically
 from flambe_iac.ssh.policy import SshTarget, ssh_command_line
 

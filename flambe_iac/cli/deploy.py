@@ -23,7 +23,7 @@ from pathlib import Path
 from flambe_iac import __version__
 from flambe_iac.cli.source import add_source_options, autostop_minutes, bounded_number, non_negative_number
 from flambe_iac.engine.ray_cluster import DASHBOARD_PORT
-from flambe_iac.engine.remote_layout import RUN_LOG
+from flambe_iac.remote_layout import RUN_LOG
 from flambe_iac.engine.report import summary
 from flambe_iac.errors import EXIT_HOST_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError, exit_code_of
 from flambe_iac.inputs.plan import DeployRequest, build_plan
@@ -281,7 +281,8 @@ def configure_logging(verbosity: int) -> None:
 
 
 def deploy(arguments: argparse.Namespace, early_sigterm) -> int:
-    from flambe_iac.engine.driver import run_deploy  # pyinfra, paramiko and gevent: only once a deploy runs
+    from flambe_iac.deploys.steps import TABLE  # pyinfra, paramiko and gevent: only once a deploy runs
+    from flambe_iac.engine.driver import run_deploy
 
     try:
         plan = with_s3_listings(build_plan(DeployRequest.from_arguments(arguments)))
@@ -292,7 +293,7 @@ def deploy(arguments: argparse.Namespace, early_sigterm) -> int:
             write_json_atomically(arguments.report, {"ok": False, "input_error": str(error), "hosts": []})
         raise
     early_sigterm.cancel()
-    report = run_deploy(plan, sys.stderr)
+    report = run_deploy(plan, sys.stderr, TABLE)
     if arguments.report:
         report.write(arguments.report)
     print(summary(report))

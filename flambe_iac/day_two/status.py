@@ -21,7 +21,7 @@ from flambe_iac.cluster import Host
 from flambe_iac.day_two.access import Access
 from flambe_iac.engine.cluster_key import fingerprint_or_none
 from flambe_iac.engine.ray_cluster import RAY_STATE
-from flambe_iac.engine.remote_layout import (
+from flambe_iac.remote_layout import (
     CLUSTER_PUBLIC_KEY,
     MANIFEST,
     RESOURCES_DIR,

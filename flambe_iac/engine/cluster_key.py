@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, RETIRED_KEYS
+from flambe_iac.remote_layout import CLUSTER_PUBLIC_KEY, RETIRED_KEYS
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import refuse_unsafe_fields
+from flambe_iac.names import refuse_unsafe_fields
 from flambe_iac.ssh.user_key import public_key_fingerprint
 
 KEPT, CREATED, ROTATED = "kept", "created", "rotated"

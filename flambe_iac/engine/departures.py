@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from flambe_iac.cluster import Cluster
 from flambe_iac.engine.cluster_key import FINGERPRINT, fingerprint_or_none, parse_retired_list
-from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, MEMBERS_KNOWN_HOSTS, RETIRED_KEYS
+from flambe_iac.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, MEMBERS_KNOWN_HOSTS, RETIRED_KEYS
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import check_address, check_host_id
+from flambe_iac.names import check_address, check_host_id
 
 MANIFEST_EXCERPT = "manifest members"
 # The manifest is key-sorted JSON, one compact line (older ones were indented: whitespace goes first), so the two

@@ -1,8 +1,7 @@
 """Runs a DeployPlan: the order of the phases, and nothing else. Each phase runs on all hosts at once.
 
 connect (waiting for sshd) -> take the deploy lock on every member at once -> read each host's snapshot -> settle the
-cluster key and Ray's token -> run each host's asked steps -> release the lock, clean up. The caller patched gevent.
-"""
+cluster key and Ray's token -> run each host's asked steps -> release the lock, clean up. The caller patched gevent."""
 
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ import time
 
 import gevent
 
-from flambe_iac.deploys.snapshot import snapshot_command
-from flambe_iac.deploys.steps import STEP_NAMES, StepContext, asked_steps, snapshot_request
 from flambe_iac.engine.connecting import connect_with_wait
 from flambe_iac.engine.fan_out import prepare_fan_out
 from flambe_iac.engine.fleet import Fleet
@@ -21,18 +18,21 @@ from flambe_iac.engine.host_steps import HostSteps, read_after_lock, remove_stag
 from flambe_iac.engine.lock import ClusterLock, open_deploy_lock
 from flambe_iac.engine.report import DeployReport, ProgressView
 from flambe_iac.engine.settlement import settle
+from flambe_iac.engine.snapshot import snapshot_command
+from flambe_iac.engine.steps import StepContext, asked_steps, snapshot_request
 from flambe_iac.errors import describe_exception
 from flambe_iac.ssh.processes import stop_children
 
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
-def run_deploy(plan, stream, live=None, connect=connect_with_wait, open_lock=open_deploy_lock, **host_steps):
-    """CONNECT, OPEN_LOCK and HOST_STEPS (read, run_operation) are what reaches the hosts: tests pass stand-ins."""
+def run_deploy(plan, stream, table, live=None, connect=connect_with_wait, open_lock=open_deploy_lock, **host_steps):
+    """TABLE: the StepTable to run. CONNECT, OPEN_LOCK and HOST_STEPS (read, run_operation) reach the hosts: tests pass
+    stand-ins."""
     started = time.monotonic()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"  # names this run's staging: never shared
-    report = DeployReport.for_plan(plan, STEP_NAMES, run_id)
-    deployment = Deployment(plan, report, ProgressView(report, stream, live), connect, open_lock, host_steps)
+    report = DeployReport.for_plan(plan, table.names, run_id)
+    deployment = Deployment(plan, table, report, ProgressView(report, stream, live), connect, open_lock, host_steps)
     interrupt = deployment.fleet.interrupt
     handlers = [gevent.signal_handler(signum, interrupt, name) for signum, name in SIGNAL_NAMES.items()]
     try:
@@ -51,17 +51,17 @@ def run_deploy(plan, stream, live=None, connect=connect_with_wait, open_lock=ope
 class Deployment:
     """One run: its fleet of hosts, what the steps share, and the deploy lock."""
 
-    def __init__(self, plan, report: DeployReport, view: ProgressView, connect, open_lock, host_steps: dict):
+    def __init__(self, plan, table, report: DeployReport, view: ProgressView, connect, open_lock, host_steps: dict):
         self.plan, self.report, self.view, self.connect = plan, report, view, connect
         self.fleet = Fleet(plan, report)
         self.lock = ClusterLock(self.fleet, plan.wait, view, open_lock)
-        self.context = StepContext(plan, self.fleet.policy, report.run_id, writes_stopped=self.lock.lost)
+        self.context = StepContext(plan, self.fleet.policy, report.run_id, table, writes_stopped=self.lock.lost)
         self.watchdog = None
         self.read_with_lock = "read" not in host_steps  # tests read through stand-ins of their own
         self.steps = HostSteps(self.fleet, self.context, view, lock_lost=self.lock.lost,
                                **{"read": read_after_lock(self.lock), **host_steps})
         for host, member in self.fleet.members.items():
-            for step in asked_steps(plan, member):
+            for step in asked_steps(self.context, member):
                 self.fleet.entries[host].ask(step.name)
 
     def run(self) -> None:

@@ -37,7 +37,7 @@ from typing import Callable
 from gevent.event import AsyncResult, Event
 from gevent.lock import BoundedSemaphore
 
-from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
+from flambe_iac.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 from flambe_iac.ssh.channel import RemoteCommandError, run_remote
 from flambe_iac.ssh.policy import (SshTarget, appending, close_shared_connection, comparing_contents, deciding_by_size,
                                    rsync_command, writing_in_place)

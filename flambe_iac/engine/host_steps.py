@@ -9,8 +9,8 @@ import gevent
 from pyinfra.api.operations import run_host_op
 from pyinfra.context import ctx_host, ctx_state
 
-from flambe_iac.deploys.snapshot import SnapshotError, read_snapshot, snapshot_after_lock
-from flambe_iac.deploys.steps import StepContext, asked_steps
+from flambe_iac.engine.snapshot import SnapshotError, read_snapshot, snapshot_after_lock
+from flambe_iac.engine.steps import StepContext, asked_steps
 from flambe_iac.engine.fleet import Fleet
 from flambe_iac.engine.report import CHANGED, FAILED, UNCHANGED
 from flambe_iac.errors import describe_exception
@@ -42,7 +42,7 @@ class HostSteps:
         except SnapshotError as error:
             entry.fail(str(error))
             return None
-        needed = {tool for step in asked_steps(self.context.plan, self.fleet.members[host])
+        needed = {tool for step in asked_steps(self.context, self.fleet.members[host])
                   for tool in step.reads(self.context).tools}
         missing = sorted(snapshot.missing_tools & needed)
         if missing:
@@ -58,7 +58,7 @@ class HostSteps:
 
     def run_asked_steps(self, host, snapshot) -> None:
         member, entry = self.fleet.members[host], self.fleet.entries[host]
-        for step in asked_steps(self.context.plan, member):
+        for step in asked_steps(self.context, member):
             started = time.monotonic()
             with ctx_state.use(self.fleet.state), ctx_host.use(host):
                 metas = step.deploy(self.context, member, snapshot)

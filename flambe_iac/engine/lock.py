@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import gevent
 
-from flambe_iac.engine.remote_layout import DEPLOY_LOCK
+from flambe_iac.remote_layout import DEPLOY_LOCK
 from flambe_iac.ssh.channel import ANSWER_TIMEOUT, HeldCommand, RemoteCommandError
 
 LOCKED, BUSY, UNWRITABLE, NO_LOCK = "LOCKED", "BUSY", "UNWRITABLE", "NO-LOCK"

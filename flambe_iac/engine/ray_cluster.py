@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import secrets
 import shlex
 from dataclasses import dataclass
 
 from flambe_iac.engine.remote_probes import answer_lines, framed, host_sections
-from flambe_iac.errors import InputError
 
 RAY_TOKEN = ".ray/auth_token"  # where Ray itself looks (RAY_AUTH_TOKEN_PATH's default)
 RAY_STATE = ".flambe/ray.json"
@@ -28,7 +26,6 @@ RAY_START_LOG = ".flambe/ray-start.log"
 # lies inside one of ours that stays 0700, the SSH user's alone.
 RAY_PRIVATE = ".flambe/ray"
 RAY_TEMP = f"{RAY_PRIVATE}/tmp"
-DEFAULT_RAY_PYTHON = "python3"
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
 # Fixed instead of Ray's random picks, so that a security group can name them.
@@ -51,15 +48,7 @@ MEMBER_PORT_RANGES = (
 HEAD_PROCESSES = ("gcs_server", "raylet")
 WORKER_PROCESSES = ("raylet",)
 RAY_CLI = "-m ray.scripts.scripts"
-PYTHON_PATH = re.compile(r"[A-Za-z0-9_./+-]{1,255}")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-
-def check_ray_python(text: str) -> str:
-    """--ray-python: a command name or a path, nothing a shell would read as more."""
-    if not PYTHON_PATH.fullmatch(text):
-        raise InputError(f"--ray-python must be a path or a command name (letters, digits, _ . / + -), not {text!r}")
-    return text
 
 
 def new_ray_token() -> bytes:

@@ -7,7 +7,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from flambe_iac.engine.remote_layout import RUN_PID
+from flambe_iac.remote_layout import RUN_PID
 from flambe_iac.inputs.tree_listing import (
     REMOTE_TREE_SUMMARY,
     TreeSummary,

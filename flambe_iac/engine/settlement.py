@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from flambe_iac.agent.records import AGENT_PROCESS
-from flambe_iac.deploys.autostop import uncovered_members
-from flambe_iac.deploys.steps import StepContext, extension_sources
+from flambe_iac.engine.steps import StepContext, extension_sources
 from flambe_iac.engine.cluster_key import settle_cluster_key
 from flambe_iac.engine.departures import departed_members, departure_note
 from flambe_iac.engine.ray_cluster import RAY_TOKEN
 from flambe_iac.engine.ray_settlement import settle_ray
-from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY
+from flambe_iac.remote_layout import CLUSTER_PRIVATE_KEY
 from flambe_iac.engine.report import DeployReport
 from flambe_iac.ssh.channel import read_file
 
@@ -53,3 +52,16 @@ def source_name(request) -> str:
     if request.cluster_file is not None:
         return "cluster file"
     return "stack outputs" if request.outputs is not None else "stack"
+
+
+def uncovered_members(running: dict) -> str | None:
+    """A deploy without --autostop leaves the agents as they are. When some members run one and others do not (a
+    factory added since), the ones without would never stop themselves: the report says which, and what to do.
+    RUNNING: member -> whether its agent runs, for the members read."""
+    without = [member.id for member, agent in running.items() if not agent]
+    if not without or len(without) == len(running):
+        return None
+    shown = ", ".join(without[:5]) + (f" and {len(without) - 5} more" if len(without) > 5 else "")
+    return (f"autostop agents run on {len(running) - len(without)} of {len(running)} members, but not on {shown}: "
+            f"a deploy without --autostop leaves the agents as they are, so these would never stop themselves. "
+            f"Deploy with --autostop MINUTES (or set flambe:autostopMinutes in the stack) to cover every member")

@@ -20,7 +20,7 @@ import yaml
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import check_address
+from flambe_iac.names import check_address
 
 KNOWN_KEYS = {"name", "orchestrator_ip", "factories_ips", "key", "username", "setup_cmds"}
 

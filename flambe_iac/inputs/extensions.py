@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import check_tree_name
+from flambe_iac.names import check_tree_name
 
 LOCAL, GIT, PYPI = "local", "git", "pypi"
 SCP_LIKE = re.compile(r"^(?P<user>[A-Za-z0-9._-]+@)?(?P<host>[A-Za-z0-9.-]+):(?P<path>[^/][^:]*)$")

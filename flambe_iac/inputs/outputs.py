@@ -18,7 +18,7 @@ from typing import Any
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, PLACEMENT_RULES, Cluster, Host, check_placement
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import check_address, check_host_id
+from flambe_iac.names import check_address, check_host_id
 
 VERSION_KEY = "flambe_outputs_version"
 VERSION = 1

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from flambe_iac.cluster import ADDRESS_KINDS, PRIVATE, PUBLIC, Cluster, Host
-from flambe_iac.engine.ray_cluster import DEFAULT_RAY_PYTHON, check_ray_python
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.cluster_file import ClusterSource, load_cluster_file
 from flambe_iac.inputs.extensions import checkout
@@ -17,6 +16,7 @@ from flambe_iac.inputs.runnable_file import check_runnable_class, import_paths, 
 from flambe_iac.inputs.s3_location import S3Resource, split_s3_pairs
 from flambe_iac.inputs.secrets_file import HiddenBytes, read_secrets_file
 from flambe_iac.inputs.tree_listing import LocalTree
+from flambe_iac.names import DEFAULT_RAY_PYTHON, check_ray_python
 from flambe_iac.ssh.host_keys import ConsoleSource, HostKeyPolicy, choose_host_key_policy
 from flambe_iac.ssh.policy import SshPolicy, parse_jump, require_safe_rsync
 from flambe_iac.ssh.user_key import UserKey, load_user_key

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.checksum_cache import ChecksumCache, cached_checksums
-from flambe_iac.inputs.names import check_tree_name
+from flambe_iac.names import check_tree_name
 from flambe_iac.inputs.s3_location import is_s3_location
 from flambe_iac.inputs.tree_listing import LocalTree, walk_tree
 

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import check_tree_name
+from flambe_iac.names import check_tree_name
 
 S3_SCHEME = "s3://"
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rules for a general purpose bucket

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import SSH_USER
+from flambe_iac.names import SSH_USER
 from flambe_iac.local_files import write_json_atomically
 
 # Layout of one lab (all names carry the lab's random id, so labs never collide):

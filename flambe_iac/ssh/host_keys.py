@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flambe_iac.aws.console import console_keys_by_address
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import refuse_unsafe_fields
+from flambe_iac.names import refuse_unsafe_fields
 from flambe_iac.local_files import write_atomically
 
 

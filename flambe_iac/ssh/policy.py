@@ -25,9 +25,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flambe_iac.engine.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
+from flambe_iac.remote_layout import CLUSTER_PRIVATE_KEY, MEMBERS_KNOWN_HOSTS
 from flambe_iac.errors import InputError
-from flambe_iac.inputs.names import check_address, check_ssh_user, refuse_unsafe_fields
+from flambe_iac.names import check_address, check_ssh_user, refuse_unsafe_fields
 from flambe_iac.local_files import PRIVATE, write_atomically
 from flambe_iac.ssh.master import MASTER_IDLE_SECONDS, MasterConnection
 from flambe_iac.ssh.user_key import PASSPHRASE_VARIABLE

@@ -17,7 +17,7 @@ from flambe_iac.cli.deploy import build_parser
 from flambe_iac.cluster import Cluster, Host
 from flambe_iac.day_two.status import show_status
 from flambe_iac.deploys.autostop import agent_config
-from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine.snapshot import HostSnapshot
 from flambe_iac.engine import driver
 from flambe_iac.engine.ray_cluster import stop_command
 from flambe_iac.engine.report import summary
@@ -25,6 +25,7 @@ from flambe_iac.errors import InputError
 from flambe_iac.inputs.outputs import contract_document, parse_outputs
 from flambe_iac.stacks.cluster import declare_cluster
 from flambe_iac.stacks.cluster_config import load_config
+from flambe_iac.deploys.steps import TABLE
 
 
 def deploy_arguments(*argv):
@@ -176,7 +177,7 @@ def test_a_deploy_without_autostop_names_the_members_an_agent_does_not_cover(tmp
         return HostSnapshot(running={AGENT_PROCESS} if agents[host.name] else set())
 
     plan = dataclasses.replace(plan_for(tmp_path), autostop=autostop)
-    report = driver.run_deploy(plan, io.StringIO(), live=False, **{**offline(operations_that(lambda host, call: None)),
+    report = driver.run_deploy(plan, io.StringIO(), TABLE, live=False, **{**offline(operations_that(lambda host, call: None)),
                                                                    "read": read})
     notes = [note for note in report.notes if "autostop agents" in note]
     assert AGENT_PROCESS in requests[0].processes

@@ -25,10 +25,11 @@ from flambe_iac.agent import watch as watch_module
 from flambe_iac.agent.commands import SHUTDOWN, Answer, run_quietly
 from flambe_iac.agent.records import AGENT_ARCHIVE, AGENT_CONFIG, NOTICE_WORDS, PREEMPTED_DIR, AgentState
 from flambe_iac.agent.spot import NO_NOTICE, MetadataService, read_notice
-from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine.snapshot import HostSnapshot
 from flambe_iac.engine import driver
 from flambe_iac.lab import metadata_service
 from flambe_iac.runnable import answer_notices
+from flambe_iac.deploys.steps import TABLE
 
 NOTICE = json.dumps({"action": "terminate", "time": "2026-11-30T10:00:00Z"}).encode()
 SECOND_NOTICE = json.dumps({"action": "terminate", "time": "2026-11-30T11:30:00Z"}).encode()
@@ -311,7 +312,7 @@ def test_off_after_a_dead_agent_and_lost_settings_removes_every_file_of_ours_and
 def test_off_goes_to_every_member_where_anything_of_the_agent_is_left(tmp_path, left, removes):
     plan = dataclasses.replace(plan_for(tmp_path, factories=1), autostop="off")
     snapshots = {"h0": HostSnapshot(), "h1": left}
-    report = driver.run_deploy(plan, io.StringIO(), live=False, **{
+    report = driver.run_deploy(plan, io.StringIO(), TABLE, live=False, **{
         **offline(operations_that(lambda host, call: None)), "read": lambda host, request, timeout: snapshots[
             host.name]})
     (factory,) = [host for host in report.hosts if host.host_id == "h1"]

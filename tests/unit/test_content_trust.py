@@ -13,7 +13,7 @@ import pytest
 from flambe_iac.day_two.download import destination_for
 from flambe_iac.errors import InputError, exit_code_of
 from flambe_iac.inputs.cluster_file import load_cluster_file
-from flambe_iac.inputs.names import check_address
+from flambe_iac.names import check_address
 from flambe_iac.inputs.outputs import parse_outputs
 from flambe_iac.inputs.plan import DeployRequest, build_plan
 from flambe_iac.ssh import policy as policy_module

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.deploys import cluster_key as cluster_key_step
-from flambe_iac.deploys.snapshot import HostSnapshot, parse_snapshot, snapshot_command
-from flambe_iac.deploys.steps import StepContext
+from flambe_iac.engine.snapshot import HostSnapshot, parse_snapshot, snapshot_command
+from flambe_iac.engine.steps import StepContext
 from flambe_iac.engine import settlement
 from flambe_iac.engine.cluster_key import CLUSTER_PUBLIC_KEY, KEPT, RETIRED_KEYS, ROTATED, new_cluster_key
 from flambe_iac.engine.departures import (
@@ -23,7 +23,7 @@ from flambe_iac.engine.departures import (
     departed_members,
     parse_manifest_excerpt,
 )
-from flambe_iac.engine.remote_layout import manifest
+from flambe_iac.remote_layout import manifest
 from flambe_iac.engine.report import DeployReport
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.plan import DeployRequest, build_plan

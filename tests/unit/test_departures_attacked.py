@@ -15,7 +15,7 @@ from test_departed_members import Fleet
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.deploys import cluster_key as cluster_key_step
-from flambe_iac.deploys.snapshot import parse_snapshot, snapshot_command
+from flambe_iac.engine.snapshot import parse_snapshot, snapshot_command
 from flambe_iac.engine import ray_settlement, settlement
 from flambe_iac.engine.cluster_key import KEPT, ROTATED, new_cluster_key
 from flambe_iac.engine.ray_cluster import RAY_TOKEN
@@ -25,7 +25,7 @@ from flambe_iac.engine.departures import (
     departed_members,
     parse_manifest_excerpt,
 )
-from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, MEMBERS_KNOWN_HOSTS, RETIRED_KEYS, manifest
+from flambe_iac.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, MEMBERS_KNOWN_HOSTS, RETIRED_KEYS, manifest
 from flambe_iac.engine.report import DeployReport
 from flambe_iac.inputs.plan import DeployRequest
 

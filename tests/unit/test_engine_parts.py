@@ -7,10 +7,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine.snapshot import HostSnapshot
 from flambe_iac.engine.cluster_key import CREATED, KEPT, ROTATED, new_cluster_key, settle_cluster_key
 from flambe_iac.engine.connecting import connect_with_wait
-from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, RETIRED_KEYS
+from flambe_iac.remote_layout import CLUSTER_PUBLIC_KEY, RETIRED_KEYS
 from flambe_iac.ssh.policy import SshPolicy
 
 

@@ -9,11 +9,12 @@ import io
 from test_honest_outcomes import HeldLock, offline, operations_that, plan_for
 
 from flambe_iac.cluster import FACTORY, Host
-from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine.snapshot import HostSnapshot
 from flambe_iac.engine import driver
 from flambe_iac.engine.cluster_key import ROTATED, new_cluster_key
-from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY
+from flambe_iac.remote_layout import CLUSTER_PUBLIC_KEY
 from flambe_iac.engine.report import summary
+from flambe_iac.deploys.steps import TABLE
 
 OLD_KEY = new_cluster_key("flambe-cluster:c1")
 COMPROMISED = Host("h3", FACTORY, "10.0.0.4", "10.0.0.4")
@@ -49,7 +50,7 @@ def rotation(tmp_path, *, with_compromised: bool):
         return HeldByTheAttacker() if host.name == COMPROMISED.id else HeldLock()
     stand_ins = {**offline(operations_that(lambda host, call: None), snapshot=holding_the_old_key),
                  "open_lock": open_lock}
-    return driver.run_deploy(plan, io.StringIO(), live=False, **stand_ins), asked
+    return driver.run_deploy(plan, io.StringIO(), TABLE, live=False, **stand_ins), asked
 
 
 def test_a_member_holding_its_lock_blocks_even_the_rotation_meant_to_evict_it(tmp_path):

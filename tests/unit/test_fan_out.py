@@ -8,7 +8,7 @@ import gevent
 import pytest
 
 from flambe_iac.deploys.operations import Transfer, is_first_copy
-from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine.snapshot import HostSnapshot
 from flambe_iac.engine import fan_out as fan_out_module
 from flambe_iac.engine.fan_out import (
     AUTO,

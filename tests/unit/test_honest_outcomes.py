@@ -14,7 +14,7 @@ from pyinfra.connectors.util import CommandOutput
 
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Cluster, Host
 from flambe_iac.deploys.operations import host_function
-from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine.snapshot import HostSnapshot
 from flambe_iac.engine import driver
 from flambe_iac.engine.report import CHANGED, FAILED, SKIPPED, DeployReport, ProgressView, summary
 from flambe_iac.inputs.plan import DeployPlan, DeployRequest
@@ -22,6 +22,7 @@ from flambe_iac.inputs.resources import Resource
 from flambe_iac.inputs.secrets_file import HiddenBytes
 from flambe_iac.ssh.host_keys import HostKeyPolicy
 from flambe_iac.ssh.user_key import UserKey
+from flambe_iac.deploys.steps import TABLE
 
 
 def plan_for(tmp_path, factories=2) -> DeployPlan:
@@ -78,7 +79,7 @@ def test_an_exception_on_one_host_fails_that_host_only_with_its_cause(tmp_path, 
     def behaviour(host, call):
         if host == "h1" and call == 2:  # its second operation: the secrets, after the cluster key
             raise error
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False, **offline(operations_that(behaviour)))
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), TABLE, live=False, **offline(operations_that(behaviour)))
 
     failed = report.hosts[1]
     assert failed.steps["cluster key"].status == CHANGED
@@ -97,7 +98,7 @@ def test_an_exception_on_one_host_fails_that_host_only_with_its_cause(tmp_path, 
 
 def test_an_operation_that_fails_without_a_word_still_gets_a_cause(tmp_path):
     silent_on_h0 = operations_that(lambda host, call: False if host == "h0" else None)
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False, **offline(silent_on_h0))
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), TABLE, live=False, **offline(silent_on_h0))
     orchestrator = report.hosts[0]
     assert orchestrator.steps["cluster key"].status == FAILED
     assert orchestrator.steps["cluster key"].cause  # never empty
@@ -109,7 +110,7 @@ def test_an_operation_that_fails_without_a_word_still_gets_a_cause(tmp_path):
 def test_every_host_failing_is_a_failed_run_not_an_empty_success(tmp_path):
     def behaviour(host, call):
         raise ConnectionResetError("reset")
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False, **offline(operations_that(behaviour)))
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), TABLE, live=False, **offline(operations_that(behaviour)))
     assert not report.ok
     assert all(entry.error for entry in report.hosts)
     assert "0 of 3 hosts done" in summary(report)
@@ -125,7 +126,7 @@ def test_an_internal_error_before_the_steps_fails_every_asked_step(tmp_path):
         def contents(self, value):
             pass
 
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False,
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), TABLE, live=False,
                                **offline(operations_that(lambda host, call: None), snapshot=Unreadable))
     assert not report.ok
     assert any("internal error" in note for note in report.notes)
@@ -139,7 +140,7 @@ def test_a_host_that_does_not_connect_fails_its_asked_steps(tmp_path):
             return False
         return True
 
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False,
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), TABLE, live=False,
                                **offline(operations_that(lambda host, call: None), connect=connect))
     down = report.hosts[2]
     assert down.error == "no route to host"
@@ -163,7 +164,7 @@ def test_a_lost_lock_stops_every_write_on_every_host(tmp_path):
             locks[0].taken_away = True
         gevent.sleep(0.01)  # the hosts' operations interleave, as over a network
 
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False,
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), TABLE, live=False,
                                **offline(operations_that(operations), lock=EndingLock))
     assert len(locks) == 3  # one lock on every member reached
     assert len(ran) == 3
@@ -180,7 +181,7 @@ def test_a_signal_mid_run_stops_every_host_and_marks_the_report_interrupted(tmp_
             os.kill(os.getpid(), signal.SIGTERM)  # as a CI runner cancelling the job does
         gevent.sleep(0.05)
 
-    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), live=False, **offline(operations_that(operations)))
+    report = driver.run_deploy(plan_for(tmp_path), io.StringIO(), TABLE, live=False, **offline(operations_that(operations)))
     document = json.loads(report.to_json())
     assert report.interrupted == "SIGTERM" and document["interrupted"] == "SIGTERM" and document["ok"] is False
     assert "INTERRUPTED by SIGTERM" in summary(report)
@@ -195,9 +196,9 @@ def test_every_connected_member_can_serve_the_members_that_take_trees_from_it(tm
     data.mkdir()
     (data / "shard").write_bytes(b"x" * 1000)
     plan = dataclasses.replace(plan_for(tmp_path, factories=3), resources=[Resource("data", data)], fan_out="relay")
-    report = DeployReport.for_plan(plan, driver.STEP_NAMES, "run-1")
+    report = DeployReport.for_plan(plan, TABLE.names, "run-1")
     stand_ins = offline(operations_that(lambda host, call: None))
-    deployment = driver.Deployment(plan, report, ProgressView(report, io.StringIO(), False), stand_ins.pop("connect"),
+    deployment = driver.Deployment(plan, TABLE, report, ProgressView(report, io.StringIO(), False), stand_ins.pop("connect"),
                                    stand_ins.pop("open_lock"), stand_ins)
     try:
         deployment.run()

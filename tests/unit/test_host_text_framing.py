@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flambe_iac.day_two.status import STATUS_SCRIPT, parse_status
-from flambe_iac.deploys.snapshot import SnapshotRequest, parse_snapshot, snapshot_command
+from flambe_iac.engine.snapshot import SnapshotRequest, parse_snapshot, snapshot_command
 from flambe_iac.engine.cluster_key import new_cluster_key
 from flambe_iac.engine.ray_cluster import parse_start_output, start_command
-from flambe_iac.engine.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, RUN_EXIT, RUN_LOG, RUN_PID
+from flambe_iac.remote_layout import CLUSTER_PUBLIC_KEY, MANIFEST, RUN_EXIT, RUN_LOG, RUN_PID
 from flambe_iac.engine.remote_probes import answer_lines, host_sections
 
 KEY = new_cluster_key("flambe-cluster:c1").public_line

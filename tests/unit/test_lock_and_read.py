@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flambe_iac.deploys.snapshot import (
+from flambe_iac.engine.snapshot import (
     SnapshotError,
     SnapshotRequest,
     parse_snapshot,

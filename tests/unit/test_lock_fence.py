@@ -14,7 +14,7 @@ monkey.patch_all()
 import gevent
 from pathlib import Path
 from types import SimpleNamespace
-from flambe_iac.deploys.steps import StepContext
+from flambe_iac.engine.steps import StepContext
 from flambe_iac.inputs.resources import Resource
 
 data = Path(sys.argv[1])

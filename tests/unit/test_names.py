@@ -5,7 +5,7 @@ import pytest
 from flambe_iac.cluster import Cluster, Host
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.extensions import parse_location
-from flambe_iac.inputs.names import check_address, check_cluster_name, check_host_id, check_ssh_user, check_tree_name
+from flambe_iac.names import check_address, check_cluster_name, check_host_id, check_ssh_user, check_tree_name
 from flambe_iac.inputs.resources import parse_resources
 
 BAD_SUFFIXES = ["/..", "\n", "\nssh-ed25519 AAAA evil", ";rm -rf ~", " x", "$(id)", "/x", "\r", "\0", "`id`"]

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flambe_iac.day_two.status import parse_status
-from flambe_iac.deploys.snapshot import SnapshotError, parse_snapshot
+from flambe_iac.engine.snapshot import SnapshotError, parse_snapshot
 from flambe_iac.engine.cluster_key import parse_retired_list
 from flambe_iac.engine.ray_cluster import parse_start_output, parse_state
 from flambe_iac.engine.remote_probes import parse_checksums, parse_copy_check

@@ -17,10 +17,10 @@ from flambe_iac.deploys import operations
 from flambe_iac.deploys.operations import RecordedResources, Transfer, synced_tree
 from flambe_iac.ssh.processes import spawn_and_wait, stop_children
 from flambe_iac.deploys.runnable import detached_run
-from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine.snapshot import HostSnapshot
 from flambe_iac.engine.fan_out import RELAY, FanOut, Hop
 from flambe_iac.engine.lock import ClusterLock
-from flambe_iac.engine.remote_layout import RUN_PID
+from flambe_iac.remote_layout import RUN_PID
 from flambe_iac.engine.remote_probes import checksums_command, parse_checksums
 from flambe_iac.inputs.checksum_cache import ChecksumCache, cached_checksums
 from flambe_iac.inputs.tree_listing import walk_tree

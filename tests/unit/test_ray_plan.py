@@ -12,13 +12,12 @@ import pytest
 from flambe_iac.cli.deploy import free_local_port
 from flambe_iac.cluster import FACTORY, ORCHESTRATOR, Host
 from flambe_iac.deploys import ray as ray_step
-from flambe_iac.deploys.snapshot import HostSnapshot, SnapshotRequest, parse_snapshot, snapshot_command
+from flambe_iac.engine.snapshot import HostSnapshot, SnapshotRequest, parse_snapshot, snapshot_command
 from flambe_iac.engine import ray_settlement
 from flambe_iac.engine.ray_cluster import (
     EMPTY_SHA256,
     RAY_STATE,
     HeldToken,
-    check_ray_python,
     desired_state,
     parse_start_output,
     parse_state,
@@ -28,6 +27,7 @@ from flambe_iac.engine.ray_cluster import (
     token_sources,
 )
 from flambe_iac.engine.ray_settlement import RayCluster, RayUnavailable, settle_ray
+from flambe_iac.names import check_ray_python
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.plan import DeployRequest, check_ray_request
 

@@ -1,7 +1,7 @@
 import pytest
 
 from flambe_iac.engine.cluster_key import new_cluster_key, updated_authorized_keys
-from flambe_iac.engine.remote_layout import manifest, members_known_hosts
+from flambe_iac.remote_layout import manifest, members_known_hosts
 from flambe_iac.errors import InputError
 from flambe_iac.ssh.policy import ssh_config_block, updated_ssh_config
 

@@ -21,7 +21,7 @@ from flambe_iac.aws.s3_head_cache import HeadCache
 from flambe_iac.aws.s3_listing import NONE, checked_checksum, list_s3_resources
 from flambe_iac.aws.s3_staging import stage_resources
 from flambe_iac.deploys.s3_resources import PULL_COMMAND, pull_job, pull_result, pulled_already, puller_files
-from flambe_iac.deploys.snapshot import HostSnapshot
+from flambe_iac.engine.snapshot import HostSnapshot
 from flambe_iac.errors import InputError
 from flambe_iac.inputs.resources import Resource, checksums
 from flambe_iac.inputs.s3_location import parse_s3_resource, split_s3_pairs

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from flambe_iac.inputs.names import refuse_unsafe_fields
+from flambe_iac.names import refuse_unsafe_fields
 
 CLUSTER_PRIVATE_KEY = "ray_bootstrap_key.pem"
 CLUSTER_PUBLIC_KEY = "ray_bootstrap_key.pub"

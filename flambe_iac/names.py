@@ -75,3 +75,14 @@ def _shown(value: object) -> str:
     """A rejected value as it may be shown: quoted, so a newline or a space is visible, and cut short."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+DEFAULT_RAY_PYTHON = "python3"
+PYTHON_PATH = re.compile(r"[A-Za-z0-9_./+-]{1,255}")
+
+
+def check_ray_python(text: str) -> str:
+    """--ray-python: a command name or a path, nothing a shell would read as more."""
+    if not PYTHON_PATH.fullmatch(text):
+        raise InputError(f"--ray-python must be a path or a command name (letters, digits, _ . / + -), not {text!r}")
+    return text
