@@ -106,3 +106,10 @@ def test_the_deploy_cli_chooses_no_parser_by_hand():
     """One argparse tree: nothing reads argv itself to pick among parsers."""
     source = (ROOT / "flambe_iac" / "cli" / "deploy.py").read_text()
     assert "argv[0]" not in source and "argv[:1]" not in source
+
+
+def test_no_two_test_modules_share_a_name():
+    """pytest imports tests/unit and tests/lab as top-level modules: two files of one name stop the whole run at
+    collection (a CI run stopped so: tests/lab and tests/unit each had a test_s3_resources.py)."""
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
