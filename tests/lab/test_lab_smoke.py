@@ -177,7 +177,7 @@ def test_down_cleans_up_after_up_crashed_halfway(tmp_path, monkeypatch):
 
 def test_a_failing_up_removes_what_it_made(tmp_path, monkeypatch):
     require_lab_support()
-    monkeypatch.setattr(hosts, "boot_script", lambda directory, host: "exit 3\n")
+    monkeypatch.setattr(hosts, "boot_script", lambda directory, host, metadata=False: "exit 3\n")
     with pytest.raises(LabError, match="sshd on orchestrator exited"):
         build.up(tmp_path, 2)
     lab_id = json.loads((tmp_path / "lab.json").read_text())["lab_id"]
